@@ -1,0 +1,385 @@
+"""Job configuration: one YAML file per job (``configs/<job>.yaml``), validated by pydantic.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored setting.
+Secrets (SMTP) never live here: they come from the environment, see :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batchml.errors import ConfigError
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def check_identifier(name: str, what: str = "identifier") -> str:
+    """Return ``name`` if it is a plain SQL identifier (letters, digits, underscore), else raise."""
+    if not isinstance(name, str) or not IDENTIFIER.match(name):
+        raise ValueError(f"{what} {name!r} must be letters, digits and underscores, starting with a letter")
+    return name
+
+
+def check_qualified(name: str, what: str = "table") -> str:
+    """Return ``schema.table`` or ``table`` if every part is a plain identifier."""
+    parts = name.split(".") if isinstance(name, str) else [name]
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(f"{what} {name!r} must be 'table' or 'schema.table'")
+    for part in parts:
+        check_identifier(part, what)
+    return name
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Strict):
+    """Where new rows come from and which columns drive incremental pulls."""
+
+    table: str | None = Field(None, description="A DuckDB table or view in the warehouse, e.g. raw.vuln_findings.")
+    parquet: str | None = Field(None, description="A Parquet path or glob, relative to the project directory.")
+    entity_id: str = Field(description="Column identifying a record; scores are keyed by it.")
+    event_time: str = Field(description="When the record happened (drives training windows and backfills).")
+    watermark: str = Field(description="A timestamp that increases as rows land; drives incremental pulls.")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str | None) -> str | None:
+        return None if v is None else check_qualified(v, "source.table")
+
+    @field_validator("entity_id", "event_time", "watermark")
+    @classmethod
+    def _column(cls, v: str) -> str:
+        return check_identifier(v, "column")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceConfig:
+        if (self.table is None) == (self.parquet is None):
+            raise ValueError("give exactly one of source.table or source.parquet")
+        return self
+
+
+class FeaturesConfig(Strict):
+    """Model inputs. Numeric features are fed as float64; categoricals are encoded by the model's level list."""
+
+    numeric: list[str] = Field(default_factory=list, description="Numeric feature columns.")
+    categorical: list[str] = Field(default_factory=list, description="Categorical feature columns (strings).")
+    sql: str | None = Field(
+        None,
+        description="Optional SELECT (file path relative to the project) deriving features from a relation named `source`.",
+    )
+
+    @field_validator("numeric", "categorical")
+    @classmethod
+    def _columns(cls, v: list[str]) -> list[str]:
+        for name in v:
+            check_identifier(name, "feature")
+        if len(set(v)) != len(v):
+            raise ValueError("feature names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _some(self) -> FeaturesConfig:
+        if not self.numeric and not self.categorical:
+            raise ValueError("list at least one numeric or categorical feature")
+        if set(self.numeric) & set(self.categorical):
+            raise ValueError(f"features both numeric and categorical: {sorted(set(self.numeric) & set(self.categorical))}")
+        return self
+
+    @property
+    def all(self) -> list[str]:
+        """Model input columns in model order: numeric first, then categorical."""
+        return [*self.numeric, *self.categorical]
+
+
+class LabelConfig(Strict):
+    """The target and when it became known (training only ever sees labels known before the cut-off)."""
+
+    column: str = Field(description="Binary label column (0/1 or boolean).")
+    available_at: str = Field(description="Timestamp column: when the label became known.")
+
+    @field_validator("column", "available_at")
+    @classmethod
+    def _column(cls, v: str) -> str:
+        return check_identifier(v, "column")
+
+
+class ValidationConfig(Strict):
+    """The data contract each extracted row must meet (violators are quarantined with a reason)."""
+
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict, description="Inclusive [low, high] per numeric feature.")
+    max_null_fraction: dict[str, float] = Field(default_factory=dict, description="Largest allowed share of nulls per feature.")
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1, description="A batch with a larger quarantined share is rejected (exit 3).")
+
+    @field_validator("ranges")
+    @classmethod
+    def _ranges(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (low, high) in v.items():
+            check_identifier(name, "validation.ranges key")
+            if low > high:
+                raise ValueError(f"range for {name} has low {low} > high {high}")
+        return v
+
+    @field_validator("max_null_fraction")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, share in v.items():
+            check_identifier(name, "validation.max_null_fraction key")
+            if not 0 <= share <= 1:
+                raise ValueError(f"max_null_fraction for {name} must be within [0, 1], got {share}")
+        return v
+
+
+class DriftConfig(Strict):
+    """How drift is measured against the champion's reference profile."""
+
+    numeric_method: Literal["psi", "ks", "wasserstein", "jensen_shannon"] = Field("psi", description="Method for numeric features.")
+    categorical_method: Literal["chi2", "psi", "jensen_shannon"] = Field("psi", description="Method for categorical features.")
+    psi_threshold: float = Field(0.2, gt=0, description="PSI at or above this is drift.")
+    p_value: float = Field(0.01, gt=0, lt=1, description="ks/chi2: a p-value below this is drift.")
+    wasserstein_threshold: float = Field(0.1, gt=0, description="Wasserstein distance / reference std at or above this is drift.")
+    jensen_shannon_threshold: float = Field(0.1, gt=0, description="Jensen-Shannon distance (base 2) at or above this is drift.")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="Per-feature threshold overrides.")
+    dataset_drift_share: float = Field(0.3, gt=0, le=1, description="Drifted share of features that counts as dataset drift.")
+    multivariate: bool = Field(False, description="Also train a domain classifier (reference vs current) and report its AUROC.")
+
+
+class RetrainConfig(Strict):
+    """When a challenger is trained."""
+
+    every_days: int | None = Field(7, ge=1, description="Retrain when the champion is this many days old (null: never by age).")
+    on_drift: bool = Field(True, description="Retrain when dataset drift is detected.")
+    min_new_labels: int | None = Field(500, ge=1, description="Retrain when this many labels arrived since the last training.")
+    max_decay: float | None = Field(0.05, gt=0, description="Retrain when the champion's realised metric falls this far below its holdout figure.")
+
+
+class TrainingConfig(Strict):
+    """How models are trained (point-in-time: only labels known before the cut-off)."""
+
+    window_days: int = Field(180, ge=1, description="Train on labeled rows whose event time is within this many days of the cut-off.")
+    holdout_days: int = Field(14, ge=1, description="The most recent days of labeled rows, never trained on; used to compare models.")
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Latest share of the training window used for early stopping.")
+    min_train_rows: int = Field(200, ge=10, description="Fewer labeled rows than this: no model is trained.")
+    seed: int = Field(42, description="Random seed for training and bootstrap.")
+    params: dict[str, float | int | str | bool] = Field(
+        default_factory=lambda: {"num_leaves": 31, "learning_rate": 0.05, "num_boost_round": 400, "early_stopping_rounds": 40},
+        description="LightGBM parameters; num_boost_round and early_stopping_rounds are taken out for lightgbm.train.",
+    )
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+
+class PromotionConfig(Strict):
+    """The gate a challenger must pass to replace the champion."""
+
+    metric: Literal["roc_auc", "average_precision", "log_loss", "brier", "ece", "ks"] = Field("roc_auc", description="Primary metric.")
+    min_improvement: float = Field(0.002, ge=0, description="Smallest improvement of the primary metric that promotes.")
+    require_significance: bool = Field(True, description="Also require the bootstrap interval's lower bound to be above 0.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples of the holdout.")
+    min_holdout_rows: int = Field(200, ge=1, description="Fewer holdout rows than this: no decision.")
+    guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics.")
+    max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring time / champion's must not exceed this.")
+    shadow: bool = Field(False, description="The latest challenger also scores new rows into scores.<job>_shadow.")
+
+
+class ScoringConfig(Strict):
+    """Where and how scores are written."""
+
+    table: str | None = Field(None, description="Scores table (schema.table); default scores.<job>.")
+    bands: dict[str, float] = Field(default_factory=lambda: {"high": 0.5, "medium": 0.2}, description="Band name -> lowest score in it; below all: low.")
+    reasons: int = Field(3, ge=0, le=20, description="Top feature contributions kept per score; 0 turns reason codes off.")
+    reason_bands: list[str] | None = Field(None, description="Compute reasons only for these bands (null: every band).")
+    engine: Literal["auto", "lightgbm", "compiled"] = Field("auto", description="Predict with LightGBM or with compiled trees (lleaves).")
+    batch_size: int = Field(100_000, ge=1000, description="Rows per scoring batch (memory is bounded by this, not by the run).")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str | None) -> str | None:
+        return None if v is None else check_qualified(v, "scoring.table")
+
+
+NotifyEvent = Literal["drift", "promotion", "rejection", "failure", "always"]
+
+
+class NotifyConfig(Strict):
+    """Who is mailed the run report, and when."""
+
+    email: list[str] = Field(default_factory=list, description="Recipients.")
+    on: list[NotifyEvent] = Field(default_factory=lambda: ["drift", "promotion", "rejection", "failure"], description="Events that send a mail.")
+
+
+class ScheduleConfig(Strict):
+    """When `batchml schedule` runs the job."""
+
+    cron: str = Field("0 2 * * *", description="Five-field crontab expression.")
+    timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
+
+
+class JobConfig(Strict):
+    """One job: configs/<job>.yaml."""
+
+    job: str = Field(description="Job name: lowercase letters, digits, underscores.")
+    description: str = Field("", description="What the score means.")
+    source: SourceConfig
+    features: FeaturesConfig
+    label: LabelConfig
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, v: str) -> str:
+        if not JOB_NAME.match(v):
+            raise ValueError(f"job name {v!r} must be lowercase letters, digits and underscores")
+        return v
+
+    @model_validator(mode="after")
+    def _known_features(self) -> JobConfig:
+        known = set(self.features.all)
+        for section, names in (("validation.ranges", self.validation.ranges), ("validation.max_null_fraction", self.validation.max_null_fraction)):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"{section} names {unknown}, which are not features")
+        unknown_ranges = sorted(set(self.validation.ranges) - set(self.features.numeric))
+        if unknown_ranges:
+            raise ValueError(f"validation.ranges applies to numeric features only, not {unknown_ranges}")
+        return self
+
+    @property
+    def scores_table(self) -> str:
+        """Fully qualified scores table, e.g. ``scores.vuln_risk``."""
+        table = self.scoring.table or f"scores.{self.job}"
+        return table if "." in table else f"scores.{table}"
+
+    @property
+    def band_edges(self) -> list[tuple[str, float]]:
+        """Bands from the highest threshold down; a score below all of them is ``low``."""
+        return sorted(self.scoring.bands.items(), key=lambda kv: -kv[1])
+
+
+class Settings(BaseSettings):
+    """Process-wide settings from the environment (never from job YAML)."""
+
+    model_config = SettingsConfigDict(env_prefix="BATCHML_", extra="ignore")
+
+    project: Path = Field(Path("."), description="Project directory holding configs/, jobs/ and warehouse/.")
+    warehouse: Path | None = Field(None, description="Warehouse file; default <project>/warehouse/warehouse.duckdb.")
+    memory_limit: str = Field("2GB", description="DuckDB memory_limit for batchml's connections.")
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_ssl: bool = False
+    smtp_from: str = "batchml@localhost"
+
+    @property
+    def warehouse_path(self) -> Path:
+        return (self.warehouse or self.project / "warehouse" / "warehouse.duckdb").resolve()
+
+
+def _format_validation_error(path: Path, exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling against the config reference in README.md)"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{path}: {where}: {message}{more}"
+
+
+def parse_job_config(data: object, path: Path) -> JobConfig:
+    """Validate an already-parsed YAML document; errors name the file and key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from None
+
+
+def load_job_config(path: Path) -> JobConfig:
+    """Read and validate one job YAML file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror}); check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    config = parse_job_config(data, path)
+    if config.job != path.stem:
+        raise ConfigError(f"{path}: job: is {config.job!r} but the file is named {path.name}; make them match")
+    return config
+
+
+def config_dir(project: Path) -> Path:
+    return project / "configs"
+
+
+def job_names(project: Path) -> list[str]:
+    """Jobs defined in ``<project>/configs`` (every ``*.yaml`` that has a ``job:`` key)."""
+    names = []
+    for path in sorted(config_dir(project).glob("*.yaml")):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            names.append(path.stem)  # let load_job_config report it
+            continue
+        if isinstance(data, dict) and "job" in data:
+            names.append(path.stem)
+    return names
+
+
+def load_job(project: Path, job: str) -> JobConfig:
+    """Load ``<project>/configs/<job>.yaml``; an unknown job lists the ones that exist."""
+    path = config_dir(project) / f"{job}.yaml"
+    if not path.exists():
+        known = ", ".join(job_names(project)) or "none"
+        raise ConfigError(f"no config for job {job!r} at {path} (jobs found: {known})")
+    return load_job_config(path)
+
+
+def feature_sql(project: Path, config: JobConfig) -> str | None:
+    """The job's feature SELECT, read from its file, or None when the job uses raw columns."""
+    if config.features.sql is None:
+        return None
+    path = project / config.features.sql
+    try:
+        return path.read_text().strip().rstrip(";")
+    except OSError as exc:
+        raise ConfigError(f"features.sql: cannot read {path} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
+
+
+def load_settings(project: Path | None = None, warehouse: Path | None = None) -> Settings:
+    """Settings from the environment, with explicit CLI values taking precedence."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"environment variable BATCHML_{str(first['loc'][0]).upper()}: {first['msg']}") from None
+    updates = {}
+    if project is not None:
+        updates["project"] = project
+    if warehouse is not None:
+        updates["warehouse"] = warehouse
+    settings = settings.model_copy(update=updates)
+    return settings.model_copy(update={"project": Path(os.path.abspath(settings.project))})
