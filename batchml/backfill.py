@@ -1,0 +1,135 @@
+"""Runs that are not the plain nightly one: backfills, replays and drift-only runs."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, datetime, timedelta
+
+from batchml import registry
+from batchml.errors import ConfigError, ModelError
+from batchml.extract import event_range_filter
+from batchml.locks import job_lock
+from batchml.pipeline import NightlyRun, run_job
+from batchml.project import Project
+from batchml.runlog import Run
+from batchml.warehouse import connect, fetch_one, migrate
+
+log = logging.getLogger("batchml")
+
+
+def day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day)
+
+
+class BackfillRun(NightlyRun):
+    """Re-score every row whose event time falls in [start, end] with the champion or version N.
+
+    Appends new score rows under a new run id; never deletes, never moves the watermark.
+    """
+
+    def __init__(self, project: Project, config, start: date, end: date, version: int | None, dry_run: bool):
+        super().__init__(project, config, registry.utcnow(), "backfill", False, False)
+        self.start, self.end, self.version, self.dry_run = start, end, version, dry_run
+
+    def _batch_filter(self) -> str:
+        return event_range_filter(self.config, day_start(self.start), day_start(self.end) + timedelta(days=1), self.run.as_of)
+
+    def _choose_model(self) -> None:
+        if self.version is not None:
+            with self._connect() as con:
+                row = registry.get(con, self.config.job, self.version)
+            if row is None:
+                raise ModelError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
+            self.champion = registry.load(row)
+        if self.champion is None:
+            raise ModelError(f"job {self.config.job} has no champion to backfill with; run it once first")
+
+    def _steps(self) -> None:
+        self._choose_model()
+        with self.run.step("extract"):
+            self._extract()
+        with self.run.step("validate"):
+            self._validate()
+        if self.dry_run:
+            self.run.note = f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}"
+            log.info("%s: %s", self.config.job, self.run.note)
+            self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
+        else:
+            with self.run.step("score"):
+                self._score()
+        with self.run.step("commit"):
+            self._commit()
+
+    def _write_quarantine(self, con) -> None:
+        if not self.dry_run:
+            super()._write_quarantine(con)
+
+    def _after_commit(self) -> None:
+        if not self.dry_run:
+            super()._after_commit()
+
+
+class DriftRun(NightlyRun):
+    """Drift of the rows a nightly run would pull now; writes only the drift rows of a 'drift' run."""
+
+    def __init__(self, project: Project, config, as_of: datetime):
+        super().__init__(project, config, as_of, "drift", False, False)
+
+    def _steps(self) -> None:
+        with self.run.step("extract"):
+            self._extract()
+        if self.champion is None:
+            raise ModelError(f"job {self.config.job} has no champion yet, so there is no reference to measure drift against")
+        with self.run.step("drift"):
+            self._drift()
+        self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
+        self.pending.clear()
+        with self.run.step("commit"):
+            self._commit()
+
+    def _write_quarantine(self, con) -> None:  # a drift run quarantines nothing
+        return
+
+
+def backfill(project: Project, job: str, start: date, end: date, *, version: int | None = None, dry_run: bool = False) -> Run:
+    """Re-score the rows with event time in [start, end] (end inclusive as a day)."""
+    if end < start:
+        raise ConfigError(f"--end {end} is before --start {start}")
+    config = project.job(job)
+    with job_lock(project.locks, job):
+        return BackfillRun(project, config, start, end, version, dry_run).execute()
+
+
+def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> Run:
+    config = project.job(job)
+    with job_lock(project.locks, job):
+        return DriftRun(project, config, as_of or registry.utcnow()).execute()
+
+
+def replay(project: Project, job: str, start: date, end: date, *, notify: bool = False, on_night=None) -> list[Run]:
+    """The nightly run for each day of [start, end] in order, as of the end of that day.
+
+    Resumable: a day whose replay already succeeded (same as_of) is skipped.
+    """
+    if end < start:
+        raise ConfigError(f"--end {end} is before --start {start}")
+    runs = []
+    day = start
+    while day <= end:
+        as_of = day_start(day) + timedelta(days=1)
+        if not _replayed(project, job, as_of):
+            run = run_job(project, job, as_of=as_of, kind="replay", notify=notify)
+            runs.append(run)
+            if on_night:
+                on_night(run)
+        day += timedelta(days=1)
+    return runs
+
+
+def _replayed(project: Project, job: str, as_of: datetime) -> bool:
+    if not project.warehouse.exists():
+        return False
+    with connect(project.warehouse) as con:
+        migrate(con)
+        row = fetch_one(con, "SELECT count(*) AS n FROM batchml.runs WHERE job = ? AND kind = 'replay' AND status = 'succeeded' AND as_of = ?", [job, as_of])
+    return bool(row["n"])

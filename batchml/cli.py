@@ -1,0 +1,280 @@
+"""The ``batchml`` command: parses arguments, calls the library, turns errors into one line.
+
+Exit codes: 0 ok · 1 run failed · 2 bad usage or config · 3 data rejected by validation ·
+75 another run of the job holds the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from batchml.errors import BatchMLError, ConfigError
+from batchml.project import Project
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry, by hand (every change recorded with who and why).")
+app.add_typer(models_app, name="models")
+
+console = Console()
+state = {"debug": False, "project": None, "warehouse": None}
+log = logging.getLogger("batchml")
+
+ProjectOpt = Annotated[Optional[Path], typer.Option("--project", envvar="BATCHML_PROJECT", help="Project directory (default: current).")]
+WarehouseOpt = Annotated[Optional[Path], typer.Option("--warehouse", envvar="BATCHML_WAREHOUSE", help="Warehouse file.")]
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(), "level": record.levelname,
+                           "message": record.getMessage()})
+
+
+def setup_logging(log_format: str) -> None:
+    handler: logging.Handler
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif log_format == "rich" or (log_format == "auto" and sys.stderr.isatty()):
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@app.callback()
+def main_options(
+    project: ProjectOpt = None,
+    warehouse: WarehouseOpt = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", help="auto | plain | rich | json")] = "auto",
+) -> None:
+    state.update(debug=debug, project=project, warehouse=warehouse)
+    if log_format not in ("auto", "plain", "rich", "json"):
+        raise typer.BadParameter("--log-format must be auto, plain, rich or json")
+    setup_logging(log_format)
+
+
+def open_project() -> Project:
+    return Project.open(state["project"], state["warehouse"])
+
+
+def parse_as_of(value: str | None) -> datetime | None:
+    """A bare date is 00:00 UTC of that day; a time with an offset is converted to UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--as-of {value!r} is not a date or time; use e.g. 2026-11-28 or 2026-11-28T02:00:00Z") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+def parse_day(value: str, option: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{option} {value!r} is not a date; use YYYY-MM-DD") from None
+
+
+def summarise_run(run) -> None:
+    parts = [f"run {run.run_id}: {run.status}", f"{run.rows_extracted} extracted", f"{run.rows_quarantined} quarantined",
+             f"{run.rows_scored} scored"]
+    if run.champion_version:
+        parts.append(f"champion v{run.champion_version}")
+    if run.challenger_version:
+        parts.append(f"challenger v{run.challenger_version} {'promoted' if run.promoted else 'not promoted'}")
+    if run.dataset_drift:
+        parts.append("dataset drift")
+    console.print(", ".join(parts), highlight=False)
+    if run.note:
+        console.print(f"note: {run.note}", highlight=False)
+
+
+@app.command()
+def run(
+    job: str,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off (date = 00:00 UTC); default now.")] = None,
+    force_retrain: Annotated[bool, typer.Option("--force-retrain", help="Train a challenger even if no trigger fires.")] = False,
+    no_notify: Annotated[bool, typer.Option("--no-notify", help="Do not mail the report.")] = False,
+) -> None:
+    """One nightly run of JOB.  Example: batchml run vuln_risk --as-of 2026-11-28"""
+    from batchml.pipeline import run_job
+
+    result = run_job(open_project(), job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify)
+    summarise_run(result)
+
+
+@app.command()
+def backfill(
+    job: str,
+    start: Annotated[str, typer.Option("--start", help="First event day (YYYY-MM-DD).")],
+    end: Annotated[str, typer.Option("--end", help="Last event day, inclusive.")],
+    model_version: Annotated[Optional[int], typer.Option("--model-version", help="Score with this version (default: champion).")] = None,
+    replay: Annotated[bool, typer.Option("--replay", help="Replay the nightly run for each day, point-in-time.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be scored; write no scores.")] = False,
+) -> None:
+    """Re-score rows whose event time is in [START, END], or --replay the nights of that range.
+
+    Example: batchml backfill vuln_risk --start 2026-10-01 --end 2026-10-31
+    """
+    from batchml import backfill as bf
+
+    project = open_project()
+    first, last = parse_day(start, "--start"), parse_day(end, "--end")
+    if replay:
+        if model_version is not None or dry_run:
+            raise ConfigError("--replay runs the nightly logic; it takes neither --model-version nor --dry-run")
+        runs = bf.replay(project, job, first, last, on_night=summarise_run)
+        console.print(f"replayed {len(runs)} night(s) ({(last - first).days + 1 - len(runs)} already done)")
+        return
+    summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run))
+
+
+@app.command()
+def drift(
+    job: str,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off; default now.")] = None,
+) -> None:
+    """Measure drift of the rows a nightly run would pull now; writes only a 'drift' run's rows."""
+    from batchml.backfill import measure_drift
+    from batchml.warehouse import connect, fetch_dicts
+
+    project = open_project()
+    result = measure_drift(project, job, parse_as_of(as_of))
+    with connect(project.warehouse, read_only=True) as con:
+        rows = fetch_dicts(con, "SELECT feature, kind, method, statistic, p_value, threshold, drifted, n_current, error "
+                                "FROM batchml.drift WHERE run_id = ? ORDER BY drifted DESC, kind, feature", [result.run_id])
+    table = Table("feature", "kind", "method", "statistic", "threshold", "drifted", "rows", title=f"drift of {job} ({result.run_id})")
+    for r in rows:
+        stat = "error: " + r["error"] if r["error"] else (f"{r['statistic']:.4f}" if r["statistic"] is not None else "-")
+        table.add_row(r["feature"], r["kind"], r["method"], stat, f"{r['threshold']:.3g}" if r["threshold"] is not None else "-",
+                      "yes" if r["drifted"] else "no", str(r["n_current"]))
+    console.print(table)
+    console.print(f"dataset drift: {'yes' if result.dataset_drift else 'no'}")
+
+
+@app.command()
+def report(
+    job: str,
+    run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest run).")] = None,
+    send: Annotated[bool, typer.Option("--send", help="Also mail it to notify.email.")] = False,
+) -> None:
+    """Write (and with --send, mail) the HTML report of a run."""
+    from batchml.reporting import report_and_notify
+
+    project = open_project()
+    path = report_and_notify(project, project.job(job), run_id, send=send, force_send=send)
+    console.print(f"report: {path}", highlight=False)
+
+
+@app.command()
+def check(job: Annotated[Optional[str], typer.Argument(help="One job (default: every job).")] = None) -> None:
+    """Validate configs, feature SQL, source columns and warehouse access, running nothing."""
+    from batchml.checks import check_project
+
+    problems = check_project(open_project(), job, echo=lambda line: console.print(line, highlight=False))
+    if problems:
+        raise BatchMLError(f"{problems} problem(s) found")
+
+
+@app.command()
+def schedule(jobs: Annotated[Optional[list[str]], typer.Argument(help="Jobs to schedule (default: all).")] = None) -> None:
+    """Run each job on its schedule.cron in the foreground until SIGTERM/SIGINT."""
+    from batchml.scheduler import serve
+
+    serve(open_project(), jobs or [])
+
+
+@app.command()
+def demo(
+    dir: Annotated[Optional[Path], typer.Option("--dir", help="Project directory (default: --project or current).")] = None,
+    days: Annotated[int, typer.Option("--days", help="Nights to replay.")] = 14,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic data.")] = 7,
+) -> None:
+    """Build a demo project with synthetic vulnerability findings and replay DAYS nights on it."""
+    from batchml.demo import run_demo
+
+    root = dir or state["project"] or Path.cwd()
+    run_demo(root, days=days, seed=seed, console=console)
+
+
+@models_app.command("list")
+def models_list(job: str) -> None:
+    """Every version of JOB: status, trained window, rows, holdout metrics."""
+    from batchml.manage import list_models
+
+    rows = list_models(open_project(), job)
+    table = Table("version", "status", "trained on", "rows", "holdout auc", "created", "promoted", title=f"models of {job}")
+    for r in rows:
+        auc = (r["holdout"] or {}).get("roc_auc")
+        table.add_row(f"v{r['version']}", r["status"], f"{r['train_start']:%Y-%m-%d} .. {r['train_end']:%Y-%m-%d}",
+                      str(r["train_rows"]), f"{auc:.4f}" if auc is not None else "-", f"{r['created_at']:%Y-%m-%d %H:%M}",
+                      f"{r['promoted_at']:%Y-%m-%d %H:%M}" if r["promoted_at"] else "-")
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(job: str, version: int, reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "manual promotion") -> None:
+    """Make VERSION the champion of JOB."""
+    from batchml.manage import promote
+
+    previous = promote(open_project(), job, version, reason)
+    console.print(f"{job}: v{version} is champion" + (f" (was v{previous})" if previous else ""))
+
+
+@models_app.command("rollback")
+def models_rollback(job: str, reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "manual rollback") -> None:
+    """Restore the champion that the current one replaced."""
+    from batchml.manage import rollback
+
+    restored, retired = rollback(open_project(), job, reason)
+    console.print(f"{job}: v{restored} is champion again (v{retired} archived)")
+
+
+def main() -> None:
+    """Entry point: run the app; map errors to one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except BatchMLError as exc:
+        if state["debug"]:
+            traceback.print_exc()
+        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        Console(stderr=True).print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # a click usage error or a bug
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if state["debug"]:
+            raise
+        Console(stderr=True).print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

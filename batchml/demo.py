@@ -1,0 +1,130 @@
+"""``batchml demo``: a warehouse of synthetic vulnerability findings and N replayed nights on it.
+
+Timeline (day 0 = the first finding): a scanner upgrade and a move toward go/cargo packages happen
+on ``SHIFT_DAY``; the first replayed night is 31 days later, when the first labels of shifted rows
+have arrived. So the nights show the first champion being trained, drift in the shifted features,
+challengers retrained on the new data, and the gate deciding whether they beat the champion.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from batchml import demo_data
+from batchml.errors import ConfigError
+from batchml.project import Project
+from batchml.warehouse import connect, migrate
+
+JOB = "vuln_risk"
+SOURCE = "raw.vuln_findings"
+SHIFT_DAY = 90
+FIRST_NIGHT = SHIFT_DAY + 31
+BAD_ROW_FRACTION = 0.004
+DEMO_TABLES = {("raw", "vuln_findings"), ("raw", "demo_info")}
+TEMPLATE = Path(__file__).parent / "demo_project"
+
+SQL_TO_TRY = """\
+-- newest score per finding, riskiest first
+SELECT finding_id, score, risk_band, model_version, reasons FROM scores.vuln_risk_latest ORDER BY score DESC LIMIT 10;
+-- what each night did
+SELECT as_of, status, rows_extracted, rows_quarantined, rows_scored, champion_version, promoted, dataset_drift FROM batchml.runs ORDER BY as_of;
+-- drift history of one feature
+SELECT r.as_of, d.statistic, d.drifted FROM batchml.drift d JOIN batchml.runs r USING (run_id) WHERE d.feature = 'cvss_base' ORDER BY r.as_of;
+-- every promotion decision, with its reason
+SELECT recorded_at, version, event, reason FROM batchml.model_events ORDER BY recorded_at;"""
+
+
+def copy_configs(root: Path) -> None:
+    """Copy the demo's configs (and job files) into ``root``, keeping any that already exist."""
+    for path in TEMPLATE.rglob("*"):
+        if path.is_file():
+            target = root / path.relative_to(TEMPLATE)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+
+
+def ensure_fresh(project: Project) -> None:
+    """Start over, but only on a warehouse that holds nothing but an earlier demo."""
+    if not project.warehouse.exists():
+        return
+    with connect(project.warehouse, lock_timeout=5.0) as con:
+        tables = set(con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall())
+        jobs = {r[0] for r in con.execute("SELECT DISTINCT job FROM batchml.runs").fetchall()} if ("batchml", "runs") in tables else set()
+    foreign = {t for t in tables if t[0] not in ("batchml", "scores") and t not in DEMO_TABLES}
+    foreign |= {t for t in tables if t[0] == "scores" and not t[1].startswith(JOB)}
+    if ("raw", "demo_info") not in tables or foreign or jobs - {JOB}:
+        raise ConfigError(
+            f"{project.warehouse} holds more than an earlier demo ({', '.join(sorted('.'.join(t) for t in foreign)) or 'other jobs'}); "
+            f"run the demo in another directory: batchml demo --dir /tmp/batchml-demo"
+        )
+    for path in (project.warehouse, project.warehouse.with_name(project.warehouse.name + ".wal"), project.catalog):
+        path.unlink(missing_ok=True)
+    for folder in (project.models, project.reports, project.published, project.scratch):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_findings(project: Project, start: date, days: int, seed: int) -> int:
+    """Write the synthetic findings (every day at once: runs only see what landed before as_of)."""
+    table = demo_data.generate_findings(start, days, seed=seed, shift_day=SHIFT_DAY)
+    table = demo_data.inject_bad_rows(table, BAD_ROW_FRACTION, seed)
+    with connect(project.warehouse) as con:
+        migrate(con)
+        con.execute("CREATE SCHEMA IF NOT EXISTS raw")
+        con.register("findings", table)
+        con.execute(f"CREATE TABLE {SOURCE} AS SELECT * FROM findings")
+        con.execute("CREATE TABLE raw.demo_info AS SELECT ? AS start_day, ? AS seed, ? AS shift_day", [start, seed, SHIFT_DAY])
+    return table.num_rows
+
+
+def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | None = None) -> list:
+    """Build the demo in ``root`` and replay ``days`` nights; returns the runs."""
+    from batchml.backfill import replay
+
+    console = console or Console()
+    if days < 1:
+        raise ConfigError("--days must be at least 1")
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    copy_configs(root)
+    project = Project.open(root)
+    ensure_fresh(project)
+    start = date.today() - timedelta(days=FIRST_NIGHT + days)
+    rows = load_findings(project, start, FIRST_NIGHT + days, seed)
+    console.print(f"demo: {rows:,} synthetic findings from {start} in {project.warehouse} (scanner upgrade on {start + timedelta(days=SHIFT_DAY)})")
+    table = Table("night (as of)", "rows", "quarantined", "drift", "model", "challenger", "scored", "seconds", title=f"{days} nights of {JOB}")
+    timer = {"t": time.perf_counter()}
+
+    def on_night(run) -> None:
+        elapsed = time.perf_counter() - timer["t"]
+        timer["t"] = time.perf_counter()
+        table.add_row(*night_row(project, run, elapsed))
+
+    first = start + timedelta(days=FIRST_NIGHT - 1)
+    runs = replay(project, JOB, first, first + timedelta(days=days - 1), notify=False, on_night=on_night)
+    console.print(table)
+    console.print(f"\nScores are in {project.warehouse}. Try, with duckdb -readonly {project.catalog}:\n", highlight=False)
+    console.print(SQL_TO_TRY, highlight=False, markup=False)
+    return runs
+
+
+def night_row(project: Project, run, seconds: float) -> list[str]:
+    drift = "-"
+    if run.dataset_drift is not None:
+        with connect(project.warehouse, read_only=True) as con:
+            n, total = con.execute(
+                "SELECT count(*) FILTER (WHERE drifted), count(*) FROM batchml.drift WHERE run_id = ? AND kind = 'feature'", [run.run_id]
+            ).fetchone()
+        drift = f"{n}/{total}" + (" DRIFT" if run.dataset_drift else "")
+    challenger = "-"
+    if run.challenger_version:
+        challenger = f"v{run.challenger_version} " + ("promoted" if run.promoted else "kept out")
+    as_of: datetime = run.as_of
+    return [f"{as_of:%Y-%m-%d}", f"{run.rows_extracted:,}", str(run.rows_quarantined), drift,
+            f"v{run.champion_version}" if run.champion_version else "-", challenger, f"{run.rows_scored:,}", f"{seconds:.1f}"]

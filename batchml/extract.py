@@ -1,0 +1,180 @@
+"""Incremental, point-in-time pulls from the source into run files (Parquet in the run's scratch folder).
+
+A nightly batch is the half-open watermark interval ``[previous watermark, as_of)``: every row lands
+in exactly one batch, whatever the timing of runs. Rows are pulled once, checked against the data
+contract (``validate``) in the same query and written to Parquet, so the warehouse is held only for
+the seconds the pull takes; later steps read the file.
+
+Normalised column names used by every later step (the source's own names never clash with them):
+``__entity``, ``__event_time``, ``__watermark``, ``__label``, ``__label_at``, the features under
+their own names (numeric as DOUBLE, categorical as VARCHAR), ``__rule``, ``__reason``, ``__record``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import duckdb
+
+from batchml.config import JobConfig, feature_sql
+from batchml.errors import DataError
+from batchml.validate import reason_sql
+from batchml.warehouse import quote_ident, quote_literal, quote_table
+
+ENTITY, EVENT_TIME, WATERMARK, LABEL, LABEL_AT = "__entity", "__event_time", "__watermark", "__label", "__label_at"
+RULE, REASON, RECORD = "__rule", "__reason", "__record"
+
+
+def ts_literal(value: datetime) -> str:
+    """A TIMESTAMP literal for a naive-UTC datetime (COPY cannot take bound parameters)."""
+    return f"TIMESTAMP '{value.strftime('%Y-%m-%d %H:%M:%S.%f')}'"
+
+
+def source_sql(config: JobConfig, project: Path) -> str:
+    """SELECT over the raw source (table or Parquet glob), with the job's feature SQL applied."""
+    if config.source.table:
+        raw = f"SELECT * FROM {quote_table(config.source.table)}"
+    else:
+        pattern = Path(config.source.parquet)
+        pattern = pattern if pattern.is_absolute() else project / pattern
+        raw = f"SELECT * FROM read_parquet({quote_literal(str(pattern))}, union_by_name = true)"
+    derived = feature_sql(project, config)
+    if derived is None:
+        return raw
+    # the user's SELECT reads a relation called `source`; a nested query may carry its own WITH
+    return f"WITH source AS ({raw}) SELECT * FROM ({derived})"
+
+
+def source_label(config: JobConfig) -> str:
+    return config.source.table or config.source.parquet
+
+
+def required_columns(config: JobConfig) -> list[str]:
+    src, label = config.source, config.label
+    return list(dict.fromkeys([src.entity_id, src.event_time, src.watermark, label.column, label.available_at, *config.features.all]))
+
+
+def describe_source(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> dict[str, str]:
+    """Column name -> DuckDB type of the source; a missing required column is a clear error."""
+    sql = source_sql(config, project)
+    try:
+        described = con.execute(f"DESCRIBE {sql}").fetchall()
+    except duckdb.Error as exc:
+        raise DataError(_source_error(config, exc)) from exc
+    columns = {row[0]: row[1] for row in described}
+    missing = [c for c in required_columns(config) if c not in columns]
+    if missing:
+        raise DataError(
+            f"source {source_label(config)} has no column {', '.join(missing)} (job {config.job}); "
+            f"add it to the source or fix configs/{config.job}.yaml"
+        )
+    return columns
+
+
+def _source_error(config: JobConfig, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot read source {source_label(config)} for job {config.job}: {first}"
+
+
+def normalised_sql(config: JobConfig, project: Path, where: str, *, with_checks: bool = True) -> str:
+    """The source under batchml's column names, filtered by ``where`` (on raw columns), with the
+    contract's verdict per row and the latest row per entity marked."""
+    src, label = config.source, config.label
+    entity, wm = quote_ident(src.entity_id), quote_ident(src.watermark)
+    rule, reason = reason_sql(config)
+    features = [f"{_as_double(n)} AS {quote_ident(n)}" for n in config.features.numeric]
+    features += [f"CAST({quote_ident(n)} AS VARCHAR) AS {quote_ident(n)}" for n in config.features.categorical]
+    return f"""
+        WITH src AS ({source_sql(config, project)}),
+        pulled AS (SELECT * FROM src WHERE {where}),
+        checked AS (
+            SELECT p AS __row, {rule} AS __rule0, {reason} AS __reason0,
+                   row_number() OVER (PARTITION BY {entity} ORDER BY try_cast({wm} AS TIMESTAMP) DESC) AS __rank,
+                   *
+            FROM pulled p
+        ),
+        verdict AS (
+            SELECT *,
+                   CASE WHEN __rule0 IS NULL AND __rank > 1 THEN 'duplicate' ELSE __rule0 END AS {RULE},
+                   CASE WHEN __rule0 IS NULL AND __rank > 1
+                        THEN 'duplicate entity id in batch; a row with a later {src.watermark} supersedes it'
+                        ELSE __reason0 END AS {REASON}
+            FROM checked
+        )
+        SELECT {entity} AS {ENTITY},
+               try_cast({quote_ident(src.event_time)} AS TIMESTAMP) AS {EVENT_TIME},
+               try_cast({wm} AS TIMESTAMP) AS {WATERMARK},
+               try_cast({quote_ident(label.column)} AS INTEGER) AS {LABEL},
+               try_cast({quote_ident(label.available_at)} AS TIMESTAMP) AS {LABEL_AT},
+               {", ".join(features)},
+               {RULE}, {REASON},
+               CASE WHEN {RULE} IS NOT NULL THEN to_json(__row) END AS {RECORD}
+        FROM verdict
+    """
+
+
+def _as_double(name: str) -> str:
+    return f"try_cast({quote_ident(name)} AS DOUBLE)"
+
+
+def batch_filter(config: JobConfig, watermark_from: datetime | None, as_of: datetime) -> str:
+    """Rows that landed in ``[watermark_from, as_of)``."""
+    wm = f"try_cast({quote_ident(config.source.watermark)} AS TIMESTAMP)"
+    lower = f" AND {wm} >= {ts_literal(watermark_from)}" if watermark_from else ""
+    return f"{wm} < {ts_literal(as_of)}{lower}"
+
+
+def event_range_filter(config: JobConfig, start: datetime, end: datetime, as_of: datetime) -> str:
+    """Rows whose event time is in ``[start, end)`` and that had landed before ``as_of``."""
+    event = f"try_cast({quote_ident(config.source.event_time)} AS TIMESTAMP)"
+    wm = f"try_cast({quote_ident(config.source.watermark)} AS TIMESTAMP)"
+    return f"{event} >= {ts_literal(start)} AND {event} < {ts_literal(end)} AND {wm} < {ts_literal(as_of)}"
+
+
+def training_filter(config: JobConfig, as_of: datetime) -> str:
+    """Labeled rows a model trained at ``as_of`` may see: landed and labeled before the cut-off,
+    event time within the training window."""
+    src, label = config.source, config.label
+    start = as_of - timedelta(days=config.training.window_days)
+    return (
+        f"try_cast({quote_ident(src.watermark)} AS TIMESTAMP) < {ts_literal(as_of)}"
+        f" AND try_cast({quote_ident(label.available_at)} AS TIMESTAMP) < {ts_literal(as_of)}"
+        f" AND {quote_ident(label.column)} IS NOT NULL"
+        f" AND try_cast({quote_ident(src.event_time)} AS TIMESTAMP) >= {ts_literal(start)}"
+    )
+
+
+@dataclass
+class PullResult:
+    path: Path
+    rows: int
+    by_rule: dict[str, int]
+    null_fractions: dict[str, float]
+    watermark_max: datetime | None
+
+
+def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str, path: Path) -> PullResult:
+    """Write the checked rows matching ``where`` to ``path`` (Parquet) and summarise them."""
+    describe_source(con, config, project)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sql = normalised_sql(config, project, where)
+    try:
+        con.execute(f"COPY ({sql}) TO {quote_literal(str(path))} (FORMAT parquet, ROW_GROUP_SIZE 100000)")
+    except duckdb.Error as exc:
+        raise DataError(_source_error(config, exc)) from exc
+    return summarise(con, config, path)
+
+
+def summarise(con: duckdb.DuckDBPyConnection, config: JobConfig, path: Path) -> PullResult:
+    """Counts per rule and null shares of the valid rows, read back from the run file."""
+    file = f"read_parquet({quote_literal(str(path))})"
+    rows, wm_max = con.execute(f"SELECT count(*), max({WATERMARK}) FROM {file}").fetchone()
+    by_rule = dict(con.execute(f"SELECT {RULE}, count(*) FROM {file} WHERE {RULE} IS NOT NULL GROUP BY 1").fetchall())
+    null_fractions: dict[str, float] = {}
+    if config.validation.max_null_fraction:
+        parts = ", ".join(f"avg(CASE WHEN {quote_ident(n)} IS NULL THEN 1.0 ELSE 0.0 END)" for n in config.validation.max_null_fraction)
+        values = con.execute(f"SELECT {parts} FROM {file} WHERE {RULE} IS NULL").fetchone()
+        null_fractions = {n: float(v or 0.0) for n, v in zip(config.validation.max_null_fraction, values)}
+    return PullResult(path, int(rows), {k: int(v) for k, v in by_rule.items()}, null_fractions, wm_max)

@@ -1,0 +1,85 @@
+"""Model matrices: float64 features in model order, categoricals encoded by the model's own levels.
+
+The encoding travels with the model (``model.json``: ``features`` and ``categories``): a categorical
+value is encoded as its index in the model's level list; an unseen level or a null becomes NaN,
+which LightGBM treats as missing. Anyone holding ``model.txt`` + ``model.json`` can rebuild the
+exact matrix, and so the exact score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MAX_LEVELS = 1000  # beyond this a "categorical" is really an identifier; keep the most frequent
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a model eats: ordered columns and the level list of each categorical."""
+
+    numeric: list[str]
+    categorical: list[str]
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+    @property
+    def categorical_indices(self) -> list[int]:
+        return [len(self.numeric) + i for i in range(len(self.categorical))]
+
+    def to_dict(self) -> dict:
+        return {"features": self.features, "numeric": self.numeric, "categorical": self.categorical, "categories": self.categories}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureSpec:
+        return cls(list(data["numeric"]), list(data["categorical"]), {k: list(v) for k, v in data["categories"].items()})
+
+
+def fit_spec(table: pa.Table, numeric: list[str], categorical: list[str]) -> FeatureSpec:
+    """Learn the level list of each categorical from training rows (most frequent first, then by name)."""
+    categories = {}
+    for name in categorical:
+        counts = Counter(v for v in table.column(name).to_pylist() if v is not None)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_LEVELS]
+        categories[name] = [level for level, _ in ranked]
+    return FeatureSpec(list(numeric), list(categorical), categories)
+
+
+def _numeric_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    values = pc.cast(column, pa.float64())
+    # nulls become NaN: LightGBM's missing value
+    return np.asarray(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _categorical_column(column: pa.ChunkedArray | pa.Array, levels: list[str]) -> np.ndarray:
+    if not levels:
+        return np.full(len(column), np.nan)
+    index = pc.index_in(pc.cast(column, pa.string()), value_set=pa.array(levels, pa.string()))
+    return np.asarray(pc.fill_null(pc.cast(index, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def to_matrix(data: pa.Table | pa.RecordBatch, spec: FeatureSpec) -> np.ndarray:
+    """An (n, k) float64 C-contiguous matrix in ``spec.features`` order."""
+    out = np.empty((data.num_rows, len(spec.features)), dtype=np.float64)
+    for j, name in enumerate(spec.numeric):
+        out[:, j] = _numeric_column(data.column(name))
+    for j, name in enumerate(spec.categorical, start=len(spec.numeric)):
+        out[:, j] = _categorical_column(data.column(name), spec.categories.get(name, []))
+    return out
+
+
+def numeric_values(data: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
+    """A numeric column as float64 (NaN = missing), for drift statistics."""
+    return _numeric_column(data.column(name))
+
+
+def categorical_values(data: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
+    """A categorical column as an object array (None = missing), for drift statistics."""
+    return np.array(data.column(name).to_pylist(), dtype=object)

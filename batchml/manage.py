@@ -1,0 +1,54 @@
+"""Registry changes by hand: list, promote, rollback — each recorded with who and why."""
+
+from __future__ import annotations
+
+import json
+
+from batchml import registry
+from batchml.errors import ConfigError, ModelError
+from batchml.locks import job_lock
+from batchml.project import Project
+from batchml.warehouse import connect, migrate, transaction
+
+
+def list_models(project: Project, job: str) -> list[dict]:
+    project.job(job)
+    with connect(project.warehouse) as con:
+        migrate(con)
+        rows = registry.list_models(con, job)
+    for row in rows:
+        metrics = json.loads(row["metrics"] or "{}")
+        row["holdout"] = metrics.get("holdout") or {}
+    return rows
+
+
+def promote(project: Project, job: str, version: int, reason: str) -> int | None:
+    """Make ``version`` the champion (its artifact is verified first); returns the previous one."""
+    project.job(job)
+    with job_lock(project.locks, job), connect(project.warehouse) as con:
+        migrate(con)
+        row = registry.get(con, job, version)
+        if row is None:
+            raise ConfigError(f"job {job} has no model v{version}; see `batchml models list {job}`")
+        if row["status"] == registry.CHAMPION:
+            raise ConfigError(f"v{version} is already the champion of {job}")
+        registry.verify(row)
+        with transaction(con):
+            return registry.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
+
+
+def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
+    """Restore the champion the current one replaced; returns (restored, retired)."""
+    project.job(job)
+    with job_lock(project.locks, job), connect(project.warehouse) as con:
+        migrate(con)
+        current = registry.champion(con, job)
+        if current is None:
+            raise ModelError(f"job {job} has no champion to roll back")
+        previous = registry.previous_champion(con, job, current["version"])
+        if previous is None:
+            raise ModelError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
+        registry.verify(registry.get(con, job, previous))
+        with transaction(con):
+            registry.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
+        return previous, current["version"]

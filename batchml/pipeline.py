@@ -1,0 +1,466 @@
+"""One run of a job, step by step.
+
+    begin     migrate, mark runs left 'running' by dead processes as crashed, record this run
+    extract   pull [watermark, as_of) into a run file, checked against the data contract
+    validate  quarantine bad rows; reject the batch when too many are bad (exit 3)
+    drift     compare the batch with the champion's reference profile
+    train     retrain when a trigger fires; the challenger goes through the gate
+    score     stream the valid rows through the (possibly new) champion
+    commit    one transaction: quarantine, drift, registry, scores, performance, watermark, run row
+    publish   Parquet copies for analysts; then the report and the mail
+
+The warehouse is opened only for ``begin``, ``extract`` (and the training pull) and ``commit``; the
+steps between work on run files in ``<warehouse dir>/tmp/<run_id>/``. A crash anywhere before the
+commit leaves the warehouse as it was, so the next run simply does the work again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchml import drift, evaluate, registry, retrain, runlog
+from batchml.config import JobConfig
+from batchml.errors import BatchMLError, DataError, RejectedError
+from batchml.extract import (
+    ENTITY,
+    EVENT_TIME,
+    LABEL,
+    RULE,
+    PullResult,
+    batch_filter,
+    normalised_sql,
+    pull,
+    training_filter,
+    ts_literal,
+)
+from batchml.features import categorical_values, numeric_values
+from batchml.locks import job_lock
+from batchml.project import Project
+from batchml.runlog import Run
+from batchml.score import ScoreSummary, make_predictor, score_batches, write_parquet
+from batchml.warehouse import connect, fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, table_exists, transaction
+
+log = logging.getLogger("batchml")
+
+
+def run_job(
+    project: Project,
+    job: str,
+    *,
+    as_of: datetime | None = None,
+    kind: str = "nightly",
+    force_retrain: bool = False,
+    notify: bool = True,
+) -> Run:
+    """Run ``job`` once, as of ``as_of`` (default: now). Raises a :class:`BatchMLError` on failure."""
+    config = project.job(job)
+    with job_lock(project.locks, job):
+        return NightlyRun(project, config, as_of or registry.utcnow(), kind, force_retrain, notify).execute()
+
+
+class NightlyRun:
+    """The state of one run while its steps execute; see the module docstring for the order."""
+
+    def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool):
+        self.project, self.config = project, config
+        self.run = Run(job=config.job, kind=kind, as_of=as_of)
+        self.force_retrain, self.notify = force_retrain, notify
+        self.scratch = project.scratch / self.run.run_id
+        self.pending: list = []  # functions (con) -> None, executed inside the commit transaction
+        self.champion_row: dict | None = None
+        self.champion: registry.LoadedModel | None = None
+        self.batch: PullResult | None = None
+        self.drift_report: drift.DriftReport | None = None
+        self.decision: evaluate.GateDecision | None = None
+        self.new_labels = 0
+        self.realised: float | None = None
+        self.performance: list[dict] = []
+        self.scores_path = self.scratch / "scores.parquet"
+        self.scored = ScoreSummary()
+
+    # -- orchestration -------------------------------------------------------------------------
+
+    def execute(self) -> Run:
+        self._begin()
+        try:
+            self._steps()
+        except BaseException as exc:
+            self._record_failure(exc)
+            raise
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self._after_commit()
+        return self.run
+
+    def _steps(self) -> None:
+        with self.run.step("extract"):
+            self._extract()
+        with self.run.step("validate"):
+            self._validate()
+        with self.run.step("drift"):
+            self._drift()
+        with self.run.step("train"):
+            self._retrain()
+        with self.run.step("score"):
+            self._score()
+        with self.run.step("commit"):
+            self._commit()
+
+    def _connect(self):
+        return connect(self.project.warehouse, memory_limit=self.project.settings.memory_limit)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        with self._connect() as con:
+            migrate(con)
+            crashed = runlog.mark_crashed(con, self.config.job)
+            if crashed:
+                log.warning("%s: marked %d earlier run(s) left running by a dead process as crashed", self.config.job, crashed)
+            self.run.watermark_from = runlog.watermark(con, self.config.job)
+            self.champion_row = registry.champion(con, self.config.job)
+            runlog.insert_run(con, self.run)
+        if self.champion_row:
+            self.champion = registry.load(self.champion_row)
+            self.run.champion_version = self.champion.version
+        log.info("%s: run %s as of %s", self.config.job, self.run.run_id, self.run.as_of.isoformat(sep=" "))
+
+    def _batch_filter(self) -> str:
+        return batch_filter(self.config, self.run.watermark_from, self.run.as_of)
+
+    def _extract(self) -> None:
+        where = self._batch_filter()
+        with self._connect() as con:
+            self.batch = pull(con, self.config, self.project.root, where, self.scratch / "batch.parquet")
+            if self.run.kind in ("nightly", "replay"):
+                self.new_labels = self._count_new_labels(con)
+                self.performance = self._realised_performance(con)
+        self.run.rows_extracted = self.batch.rows
+        self.run.rows_quarantined = sum(self.batch.by_rule.values())
+        log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined)
+
+    def _validate(self) -> None:
+        from batchml.validate import check_batch
+
+        check = check_batch(self.config, self.batch.rows, self.batch.by_rule, self.batch.null_fractions)
+        if check.rejected:
+            raise RejectedError(f"batch of {self.config.job} rejected: {'; '.join(check.problems)}")
+
+    def _valid_rows(self, batch_size: int | None = None):
+        """Reader over the valid rows of the batch file (memory bounded by ``batch_size``)."""
+        con = memory_connection(self.project.settings.memory_limit)
+        file = quote_literal(str(self.batch.path))
+        reader = con.sql(f"SELECT * FROM read_parquet({file}) WHERE {RULE} IS NULL").to_arrow_reader(batch_size or self.config.scoring.batch_size)
+        return con, reader
+
+    def _drift(self) -> None:
+        if self.champion is None or self.valid_rows == 0:
+            return
+        profile = load_profile(self.champion)
+        accumulator = drift.CurrentAccumulator(profile)
+        con, reader = self._valid_rows()
+        with con:
+            for batch in reader:
+                accumulator.update(**feature_arrays(batch, self.config))
+        self.drift_report = drift.compute_drift(profile, accumulator, self.config.drift)
+        self.run.dataset_drift = self.drift_report.dataset_drift
+        log.info("%s: drift in %d/%d features%s", self.config.job, self.drift_report.drifted_count,
+                 self.drift_report.feature_count, " (dataset drift)" if self.drift_report.dataset_drift else "")
+
+    @property
+    def valid_rows(self) -> int:
+        return self.run.rows_extracted - self.run.rows_quarantined
+
+    def _retrain(self) -> None:
+        self.run.triggers = retrain.due_triggers(
+            self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
+            dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
+        )
+        if not self.run.triggers:
+            return
+        log.info("%s: retraining (%s)", self.config.job, ", ".join(self.run.triggers))
+        try:
+            candidate = self._train_candidate()
+        except DataError as exc:
+            self.run.note = f"no challenger trained: {exc}"
+            log.warning("%s: %s", self.config.job, self.run.note)
+            return
+        self.run.challenger_version = candidate.version
+        if self.champion is None:
+            self._crown_first(candidate)
+        else:
+            with self.run.step("evaluate"):
+                self._gate(candidate)
+
+    def _train_candidate(self) -> retrain.Candidate:
+        path = self.scratch / "train.parquet"
+        with self._connect() as con:
+            pull(con, self.config, self.project.root, training_filter(self.config, self.run.as_of), path)
+            version = registry.next_version(con, self.config.job)
+        table = pq.read_table(str(path)).filter(pa.compute.is_null(pa.compute.field(RULE)))
+        return retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of)
+
+    def _crown_first(self, candidate: retrain.Candidate) -> None:
+        job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of
+        row = candidate.registry_row(job, run_id, as_of, registry.CHALLENGER)
+
+        def write(con):
+            registry.register(con, row)
+            registry.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
+                                   reason="first champion: no model existed", metrics=candidate.metrics, at=as_of)
+
+        self.pending.append(write)
+        self.champion = registry.load(row)
+        self.run.promoted = True
+        log.info("%s: trained first champion v%d on %d rows", job, candidate.version, candidate.trained.train_rows)
+
+    def _gate(self, candidate: retrain.Candidate) -> None:
+        job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of
+        self.decision = retrain.gate(candidate, self.champion, self.config)
+        promoted = self.decision.outcome == "promoted"
+        status = registry.CHALLENGER if promoted else registry.REJECTED
+        if self.decision.outcome == "no_decision":
+            status = registry.CHALLENGER
+        row = candidate.registry_row(job, run_id, as_of, status)
+        decision = self.decision.to_dict()
+
+        def write(con):
+            registry.register(con, row)
+            if promoted:
+                registry.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
+                                       reason=decision["reason"], metrics=decision, at=as_of)
+            else:
+                registry.record_event(con, job, candidate.version, self.decision.outcome, run_id=run_id,
+                                      reason=decision["reason"], metrics=decision, at=as_of,
+                                      previous_champion=self.champion_row["version"])
+
+        self.pending.append(write)
+        self.run.promoted = promoted
+        log.info("%s: challenger v%d %s: %s", job, candidate.version, self.decision.outcome, self.decision.reason)
+        if promoted:
+            self.champion = registry.load(row)
+
+    def _score(self) -> None:
+        if self.champion is None:
+            self.run.rows_pending = self.valid_rows
+            self.run.rows_extracted = self.run.rows_quarantined
+            self.run.note = self.run.note or "no champion yet: not enough labeled rows to train one"
+            self.run.note += f"; {self.valid_rows} rows wait for a model (watermark unchanged)"
+            log.warning("%s: %s", self.config.job, self.run.note)
+            return
+        self.run.champion_version = self.champion.version
+        predictor = make_predictor(self.champion, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
+        profile = load_profile(self.champion)
+        scores_acc = drift.CurrentAccumulator(profile)
+        con, reader = self._valid_rows()
+        with con:
+            batches = score_batches(
+                reader, self.champion, predictor, self.config, run_id=self.run.run_id, scored_at=registry.utcnow(),
+                summary=self.scored, on_scores=lambda batch, scores: scores_acc.update(**feature_arrays(batch, self.config), scores=scores),
+            )
+            self.run.rows_scored = write_parquet(batches, self.scores_path)
+        self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
+        log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor.name)
+
+    def _commit(self) -> None:
+        job, run = self.config.job, self.run
+        advance = self.champion is not None and run.kind in ("nightly", "replay")
+        run.watermark_to = max(filter(None, [run.as_of, run.watermark_from])) if advance else run.watermark_from
+        run.status, run.finished_at = "succeeded", registry.utcnow()
+        with self._connect() as con, transaction(con):
+            self._write_quarantine(con)
+            self._write_drift(con)
+            for write in self.pending:
+                write(con)
+            if run.rows_scored:
+                write_scores(con, self.config, self.scores_path)
+            self._write_performance(con)
+            if advance:
+                runlog.set_watermark(con, job, run.watermark_to, run.run_id)
+            runlog.update_run(con, run)
+
+    # -- writers (inside the commit transaction) ------------------------------------------------
+
+    def _write_quarantine(self, con) -> None:
+        if not self.run.rows_quarantined:
+            return
+        con.execute(
+            f"INSERT INTO batchml.quarantine SELECT ?, ?, CAST({ENTITY} AS VARCHAR), {RULE}, __reason, __record, ? "
+            f"FROM read_parquet({quote_literal(str(self.batch.path))}) WHERE {RULE} IS NOT NULL",
+            [self.run.run_id, self.config.job, registry.utcnow()],
+        )
+
+    def _write_drift(self, con) -> None:
+        rows = list(self.drift_report.to_rows()) if self.drift_report else []
+        rows += getattr(self, "prediction_drift", [])
+        version = self.run.champion_version if self.drift_report is None else self.champion_row["version"]
+        write_drift_rows(con, self.run.run_id, self.config.job, version, rows)
+
+    def _write_performance(self, con) -> None:
+        for row in self.performance:
+            con.execute(
+                "INSERT INTO batchml.performance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [self.run.run_id, self.config.job, row["model_version"], row["event_day"], row["metric"], row["value"],
+                 row["n"], row["positives"], row["estimated"], registry.utcnow()],
+            )
+
+    # -- labels that arrived ---------------------------------------------------------------------
+
+    def _last_training(self, con) -> datetime | None:
+        row = con.execute("SELECT max(created_at) FROM batchml.models WHERE job = ?", [self.config.job]).fetchone()
+        return row[0] if row else None
+
+    def _labels_between(self, start: datetime | None) -> str:
+        label_at = f"try_cast({quote_ident(self.config.label.available_at)} AS TIMESTAMP)"
+        lower = f" AND {label_at} >= {ts_literal(start)}" if start else ""
+        return (
+            f"{label_at} < {ts_literal(self.run.as_of)}{lower} AND {quote_ident(self.config.label.column)} IS NOT NULL"
+            f" AND try_cast({quote_ident(self.config.source.watermark)} AS TIMESTAMP) < {ts_literal(self.run.as_of)}"
+        )
+
+    def _count_new_labels(self, con) -> int:
+        since = self._last_training(con)
+        if since is None:
+            return 0
+        sql = normalised_sql(self.config, self.project.root, self._labels_between(since))
+        return int(con.execute(f"SELECT count(*) FROM ({sql}) WHERE {RULE} IS NULL").fetchone()[0])
+
+    def _realised_performance(self, con) -> list[dict]:
+        """The champion's realised metric on labels that arrived since the previous run, by event day."""
+        table = self.config.scores_table
+        if not table_exists(con, table):
+            return []
+        previous = con.execute(
+            "SELECT max(as_of) FROM batchml.runs WHERE job = ? AND status = 'succeeded' AND kind IN ('nightly', 'replay') AND as_of < ?",
+            [self.config.job, self.run.as_of],
+        ).fetchone()[0]
+        labeled = normalised_sql(self.config, self.project.root, self._labels_between(previous))
+        entity = quote_ident(self.config.source.entity_id)
+        rows = con.execute(f"""
+            WITH labeled AS ({labeled}),
+            s AS (
+                SELECT sc.{entity} AS e, sc.score, sc.model_version FROM {quote_table(table)} sc
+                JOIN batchml.runs r ON r.run_id = sc.run_id
+                WHERE r.kind IN ('nightly', 'replay') AND r.as_of <= {ts_literal(self.run.as_of)}
+                QUALIFY row_number() OVER (PARTITION BY sc.{entity} ORDER BY sc.scored_at DESC) = 1
+            )
+            SELECT l.{LABEL}, s.score, CAST(l.{EVENT_TIME} AS DATE), s.model_version
+            FROM labeled l JOIN s ON s.e = l.{ENTITY} WHERE l.{RULE} IS NULL
+        """).fetchall()
+        return self._performance_rows(rows)
+
+    def _performance_rows(self, rows: list[tuple]) -> list[dict]:
+        if not rows:
+            return []
+        metric = self.config.promotion.metric
+        y = np.array([r[0] for r in rows], dtype=np.int8)
+        p = np.array([r[1] for r in rows], dtype=np.float64)
+        days = np.array([r[2] for r in rows], dtype=object)
+        versions = np.array([r[3] for r in rows])
+        out = []
+        for day in sorted(set(days)):
+            for version in sorted(set(versions[days == day])):
+                mask = (days == day) & (versions == version)
+                out.append(_performance_row(metric, y[mask], p[mask], day, int(version)))
+        if self.champion_row is not None:
+            mask = versions == self.champion_row["version"]
+            overall = _performance_row(metric, y[mask], p[mask], None, self.champion_row["version"])
+            self.realised = overall["value"]
+            out.append(overall)
+        return out
+
+    # -- failure and aftermath -------------------------------------------------------------------
+
+    def _record_failure(self, exc: BaseException) -> None:
+        run = self.run
+        run.status = "rejected" if isinstance(exc, RejectedError) else "failed"
+        run.error = str(exc) if isinstance(exc, BatchMLError) else f"{type(exc).__name__}: {exc}"
+        run.finished_at = registry.utcnow()
+        if run.status == "rejected":
+            run.rows_scored = 0
+        try:
+            with self._connect() as con, transaction(con):
+                if run.status == "rejected":
+                    self._write_quarantine(con)  # kept for diagnosis; the batch itself is not consumed
+                runlog.update_run(con, run)
+        except BatchMLError as secondary:
+            log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
+        if self.notify and not isinstance(exc, KeyboardInterrupt):
+            self._report_and_notify()
+
+    def _after_commit(self) -> None:
+        from batchml import publish
+
+        try:
+            publish.publish_run(self.project, self.config, self.run.run_id)
+        except BatchMLError as exc:
+            log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
+        self._report_and_notify()
+
+    def _report_and_notify(self) -> None:
+        from batchml import reporting
+
+        try:
+            reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)
+        except BatchMLError as exc:
+            log.warning("%s: report not delivered: %s", self.config.job, exc)
+
+
+def _performance_row(metric: str, y: np.ndarray, p: np.ndarray, day, version: int) -> dict:
+    value = None
+    if len(y) and len(np.unique(y)) == 2:
+        value = float(evaluate.compute_metrics(y, p)[metric])
+    return {"model_version": version, "event_day": day, "metric": metric, "value": value, "n": int(len(y)),
+            "positives": int(y.sum()), "estimated": False}
+
+
+def feature_arrays(batch: pa.RecordBatch, config: JobConfig) -> dict:
+    return {
+        "numeric": {n: numeric_values(batch, n) for n in config.features.numeric},
+        "categorical": {n: categorical_values(batch, n) for n in config.features.categorical},
+    }
+
+
+def load_profile(model: registry.LoadedModel) -> drift.ReferenceProfile:
+    import json
+
+    return drift.ReferenceProfile.from_dict(json.loads((model.path / retrain.PROFILE_FILE).read_text()))
+
+
+def prediction_drift(profile: drift.ReferenceProfile, accumulator: drift.CurrentAccumulator, config: JobConfig) -> list[dict]:
+    """The drift row of the model's own scores (current vs its holdout scores)."""
+    report = drift.compute_drift(profile, accumulator, config.drift)
+    return [row for row in report.to_rows() if row["kind"] == "prediction"]
+
+
+def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list[dict]) -> None:
+    now = registry.utcnow()
+    for row in rows:
+        con.execute(
+            "INSERT INTO batchml.drift VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, job, row["feature"], row["method"], row["kind"], row["statistic"], row["p_value"], row["threshold"],
+             row["drifted"], row["n_reference"], row["n_current"], row["error"], row["histogram"], version, now],
+        )
+
+
+def write_scores(con, config: JobConfig, path: Path) -> None:
+    """Append a run's scores (from its run file) and keep the ``_latest`` view in place."""
+    table = quote_table(config.scores_table)
+    file = f"read_parquet({quote_literal(str(path))})"
+    schema = config.scores_table.split(".")[0]
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM {file} LIMIT 0")
+    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {file}")
+    latest = quote_table(config.scores_table + "_latest")
+    entity = quote_ident(config.source.entity_id)
+    con.execute(
+        f"CREATE OR REPLACE VIEW {latest} AS SELECT * FROM {table} "
+        f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
+    )

@@ -1,0 +1,202 @@
+"""Model registry: versioned artifact folders, their hashes, statuses and the history of decisions.
+
+One folder per version, ``<warehouse dir>/models/<job>/v<N>/``:
+
+- ``model.txt``  LightGBM's own text format (never a pickle)
+- ``model.json`` the manifest: ``features``, ``categories``, params, training window, holdout
+  metrics, LightGBM version, and the sha256 of every other file in the folder
+- ``profile.json`` the drift reference profile; ``golden.parquet`` golden-set inputs and scores
+
+``batchml.models.sha256`` is the hash of ``model.txt`` and ``manifest_sha256`` that of
+``model.json``; a model whose files do not match is refused.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import lightgbm as lgb
+
+from batchml.errors import ModelError
+from batchml.features import FeatureSpec
+from batchml.warehouse import fetch_dicts, fetch_one
+
+MODEL_FILE, MANIFEST_FILE = "model.txt", "model.json"
+CHAMPION, CHALLENGER, ARCHIVED, REJECTED = "champion", "challenger", "archived", "rejected"
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: the warehouse stores every timestamp in UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def actor() -> str:
+    """Who did it: the OS user (recorded with every manual registry change)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_dir(models_root: Path, job: str, version: int) -> Path:
+    return models_root / job / f"v{version}"
+
+
+@dataclass
+class LoadedModel:
+    job: str
+    version: int
+    booster: lgb.Booster
+    spec: FeatureSpec
+    manifest: dict
+    path: Path
+    sha256: str
+
+
+def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[str, str]:
+    """Write model.txt and model.json (after any side files already in ``folder``); returns both hashes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / MODEL_FILE
+    booster.save_model(str(model_path))
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    manifest = {**manifest, "files": files, "lightgbm_version": lgb.__version__}
+    manifest_path = folder / MANIFEST_FILE
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return files[MODEL_FILE], sha256_file(manifest_path)
+
+
+def clear_orphan(folder: Path) -> None:
+    """Remove a folder left by a run that crashed before registering it (never a registered one)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def verify(row: dict) -> Path:
+    """Check a registered model's files against its recorded hashes; returns its folder."""
+    folder = Path(row["artifact_path"])
+    label = f"model {row['job']} v{row['version']}"
+    model_path, manifest_path = folder / MODEL_FILE, folder / MANIFEST_FILE
+    for path in (model_path, manifest_path):
+        if not path.exists():
+            raise ModelError(f"{label}: {path} is missing; restore the artifact folder or promote another version")
+    checks = [(model_path, row["sha256"]), (manifest_path, row["manifest_sha256"])]
+    manifest = json.loads(manifest_path.read_text())
+    checks += [(folder / name, digest) for name, digest in manifest.get("files", {}).items() if name != MODEL_FILE]
+    for path, expected in checks:
+        found = sha256_file(path) if path.exists() else "missing"
+        if found != expected:
+            raise ModelError(
+                f"{label}: {path.name} sha256 {found[:12]} does not match the registered {str(expected)[:12]}; "
+                f"the artifact was changed after training: restore it, or promote another version"
+            )
+    return folder
+
+
+def load(row: dict) -> LoadedModel:
+    """Load a registered model after verifying its hashes."""
+    folder = verify(row)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    try:
+        booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
+    except lgb.basic.LightGBMError as exc:
+        raise ModelError(f"model {row['job']} v{row['version']}: LightGBM cannot load {folder / MODEL_FILE}: {exc}") from exc
+    return LoadedModel(row["job"], row["version"], booster, FeatureSpec.from_dict(manifest), manifest, folder, row["sha256"])
+
+
+# --------------------------------------------------------------------------------------------
+# Registry rows
+# --------------------------------------------------------------------------------------------
+
+
+def get(con: duckdb.DuckDBPyConnection, job: str, version: int) -> dict | None:
+    return fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND version = ?", [job, version])
+
+
+def champion(con: duckdb.DuckDBPyConnection, job: str) -> dict | None:
+    return fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND status = 'champion'", [job])
+
+
+def latest(con: duckdb.DuckDBPyConnection, job: str, status: str) -> dict | None:
+    return fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND status = ? ORDER BY version DESC LIMIT 1", [job, status])
+
+
+def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
+    return fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? ORDER BY version", [job])
+
+
+def next_version(con: duckdb.DuckDBPyConnection, job: str) -> int:
+    return int(con.execute("SELECT coalesce(max(version), 0) + 1 FROM batchml.models WHERE job = ?", [job]).fetchone()[0])
+
+
+def register(con: duckdb.DuckDBPyConnection, row: dict) -> None:
+    """Insert a model row (inside the caller's transaction)."""
+    columns = list(row)
+    con.execute(
+        f"INSERT INTO batchml.models ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+        [json.dumps(v, default=str) if isinstance(v, dict) else v for v in row.values()],
+    )
+
+
+def record_event(
+    con: duckdb.DuckDBPyConnection,
+    job: str,
+    version: int | None,
+    event: str,
+    *,
+    run_id: str | None = None,
+    reason: str = "",
+    metrics: dict | None = None,
+    who: str | None = None,
+    previous_champion: int | None = None,
+    at: datetime | None = None,
+) -> None:
+    con.execute(
+        "INSERT INTO batchml.model_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [job, version, event, run_id, reason, json.dumps(metrics or {}, default=str), who or actor(), at or utcnow(), previous_champion],
+    )
+
+
+def set_status(con: duckdb.DuckDBPyConnection, job: str, version: int, status: str) -> None:
+    con.execute("UPDATE batchml.models SET status = ? WHERE job = ? AND version = ?", [status, job, version])
+
+
+def make_champion(
+    con: duckdb.DuckDBPyConnection, job: str, version: int, event: str, *, run_id: str | None, reason: str,
+    metrics: dict | None = None, who: str | None = None, at: datetime | None = None,
+) -> int | None:
+    """Archive the current champion (if any), crown ``version`` and record why; returns the old one."""
+    current = champion(con, job)
+    previous = current["version"] if current else None
+    if previous is not None:
+        set_status(con, job, previous, ARCHIVED)
+    set_status(con, job, version, CHAMPION)
+    con.execute("UPDATE batchml.models SET promoted_at = ? WHERE job = ? AND version = ?", [at or utcnow(), job, version])
+    record_event(con, job, version, event, run_id=run_id, reason=reason, metrics=metrics, who=who, previous_champion=previous, at=at)
+    return previous
+
+
+def previous_champion(con: duckdb.DuckDBPyConnection, job: str, current: int) -> int | None:
+    """The champion ``current`` replaced, from the event that crowned it."""
+    row = fetch_one(
+        con,
+        "SELECT previous_champion FROM batchml.model_events WHERE job = ? AND version = ? AND previous_champion IS NOT NULL "
+        "AND event IN ('promoted', 'manual_promote') ORDER BY recorded_at DESC LIMIT 1",
+        [job, current],
+    )
+    return row["previous_champion"] if row else None

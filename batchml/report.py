@@ -1,0 +1,612 @@
+"""Run reports: a subject line, a plain-text summary and an HTML page with PNG charts.
+
+The pipeline fills a :class:`ReportData` from the warehouse; :func:`build_report` turns it into a
+:class:`Report`, which :mod:`batchml.notify` mails (charts as inline ``cid:`` images) and
+:func:`write_report` stores as one self-contained HTML file (charts as ``data:`` URIs).
+
+    data = ReportData(job="vuln_risk", run_id="r1", kind="nightly", status="succeeded",
+                      as_of=datetime(2026, 11, 28), started_at=datetime(2026, 11, 28, 2))
+    report = build_report(data)
+    write_report(report, Path("warehouse/reports/vuln_risk"))
+
+Everything that comes from data is HTML-escaped when it is written into the page: only the
+:class:`Markup` this module builds itself goes in raw. Styles are inline because several mail
+clients drop ``<style>`` blocks; there is no JavaScript.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from batchml.charts import distribution_chart, trend_chart
+from batchml.errors import BatchMLError
+
+__all__ = [
+    "ReportData", "Report", "build_report", "write_report", "should_notify", "subject_line", "severity", "sorted_drift",
+    "MAX_FEATURE_CHARTS",
+]
+
+MAX_FEATURE_CHARTS = 12
+SCORE_FEATURE = "__score__"
+P_VALUE_METHODS = {"ks", "chi2"}
+_SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
+
+
+@dataclass
+class ReportData:
+    """What one run did, as the pipeline read it back from the warehouse."""
+
+    job: str
+    run_id: str
+    kind: str  # nightly | backfill | replay | drift
+    status: str  # succeeded | failed | rejected
+    as_of: datetime
+    started_at: datetime
+    finished_at: datetime | None = None
+    rows_extracted: int = 0
+    rows_quarantined: int = 0
+    rows_scored: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    champion_version: int | None = None
+    challenger_version: int | None = None
+    promoted: bool | None = None
+    drift: list[dict] = field(default_factory=list)
+    dataset_drift: bool | None = None
+    gate: dict | None = None
+    performance: list[dict] = field(default_factory=list)
+    band_counts: dict[str, int] = field(default_factory=dict)
+    triggers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A failed run read back from the warehouse has NULLs everywhere; treat them as "nothing".
+        for name in ("rows_extracted", "rows_quarantined", "rows_scored"):
+            setattr(self, name, getattr(self, name) or 0)
+        for name in ("quarantine_reasons", "timings", "band_counts"):
+            setattr(self, name, dict(getattr(self, name) or {}))
+        for name in ("drift", "performance", "triggers"):
+            setattr(self, name, list(getattr(self, name) or []))
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rendered report. ``html_email`` references charts as ``cid:<name>``, keys of ``images``."""
+
+    run_id: str
+    subject: str
+    text: str
+    html_email: str
+    images: dict[str, bytes] = field(repr=False)
+
+    def html_file(self) -> str:
+        """The same page with every chart embedded as a ``data:`` URI, so it opens offline."""
+        page = self.html_email
+        for name, png in self.images.items():
+            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            # Data is escaped (quotes become &quot;), so this exact attribute only comes from _Charts.
+            page = page.replace(f'src="cid:{name}"', f'src="{uri}"')
+        return page
+
+
+# --------------------------------------------------------------------------- formatting helpers
+
+
+class Markup(str):
+    """HTML this module wrote itself; everything else is escaped by :func:`_h`."""
+
+
+def _h(value: object) -> str:
+    return value if isinstance(value, Markup) else html.escape(_fmt(value))
+
+
+def _fmt(value: object) -> str:
+    """A value as a short human string: thousands separators, 4 significant digits, UTC times."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    if isinstance(value, datetime):
+        return _utc(value).strftime("%Y-%m-%d %H:%M UTC")
+    return str(value)
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive UTC (the warehouse stores UTC; naive values are taken as UTC already)."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def _as_datetime(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return _utc(value)
+    try:
+        return _utc(datetime.fromisoformat(str(value)))
+    except ValueError:
+        return None
+
+
+def _float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "0%"
+
+
+def _seconds(value: object) -> str:
+    number = _float(value)
+    if number is None:
+        return "—"
+    return f"{number:.2f} s" if number < 60 else f"{number / 60:.1f} min"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- drift ordering
+
+
+def severity(row: dict) -> float:
+    """How far a drift row is past its threshold; above 1 means drifted.
+
+    Distance methods (psi, wasserstein, jensen_shannon) compare ``statistic / threshold``. For
+    p-value methods (ks, chi2) the threshold is a p-value limit, so the comparable ratio is
+    ``threshold / p_value``; dividing a chi2 statistic by 0.01 would rank every chi2 row first.
+    Rows that could not be computed rank last.
+    """
+    threshold = _float(row.get("threshold"))
+    p_value = _float(row.get("p_value"))
+    statistic = _float(row.get("statistic"))
+    if row.get("method") in P_VALUE_METHODS and p_value is not None and threshold:
+        return threshold / max(p_value, 1e-300)
+    if statistic is not None and threshold:
+        return statistic / threshold
+    return -math.inf
+
+
+def sorted_drift(rows: Iterable[dict]) -> list[dict]:
+    """Drifted rows first, then by :func:`severity` descending, then by name."""
+    return sorted(rows, key=lambda r: (not r.get("drifted"), -severity(r), str(r.get("feature"))))
+
+
+def _feature_rows(data: ReportData) -> list[dict]:
+    return [row for row in data.drift if row.get("kind", "feature") == "feature"]
+
+
+def _score_row(data: ReportData) -> dict | None:
+    return next((r for r in data.drift if r.get("feature") == SCORE_FEATURE and r.get("kind") == "prediction"), None)
+
+
+def _name(row: dict) -> str:
+    """A drift row's display name: the model's own output is shown as ``score``."""
+    return "score (model output)" if row.get("feature") == SCORE_FEATURE else str(row.get("feature"))
+
+
+def _drift_count(data: ReportData) -> tuple[int, int]:
+    features = _feature_rows(data)
+    return sum(1 for r in features if r.get("drifted")), len(features)
+
+
+def _histogram(row: dict) -> dict | None:
+    """The row's histogram if it has equally long labels/reference/current lists, else None."""
+    hist = row.get("histogram")
+    if not isinstance(hist, dict):
+        return None
+    labels, ref, cur = (hist.get(k) or [] for k in ("labels", "reference", "current"))
+    return hist if labels and len(labels) == len(ref) == len(cur) else None
+
+
+# --------------------------------------------------------------------------- subject and events
+
+
+def subject_line(data: ReportData) -> str:
+    """One line saying what happened, e.g. ``[batchml] vuln_risk 2026-11-28: drift in 3/12 features``."""
+    kind = "" if data.kind == "nightly" else f" ({data.kind})"
+    head = f"[batchml] {data.job} {_utc(data.as_of):%Y-%m-%d}{kind}"
+    return _one_line(f"{head}: {_what_happened(data)}")
+
+
+def _what_happened(data: ReportData) -> str:
+    if data.status == "failed":
+        error = _one_line(data.error or "")
+        return "run FAILED" + (f" — {error[:80]}{'…' if len(error) > 80 else ''}" if error else "")
+    if data.status == "rejected":
+        return f"batch REJECTED ({_percent(data.rows_quarantined, data.rows_extracted)} quarantined)"
+    drifted, total = _drift_count(data)
+    notable = []
+    if drifted:
+        notable.append(f"drift in {drifted}/{total} features")
+    elif data.dataset_drift:
+        notable.append("dataset drift")
+    if data.promoted:
+        notable.append(f"challenger v{data.challenger_version} promoted")
+    return ", ".join(notable or _quiet(data, total))
+
+
+def _quiet(data: ReportData, features: int) -> list[str]:
+    parts = [] if data.kind == "drift" else [f"{data.rows_scored:,} rows scored"]
+    if features:
+        parts.append("no drift")
+    if data.challenger_version is not None and data.promoted is False:
+        parts.append(f"challenger v{data.challenger_version} not promoted")
+    return parts or [data.status]
+
+
+_EVENT_TESTS = {
+    "drift": lambda d: bool(d.dataset_drift),
+    "promotion": lambda d: bool(d.promoted),
+    "rejection": lambda d: d.status == "rejected",
+    "failure": lambda d: d.status == "failed",
+    "always": lambda d: True,
+}
+
+
+def should_notify(data: ReportData, on: Sequence[str]) -> list[str]:
+    """The configured events (``notify.on``) that this run fired, in configured order.
+
+    >>> should_notify(data, ["drift", "failure"])   # a failed run
+    ['failure']
+    """
+    unknown = [event for event in on if event not in _EVENT_TESTS]
+    if unknown:
+        raise ValueError(f"unknown notify event(s) {unknown}; choose from {list(_EVENT_TESTS)}")
+    return [event for event in dict.fromkeys(on) if _EVENT_TESTS[event](data)]
+
+
+# --------------------------------------------------------------------------- HTML building blocks
+
+FONT = "font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif"
+TABLE = "border-collapse:collapse;font-size:13px;margin:4px 0 12px 0"
+TH = "text-align:left;padding:4px 10px;border-bottom:2px solid #d0d5dd;color:#475467;font-weight:600"
+TD = "padding:4px 10px;border-bottom:1px solid #eaecf0;vertical-align:top"
+H2 = "font-size:16px;margin:22px 0 6px 0;color:#101828;border-bottom:1px solid #eaecf0;padding-bottom:4px"
+NOTE = "color:#667085;font-size:12px;margin:2px 0 10px 0"
+STATUS_COLORS = {"succeeded": "#067647", "failed": "#b42318", "rejected": "#b54708", "running": "#175cd3"}
+DRIFT_RED = "#b42318"
+
+
+def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[object]], numeric: Sequence[int] = ()) -> Markup:
+    """A plain table (no header row if ``headers`` is None); ``numeric`` columns are right-aligned.
+
+    Cells are escaped unless they are :class:`Markup`.
+    """
+    def cell(tag: str, style: str, index: int, value: object) -> str:
+        align = ";text-align:right" if index in numeric else ""
+        return f'<{tag} style="{style}{align}">{_h(value)}</{tag}>'
+
+    head = "<tr>" + "".join(cell("th", TH, i, h) for i, h in enumerate(headers)) + "</tr>" if headers else ""
+    body = "".join("<tr>" + "".join(cell("td", TD, i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return Markup(f'<table style="{TABLE}">{head}{body}</table>')
+
+
+def _section(title: str, *parts: str) -> Markup:
+    return Markup(f'<h2 style="{H2}">{_h(title)}</h2>' + "".join(parts))
+
+
+def _note(text: object) -> Markup:
+    return Markup(f'<p style="{NOTE}">{_h(text)}</p>')
+
+
+def _badge(text: str, color: str) -> Markup:
+    style = f"background:{color};color:#fff;border-radius:3px;padding:1px 7px;font-size:12px"
+    return Markup(f'<span style="{style}">{_h(text)}</span>')
+
+
+def _colored(text: object, color: str) -> Markup:
+    return Markup(f'<span style="color:{color};font-weight:600">{_h(text)}</span>')
+
+
+class _Charts:
+    """Collects chart PNGs while sections render; each becomes an inline ``cid:`` image."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, bytes] = {}
+
+    def img(self, name: str, png: bytes, alt: str) -> Markup:
+        self.images[name] = png
+        style = "display:block;max-width:100%;height:auto;margin:6px 0"
+        return Markup(f'<img src="cid:{name}" alt="{_h(alt)}" width="540" style="{style}">')
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _summary_section(data: ReportData) -> Markup:
+    finished = data.finished_at
+    duration = _seconds((finished - data.started_at).total_seconds()) if finished else "—"
+    quarantined = f"{_fmt(data.rows_quarantined)} ({_percent(data.rows_quarantined, data.rows_extracted)})"
+    rows = [
+        ("Run", f"{data.run_id} ({data.kind})"),
+        ("Status", _badge(data.status, STATUS_COLORS.get(data.status, "#475467"))),
+        ("Cut-off (as of)", data.as_of),
+        ("Started / finished", f"{_fmt(data.started_at)} / {_fmt(finished)} ({duration})"),
+        ("Rows extracted", data.rows_extracted),
+        ("Rows quarantined", quarantined),
+        ("Rows scored", data.rows_scored),
+        ("Champion / challenger", f"{_version(data.champion_version)} / {_version(data.challenger_version)}"),
+    ]
+    return _section("Run summary", _table(None, rows))
+
+
+def _version(version: int | None) -> str:
+    return "—" if version is None else f"v{version}"
+
+
+def _error_section(data: ReportData) -> Markup:
+    if not data.error:
+        return Markup("")
+    style = "white-space:pre-wrap;background:#fef3f2;border:1px solid #fecdca;padding:8px;font-size:12px"
+    return _section("Error", Markup(f'<pre style="{style}">{_h(data.error)}</pre>'))
+
+
+def _counts_section(title: str, counts: dict[str, int]) -> Markup:
+    """A name -> count table with shares; used for quarantine reasons and risk bands."""
+    if not counts:
+        return Markup("")
+    whole = sum(v or 0 for v in counts.values())
+    rows = [(name, count, _percent(count or 0, whole)) for name, count in counts.items()]
+    return _section(title, _table(("", "rows", "share"), rows, numeric=(1, 2)))
+
+
+def _timings_section(data: ReportData) -> Markup:
+    if not data.timings:
+        return Markup("")
+    total = sum(_float(v) or 0.0 for v in data.timings.values())
+    rows = [(step, _seconds(seconds)) for step, seconds in data.timings.items()]
+    rows.append((Markup("<b>total</b>"), _seconds(total)))
+    return _section("Step timings", _table(("step", "time"), rows, numeric=(1,)))
+
+
+def _drift_table(rows: list[dict]) -> Markup:
+    def line(r: dict) -> tuple:
+        drifted = _colored("drifted", DRIFT_RED) if r.get("drifted") else "ok"
+        error = _colored(r["error"], DRIFT_RED) if r.get("error") else ""
+        return (_name(r), r.get("kind"), r.get("method"), _float(r.get("statistic")), _float(r.get("p_value")),
+                _float(r.get("threshold")), drifted, r.get("n_reference"), r.get("n_current"), error)
+
+    headers = ("feature", "kind", "method", "statistic", "p-value", "threshold", "drift", "n ref", "n current", "error")
+    return _table(headers, (line(r) for r in sorted_drift(rows)), numeric=(3, 4, 5, 7, 8))
+
+
+def _largest_shifts(hist: dict, top: int = 3) -> str:
+    """The levels whose share moved most, e.g. ``npm 12.0% → 30.5%`` (says in words what the chart shows)."""
+    ref = [_float(v) or 0.0 for v in hist["reference"]]
+    cur = [_float(v) or 0.0 for v in hist["current"]]
+    order = sorted(range(len(ref)), key=lambda i: -abs(cur[i] - ref[i]))[:top]
+    return "; ".join(f"{hist['labels'][i]} {100 * ref[i]:.1f}% → {100 * cur[i]:.1f}%" for i in order)
+
+
+def _distribution(charts: _Charts, name: str, title: str, hist: dict) -> Markup:
+    png = distribution_chart(title, hist["labels"], hist["reference"], hist["current"])
+    shifts = _largest_shifts(hist)
+    return Markup(charts.img(name, png, f"{title}: {shifts}") + _note(f"Largest changes: {shifts}"))
+
+
+def _feature_charts(data: ReportData, charts: _Charts) -> Markup:
+    drifted = [(r, _histogram(r)) for r in sorted_drift(_feature_rows(data)) if r.get("drifted")]
+    drifted = [(row, hist) for row, hist in drifted if hist]
+    parts = [
+        _distribution(charts, f"drift-{i}", f"{_name(row)} ({row.get('method')}): reference vs current", hist)
+        for i, (row, hist) in enumerate(drifted[:MAX_FEATURE_CHARTS], start=1)
+    ]
+    omitted = len(drifted) - MAX_FEATURE_CHARTS
+    if omitted > 0:
+        parts.append(_note(f"Charts for {omitted} more drifted feature(s) omitted (at most {MAX_FEATURE_CHARTS} are drawn)."))
+    return Markup("".join(parts))
+
+
+def _score_chart(data: ReportData, charts: _Charts) -> Markup:
+    row = _score_row(data)
+    hist = _histogram(row) if row else None
+    if hist is None:
+        return Markup("")
+    title = f"Score distribution: reference vs current ({'drifted' if row.get('drifted') else 'no drift'})"
+    return _distribution(charts, "score", title, hist)
+
+
+def _drift_section(data: ReportData, charts: _Charts) -> Markup:
+    if not data.drift:
+        return Markup("")
+    drifted, total = _drift_count(data)
+    verdicts = {True: _colored("dataset drift", DRIFT_RED), False: "no dataset drift"}
+    dataset = verdicts.get(data.dataset_drift, "dataset drift not assessed")
+    head = Markup(f"<p>{_h(drifted)} of {_h(total)} features drifted — {_h(dataset)}.</p>")
+    return _section("Drift", head, _drift_table(data.drift), _score_chart(data, charts), _feature_charts(data, charts))
+
+
+def _gate_section(data: ReportData) -> Markup:
+    gate = data.gate
+    if not gate:
+        return Markup("")
+    champion, challenger = gate.get("metrics_champion") or {}, gate.get("metrics_challenger") or {}
+    rows = [(m, _float(champion.get(m)), _float(challenger.get(m)), _diff(champion.get(m), challenger.get(m)))
+            for m in dict.fromkeys([*champion, *challenger])]
+    headers = ("metric", f"champion {_version(data.champion_version)}",
+               f"challenger {_version(data.challenger_version)}", "difference")
+    outcome = str(gate.get("outcome") or "no_decision")
+    color = {"promoted": STATUS_COLORS["succeeded"], "rejected": STATUS_COLORS["rejected"]}.get(outcome, "#475467")
+    decision = Markup(f"<p>Decision: {_badge(outcome.replace('_', ' '), color)} {_h(gate.get('reason') or '')}</p>")
+    return _section("Champion vs challenger", decision, _table(headers, rows, numeric=(1, 2, 3)), *_gate_notes(gate))
+
+
+def _diff(champion: object, challenger: object) -> str:
+    """Challenger minus champion with its sign, so "+0.012" reads as the challenger's gain."""
+    a, b = _float(champion), _float(challenger)
+    return "—" if a is None or b is None else f"{b - a:+.4g}"
+
+
+def _gate_notes(gate: dict) -> list[Markup]:
+    notes = []
+    boot = gate.get("bootstrap")
+    if boot:
+        notes.append(_note(f"Paired bootstrap of the difference: {_fmt(_float(boot.get('diff')))}, "
+                           f"interval [{_fmt(_float(boot.get('low')))}, {_fmt(_float(boot.get('high')))}] "
+                           f"over {_fmt(boot.get('resamples'))} resamples."))
+    if _float(gate.get("latency_ratio")) is not None:
+        notes.append(_note(f"Scoring time, challenger / champion: {_float(gate['latency_ratio']):.2f}×."))
+    return notes
+
+
+def _performance_series(data: ReportData) -> dict[str, list[tuple[datetime, float]]]:
+    series: dict[str, list[tuple[datetime, float]]] = {}
+    for point in data.performance:
+        when, value = _as_datetime(point.get("as_of")), _float(point.get("value"))
+        if when is not None and value is not None:
+            series.setdefault(str(point.get("metric") or "metric"), []).append((when, value))
+    return series
+
+
+def _performance_section(data: ReportData, charts: _Charts) -> Markup:
+    series = _performance_series(data)
+    if not series:
+        return Markup("")
+    parts = []
+    if max(len(points) for points in series.values()) >= 2:
+        png = trend_chart("Realised performance on labels that arrived", series)
+        parts.append(charts.img("performance", png, "realised performance trend"))
+    latest = [p for p in data.performance if _float(p.get("value")) is not None]
+    latest.sort(key=lambda p: _as_datetime(p.get("as_of")) or datetime.min, reverse=True)
+    rows = [(_as_datetime(p.get("as_of")) or p.get("as_of"), p.get("metric"), _float(p.get("value")), p.get("n"), p.get("run_id"))
+            for p in latest[:10]]
+    parts.append(_table(("as of", "metric", "value", "labels", "run"), rows, numeric=(2, 3)))
+    return _section("Realised performance", *parts)
+
+
+def _triggers_section(data: ReportData) -> Markup:
+    if not data.triggers:
+        return Markup("")
+    items = "".join(f"<li>{_h(t)}</li>" for t in data.triggers)
+    return _section("Retrain triggers that fired", Markup(f'<ul style="margin:4px 0 12px 18px;padding:0">{items}</ul>'))
+
+
+def _page(title: str, body: Iterable[str]) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{_h(title)}</title></head>\n"
+        f'<body style="margin:0;padding:16px;background:#f2f4f7;color:#101828;{FONT}">'
+        f'<div style="max-width:780px;margin:0 auto;background:#ffffff;padding:18px 24px;border:1px solid #eaecf0">'
+        + "\n".join(part for part in body if part)
+        + f'<p style="{NOTE}">Generated by batchml.</p></div></body></html>\n'
+    )
+
+
+def _html(data: ReportData, subject: str, charts: _Charts) -> str:
+    header = Markup(f'<h1 style="font-size:20px;margin:0 0 4px 0">{_h(data.job)}: {_h(data.kind)} run</h1>'
+                    + _note(subject.removeprefix("[batchml] ")))
+    return _page(subject, [
+        header,
+        _summary_section(data),
+        _error_section(data),
+        _counts_section("Quarantined rows by reason", data.quarantine_reasons),
+        _drift_section(data, charts),
+        _gate_section(data),
+        _performance_section(data, charts),
+        _counts_section("Risk bands of the rows scored", data.band_counts),
+        _triggers_section(data),
+        _timings_section(data),
+    ])
+
+
+# --------------------------------------------------------------------------- plain text
+
+
+def _text(data: ReportData, subject: str) -> str:
+    """The plain-text part: the same facts as the HTML, without tables or charts."""
+    lines = [subject, "", f"Run {data.run_id} ({data.kind}), status {data.status}, cut-off {_fmt(data.as_of)}",
+             f"Rows: {data.rows_extracted:,} extracted, {data.rows_quarantined:,} quarantined, {data.rows_scored:,} scored"]
+    if data.quarantine_reasons:
+        lines.append("Quarantined by reason: " + _pairs(data.quarantine_reasons))
+    if data.error:
+        lines += ["", "Error:", data.error.strip(), ""]
+    lines += _drift_text(data) + _gate_text(data)
+    if data.band_counts:
+        lines.append("Risk bands: " + _pairs(data.band_counts))
+    if data.triggers:
+        lines.append("Retrain triggers: " + ", ".join(map(str, data.triggers)))
+    if data.timings:
+        lines.append("Timings: " + ", ".join(f"{k} {_seconds(v)}" for k, v in data.timings.items()))
+    lines += ["", "The HTML version of this report has the tables and charts."]
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {_fmt(count)}" for name, count in counts.items())
+
+
+def _drift_text(data: ReportData) -> list[str]:
+    if not data.drift:
+        return []
+    drifted, total = _drift_count(data)
+    lines = [f"Drift: {drifted}/{total} features drifted" + (", dataset drift" if data.dataset_drift else "")]
+    for row in sorted_drift(data.drift):
+        if row.get("drifted"):
+            statistic, threshold = _fmt(_float(row.get("statistic"))), _fmt(_float(row.get("threshold")))
+            lines.append(f"  - {_name(row)} ({row.get('method')}): {statistic}, threshold {threshold}")
+    return lines
+
+
+def _gate_text(data: ReportData) -> list[str]:
+    if not data.gate:
+        return []
+    outcome = str(data.gate.get("outcome") or "no_decision").replace("_", " ")
+    return [f"Model gate: challenger {_version(data.challenger_version)} vs champion {_version(data.champion_version)}: "
+            f"{outcome} — {data.gate.get('reason') or ''}".rstrip(" —")]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_report(data: ReportData) -> Report:
+    """Render a run's report: subject, plain text, email HTML and its PNG charts."""
+    subject = subject_line(data)
+    charts = _Charts()
+    page = _html(data, subject, charts)
+    return Report(run_id=data.run_id, subject=subject, text=_text(data, subject), html_email=page, images=charts.images)
+
+
+def write_report(report: Report, directory: Path | str) -> Path:
+    """Write ``<directory>/<run_id>.html`` atomically: a reader sees the old file or the whole new one."""
+    if not _SAFE_RUN_ID.match(report.run_id):
+        raise ValueError(f"run id {report.run_id!r} cannot be used as a file name")
+    directory = Path(directory)
+    target = directory / f"{report.run_id}.html"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, report.html_file())
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise BatchMLError(f"cannot write report {target} ({reason}); check the directory's permissions and free space") from exc
+    return target
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes 0600; a report is meant to be read by the team
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,109 @@
+"""Glue between the warehouse and the report: read a run back, render it, write it, mail it.
+
+``report`` renders and ``notify`` delivers; neither touches DuckDB. This module reads what they
+need from the warehouse and records each delivery in ``batchml.notifications``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from batchml import registry
+from batchml.config import JobConfig
+from batchml.errors import ConfigError
+from batchml.project import Project
+from batchml.report import ReportData, build_report, should_notify, write_report
+from batchml.warehouse import connect, fetch_dicts, fetch_one, quote_table, table_exists
+
+log = logging.getLogger("batchml")
+TREND_RUNS = 30
+
+
+def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
+    """Everything the report shows about one run (the latest one when ``run_id`` is None)."""
+    if run_id is None:
+        row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? ORDER BY started_at DESC LIMIT 1", [config.job])
+    else:
+        row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? AND run_id = ?", [config.job, run_id])
+    if row is None:
+        raise ConfigError(f"no run {run_id or ''} of job {config.job} in the warehouse; list runs with: SELECT * FROM batchml.runs")
+    run_id = row["run_id"]
+    return ReportData(
+        job=config.job, run_id=run_id, kind=row["kind"], status=row["status"], as_of=row["as_of"],
+        started_at=row["started_at"], finished_at=row["finished_at"], rows_extracted=row["rows_extracted"],
+        rows_quarantined=row["rows_quarantined"], rows_scored=row["rows_scored"],
+        quarantine_reasons=dict(con.execute(
+            "SELECT rule, count(*) FROM batchml.quarantine WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]).fetchall()),
+        timings=json.loads(row["timings"] or "{}"), error=_with_note(row),
+        champion_version=row["champion_version"], challenger_version=row["challenger_version"], promoted=row["promoted"],
+        drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=_gate(con, run_id),
+        performance=_trend(con, config), band_counts=_bands(con, config, run_id), triggers=json.loads(row["triggers"] or "[]"),
+    )
+
+
+def _with_note(row: dict) -> str | None:
+    if row["error"]:
+        return row["error"]
+    return None
+
+
+def _drift_rows(con, run_id: str) -> list[dict]:
+    rows = fetch_dicts(con, "SELECT * FROM batchml.drift WHERE run_id = ?", [run_id])
+    for row in rows:
+        row["histogram"] = json.loads(row["histogram"]) if row["histogram"] else None
+    return rows
+
+
+def _gate(con, run_id: str) -> dict | None:
+    row = fetch_one(
+        con, "SELECT metrics FROM batchml.model_events WHERE run_id = ? AND event IN ('promoted', 'rejected', 'no_decision') "
+        "AND previous_champion IS NOT NULL ORDER BY recorded_at DESC LIMIT 1", [run_id])
+    if row is None:
+        return None
+    gate = json.loads(row["metrics"] or "{}")
+    return gate if "outcome" in gate else None
+
+
+def _trend(con, config: JobConfig) -> list[dict]:
+    return fetch_dicts(
+        con,
+        "SELECT p.run_id, r.as_of, p.metric, p.value, p.n FROM batchml.performance p JOIN batchml.runs r USING (run_id) "
+        "WHERE p.job = ? AND p.event_day IS NULL AND NOT p.estimated AND p.value IS NOT NULL "
+        f"ORDER BY r.as_of DESC LIMIT {TREND_RUNS}",
+        [config.job],
+    )[::-1]
+
+
+def _bands(con, config: JobConfig, run_id: str) -> dict[str, int]:
+    if not table_exists(con, config.scores_table):
+        return {}
+    return dict(con.execute(
+        f"SELECT risk_band, count(*) FROM {quote_table(config.scores_table)} WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]
+    ).fetchall())
+
+
+def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *, send: bool, force_send: bool = False) -> Path:
+    """Write the run's HTML report; mail it when ``notify.on`` says so (or ``force_send``)."""
+    from batchml.notify import send_report
+
+    with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
+        data = load_report_data(con, config, run_id)
+    report = build_report(data)
+    path = write_report(report, project.reports / config.job)
+    log.info("%s: report written to %s", config.job, path)
+    events = should_notify(data, config.notify.on)
+    if not send or not config.notify.email or not (events or force_send):
+        return path
+    delivery = send_report(report, list(config.notify.email), project.settings)
+    if delivery.status == "failed":
+        log.warning("%s: report mail not delivered after %d attempts: %s", config.job, delivery.attempts, delivery.error)
+    elif delivery.status == "sent":
+        log.info("%s: report mailed to %s", config.job, ", ".join(config.notify.email))
+    with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
+        con.execute(
+            "INSERT INTO batchml.notifications VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [data.run_id, config.job, ", ".join(config.notify.email), delivery.status, delivery.error, delivery.attempts, registry.utcnow()],
+        )
+    return path

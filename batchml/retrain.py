@@ -1,0 +1,186 @@
+"""Continuous training: when to retrain, how a challenger is built, and the gate it must pass.
+
+A challenger is trained point-in-time (``train``), stored as a registry artifact with its drift
+reference profile and golden set, and compared with the champion on **the same holdout rows**
+(``evaluate.decide``). The decision and every figure behind it go to ``batchml.model_events``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchml import drift, evaluate, registry
+from batchml.config import JobConfig
+from batchml.errors import ModelError
+from batchml.extract import EVENT_TIME
+from batchml.features import categorical_values, numeric_values, to_matrix
+from batchml.train import Split, TrainedModel, fit, labels, predict, split_by_time
+
+PROFILE_FILE, GOLDEN_FILE = "profile.json", "golden.parquet"
+GOLDEN_ROWS = 256
+LATENCY_ROWS = 20_000
+
+
+@dataclass
+class Candidate:
+    """A freshly trained model, written to its artifact folder but not yet registered."""
+
+    version: int
+    trained: TrainedModel
+    split: Split
+    holdout_scores: np.ndarray
+    metrics: dict
+    folder: Path
+    sha256: str
+    manifest_sha256: str
+
+    def registry_row(self, job: str, run_id: str, as_of: datetime, status: str) -> dict:
+        t = self.trained
+        return {
+            "job": job, "version": self.version, "status": status, "created_at": as_of, "run_id": run_id,
+            "train_start": t.train_start, "train_end": t.train_end, "train_rows": t.train_rows,
+            "holdout_rows": self.split.holdout.num_rows, "metrics": self.metrics, "params": t.params,
+            "artifact_path": str(self.folder), "sha256": self.sha256, "manifest_sha256": self.manifest_sha256,
+        }
+
+
+def due_triggers(
+    config: JobConfig,
+    *,
+    champion: dict | None,
+    as_of: datetime,
+    force: bool,
+    dataset_drift: bool | None,
+    new_labels: int,
+    realised: float | None,
+) -> list[str]:
+    """The retrain triggers that fire for this run, in a fixed order."""
+    rules = config.training.retrain
+    fired = []
+    if champion is None:
+        fired.append("no_champion")
+    if force:
+        fired.append("forced")
+    if champion is not None:
+        if rules.every_days and as_of - champion["created_at"] >= timedelta(days=rules.every_days):
+            fired.append("age")
+        if rules.on_drift and dataset_drift:
+            fired.append("drift")
+        if rules.min_new_labels and new_labels >= rules.min_new_labels:
+            fired.append("new_labels")
+        holdout = _holdout_metric(champion, config.promotion.metric)
+        if rules.max_decay and realised is not None and holdout is not None:
+            decay = evaluate.improvement(config.promotion.metric, realised, holdout)
+            if decay > rules.max_decay:
+                fired.append("decay")
+    return fired
+
+
+def _holdout_metric(champion: dict, metric: str) -> float | None:
+    metrics = champion.get("metrics")
+    metrics = json.loads(metrics) if isinstance(metrics, str) else (metrics or {})
+    return (metrics.get("holdout") or {}).get(metric)
+
+
+def build_profile(split: Split, trained: TrainedModel, holdout_scores: np.ndarray, seed: int) -> drift.ReferenceProfile:
+    """The drift reference: the rows the model learnt from, and its own holdout scores."""
+    reference = pa.concat_tables([split.fit, split.validation])
+    numeric = {n: numeric_values(reference, n) for n in trained.spec.numeric}
+    categorical = {n: categorical_values(reference, n) for n in trained.spec.categorical}
+    return drift.build_profile(numeric, categorical, scores=holdout_scores if len(holdout_scores) else None, seed=seed)
+
+
+def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, version: int, as_of: datetime) -> Candidate:
+    """Train, profile and write the artifact of challenger ``version`` from the training rows."""
+    split = split_by_time(table, config)
+    trained = fit(split, config)
+    holdout_scores = predict(trained.booster, split.holdout, trained.spec)
+    metrics = {"holdout": _safe_metrics(labels(split.holdout), holdout_scores), "best_iteration": trained.best_iteration}
+    folder = registry.model_dir(models_root, config.job, version)
+    registry.clear_orphan(folder)
+    folder.mkdir(parents=True)
+    profile = build_profile(split, trained, holdout_scores, config.training.seed)
+    (folder / PROFILE_FILE).write_text(_json(profile.to_dict()))
+    write_golden(folder / GOLDEN_FILE, split, trained, config)
+    manifest = {
+        "job": config.job, "version": version, **trained.spec.to_dict(), "params": trained.params,
+        "train_start": trained.train_start, "train_end": trained.train_end, "train_rows": trained.train_rows,
+        "holdout_rows": split.holdout.num_rows, "metrics": metrics, "as_of": as_of,
+        "encoding": "categorical value -> index in categories[feature]; unseen or null -> NaN (missing); numeric as float64",
+    }
+    sha, manifest_sha = registry.write_artifact(folder, trained.booster, manifest)
+    return Candidate(version, trained, split, holdout_scores, metrics, folder, sha, manifest_sha)
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _safe_metrics(y: np.ndarray, p: np.ndarray) -> dict:
+    if len(y) == 0 or len(np.unique(y)) < 2:
+        return {}
+    return evaluate.compute_metrics(y, p)
+
+
+def write_golden(path: Path, split: Split, trained: TrainedModel, config: JobConfig) -> None:
+    """A few holdout (or training) rows with the model's scores: re-scored by ``batchml check``."""
+    source = split.holdout if split.holdout.num_rows else split.validation
+    rows = source.slice(0, GOLDEN_ROWS).select(trained.spec.features)
+    scores = predict(trained.booster, rows, trained.spec)
+    pq.write_table(rows.append_column("__score", pa.array(scores, pa.float64())), str(path))
+
+
+def check_golden(model: registry.LoadedModel, tolerance: float = 1e-12) -> tuple[int, float]:
+    """Re-score the golden set; returns (rows, largest score difference). Raises if any moved."""
+    table = pq.read_table(str(model.path / GOLDEN_FILE))
+    scores = predict(model.booster, table, model.spec)
+    expected = table.column("__score").to_numpy()
+    worst = float(np.max(np.abs(scores - expected))) if len(scores) else 0.0
+    if worst > tolerance:
+        raise ModelError(
+            f"model {model.job} v{model.version}: golden-set scores moved by up to {worst:.3g} "
+            f"(LightGBM, numpy or the encoding changed); investigate before scoring with it"
+        )
+    return len(scores), worst
+
+
+def timed_predict(model_booster, spec, holdout: pa.Table, repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds to score ``LATENCY_ROWS`` rows built from the holdout."""
+    matrix = to_matrix(holdout, spec)
+    if len(matrix) == 0:
+        return 0.0
+    matrix = np.ascontiguousarray(np.resize(matrix, (max(LATENCY_ROWS, len(matrix)), matrix.shape[1])))
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model_booster.predict(matrix, num_threads=1)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def gate(candidate: Candidate, champion: registry.LoadedModel, config: JobConfig) -> evaluate.GateDecision:
+    """Champion and challenger on the challenger's holdout rows: the same rows for both."""
+    holdout = candidate.split.holdout
+    y = labels(holdout)
+    p_champion = predict(champion.booster, holdout, champion.spec)
+    champion_seconds = timed_predict(champion.booster, champion.spec, holdout)
+    challenger_seconds = timed_predict(candidate.trained.booster, candidate.trained.spec, holdout)
+    return evaluate.decide(
+        y, p_champion, candidate.holdout_scores, config.promotion, champion_seconds, challenger_seconds, seed=config.training.seed
+    )
+
+
+def event_day_range(table: pa.Table) -> tuple[datetime | None, datetime | None]:
+    if table.num_rows == 0:
+        return None, None
+    mm = pc.min_max(table.column(EVENT_TIME)).as_py()
+    return mm["min"], mm["max"]

@@ -1,0 +1,117 @@
+"""The ``batchml.runs`` bookkeeping: a row per run, failed and crashed ones included."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import duckdb
+
+from batchml.registry import actor, utcnow
+
+STEP_COLUMNS = ("extract", "validate", "drift", "train", "evaluate", "score", "commit")
+
+
+def new_run_id(job: str, started: datetime) -> str:
+    """Sortable and unique: ``vuln_risk-20261128T020000-3f9a1c``."""
+    return f"{job}-{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Run:
+    """What one run did, filled in step by step and written to ``batchml.runs``."""
+
+    job: str
+    kind: str
+    as_of: datetime
+    started_at: datetime = field(default_factory=utcnow)
+    run_id: str = ""
+    status: str = "running"
+    rows_extracted: int = 0
+    rows_quarantined: int = 0
+    rows_scored: int = 0
+    rows_pending: int = 0
+    champion_version: int | None = None
+    challenger_version: int | None = None
+    promoted: bool | None = None
+    dataset_drift: bool | None = None
+    watermark_from: datetime | None = None
+    watermark_to: datetime | None = None
+    error: str | None = None
+    note: str | None = None
+    triggers: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    finished_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            self.run_id = new_run_id(self.job, self.started_at)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time a step; the figure lands in ``timings`` (and the ``<step>_seconds`` column)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 4)
+
+    def row(self) -> dict:
+        row = {
+            "run_id": self.run_id, "job": self.job, "kind": self.kind, "status": self.status, "as_of": self.as_of,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "rows_extracted": self.rows_extracted, "rows_quarantined": self.rows_quarantined, "rows_scored": self.rows_scored,
+            "champion_version": self.champion_version, "challenger_version": self.challenger_version,
+            "promoted": self.promoted, "error": self.error, "watermark_from": self.watermark_from,
+            "watermark_to": self.watermark_to, "dataset_drift": self.dataset_drift,
+            "triggers": json.dumps(self.triggers), "timings": json.dumps(self.timings),
+            "pid": os.getpid(), "host": socket.gethostname(), "actor": actor(), "note": self.note,
+        }
+        row.update({f"{name}_seconds": self.timings.get(name) for name in STEP_COLUMNS})
+        row["total_seconds"] = round(sum(self.timings.values()), 4)
+        return row
+
+
+def insert_run(con: duckdb.DuckDBPyConnection, run: Run) -> None:
+    row = run.row()
+    con.execute(
+        f"INSERT INTO batchml.runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+        list(row.values()),
+    )
+
+
+def update_run(con: duckdb.DuckDBPyConnection, run: Run) -> None:
+    row = run.row()
+    run_id = row.pop("run_id")
+    con.execute(
+        f"UPDATE batchml.runs SET {', '.join(f'{k} = ?' for k in row)} WHERE run_id = ?",
+        [*row.values(), run_id],
+    )
+
+
+def mark_crashed(con: duckdb.DuckDBPyConnection, job: str) -> int:
+    """Runs of ``job`` still 'running' belong to a dead process: the caller holds the job lock."""
+    rows = con.execute(
+        "UPDATE batchml.runs SET status = 'crashed', finished_at = ?, "
+        "error = coalesce(error, 'the process ended before the run finished; nothing it did was committed') "
+        "WHERE job = ? AND status = 'running'",
+        [utcnow(), job],
+    ).fetchone()
+    return int(rows[0]) if rows else 0
+
+
+def watermark(con: duckdb.DuckDBPyConnection, job: str) -> datetime | None:
+    row = con.execute("SELECT max(value) FROM batchml.watermarks WHERE job = ?", [job]).fetchone()
+    return row[0] if row else None
+
+
+def set_watermark(con: duckdb.DuckDBPyConnection, job: str, value: datetime, run_id: str) -> None:
+    con.execute("DELETE FROM batchml.watermarks WHERE job = ?", [job])
+    con.execute("INSERT INTO batchml.watermarks VALUES (?, ?, ?, ?)", [job, value, run_id, utcnow()])

@@ -1,0 +1,114 @@
+"""The data contract: which rows are quarantined and why, expressed as SQL built by pure functions.
+
+Rules, first match wins (one reason per row, so counts add up):
+
+=================  ===============================================================
+rule               quarantined when
+=================  ===============================================================
+null_entity_id     the entity id is null
+null_event_time    the event time is null
+bad_type           a value is present but cannot be cast (event time to TIMESTAMP,
+                   a numeric feature to DOUBLE)
+non_finite         a numeric feature is +inf or -inf
+out_of_range       a numeric feature is outside ``validation.ranges`` (inclusive)
+duplicate          the entity id appears again in the batch with a later watermark
+=================  ===============================================================
+
+NaN or null in a feature is a *missing value*: LightGBM handles it, so the row is scored. Unseen
+categorical levels are scored as missing too, and counted by drift rather than quarantined.
+Column-level rules (``max_null_fraction``, ``max_quarantine_fraction``) reject the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchml.config import JobConfig
+from batchml.warehouse import quote_ident
+
+RULES = ("null_entity_id", "null_event_time", "bad_type", "non_finite", "out_of_range", "duplicate")
+
+
+def _as_double(column: str) -> str:
+    return f"try_cast({quote_ident(column)} AS DOUBLE)"
+
+
+def _show(column: str) -> str:
+    # how a bad value appears in the reason text
+    return f"coalesce(CAST({quote_ident(column)} AS VARCHAR), 'null')"
+
+
+def rule_cases(config: JobConfig) -> list[tuple[str, str, str]]:
+    """(rule, SQL condition, SQL reason text) in the order they are checked."""
+    src = config.source
+    entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
+    cases = [
+        ("null_entity_id", f"{entity} IS NULL", "'null entity id'"),
+        ("null_event_time", f"{event} IS NULL", "'null event time'"),
+        (
+            "bad_type",
+            f"try_cast({event} AS TIMESTAMP) IS NULL",
+            f"'{src.event_time}=' || {_show(src.event_time)} || ' is not a timestamp'",
+        ),
+    ]
+    for name in config.features.numeric:
+        value = _as_double(name)
+        cases.append(
+            ("bad_type", f"{quote_ident(name)} IS NOT NULL AND {value} IS NULL", f"'{name}=' || {_show(name)} || ' cannot be cast to DOUBLE'")
+        )
+        cases.append(("non_finite", f"isinf({value})", f"'{name}=' || {_show(name)} || ' is not finite'"))
+    for name, (low, high) in config.validation.ranges.items():
+        value = _as_double(name)
+        cases.append(
+            (
+                "out_of_range",
+                f"NOT isnan({value}) AND ({value} < {float(low)!r} OR {value} > {float(high)!r})",
+                f"'{name}=' || {_show(name)} || ' outside [{low}, {high}]'",
+            )
+        )
+    return cases
+
+
+def reason_sql(config: JobConfig) -> tuple[str, str]:
+    """SQL expressions (rule, reason) evaluated on a source row; NULL when the row is valid."""
+    cases = rule_cases(config)
+    rule = "CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for name, cond, _ in cases) + " END"
+    reason = "CASE " + " ".join(f"WHEN {cond} THEN {text}" for _, cond, text in cases) + " END"
+    return rule, reason
+
+
+@dataclass
+class BatchCheck:
+    """Outcome of the batch-level rules."""
+
+    rows: int
+    quarantined: int
+    by_rule: dict[str, int] = field(default_factory=dict)
+    null_fractions: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def quarantined_fraction(self) -> float:
+        return self.quarantined / self.rows if self.rows else 0.0
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.problems)
+
+
+def check_batch(config: JobConfig, rows: int, by_rule: dict[str, int], null_fractions: dict[str, float]) -> BatchCheck:
+    """Apply the batch-level limits to the counts of one batch."""
+    quarantined = sum(by_rule.values())
+    check = BatchCheck(rows, quarantined, dict(by_rule), dict(null_fractions))
+    limit = config.validation.max_quarantine_fraction
+    if rows and check.quarantined_fraction > limit:
+        worst = ", ".join(f"{k}: {v}" for k, v in sorted(by_rule.items(), key=lambda kv: -kv[1]))
+        check.problems.append(
+            f"{quarantined} of {rows} rows quarantined ({check.quarantined_fraction:.1%} > max_quarantine_fraction "
+            f"{limit:.1%}; {worst}); see batchml.quarantine for this run"
+        )
+    for name, limit in config.validation.max_null_fraction.items():
+        share = null_fractions.get(name, 0.0)
+        if share > limit:
+            check.problems.append(f"{name} is null in {share:.1%} of valid rows (> max_null_fraction {limit:.1%})")
+    return check

@@ -1,0 +1,216 @@
+"""The only module that talks to DuckDB: connections, migrations, transactions, identifier quoting.
+
+DuckDB allows one writing process per file and refuses it while any other process holds the file,
+even read-only. batchml therefore opens the warehouse only for short steps (pull a batch, commit a
+run) and retries with backoff when an analyst's session holds the file, failing after a bound with
+the holder's pid. Analysts should read the published Parquet catalog instead (see ``publish``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from batchml.config import check_identifier, check_qualified
+from batchml.errors import WarehouseError
+
+LOCK_PATTERN = re.compile(r"Conflicting lock is held in (?P<holder>.*?) \(PID (?P<pid>\d+)\)")
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+
+def quote_ident(name: str) -> str:
+    """Validate a config identifier and quote it for SQL: ``epss`` -> ``"epss"``."""
+    check_identifier(name)
+    return f'"{name}"'
+
+
+def quote_table(name: str) -> str:
+    """Validate and quote ``schema.table`` (or ``table``)."""
+    check_qualified(name)
+    return ".".join(f'"{part}"' for part in name.split("."))
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal (for paths in read_parquet / COPY, which cannot take parameters)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _lock_message(path: Path, exc: Exception) -> str:
+    match = LOCK_PATTERN.search(str(exc))
+    holder = f"process {match['pid']} ({match['holder'].strip()})" if match else "another process"
+    return (
+        f"warehouse {path} is held by {holder}; close that session (analysts: query "
+        f"warehouse/catalog.duckdb instead) or wait for it to finish"
+    )
+
+
+def _is_lock_conflict(exc: Exception) -> bool:
+    return "Conflicting lock" in str(exc) or "Could not set lock" in str(exc)
+
+
+def open_connection(
+    path: Path,
+    *,
+    read_only: bool = False,
+    memory_limit: str = "2GB",
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse, retrying with backoff while another process holds its lock."""
+    if read_only and not path.exists():
+        raise WarehouseError(f"warehouse {path} does not exist; run `batchml demo` or a first `batchml run` to create it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + lock_timeout
+    delay = 0.05
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit})
+            break
+        except duckdb.Error as exc:
+            if not _is_lock_conflict(exc):
+                raise WarehouseError(f"cannot open warehouse {path}: {_first_line(exc)}") from exc
+            if time.monotonic() + delay > deadline:
+                raise WarehouseError(_lock_message(path, exc)) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+@contextmanager
+def connect(path: Path, **kwargs) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived connection, closed on exit; DuckDB errors become :class:`WarehouseError`."""
+    con = open_connection(path, **kwargs)
+    try:
+        yield con
+    except duckdb.Error as exc:
+        raise WarehouseError(f"warehouse {path}: {_first_line(exc)}") from exc
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN … COMMIT, rolled back on any error: everything inside lands together or not at all."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def memory_connection(memory_limit: str = "2GB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB for scratch work (reading run files) that never touches the warehouse lock."""
+    config: dict[str, object] = {"memory_limit": memory_limit}
+    if threads:
+        config["threads"] = threads
+    con = duckdb.connect(":memory:", config=config)
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations: append only. Each entry runs once, in order, recorded in batchml.schema_version.
+# ---------------------------------------------------------------------------------------------
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE SCHEMA IF NOT EXISTS batchml;
+        CREATE SCHEMA IF NOT EXISTS scores;
+        CREATE TABLE batchml.runs (
+            run_id VARCHAR NOT NULL, job VARCHAR NOT NULL, kind VARCHAR NOT NULL, status VARCHAR NOT NULL,
+            as_of TIMESTAMP, started_at TIMESTAMP, finished_at TIMESTAMP,
+            rows_extracted BIGINT DEFAULT 0, rows_quarantined BIGINT DEFAULT 0, rows_scored BIGINT DEFAULT 0,
+            champion_version INTEGER, challenger_version INTEGER, promoted BOOLEAN, error VARCHAR,
+            watermark_from TIMESTAMP, watermark_to TIMESTAMP, dataset_drift BOOLEAN,
+            triggers VARCHAR, timings VARCHAR,
+            extract_seconds DOUBLE, validate_seconds DOUBLE, drift_seconds DOUBLE, train_seconds DOUBLE,
+            evaluate_seconds DOUBLE, score_seconds DOUBLE, commit_seconds DOUBLE, total_seconds DOUBLE,
+            pid INTEGER, host VARCHAR, actor VARCHAR, note VARCHAR
+        );
+        CREATE TABLE batchml.models (
+            job VARCHAR NOT NULL, version INTEGER NOT NULL, status VARCHAR NOT NULL,
+            created_at TIMESTAMP, run_id VARCHAR, train_start TIMESTAMP, train_end TIMESTAMP,
+            train_rows BIGINT, holdout_rows BIGINT, metrics VARCHAR, params VARCHAR,
+            artifact_path VARCHAR, sha256 VARCHAR, manifest_sha256 VARCHAR, promoted_at TIMESTAMP
+        );
+        CREATE TABLE batchml.model_events (
+            job VARCHAR NOT NULL, version INTEGER, event VARCHAR NOT NULL, run_id VARCHAR,
+            reason VARCHAR, metrics VARCHAR, actor VARCHAR, recorded_at TIMESTAMP,
+            previous_champion INTEGER
+        );
+        CREATE TABLE batchml.drift (
+            run_id VARCHAR NOT NULL, job VARCHAR NOT NULL, feature VARCHAR, method VARCHAR, kind VARCHAR,
+            statistic DOUBLE, p_value DOUBLE, threshold DOUBLE, drifted BOOLEAN,
+            n_reference BIGINT, n_current BIGINT, error VARCHAR, histogram VARCHAR,
+            model_version INTEGER, computed_at TIMESTAMP
+        );
+        CREATE TABLE batchml.quarantine (
+            run_id VARCHAR NOT NULL, job VARCHAR NOT NULL, entity_id VARCHAR, rule VARCHAR, reason VARCHAR,
+            record VARCHAR, quarantined_at TIMESTAMP
+        );
+        CREATE TABLE batchml.watermarks (
+            job VARCHAR NOT NULL, value TIMESTAMP, run_id VARCHAR, updated_at TIMESTAMP
+        );
+        CREATE TABLE batchml.notifications (
+            run_id VARCHAR, job VARCHAR, recipients VARCHAR, status VARCHAR, error VARCHAR,
+            attempts INTEGER, sent_at TIMESTAMP
+        );
+        CREATE TABLE batchml.performance (
+            run_id VARCHAR NOT NULL, job VARCHAR NOT NULL, model_version INTEGER, event_day DATE,
+            metric VARCHAR, value DOUBLE, n BIGINT, positives BIGINT, estimated BOOLEAN, computed_at TIMESTAMP
+        );
+        """,
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Bring the ``batchml`` schema up to date; returns the version now in force."""
+    con.execute("CREATE SCHEMA IF NOT EXISTS batchml")
+    con.execute("CREATE TABLE IF NOT EXISTS batchml.schema_version (version INTEGER, applied_at TIMESTAMP)")
+    current = con.execute("SELECT coalesce(max(version), 0) FROM batchml.schema_version").fetchone()[0]
+    for version, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        with transaction(con):
+            con.execute(sql)
+            con.execute("INSERT INTO batchml.schema_version VALUES (?, now())", [version])
+        current = version
+    return current
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, qualified: str) -> bool:
+    schema, _, table = qualified.rpartition(".")
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+        [schema or "main", table],
+    ).fetchone()
+    return bool(row[0])
+
+
+def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> list[dict]:
+    """Run a query and return its rows as dicts (small results only)."""
+    cursor = con.execute(sql, params or [])
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> dict | None:
+    rows = fetch_dicts(con, sql, params)
+    return rows[0] if rows else None
