@@ -177,6 +177,9 @@ class TrainingConfig(Strict):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
 
+METRIC_NAMES = ("roc_auc", "average_precision", "log_loss", "brier", "ece", "ks")
+
+
 class PromotionConfig(Strict):
     """The gate a challenger must pass to replace the champion."""
 
@@ -188,6 +191,14 @@ class PromotionConfig(Strict):
     guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics.")
     max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring time / champion's must not exceed this.")
     shadow: bool = Field(False, description="The latest challenger also scores new rows into scores.<job>_shadow.")
+
+    @field_validator("guard")
+    @classmethod
+    def _guard(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(METRIC_NAMES))
+        if unknown:
+            raise ValueError(f"unknown guard metric {unknown}; choose from {list(METRIC_NAMES)}")
+        return v
 
 
 class ScoringConfig(Strict):

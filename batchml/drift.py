@@ -13,8 +13,9 @@ run never rescans the training data. A drift run feeds each batch of new rows to
     report = compute_drift(profile, current, DriftConfig())
 
 **Binning.** A numeric feature is cut into ``bins`` (default 10) equal-frequency bins of the
-reference's non-missing values: the inner edges are the reference quantiles 1/10 … 9/10 (numpy's
-linear interpolation), repeated edges are dropped (a discrete feature gets fewer bins), and the
+reference's non-missing values: the inner edges are the reference values at the quantiles 1/10 …
+9/10 (numpy's ``inverted_cdf``, so edges are observed values), repeated edges are dropped (a
+discrete feature gets fewer bins, e.g. integer edges for a count), and the
 outer bins are open to −inf and +inf so every current value lands somewhere. Bin *i* is
 ``[edge[i-1], edge[i])``. A categorical feature has one bin per reference level plus one
 ``(unseen)`` bin pooling every level the reference never saw. Missing values (NaN and ±inf for
@@ -38,7 +39,7 @@ reflects those sample sizes, not the full row counts; ``n_reference``/``n_curren
 
 **Why effect sizes by default.** A p-value answers "is there *any* difference?", and with enough
 rows there always is: with a million rows per side a 0.02 sd shift of a normal feature gives a KS
-p-value near 1e-28 while its PSI is about 0.0004. Nightly batches are large, so p-value tests
+p-value around 1e-29 while its PSI is 0.0004. Nightly batches are large, so p-value tests
 would flag every feature every night. PSI (and the distances) measure *how much* the distribution
 moved, which is what decides whether a model needs retraining; ``ks``/``chi2`` remain available
 with ``p_value`` (default 0.01) as their threshold. ``thresholds: {feature: value}`` overrides the

@@ -98,12 +98,12 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
         return path
     delivery = send_report(report, list(config.notify.email), project.settings)
     if delivery.status == "failed":
-        log.warning("%s: report mail not delivered after %d attempts: %s", config.job, delivery.attempts, delivery.error)
+        log.warning("%s: report mail not delivered: %s", config.job, delivery.error)
     elif delivery.status == "sent":
-        log.info("%s: report mailed to %s", config.job, ", ".join(config.notify.email))
+        log.info("%s: report mailed to %s", config.job, ", ".join(delivery.recipients))
     with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
         con.execute(
             "INSERT INTO batchml.notifications VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [data.run_id, config.job, ", ".join(config.notify.email), delivery.status, delivery.error, delivery.attempts, registry.utcnow()],
+            [data.run_id, config.job, ", ".join(delivery.recipients or config.notify.email), delivery.status, delivery.error, delivery.attempts, registry.utcnow()],
         )
     return path

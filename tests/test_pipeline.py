@@ -1,0 +1,157 @@
+"""One nightly run end to end, through the library, on real DuckDB files and real LightGBM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from batchml import demo_data
+from batchml.errors import DataError, ModelError, RejectedError
+from batchml.pipeline import run_job
+from conftest import day, job_config, load_source
+
+
+def valid_landed(p, start, end) -> int:
+    """Rows that landed in [start, end) and meet the data contract, counted straight from the source."""
+    return p.scalar(
+        "SELECT count(*) FROM raw.vuln_findings WHERE ingested_at >= ? AND ingested_at < ? "
+        "AND finding_id IS NOT NULL AND found_at IS NOT NULL AND cvss_base BETWEEN 0 AND 10 "
+        "AND (epss IS NULL OR (epss BETWEEN 0 AND 1))",
+        [start, end],
+    )
+
+
+def test_first_run_trains_a_champion_from_labels_known_before_the_cutoff(demo_project):
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+
+    assert run.status == "succeeded" and run.promoted and run.champion_version == 1
+    assert run.rows_extracted == run.rows_scored + run.rows_quarantined
+    assert run.rows_scored == valid_landed(demo_project, day(-1), day(60)) > 3000
+    version, status, train_end, events = demo_project.query(
+        "SELECT m.version, m.status, m.train_end, (SELECT count(*) FROM batchml.model_events e WHERE e.version = m.version) "
+        "FROM batchml.models m"
+    )[0]
+    assert (version, status, events) == (1, "champion", 1)
+    # labels arrive 30 days after the finding: nothing found after day 30 can have been trained on
+    assert train_end < day(30)
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks WHERE job = 'vuln_risk'") == day(60)
+    assert demo_project.scalar("SELECT max(f.ingested_at) FROM scores.vuln_risk s JOIN raw.vuln_findings f USING (finding_id)") < day(60)
+
+
+def test_incremental_runs_score_each_landed_row_exactly_once(demo_project):
+    for n in (60, 61, 62, 62):  # the repeated cut-off pulls nothing new
+        run = run_job(demo_project.project, "vuln_risk", as_of=day(n), notify=False)
+        assert run.rows_extracted == run.rows_scored + run.rows_quarantined
+
+    assert run.rows_extracted == 0
+    scored, distinct = demo_project.query("SELECT count(*), count(DISTINCT finding_id) FROM scores.vuln_risk")[0]
+    assert scored == distinct == valid_landed(demo_project, day(-1), day(62))
+    per_run = demo_project.query("SELECT rows_scored FROM batchml.runs ORDER BY as_of, started_at")
+    assert per_run[1][0] == valid_landed(demo_project, day(60), day(61))
+    latest = demo_project.scalar("SELECT count(*) FROM scores.vuln_risk_latest")
+    assert latest == distinct
+
+
+def test_without_enough_labels_nothing_is_scored_and_rows_wait(demo_project):
+    waiting = run_job(demo_project.project, "vuln_risk", as_of=day(20), notify=False)
+
+    assert waiting.status == "succeeded" and waiting.rows_scored == 0 and waiting.champion_version is None
+    assert "wait" in waiting.note
+    assert demo_project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+    later = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert later.rows_scored == valid_landed(demo_project, day(-1), day(60))
+
+
+def test_scores_are_reproducible_from_model_txt_and_model_json_alone(demo_project):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    folder = Path(demo_project.scalar("SELECT artifact_path FROM batchml.models WHERE version = 1"))
+    manifest = json.loads((folder / "model.json").read_text())
+    booster = lgb.Booster(model_file=str(folder / "model.txt"))
+    rows = demo_project.query(
+        f"SELECT s.score, {', '.join('f.' + c for c in manifest['features'])} FROM scores.vuln_risk s "
+        "JOIN raw.vuln_findings f USING (finding_id) ORDER BY s.finding_id LIMIT 500"
+    )
+
+    # the encoding as model.json documents it, written independently of batchml.features
+    def encode(name, value):
+        if name in manifest["categories"]:
+            levels = manifest["categories"][name]
+            return float(levels.index(value)) if value in levels else np.nan
+        return np.nan if value is None else float(value)
+
+    matrix = np.array([[encode(n, v) for n, v in zip(manifest["features"], row[1:])] for row in rows], dtype=np.float64)
+    expected = np.array([row[0] for row in rows])
+    assert np.max(np.abs(booster.predict(matrix) - expected)) <= 1e-9
+
+
+def test_a_tampered_model_is_refused(demo_project):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    model = Path(demo_project.scalar("SELECT artifact_path FROM batchml.models WHERE version = 1")) / "model.txt"
+    model.write_text(model.read_text().replace("shrinkage=0.1", "shrinkage=0.2", 1))
+
+    with pytest.raises(ModelError, match="sha256"):
+        run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+
+
+def test_bad_rows_are_quarantined_with_a_reason_and_scored_rows_add_up(demo_project):
+    bad = demo_data.inject_bad_rows(demo_project.findings, 0.01, seed=3)
+    load_source(demo_project.warehouse, bad)
+
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+
+    assert run.rows_quarantined > 0 and run.rows_extracted == run.rows_scored + run.rows_quarantined
+    rules = dict(demo_project.query("SELECT rule, count(*) FROM batchml.quarantine GROUP BY 1"))
+    assert {"out_of_range", "non_finite", "null_entity_id", "null_event_time"} <= set(rules)
+    reason, record = demo_project.query("SELECT reason, record FROM batchml.quarantine WHERE rule = 'out_of_range' LIMIT 1")[0]
+    assert reason.startswith("cvss_base=") and "outside [0.0, 10.0]" in reason
+    assert "cvss_base" in json.loads(record)
+
+
+def test_a_batch_with_too_many_bad_rows_is_rejected_and_waits_for_the_fix(demo_project):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    bad = demo_data.inject_bad_rows(demo_project.findings, 0.3, seed=5)
+    load_source(demo_project.warehouse, bad)
+
+    with pytest.raises(RejectedError, match="max_quarantine_fraction"):
+        run_job(demo_project.project, "vuln_risk", as_of=day(65), notify=False)
+
+    status, scored = demo_project.query("SELECT status, rows_scored FROM batchml.runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert (status, scored) == ("rejected", 0)
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+    assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine") > 0
+    load_source(demo_project.warehouse, demo_project.findings)  # the fix
+    rerun = run_job(demo_project.project, "vuln_risk", as_of=day(65), notify=False)
+    assert rerun.rows_scored == valid_landed(demo_project, day(60), day(65))
+
+
+def test_duplicate_ids_in_a_batch_keep_the_latest_row(demo_project):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    first = demo_project.findings.slice(100, 1)
+    older = first.set_column(first.schema.get_field_index("ingested_at"), "ingested_at",
+                             pc.subtract(first.column("ingested_at"), pa.scalar(60_000_000, pa.duration("us"))))
+    load_source(demo_project.warehouse, pa.concat_tables([demo_project.findings, older]))
+
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+
+    assert demo_project.query("SELECT rule FROM batchml.quarantine") == [("duplicate",)]
+    assert run.rows_extracted == run.rows_scored + 1
+
+
+def test_an_unreadable_parquet_source_fails_naming_the_file_and_moves_nothing(demo_project, tmp_path):
+    landing = demo_project.root / "landing"
+    landing.mkdir()
+    (landing / "day1.parquet").write_bytes(b"not parquet at all")
+    demo_project.write_config(job_config(source={
+        "parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}))
+
+    with pytest.raises(DataError, match="day1.parquet"):
+        run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert demo_project.query("SELECT status FROM batchml.runs") == [("failed",)]
+    assert demo_project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
