@@ -25,7 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled ba
 models_app = typer.Typer(no_args_is_help=True, help="The model registry, by hand (every change recorded with who and why).")
 app.add_typer(models_app, name="models")
 
-console = Console()
+# cron and CI read our output from files: wide enough that paths and tables are not wrapped
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
 state = {"debug": False, "project": None, "warehouse": None}
 log = logging.getLogger("batchml")
 

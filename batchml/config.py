@@ -207,7 +207,8 @@ class ScoringConfig(Strict):
     table: str | None = Field(None, description="Scores table (schema.table); default scores.<job>.")
     bands: dict[str, float] = Field(default_factory=lambda: {"high": 0.5, "medium": 0.2}, description="Band name -> lowest score in it; below all: low.")
     reasons: int = Field(3, ge=0, le=20, description="Top feature contributions kept per score; 0 turns reason codes off.")
-    reason_bands: list[str] | None = Field(None, description="Compute reasons only for these bands (null: every band).")
+    reason_bands: list[str] | None = Field(["high"], description="Compute reasons only for these bands (null: every band); others get null.")
+    reason_method: Literal["path", "shap"] = Field("path", description="path: tree-path attributions (cost of a predict); shap: TreeSHAP via pred_contrib (100x a predict).")
     engine: Literal["auto", "lightgbm", "compiled"] = Field("auto", description="Predict with LightGBM or with compiled trees (lleaves).")
     batch_size: int = Field(100_000, ge=1000, description="Rows per scoring batch (memory is bounded by this, not by the run).")
 
@@ -267,6 +268,14 @@ class JobConfig(Strict):
         unknown_ranges = sorted(set(self.validation.ranges) - set(self.features.numeric))
         if unknown_ranges:
             raise ValueError(f"validation.ranges applies to numeric features only, not {unknown_ranges}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_bands(self) -> JobConfig:
+        bands = set(self.scoring.bands) | {"low"}
+        unknown = sorted(set(self.scoring.reason_bands or []) - bands)
+        if unknown:
+            raise ValueError(f"scoring.reason_bands names {unknown}, which are not bands (bands: {sorted(bands)})")
         return self
 
     @property

@@ -17,7 +17,10 @@ commit leaves the warehouse as it was, so the next run simply does the work agai
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -48,6 +51,14 @@ from batchml.score import ScoreSummary, make_predictor, score_batches, write_par
 from batchml.warehouse import connect, fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, table_exists, transaction
 
 log = logging.getLogger("batchml")
+
+
+def checkpoint(step: str) -> None:
+    """Crash-test aid: with ``BATCHML_PAUSE_AT=<step>`` the run announces itself and waits there,
+    so a test can ``kill -9`` it at a known point (after extract / train / score, inside commit)."""
+    if os.environ.get("BATCHML_PAUSE_AT") == step:
+        print(f"batchml: paused at {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("BATCHML_PAUSE_SECONDS", "60")))
 
 
 def run_job(
@@ -102,14 +113,20 @@ class NightlyRun:
     def _steps(self) -> None:
         with self.run.step("extract"):
             self._extract()
+        checkpoint("extract")
         with self.run.step("validate"):
             self._validate()
         with self.run.step("drift"):
             self._drift()
         with self.run.step("train"):
-            self._retrain()
+            candidate = self._retrain()
+        checkpoint("train")
+        if candidate is not None:
+            with self.run.step("evaluate"):
+                self._gate(candidate)
         with self.run.step("score"):
             self._score()
+        checkpoint("score")
         with self.run.step("commit"):
             self._commit()
 
@@ -178,26 +195,26 @@ class NightlyRun:
     def valid_rows(self) -> int:
         return self.run.rows_extracted - self.run.rows_quarantined
 
-    def _retrain(self) -> None:
+    def _retrain(self) -> retrain.Candidate | None:
+        """Train a challenger if a trigger fires; the first model is crowned at once, others are returned for the gate."""
         self.run.triggers = retrain.due_triggers(
             self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
             dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
         )
         if not self.run.triggers:
-            return
+            return None
         log.info("%s: retraining (%s)", self.config.job, ", ".join(self.run.triggers))
         try:
             candidate = self._train_candidate()
         except DataError as exc:
             self.run.note = f"no challenger trained: {exc}"
             log.warning("%s: %s", self.config.job, self.run.note)
-            return
+            return None
         self.run.challenger_version = candidate.version
         if self.champion is None:
             self._crown_first(candidate)
-        else:
-            with self.run.step("evaluate"):
-                self._gate(candidate)
+            return None
+        return candidate
 
     def _train_candidate(self) -> retrain.Candidate:
         path = self.scratch / "train.parquet"
@@ -285,6 +302,7 @@ class NightlyRun:
             if advance:
                 runlog.set_watermark(con, job, run.watermark_to, run.run_id)
             runlog.update_run(con, run)
+            checkpoint("commit")  # everything written, nothing committed yet
 
     # -- writers (inside the commit transaction) ------------------------------------------------
 

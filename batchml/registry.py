@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class LoadedModel:
     manifest: dict
     path: Path
     sha256: str
+    cache: dict = field(default_factory=dict)  # per-process helpers derived from the model (explainer, compiled predictor)
 
 
 def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[str, str]:

@@ -2,9 +2,8 @@
 
 Each batch is encoded exactly as the model's ``model.json`` says (float64 — float32 input moves
 LightGBM scores by up to 0.01), predicted, banded, and given reason codes: the top
-``scoring.reasons`` features by SHAP contribution (LightGBM ``pred_contrib``, log-odds units) that
-pushed the score *up*. Contributions cost several times a predict, so they can be limited to the
-bands that get looked at (``scoring.reason_bands``).
+``scoring.reasons`` features by contribution (log-odds units) that pushed the score *up*, for the
+rows in ``scoring.reason_bands`` (see ``reasons`` for what each method costs).
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ import pyarrow.parquet as pq
 from batchml.config import JobConfig, thread_count
 from batchml.extract import ENTITY, EVENT_TIME
 from batchml.features import to_matrix
+from batchml.reasons import REASON_TYPE, PathExplainer, shap_contributions, top_reasons
 from batchml.registry import LoadedModel
 
-REASON_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
 
 
 class Predictor(Protocol):
@@ -67,22 +66,24 @@ def risk_bands(scores: np.ndarray, config: JobConfig) -> np.ndarray:
     return np.select(conditions, [name for name, _ in edges], default="low")
 
 
-def reason_codes(model: LoadedModel, matrix: np.ndarray, wanted: np.ndarray, k: int) -> pa.Array:
-    """Top-``k`` positive contributions for rows where ``wanted`` is true; null for the others."""
-    n = len(matrix)
+def reason_codes(model: LoadedModel, matrix: np.ndarray, wanted: np.ndarray, config: JobConfig) -> pa.Array:
+    """Top-``scoring.reasons`` contributions for rows where ``wanted`` is true; null for the others."""
     rows = np.flatnonzero(wanted)
+    k = config.scoring.reasons
     if k == 0 or len(rows) == 0:
-        return pa.nulls(n, REASON_TYPE)
-    contrib = model.booster.predict(matrix[rows], pred_contrib=True, num_threads=thread_count(len(rows)))[:, :-1]
-    k = min(k, contrib.shape[1])
-    top = np.argsort(-contrib, axis=1, kind="stable")[:, :k]
-    values = np.take_along_axis(contrib, top, axis=1)
-    names = np.asarray(model.spec.features, dtype=object)[top]
-    structs = pa.StructArray.from_arrays([pa.array(names.ravel(), pa.string()), pa.array(values.ravel())], ["feature", "contribution"])
-    counts = np.zeros(n, dtype=np.int32)
-    counts[rows] = k
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), structs, mask=pa.array(~wanted))
+        return pa.nulls(len(matrix), REASON_TYPE)
+    if config.scoring.reason_method == "shap":
+        contributions = shap_contributions(model.booster, matrix[rows])
+    else:
+        contributions = path_explainer(model).contributions(model.booster, matrix[rows])
+    return top_reasons(contributions, model.spec.features, rows, len(matrix), k)
+
+
+def path_explainer(model: LoadedModel) -> PathExplainer:
+    """Built once per loaded model (walking every tree costs about as much as scoring a few thousand rows)."""
+    if "path_explainer" not in model.cache:
+        model.cache["path_explainer"] = PathExplainer.from_booster(model.booster)
+    return model.cache["path_explainer"]
 
 
 @dataclass
@@ -118,7 +119,7 @@ def score_batches(
         bands = risk_bands(scores, config)
         wanted = np.ones(len(scores), bool) if reason_bands is None else np.isin(bands, list(reason_bands))
         started = time.perf_counter()
-        reasons = reason_codes(model, matrix, wanted, config.scoring.reasons)
+        reasons = reason_codes(model, matrix, wanted, config)
         summary.reason_seconds += time.perf_counter() - started
         summary.rows += batch.num_rows
         summary.bands.update(dict(zip(*np.unique(bands, return_counts=True))))

@@ -1,0 +1,166 @@
+"""The real ``batchml`` command in subprocesses: exit codes, one-line errors, a second job from YAML alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from conftest import REPO, job_config, run_cli
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_run_then_check_then_models_list(demo_project):
+    demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
+    check = demo_project.cli("check", "vuln_risk", check=True)
+    assert "golden set" in check.stdout and "FAIL" not in check.stdout
+    listing = demo_project.cli("models", "list", "vuln_risk", check=True)
+    assert "v1" in listing.stdout and "champion" in listing.stdout
+
+
+def test_an_unknown_config_key_is_one_line_naming_file_and_key(demo_project):
+    config = job_config()
+    config["training"]["windw_days"] = 30
+    path = demo_project.write_config(config)
+
+    result = demo_project.cli("run", "vuln_risk")
+
+    assert result.returncode == 2
+    assert_one_line_error(result, str(path), "training.windw_days", "unknown key")
+
+
+def test_config_errors_name_what_is_wrong(demo_project):
+    cases = {
+        "source.entity_id": ("missing", None),
+        "features.numeric": ("bad identifier", ["cvss; DROP TABLE x"]),
+        "promotion.metric": ("wrong value", "accuracy"),
+    }
+    for key, (_, value) in cases.items():
+        config = job_config()
+        section, field = key.split(".")
+        if value is None:
+            del config[section][field]
+        else:
+            config[section][field] = value
+        demo_project.write_config(config)
+        result = demo_project.cli("check", "vuln_risk")
+        assert result.returncode == 1 or result.returncode == 2
+        assert key in result.stdout + result.stderr, (key, result.stdout, result.stderr)
+
+
+def test_bad_yaml_and_unknown_job_and_bad_date_exit_2(demo_project):
+    (demo_project.root / "configs" / "vuln_risk.yaml").write_text("job: vuln_risk\nsource: [unclosed\n")
+    assert_one_line_error(demo_project.cli("run", "vuln_risk"), "invalid YAML", "line")
+    assert demo_project.cli("run", "vuln_risk").returncode == 2
+    unknown = demo_project.cli("run", "nope")
+    assert unknown.returncode == 2
+    assert_one_line_error(unknown, "no config for job 'nope'")
+    demo_project.write_config(job_config())
+    bad_date = demo_project.cli("run", "vuln_risk", "--as-of", "yesterday")
+    assert bad_date.returncode == 2
+    assert_one_line_error(bad_date, "--as-of")
+
+
+def test_missing_source_column_is_named(demo_project):
+    demo_project.write_config(job_config(features={"numeric": ["cvss_base", "no_such_column"], "categorical": []},
+                                         validation={"ranges": {"cvss_base": [0, 10]}}))
+    result = demo_project.cli("run", "vuln_risk")
+    assert result.returncode == 1
+    assert_one_line_error(result, "no_such_column", "raw.vuln_findings")
+
+
+def test_a_second_job_with_string_ids_and_a_parquet_source_works_from_yaml_alone(tmp_path, findings):
+    """Different names, string ids, Parquet files, feature SQL: nothing but YAML and SQL written."""
+    root = tmp_path / "churn_project"
+    landing = root / "landing"
+    landing.mkdir(parents=True)
+    renamed = pa.table({
+        "customer": pc.binary_join_element_wise("c-", pc.cast(findings.column("finding_id"), pa.string()), ""),
+        "happened": findings.column("found_at"),
+        "loaded": findings.column("ingested_at"),
+        "tenure": findings.column("days_since_published"),
+        "spend": findings.column("cvss_base"),
+        "plan": findings.column("ecosystem"),
+        "churned": findings.column("exploited_30d"),
+        "known": findings.column("label_at"),
+    })
+    half = renamed.num_rows // 2
+    pq.write_table(renamed.slice(0, half), landing / "part-1.parquet")
+    pq.write_table(renamed.slice(half), landing / "part-2.parquet")
+    (root / "jobs" / "churn").mkdir(parents=True)
+    (root / "jobs" / "churn" / "features.sql").write_text(
+        "SELECT *, spend / (tenure + 1) AS spend_rate FROM source WHERE customer IS NOT NULL")
+    config = {
+        "job": "churn",
+        "source": {"parquet": "landing/*.parquet", "entity_id": "customer", "event_time": "happened", "watermark": "loaded"},
+        "features": {"numeric": ["tenure", "spend", "spend_rate"], "categorical": ["plan"], "sql": "jobs/churn/features.sql"},
+        "label": {"column": "churned", "available_at": "known"},
+        "training": {"params": {"num_boost_round": 40, "early_stopping_rounds": 10}},
+        "scoring": {"table": "scores.churn", "reasons": 2},
+    }
+    (root / "configs").mkdir()
+    (root / "configs" / "churn.yaml").write_text(yaml.safe_dump(config))
+
+    run_cli("--project", str(root), "run", "churn", "--as-of", "2026-03-01", "--no-notify", check=True)
+    run_cli("--project", str(root), "run", "churn", "--as-of", "2026-03-05", "--no-notify", check=True)
+
+    con = duckdb.connect(str(root / "warehouse" / "warehouse.duckdb"), read_only=True)
+    try:
+        types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'churn'").fetchall())
+        n, distinct, first = con.execute("SELECT count(*), count(DISTINCT customer), min(customer) FROM scores.churn").fetchone()
+        reasons = con.execute("SELECT reasons FROM scores.churn WHERE reasons IS NOT NULL LIMIT 1").fetchone()[0]
+    finally:
+        con.close()
+    assert types["customer"] == "VARCHAR" and first.startswith("c-")
+    assert n == distinct > 0
+    assert len(reasons) == 2 and {r["feature"] for r in reasons} <= {"tenure", "spend", "spend_rate", "plan"}
+
+
+def test_demo_builds_a_project_and_refuses_a_foreign_warehouse(tmp_path):
+    result = run_cli("demo", "--dir", str(tmp_path / "demo"), "--days", "2", check=True, timeout=240)
+    assert "2 nights of vuln_risk" in result.stdout
+    con = duckdb.connect(str(tmp_path / "demo" / "warehouse" / "warehouse.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM scores.vuln_risk").fetchone()[0] > 1000
+    finally:
+        con.close()
+
+    foreign = tmp_path / "foreign"
+    (foreign / "warehouse").mkdir(parents=True)
+    con = duckdb.connect(str(foreign / "warehouse" / "warehouse.duckdb"))
+    con.execute("CREATE TABLE sales AS SELECT 1 AS amount")
+    con.close()
+    refused = run_cli("demo", "--dir", str(foreign), "--days", "1")
+    assert refused.returncode == 2
+    assert_one_line_error(refused, "holds more than an earlier demo")
+    con = duckdb.connect(str(foreign / "warehouse" / "warehouse.duckdb"), read_only=True)
+    assert con.execute("SELECT amount FROM sales").fetchone() == (1,)
+    con.close()
+
+
+def test_shipped_config_is_the_demo_template():
+    shipped = (REPO / "configs" / "vuln_risk.yaml").read_text()
+    template = (REPO / "batchml" / "demo_project" / "configs" / "vuln_risk.yaml").read_text()
+    assert shipped == template
+
+
+def test_report_command_writes_an_html_file(demo_project):
+    demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
+    result = demo_project.cli("report", "vuln_risk", check=True)
+    path = Path(result.stdout.split("report:")[1].strip())
+    assert path.exists() and "<html" in path.read_text()
+    runs = demo_project.query("SELECT run_id FROM batchml.runs")
+    assert path.stem == runs[0][0]
+    assert json.loads(demo_project.scalar("SELECT timings FROM batchml.runs"))["score"] > 0
