@@ -12,7 +12,7 @@ from batchml.locks import job_lock
 from batchml.pipeline import NightlyRun, run_job
 from batchml.project import Project
 from batchml.runlog import Run
-from batchml.warehouse import connect, fetch_one, migrate
+from batchml.warehouse import fetch_one, migrate
 
 log = logging.getLogger("batchml")
 
@@ -129,7 +129,7 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
 def _replayed(project: Project, job: str, as_of: datetime) -> bool:
     if not project.warehouse.exists():
         return False
-    with connect(project.warehouse) as con:
+    with project.connect() as con:
         migrate(con)
         row = fetch_one(con, "SELECT count(*) AS n FROM batchml.runs WHERE job = ? AND kind = 'replay' AND status = 'succeeded' AND as_of = ?", [job, as_of])
     return bool(row["n"])

@@ -11,7 +11,7 @@ from batchml.errors import BatchMLError, ConfigError
 from batchml.extract import describe_source
 from batchml.project import Project
 from batchml.retrain import check_golden
-from batchml.warehouse import connect, memory_connection, table_exists
+from batchml.warehouse import memory_connection, table_exists
 
 
 def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> int:
@@ -55,7 +55,7 @@ def _checks(project: Project, name: str):
         else:
             if not project.warehouse.exists():
                 raise ConfigError(f"warehouse {project.warehouse} does not exist; load {cfg.source.table} into it first")
-            with connect(project.warehouse, read_only=True, lock_timeout=5.0) as con:
+            with project.connect(read_only=True, lock_timeout=5.0) as con:
                 columns = describe_source(con, cfg, project.root)
         return f"{len(columns)} source columns, all required ones present"
 
@@ -63,7 +63,7 @@ def _checks(project: Project, name: str):
         cfg = state["config"]
         if not project.warehouse.exists():
             return "no warehouse yet"
-        with connect(project.warehouse, read_only=True, lock_timeout=5.0) as con:
+        with project.connect(read_only=True, lock_timeout=5.0) as con:
             row = registry.champion(con, cfg.job) if table_exists(con, "batchml.models") else None
         if row is None:
             return "no champion yet"

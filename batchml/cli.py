@@ -155,11 +155,11 @@ def drift(
 ) -> None:
     """Measure drift of the rows a nightly run would pull now; writes only a 'drift' run's rows."""
     from batchml.backfill import measure_drift
-    from batchml.warehouse import connect, fetch_dicts
+    from batchml.warehouse import fetch_dicts
 
     project = open_project()
     result = measure_drift(project, job, parse_as_of(as_of))
-    with connect(project.warehouse, read_only=True) as con:
+    with project.connect(read_only=True) as con:
         rows = fetch_dicts(con, "SELECT feature, kind, method, statistic, p_value, threshold, drifted, n_current, error "
                                 "FROM batchml.drift WHERE run_id = ? ORDER BY drifted DESC, kind, feature", [result.run_id])
     table = Table("feature", "kind", "method", "statistic", "threshold", "drifted", "rows", title=f"drift of {job} ({result.run_id})")

@@ -298,6 +298,7 @@ class Settings(BaseSettings):
     project: Path = Field(Path("."), description="Project directory holding configs/, jobs/ and warehouse/.")
     warehouse: Path | None = Field(None, description="Warehouse file; default <project>/warehouse/warehouse.duckdb.")
     memory_limit: str = Field("2GB", description="DuckDB memory_limit for batchml's connections.")
+    lock_timeout: float = Field(60.0, ge=0, description="Seconds to keep retrying while another process holds the warehouse file.")
     smtp_host: str | None = None
     smtp_port: int = 25
     smtp_user: str | None = None

@@ -19,7 +19,7 @@ from rich.table import Table
 from batchml import demo_data
 from batchml.errors import ConfigError
 from batchml.project import Project
-from batchml.warehouse import connect, migrate
+from batchml.warehouse import migrate
 
 JOB = "vuln_risk"
 SOURCE = "raw.vuln_findings"
@@ -54,7 +54,7 @@ def ensure_fresh(project: Project) -> None:
     """Start over, but only on a warehouse that holds nothing but an earlier demo."""
     if not project.warehouse.exists():
         return
-    with connect(project.warehouse, lock_timeout=5.0) as con:
+    with project.connect(lock_timeout=5.0) as con:
         tables = set(con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall())
         jobs = {r[0] for r in con.execute("SELECT DISTINCT job FROM batchml.runs").fetchall()} if ("batchml", "runs") in tables else set()
     foreign = {t for t in tables if t[0] not in ("batchml", "scores") and t not in DEMO_TABLES}
@@ -74,7 +74,7 @@ def load_findings(project: Project, start: date, days: int, seed: int) -> int:
     """Write the synthetic findings (every day at once: runs only see what landed before as_of)."""
     table = demo_data.generate_findings(start, days, seed=seed, shift_day=SHIFT_DAY)
     table = demo_data.inject_bad_rows(table, BAD_ROW_FRACTION, seed)
-    with connect(project.warehouse) as con:
+    with project.connect() as con:
         migrate(con)
         con.execute("CREATE SCHEMA IF NOT EXISTS raw")
         con.register("findings", table)
@@ -117,7 +117,7 @@ def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | No
 def night_row(project: Project, run, seconds: float) -> list[str]:
     drift = "-"
     if run.dataset_drift is not None:
-        with connect(project.warehouse, read_only=True) as con:
+        with project.connect(read_only=True) as con:
             n, total = con.execute(
                 "SELECT count(*) FILTER (WHERE drifted), count(*) FROM batchml.drift WHERE run_id = ? AND kind = 'feature'", [run.run_id]
             ).fetchone()

@@ -8,12 +8,12 @@ from batchml import registry
 from batchml.errors import ConfigError, ModelError
 from batchml.locks import job_lock
 from batchml.project import Project
-from batchml.warehouse import connect, migrate, transaction
+from batchml.warehouse import migrate, transaction
 
 
 def list_models(project: Project, job: str) -> list[dict]:
     project.job(job)
-    with connect(project.warehouse) as con:
+    with project.connect() as con:
         migrate(con)
         rows = registry.list_models(con, job)
     for row in rows:
@@ -25,7 +25,7 @@ def list_models(project: Project, job: str) -> list[dict]:
 def promote(project: Project, job: str, version: int, reason: str) -> int | None:
     """Make ``version`` the champion (its artifact is verified first); returns the previous one."""
     project.job(job)
-    with job_lock(project.locks, job), connect(project.warehouse) as con:
+    with job_lock(project.locks, job), project.connect() as con:
         migrate(con)
         row = registry.get(con, job, version)
         if row is None:
@@ -40,7 +40,7 @@ def promote(project: Project, job: str, version: int, reason: str) -> int | None
 def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
     """Restore the champion the current one replaced; returns (restored, retired)."""
     project.job(job)
-    with job_lock(project.locks, job), connect(project.warehouse) as con:
+    with job_lock(project.locks, job), project.connect() as con:
         migrate(con)
         current = registry.champion(con, job)
         if current is None:

@@ -16,12 +16,13 @@ commit leaves the warehouse as it was, so the next run simply does the work agai
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,10 @@ from batchml.locks import job_lock
 from batchml.project import Project
 from batchml.runlog import Run
 from batchml.score import ScoreSummary, make_predictor, score_batches, write_parquet
-from batchml.warehouse import connect, fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, table_exists, transaction
+from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, table_exists, transaction
 
 log = logging.getLogger("batchml")
+CBPE_MAX_ECE = 0.05  # above this holdout calibration error, estimated performance is not trusted
 
 
 def checkpoint(step: str) -> None:
@@ -95,6 +97,9 @@ class NightlyRun:
         self.performance: list[dict] = []
         self.scores_path = self.scratch / "scores.parquet"
         self.scored = ScoreSummary()
+        self.shadow_model: registry.LoadedModel | None = None
+        self.shadow_path: Path | None = None
+        self.prediction_drift: list[dict] = []
 
     # -- orchestration -------------------------------------------------------------------------
 
@@ -131,7 +136,7 @@ class NightlyRun:
             self._commit()
 
     def _connect(self):
-        return connect(self.project.warehouse, memory_limit=self.project.settings.memory_limit)
+        return self.project.connect()
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -263,28 +268,73 @@ class NightlyRun:
         log.info("%s: challenger v%d %s: %s", job, candidate.version, self.decision.outcome, self.decision.reason)
         if promoted:
             self.champion = registry.load(row)
+        else:
+            self.shadow_model = registry.load(row)
 
     def _score(self) -> None:
         if self.champion is None:
-            self.run.rows_pending = self.valid_rows
-            self.run.rows_extracted = self.run.rows_quarantined
-            self.run.note = self.run.note or "no champion yet: not enough labeled rows to train one"
-            self.run.note += f"; {self.valid_rows} rows wait for a model (watermark unchanged)"
-            log.warning("%s: %s", self.config.job, self.run.note)
+            self._wait_for_model()
             return
         self.run.champion_version = self.champion.version
-        predictor = make_predictor(self.champion, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
         profile = load_profile(self.champion)
         scores_acc = drift.CurrentAccumulator(profile)
+        kept: list[np.ndarray] = []
+
+        def observe(batch: pa.RecordBatch, scores: np.ndarray) -> None:
+            scores_acc.update(**feature_arrays(batch, self.config), scores=scores)
+            kept.append(scores)
+
+        predictor_name = self._score_with(self.champion, self.scores_path, self.scored, observe)
+        self.run.rows_scored = self.scored.rows
+        self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
+        self.performance.extend(self._estimated_performance(np.concatenate(kept) if kept else np.empty(0)))
+        log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name)
+        if self.config.promotion.shadow:
+            self._score_shadow()
+
+    def _score_with(self, model: registry.LoadedModel, path: Path, summary: ScoreSummary, observe=None) -> str:
+        """Stream the batch's valid rows through ``model`` into the run file ``path``."""
+        predictor = make_predictor(model, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
         con, reader = self._valid_rows()
         with con:
-            batches = score_batches(
-                reader, self.champion, predictor, self.config, run_id=self.run.run_id, scored_at=registry.utcnow(),
-                summary=self.scored, on_scores=lambda batch, scores: scores_acc.update(**feature_arrays(batch, self.config), scores=scores),
-            )
-            self.run.rows_scored = write_parquet(batches, self.scores_path)
-        self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
-        log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor.name)
+            batches = score_batches(reader, model, predictor, self.config, run_id=self.run.run_id,
+                                    scored_at=registry.utcnow(), summary=summary, on_scores=observe)
+            write_parquet(batches, path)
+        return predictor.name
+
+    def _wait_for_model(self) -> None:
+        """No champion: nothing is consumed, the rows (good and bad) wait for the next run."""
+        self.run.rows_pending = self.run.rows_extracted
+        self.run.rows_extracted = self.run.rows_quarantined = 0
+        self.run.note = self.run.note or "no champion yet: not enough labeled rows to train one"
+        self.run.note += f"; {self.run.rows_pending} rows wait for a model (watermark unchanged)"
+        log.warning("%s: %s", self.config.job, self.run.note)
+
+    def _score_shadow(self) -> None:
+        """``promotion.shadow``: the newest challenger scores the same rows into ``<scores>_shadow``."""
+        challenger = self.shadow_model
+        if challenger is None:
+            with self._connect() as con:
+                rows = fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? AND version > ? AND status IN ('challenger', 'rejected') "
+                                        "ORDER BY version DESC LIMIT 1", [self.config.job, self.champion.version])
+            if not rows:
+                return
+            challenger = registry.load(rows[0])
+        self.shadow_path = self.scratch / "shadow.parquet"
+        self._score_with(challenger, self.shadow_path, ScoreSummary())
+
+    def _estimated_performance(self, scores: np.ndarray) -> list[dict]:
+        """Confidence-based estimate of today's metric, before labels arrive (only for a calibrated champion)."""
+        metric = self.config.promotion.metric
+        holdout = json.loads(self.champion_row["metrics"]).get("holdout", {}) if self.champion_row else self.champion.manifest["metrics"]["holdout"]
+        if len(scores) < 100 or holdout.get("ece", 1.0) > CBPE_MAX_ECE:
+            return []
+        try:
+            value = evaluate.estimate_metrics(scores).get(metric)
+        except ValueError:
+            return []
+        return [{"model_version": self.champion.version, "event_day": self.run.as_of.date(), "metric": metric, "value": value,
+                 "n": int(len(scores)), "positives": None, "estimated": True}]
 
     def _commit(self) -> None:
         job, run = self.config.job, self.run
@@ -298,6 +348,8 @@ class NightlyRun:
                 write(con)
             if run.rows_scored:
                 write_scores(con, self.config, self.scores_path)
+            if self.shadow_path is not None:
+                write_scores(con, self.config, self.shadow_path, suffix="_shadow")
             self._write_performance(con)
             if advance:
                 runlog.set_watermark(con, job, run.watermark_to, run.run_id)
@@ -317,7 +369,7 @@ class NightlyRun:
 
     def _write_drift(self, con) -> None:
         rows = list(self.drift_report.to_rows()) if self.drift_report else []
-        rows += getattr(self, "prediction_drift", [])
+        rows += self.prediction_drift
         version = self.run.champion_version if self.drift_report is None else self.champion_row["version"]
         write_drift_rows(con, self.run.run_id, self.config.job, version, rows)
 
@@ -447,8 +499,6 @@ def feature_arrays(batch: pa.RecordBatch, config: JobConfig) -> dict:
 
 
 def load_profile(model: registry.LoadedModel) -> drift.ReferenceProfile:
-    import json
-
     return drift.ReferenceProfile.from_dict(json.loads((model.path / retrain.PROFILE_FILE).read_text()))
 
 
@@ -468,15 +518,16 @@ def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list
         )
 
 
-def write_scores(con, config: JobConfig, path: Path) -> None:
+def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
     """Append a run's scores (from its run file) and keep the ``_latest`` view in place."""
-    table = quote_table(config.scores_table)
+    name = config.scores_table + suffix
+    table = quote_table(name)
     file = f"read_parquet({quote_literal(str(path))})"
-    schema = config.scores_table.split(".")[0]
+    schema = name.split(".")[0]
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM {file} LIMIT 0")
     con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {file}")
-    latest = quote_table(config.scores_table + "_latest")
+    latest = quote_table(name + "_latest")
     entity = quote_ident(config.source.entity_id)
     con.execute(
         f"CREATE OR REPLACE VIEW {latest} AS SELECT * FROM {table} "

@@ -56,5 +56,12 @@ class Project:
     def scratch(self) -> Path:
         return self.home / "tmp"
 
+    def connect(self, **kwargs):
+        """A short-lived warehouse connection with this project's memory limit and lock timeout."""
+        from batchml.warehouse import connect
+
+        options = {"memory_limit": self.settings.memory_limit, "lock_timeout": self.settings.lock_timeout, **kwargs}
+        return connect(self.warehouse, **options)
+
     def job(self, name: str) -> JobConfig:
         return load_job(self.root, name)

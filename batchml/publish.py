@@ -24,7 +24,7 @@ import duckdb
 
 from batchml.config import JobConfig
 from batchml.project import Project
-from batchml.warehouse import connect, open_connection, quote_ident, quote_literal, quote_table, table_exists
+from batchml.warehouse import open_connection, quote_ident, quote_literal, quote_table, table_exists
 
 log = logging.getLogger("batchml")
 
@@ -47,7 +47,7 @@ def _copy(con: duckdb.DuckDBPyConnection, query: str, target: Path, params: list
 
 def publish_run(project: Project, config: JobConfig, run_id: str) -> None:
     """Publish one committed run (idempotent), then refresh the small snapshots and the catalog."""
-    with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
+    with project.connect() as con:
         _publish_run_files(con, project, config, run_id)
         for table in SNAPSHOTS:
             _copy(con, f"SELECT * FROM batchml.{table}", project.published / "batchml" / f"{table}.parquet")
@@ -57,7 +57,7 @@ def publish_run(project: Project, config: JobConfig, run_id: str) -> None:
 
 def publish_pending(project: Project, config: JobConfig) -> int:
     """Publish every finished run of ``config.job`` that has no published file yet (after a crash)."""
-    with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
+    with project.connect() as con:
         run_ids = [r[0] for r in con.execute(
             "SELECT run_id FROM batchml.runs WHERE job = ? AND status NOT IN ('running') ORDER BY started_at", [config.job]
         ).fetchall()]
@@ -93,6 +93,11 @@ def catalog_views(project: Project, configs: list[JobConfig]) -> dict[str, str]:
     root = project.published
     views = {f"batchml.{t}": f"SELECT * FROM read_parquet({quote_literal(str(root / 'batchml' / t / '*.parquet'))}, union_by_name = true)" for t in PER_RUN}
     views |= {f"batchml.{t}": f"SELECT * FROM read_parquet({quote_literal(str(root / 'batchml' / f'{t}.parquet'))})" for t in SNAPSHOTS}
+    views["batchml.champion_history"] = (
+        "SELECT job, version, event, reason, actor, recorded_at AS champion_from, "
+        "lead(recorded_at) OVER (PARTITION BY job ORDER BY recorded_at) AS champion_until "
+        "FROM batchml.model_events WHERE event IN ('promoted', 'manual_promote', 'rollback')"
+    )
     for config in configs:
         files = root / "scores" / config.job
         if not any(files.glob("*.parquet")):

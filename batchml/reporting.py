@@ -15,7 +15,7 @@ from batchml.config import JobConfig
 from batchml.errors import ConfigError
 from batchml.project import Project
 from batchml.report import ReportData, build_report, should_notify, write_report
-from batchml.warehouse import connect, fetch_dicts, fetch_one, quote_table, table_exists
+from batchml.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
 
 log = logging.getLogger("batchml")
 TREND_RUNS = 30
@@ -88,7 +88,7 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
     """Write the run's HTML report; mail it when ``notify.on`` says so (or ``force_send``)."""
     from batchml.notify import send_report
 
-    with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
+    with project.connect() as con:
         data = load_report_data(con, config, run_id)
     report = build_report(data)
     path = write_report(report, project.reports / config.job)
@@ -101,7 +101,7 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
         log.warning("%s: report mail not delivered: %s", config.job, delivery.error)
     elif delivery.status == "sent":
         log.info("%s: report mailed to %s", config.job, ", ".join(delivery.recipients))
-    with connect(project.warehouse, memory_limit=project.settings.memory_limit) as con:
+    with project.connect() as con:
         con.execute(
             "INSERT INTO batchml.notifications VALUES (?, ?, ?, ?, ?, ?, ?)",
             [data.run_id, config.job, ", ".join(delivery.recipients or config.notify.email), delivery.status, delivery.error, delivery.attempts, registry.utcnow()],

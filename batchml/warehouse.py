@@ -177,6 +177,17 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
+MIGRATIONS.append((
+    2,
+    """
+    -- which model was champion when: one row per reign, open-ended for the current champion
+    CREATE VIEW batchml.champion_history AS
+    SELECT job, version, event, reason, actor, recorded_at AS champion_from,
+           lead(recorded_at) OVER (PARTITION BY job ORDER BY recorded_at) AS champion_until
+    FROM batchml.model_events WHERE event IN ('promoted', 'manual_promote', 'rollback');
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

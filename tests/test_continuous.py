@@ -1,0 +1,151 @@
+"""Continuous training: triggers, the gate on real retrains, registry history, golden sets, shadow scores.
+
+The test data changes concept on day 90 (scanner upgrade; exposure and dependency depth matter more).
+Labels arrive 30 days after the event, so from day 120 on a challenger can learn the new concept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from batchml import retrain
+from batchml.pipeline import run_job
+from conftest import day, job_config
+
+# the champion of day 60 has few trees, a day-135 challenger many: the speed test is exercised in
+# tests/test_evaluate.py; here it would only hide what the gate decides on quality
+RELAXED_LATENCY = {"metric": "roc_auc", "min_improvement": 0.002, "guard": {"log_loss": 0.01},
+                   "max_latency_ratio": 50, "bootstrap_resamples": 500}
+
+
+def events(p) -> list[tuple]:
+    return p.query("SELECT version, event, reason, actor FROM batchml.model_events ORDER BY recorded_at, version")
+
+
+@pytest.fixture
+def promoted(demo_project):
+    """Champion v1 from day 60 (old concept), challenger v2 at day 135 trained on the new concept."""
+    demo_project.write_config(job_config(promotion=RELAXED_LATENCY))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(135), force_retrain=True, notify=False)
+    return demo_project, run
+
+
+def test_a_concept_change_leads_to_a_promotion(promoted):
+    p, run = promoted
+    assert run.promoted and run.challenger_version == 2 and run.champion_version == 2
+    assert dict(p.query("SELECT version, status FROM batchml.models")) == {1: "archived", 2: "champion"}
+    decision = json.loads(p.scalar("SELECT metrics FROM batchml.model_events WHERE version = 2"))
+    assert decision["outcome"] == "promoted" and decision["bootstrap"]["low"] > 0
+    assert decision["metrics_challenger"]["roc_auc"] > decision["metrics_champion"]["roc_auc"] + 0.002
+    # which model was champion on a given day, in SQL
+    history = "SELECT version FROM batchml.champion_history WHERE champion_from <= ? AND (champion_until IS NULL OR champion_until > ?)"
+    assert p.query(history, [day(100), day(100)]) == [(1,)]
+    assert p.query(history, [day(140), day(140)]) == [(2,)]
+
+
+def test_the_gate_does_not_promote_noise_on_identical_data(demo_project):
+    """Same rows, different seeds (bagging makes seeds matter): no challenger may win."""
+    params = {"num_leaves": 15, "learning_rate": 0.1, "num_boost_round": 60, "early_stopping_rounds": 10,
+              "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8}
+    demo_project.write_config(job_config(training={"params": params, "seed": 1}, promotion=RELAXED_LATENCY))
+    run_job(demo_project.project, "vuln_risk", as_of=day(100), notify=False)
+    outcomes = []
+    for seed in (2, 3, 4):
+        demo_project.write_config(job_config(training={"params": params, "seed": seed}, promotion=RELAXED_LATENCY))
+        run = run_job(demo_project.project, "vuln_risk", as_of=day(100), force_retrain=True, notify=False)
+        outcomes.append(run.promoted)
+    assert outcomes == [False, False, False]
+    assert p_champion(demo_project) == 1
+    assert [e[1] for e in events(demo_project)[1:]] == ["rejected"] * 3
+
+
+def p_champion(p) -> int:
+    return p.scalar("SELECT version FROM batchml.models WHERE status = 'champion'")
+
+
+def test_rollback_and_manual_promotion_are_recorded_with_who_and_why(promoted):
+    p, _ = promoted
+    rolled = p.cli("models", "rollback", "vuln_risk", "--reason", "alerts doubled overnight", check=True)
+    assert "v1 is champion again" in rolled.stdout
+    assert p_champion(p) == 1
+    version, event, reason, actor = events(p)[-1]
+    assert (version, event, reason) == (1, "rollback", "alerts doubled overnight") and actor
+
+    p.cli("models", "promote", "vuln_risk", "2", "--reason", "fixed upstream", check=True)
+    assert p_champion(p) == 2 and events(p)[-1][1:3] == ("manual_promote", "fixed upstream")
+    again = p.cli("models", "promote", "vuln_risk", "2")
+    assert again.returncode == 2 and "already the champion" in again.stderr
+    # the next nightly run scores with the champion chosen by hand
+    run = run_job(p.project, "vuln_risk", as_of=day(136), notify=False)
+    assert run.champion_version == 2
+
+
+def test_the_golden_set_check_catches_scores_that_moved(demo_project):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert demo_project.cli("check", "vuln_risk").returncode == 0
+    folder = Path(demo_project.scalar("SELECT artifact_path FROM batchml.models"))
+    # a "silent" change: leaf values edited and every hash recomputed, as a broken upgrade might
+    model = folder / "model.txt"
+    text = model.read_text()
+    first = text.index("leaf_value=") + len("leaf_value=")
+    end = min(text.index(" ", first), text.index("\n", first))
+    model.write_text(text[:first] + repr(float(text[first:end]) + 0.5) + text[end:])
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["files"]["model.txt"] = hashlib.sha256(model.read_bytes()).hexdigest()
+    (folder / "model.json").write_text(json.dumps(manifest))
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("UPDATE batchml.models SET sha256 = ?, manifest_sha256 = ?", [manifest["files"]["model.txt"], hashlib.sha256((folder / "model.json").read_bytes()).hexdigest()])
+    con.close()
+
+    result = demo_project.cli("check", "vuln_risk")
+    assert result.returncode == 1
+    assert "golden-set scores moved" in result.stdout
+
+
+def test_triggers_fire_for_each_reason():
+    config = retrain.JobConfig.model_validate(job_config(training={"retrain": {"every_days": 7, "on_drift": True,
+                                                                               "min_new_labels": 100, "max_decay": 0.05}}))
+    champion = {"created_at": day(60), "metrics": json.dumps({"holdout": {"roc_auc": 0.85}})}
+    quiet = dict(champion=champion, as_of=day(61), force=False, dataset_drift=False, new_labels=10, realised=0.84)
+    assert retrain.due_triggers(config, **quiet) == []
+    assert retrain.due_triggers(config, **{**quiet, "champion": None}) == ["no_champion"]
+    assert retrain.due_triggers(config, **{**quiet, "force": True}) == ["forced"]
+    assert retrain.due_triggers(config, **{**quiet, "as_of": day(60) + timedelta(days=7)}) == ["age"]
+    assert retrain.due_triggers(config, **{**quiet, "dataset_drift": True}) == ["drift"]
+    assert retrain.due_triggers(config, **{**quiet, "new_labels": 100}) == ["new_labels"]
+    assert retrain.due_triggers(config, **{**quiet, "realised": 0.79}) == ["decay"]
+
+
+def test_triggers_and_realised_performance_are_recorded(demo_project):
+    demo_project.write_config(job_config(training={"retrain": {"every_days": 30, "on_drift": False, "min_new_labels": 100}}))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(95), notify=False)
+
+    assert json.loads(demo_project.scalar("SELECT triggers FROM batchml.runs WHERE run_id = ?", [run.run_id])) == ["age", "new_labels"]
+    by_day = demo_project.query("SELECT event_day, value, n FROM batchml.performance WHERE run_id = ? AND event_day IS NOT NULL "
+                                "AND NOT estimated ORDER BY event_day", [run.run_id])
+    # labels that arrived between the two runs belong to findings of days 30..65 scored by the first run
+    assert by_day and min(r[0] for r in by_day) >= day(29).date() and max(r[0] for r in by_day) < day(65).date()
+    overall = demo_project.query("SELECT value, n FROM batchml.performance WHERE run_id = ? AND event_day IS NULL", [run.run_id])
+    assert overall[0][1] == sum(r[2] for r in by_day) and 0.6 < overall[0][0] <= 1.0
+
+
+def test_shadow_mode_scores_the_same_rows_with_the_latest_challenger(demo_project):
+    demo_project.write_config(job_config(promotion={**RELAXED_LATENCY, "min_improvement": 0.5, "shadow": True}))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    rejected = run_job(demo_project.project, "vuln_risk", as_of=day(61), force_retrain=True, notify=False)
+    assert rejected.challenger_version == 2 and not rejected.promoted
+
+    shadow = demo_project.query("SELECT DISTINCT model_version FROM scores.vuln_risk_shadow WHERE run_id = ?", [rejected.run_id])
+    assert shadow == [(2,)]
+    same_rows = demo_project.scalar(
+        "SELECT count(*) FROM scores.vuln_risk s JOIN scores.vuln_risk_shadow h USING (finding_id, run_id) WHERE s.run_id = ?",
+        [rejected.run_id])
+    assert same_rows == rejected.rows_scored > 0
