@@ -6,6 +6,7 @@ Secrets (SMTP) never live here: they come from the environment, see :class:`Sett
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -231,7 +232,7 @@ class NotifyConfig(Strict):
 class ScheduleConfig(Strict):
     """When `batchml schedule` runs the job."""
 
-    cron: str = Field("0 2 * * *", description="Five-field crontab expression.")
+    cron: str = Field("0 2 * * *", description="Crontab expression: five fields (minute hour day month weekday, Sunday = 0) or @daily, @hourly, ...")
     timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
 
 
@@ -436,3 +437,29 @@ def load_settings(project: Path | None = None, warehouse: Path | None = None) ->
         updates["warehouse"] = warehouse
     settings = settings.model_copy(update=updates)
     return settings.model_copy(update={"project": Path(os.path.abspath(settings.project))})
+
+
+def reference_markdown() -> str:
+    """The config reference table of README.md, generated from the models' field descriptions."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{name}"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, key + ".")
+                continue
+            if info.is_required():
+                default = "*required*"
+            else:
+                value = info.default_factory() if info.default_factory else info.default
+                default = f"`{json.dumps(value, default=str)}`"
+            lines.append(f"| `{key}` | {default} | {info.description or ''} |")
+
+    walk(JobConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m batchml.config  -> the README table
+    print(reference_markdown())

@@ -21,6 +21,9 @@ from batchml.errors import WarehouseError
 
 LOCK_PATTERN = re.compile(r"Conflicting lock is held in (?P<holder>.*?) \(PID (?P<pid>\d+)\)")
 DEFAULT_LOCK_TIMEOUT = 60.0
+# New files are written in a storage format DuckDB 1.5 can read, so analysts can open them with the
+# DuckDB CLI from PyPI (duckdb-cli 1.5.6 refuses the 2.0 format: "version number 69 ... 64 and 68").
+STORAGE_COMPATIBILITY = "v1.5.0"
 
 
 def quote_ident(name: str) -> str:
@@ -64,11 +67,14 @@ def open_connection(
     if read_only and not path.exists():
         raise WarehouseError(f"warehouse {path} does not exist; run `batchml demo` or a first `batchml run` to create it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"memory_limit": memory_limit}
+    if not path.exists():
+        config["storage_compatibility_version"] = STORAGE_COMPATIBILITY
     deadline = time.monotonic() + lock_timeout
     delay = 0.05
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit})
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
             break
         except duckdb.Error as exc:
             if not _is_lock_conflict(exc):
