@@ -84,8 +84,9 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
 
 
 def load_source(warehouse: Path, table: pa.Table, name: str = "raw.vuln_findings") -> None:
-    warehouse.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(warehouse))
+    from batchml.warehouse import open_connection
+
+    con = open_connection(warehouse)  # as batchml creates files: readable by the DuckDB 1.5 CLI
     try:
         schema = name.split(".")[0]
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")

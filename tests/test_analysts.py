@@ -1,0 +1,53 @@
+"""What analysts open: the published catalog, readable by the DuckDB CLI from PyPI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from batchml.pipeline import run_job
+from conftest import day
+
+DUCKDB_CLI = Path(sys.executable).parent / "duckdb"  # the `duckdb-cli` package of the dev extra
+
+
+def cli_query(database: Path, sql: str) -> str:
+    binary = str(DUCKDB_CLI) if DUCKDB_CLI.exists() else shutil.which("duckdb")
+    assert binary, "duckdb-cli is part of the dev extra; run make install"
+    result = subprocess.run([binary, "-readonly", "-csv", str(database), "-c", sql], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_pypi_duckdb_cli_opens_the_catalog_and_the_warehouse(demo_project):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    home = demo_project.root / "warehouse"
+
+    latest = cli_query(home / "catalog.duckdb", "SELECT count(*) FROM scores.vuln_risk_latest")
+    runs = cli_query(home / "catalog.duckdb", "SELECT count(*) FROM batchml.runs")
+    champion = cli_query(home / "catalog.duckdb", "SELECT version FROM batchml.champion_history WHERE champion_until IS NULL")
+    direct = cli_query(home / "warehouse.duckdb", "SELECT count(*) FROM scores.vuln_risk")
+
+    assert int(latest.split()[-1]) == demo_project.scalar("SELECT count(*) FROM scores.vuln_risk_latest") > 0
+    assert int(runs.split()[-1]) == 2 and champion.split()[-1] == "1"
+    assert int(direct.split()[-1]) == demo_project.scalar("SELECT count(*) FROM scores.vuln_risk")
+
+
+def test_published_files_match_the_warehouse_and_publishing_twice_is_harmless(demo_project):
+    from batchml import publish
+
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    files = sorted((demo_project.root / "warehouse" / "published").rglob("*.parquet"))
+    assert publish.publish_pending(demo_project.project, demo_project.project.job("vuln_risk")) == 0
+    assert sorted((demo_project.root / "warehouse" / "published").rglob("*.parquet")) == files
+    import duckdb
+
+    con = duckdb.connect(str(demo_project.root / "warehouse" / "catalog.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM scores.vuln_risk WHERE run_id = ?", [run.run_id]).fetchone()[0] == run.rows_scored
+        assert con.execute("SELECT count(*) FROM batchml.quarantine").fetchone()[0] == run.rows_quarantined
+    finally:
+        con.close()
