@@ -276,12 +276,13 @@ class NightlyRun:
             self._wait_for_model()
             return
         self.run.champion_version = self.champion.version
-        profile = load_profile(self.champion)
+        # prediction drift needs only the score distribution: a profile without features
+        profile = drift.ReferenceProfile({}, {}, load_profile(self.champion).score)
         scores_acc = drift.CurrentAccumulator(profile)
         kept: list[np.ndarray] = []
 
         def observe(batch: pa.RecordBatch, scores: np.ndarray) -> None:
-            scores_acc.update(**feature_arrays(batch, self.config), scores=scores)
+            scores_acc.update({}, {}, scores=scores)
             kept.append(scores)
 
         predictor_name = self._score_with(self.champion, self.scores_path, self.scored, observe)

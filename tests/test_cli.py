@@ -108,7 +108,7 @@ def test_a_second_job_with_string_ids_and_a_parquet_source_works_from_yaml_alone
         "features": {"numeric": ["tenure", "spend", "spend_rate"], "categorical": ["plan"], "sql": "jobs/churn/features.sql"},
         "label": {"column": "churned", "available_at": "known"},
         "training": {"params": {"num_boost_round": 40, "early_stopping_rounds": 10}},
-        "scoring": {"table": "scores.churn", "reasons": 2},
+        "scoring": {"table": "scores.churn", "reasons": 2, "reason_bands": None},
     }
     (root / "configs").mkdir()
     (root / "configs" / "churn.yaml").write_text(yaml.safe_dump(config))
