@@ -10,6 +10,7 @@ from batchml.errors import ConfigError, ModelError
 from batchml.extract import event_range_filter
 from batchml.locks import job_lock
 from batchml.pipeline import NightlyRun, run_job
+from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
 from batchml.warehouse import fetch_one, migrate
@@ -114,15 +115,14 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
     if end < start:
         raise ConfigError(f"--end {end} is before --start {start}")
     runs = []
-    day = start
-    while day <= end:
+    days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+    for day in track(days, total=len(days), description=f"replaying {job}"):
         as_of = day_start(day) + timedelta(days=1)
         if not _replayed(project, job, as_of):
             run = run_job(project, job, as_of=as_of, kind="replay", notify=notify)
             runs.append(run)
             if on_night:
                 on_night(run)
-        day += timedelta(days=1)
     return runs
 
 

@@ -46,6 +46,7 @@ from batchml.extract import (
 )
 from batchml.features import categorical_values, numeric_values
 from batchml.locks import job_lock
+from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
 from batchml.score import ScoreSummary, make_predictor, score_batches, write_parquet
@@ -298,7 +299,8 @@ class NightlyRun:
         predictor = make_predictor(model, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
         con, reader = self._valid_rows()
         with con:
-            batches = score_batches(reader, model, predictor, self.config, run_id=self.run.run_id,
+            batches = track(reader, total=self.valid_rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
+            batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
                                     scored_at=registry.utcnow(), summary=summary, on_scores=observe)
             write_parquet(batches, path)
         return predictor.name

@@ -17,11 +17,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import DemoProject, day, job_config
+from test_pipeline import valid_landed
 
 from batchml import manage, registry
 from batchml.pipeline import run_job
-from conftest import DemoProject, day, job_config
-from test_pipeline import valid_landed
 
 AS_OF = "2026-03-01"  # day(59): the first run trains v1 on labels known before then
 LATER = "2026-03-03"  # day(61)
@@ -352,8 +352,8 @@ def test_drift_only_writes_the_drift_rows_of_a_drift_run_and_nothing_else(demo_p
     result = p.cli("drift", "vuln_risk", "--as-of", "2026-03-08", check=True)
 
     assert "dataset drift:" in result.stdout
-    first, drift_run = runs(p)
-    assert (drift_run["kind"], drift_run["status"], drift_run["rows_scored"]) == ("drift", "succeeded", 0)
+    nightly, drift_run = runs(p)
+    assert nightly["kind"] == "nightly" and (drift_run["kind"], drift_run["status"], drift_run["rows_scored"]) == ("drift", "succeeded", 0)
     assert drift_run["as_of"] == day(66)
     features = p.query("SELECT feature, n_current FROM batchml.drift WHERE run_id = ? AND kind = 'feature'", [drift_run["run_id"]])
     assert len(features) == 11 and max(n for _, n in features) == valid_landed(p, day(59), day(66))

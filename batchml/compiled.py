@@ -1,0 +1,468 @@
+"""Compiled trees: a LightGBM model turned into native code by lleaves (LLVM), cached beside its artifact.
+
+lleaves is optional (``pip install 'batchml[compiled]'``). It scores the same model 5-8x faster
+than ``Booster.predict`` (see benchmarks/RESULTS.md) but compiling costs seconds to minutes
+(~80 s for 300 trees x 63 leaves), so a model is compiled once — at promotion, by
+:func:`precompile` — and the library is reused by every later run:
+
+    <model folder>/compiled/<key>.so     the object code lleaves emits
+    <model folder>/compiled/<key>.json   its record: sha256 of the .so, verification result, toolchain
+
+``key`` (:func:`cache_key`) hashes the model's sha256, the lleaves and llvmlite versions and the
+CPU (LLVM's host CPU name and feature set): a new model, toolchain or machine gets a new library.
+
+**Verified before use.** A library is used only after its predictions matched ``Booster.predict``
+to ``TOLERANCE`` on ``VERIFY_ROWS`` rows (:func:`verification_matrix`: the golden set, the golden
+set with NaNs, and rows mixing every split threshold, its float neighbours, every categorical
+level, 0 and NaN). The record remembers a passed verification together with the library's sha256,
+so a run re-verifies only when the file changed. LLVM aborts the whole process on an invalid
+object file, so a library the record does not vouch for is loaded and checked in a child process
+first; a library that fails is moved aside (``<key>.so.rejected``) and the run scores with
+LightGBM. A model that does not compile, or compiles to different scores, is recorded as failed
+and not retried until the toolchain changes.
+
+Engines (``scoring.engine``): ``auto`` uses a cached, verified library for models of at least
+``AUTO_MIN_LEAVES`` leaves and never compiles; ``compiled`` compiles when no library exists and
+warns when it must fall back; ``lightgbm`` never comes here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from batchml.config import thread_count
+from batchml.features import to_matrix
+from batchml.registry import MODEL_FILE, LoadedModel, sha256_file, utcnow
+
+__all__ = ["AUTO_MIN_LEAVES", "CompiledPredictor", "available", "cache_key", "compiled_predictor", "precompile", "verification_matrix"]
+
+log = logging.getLogger("batchml")
+
+# Below ~8,000 leaves (e.g. 250 trees x 31 leaves) LightGBM scores a million rows in under ~8 s on
+# one core and compiling saves a few seconds a night, while the compile at each promotion costs
+# 20 s or more and grows faster than linearly (3,100 leaves: 3.5 s; 6,300: 12-15 s; 18,900: 77 s).
+# The demo's models (2,900-4,500 leaves) stay on LightGBM.
+AUTO_MIN_LEAVES = 8_000
+VERIFY_ROWS = 2_000
+TOLERANCE = 1e-9
+NAN_SHARE = 0.1
+CACHE_DIR = "compiled"
+CACHE_FORMAT = 1  # bump when the layout or the compile options below change
+COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 34, "fcodemodel": "large", "finline": True}
+CHILD_TIMEOUT = 300.0
+GOLDEN_FILE = "golden.parquet"  # written by retrain.write_golden: model features + __score
+
+# Loads a library the record does not vouch for, in a separate process (LLVM aborts on a bad
+# object file). The input sits in a buffer 8x its size: a library compiled for a wider model reads
+# past the rows it is given, and must read our padding rather than foreign memory.
+_CHILD = """
+import sys, numpy as np, lleaves
+library, model_file, given, out = sys.argv[1:5]
+matrix = np.load(given)
+buffer = np.full((len(matrix) * 8, matrix.shape[1]), np.nan)
+buffer[: len(matrix)] = matrix
+model = lleaves.Model(model_file=model_file)
+model.compile(cache=library)
+np.save(out, model.predict(buffer[: len(matrix)], n_jobs=1))
+"""
+
+
+class CompileError(Exception):
+    """Compiled trees cannot be used for a model; the message says why (the caller falls back)."""
+
+
+def available() -> bool:
+    """True when lleaves (and so llvmlite) can be imported."""
+    try:
+        import lleaves  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Cache key
+# --------------------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def _cpu() -> tuple[str, str]:
+    """LLVM's host CPU name and feature string (what lleaves compiles for), else /proc/cpuinfo flags."""
+    try:
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    except (ImportError, RuntimeError):
+        flags = ""
+        try:
+            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        except OSError:
+            pass
+        return "unknown", flags
+
+
+@functools.cache
+def toolchain() -> dict[str, str]:
+    """What a compiled library depends on besides the model: compiler versions, CPU, options."""
+    cpu, features = _cpu()
+    return {
+        "lleaves": _version("lleaves"),
+        "llvmlite": _version("llvmlite"),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_features": hashlib.sha256(features.encode()).hexdigest()[:16],
+        "options": json.dumps(COMPILE_OPTIONS, sort_keys=True),
+        "format": str(CACHE_FORMAT),
+    }
+
+
+def cache_key(model: LoadedModel, tools: dict[str, str] | None = None) -> str:
+    """The cache file name stem: changes with the model's sha256 and with :func:`toolchain`.
+
+    >>> cache_key(model)                                   # doctest: +SKIP
+    'a3f9c2...'  (24 hex digits)
+    """
+    parts = {"model_sha256": model.sha256, **(tools if tools is not None else toolchain())}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    library: Path
+    record: Path
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> CachePaths:
+        key = cache_key(model)
+        folder = model.path / CACHE_DIR
+        return cls(folder / f"{key}.so", folder / f"{key}.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Model size and verification rows
+# --------------------------------------------------------------------------------------------
+
+
+def total_leaves(model: LoadedModel) -> int:
+    """Leaves over all trees, read from model.txt (cached on the model)."""
+    if "total_leaves" not in model.cache:
+        text = (model.path / MODEL_FILE).read_text()
+        model.cache["total_leaves"] = sum(int(line[11:]) for line in text.splitlines() if line.startswith("num_leaves="))
+    return model.cache["total_leaves"]
+
+
+def _numeric_thresholds(model: LoadedModel) -> list[np.ndarray]:
+    """Per feature, every numeric split threshold of the model (categorical splits are skipped)."""
+    found: list[list[float]] = [[] for _ in model.spec.features]
+    categorical = set(model.spec.categorical_indices)
+    features: list[int] = []
+    for line in (model.path / MODEL_FILE).read_text().splitlines():
+        if line.startswith("split_feature="):
+            features = [int(v) for v in line[14:].split()]
+        elif line.startswith("threshold=") and features:
+            for feature, value in zip(features, line[10:].split()):
+                if feature not in categorical:
+                    found[feature].append(float(value))
+            features = []
+    return [np.unique(np.asarray(values, dtype=np.float64)) for values in found]
+
+
+def _golden(model: LoadedModel) -> np.ndarray:
+    path = model.path / GOLDEN_FILE
+    if not path.exists():
+        return np.empty((0, len(model.spec.features)))
+    return to_matrix(pq.read_table(str(path)), model.spec)
+
+
+def _pools(model: LoadedModel, golden: np.ndarray) -> list[np.ndarray]:
+    """Values worth trying per feature: where the trees split, and what real rows hold."""
+    pools = []
+    for j, thresholds in enumerate(_numeric_thresholds(model)):
+        if j in model.spec.categorical_indices:
+            levels = len(model.spec.categories.get(model.spec.features[j], []))
+            pool = np.arange(levels, dtype=np.float64)  # every level batchml can encode (unseen: NaN)
+        else:
+            edges = [thresholds, np.nextafter(thresholds, -np.inf), np.nextafter(thresholds, np.inf), [0.0]]
+            pool = np.concatenate([*edges, golden[:, j]])
+        pools.append(pool[~np.isnan(pool)])
+    return pools
+
+
+def verification_matrix(model: LoadedModel, rows: int = VERIFY_ROWS, seed: int = 0) -> np.ndarray:
+    """``rows`` rows to compare compiled and LightGBM scores on (float64, model feature order).
+
+    The golden set as stored, the golden set with ``NAN_SHARE`` of its cells missing, then rows
+    whose every cell is drawn independently from that feature's split thresholds, their nearest
+    floats on either side, 0, every categorical level and the golden values — with NaNs too.
+    """
+    rng = np.random.default_rng(seed)
+    golden = _golden(model)
+    holed = golden.copy()
+    holed[rng.random(holed.shape) < NAN_SHARE] = np.nan
+    fixed = np.vstack([golden, holed])[:rows]
+    mixed = np.column_stack([rng.choice(pool, rows - len(fixed)) if len(pool) else np.full(rows - len(fixed), np.nan)
+                             for pool in _pools(model, golden)])
+    mixed[rng.random(mixed.shape) < NAN_SHARE] = np.nan
+    return np.ascontiguousarray(np.vstack([fixed, mixed]), dtype=np.float64)
+
+
+def _compare(expected: np.ndarray, got: np.ndarray) -> float:
+    """Largest absolute difference (inf when shapes or missing values disagree)."""
+    if expected.shape != got.shape or not np.array_equal(np.isnan(expected), np.isnan(got)):
+        return float("inf")
+    return float(np.nanmax(np.abs(expected - got))) if len(expected) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(model: LoadedModel, paths: CachePaths, status: str, **fields) -> None:
+    record = {
+        "status": status, "job": model.job, "version": model.version, "model_sha256": model.sha256,
+        "key": paths.library.stem, "toolchain": toolchain(), "recorded_at": utcnow().isoformat(), **fields,
+    }
+    try:
+        _write_atomic(paths.record, json.dumps(record, indent=2, default=str).encode())
+    except OSError as exc:
+        log.warning("model %s v%d: cannot write %s (%s)", model.job, model.version, paths.record, exc.strerror)
+
+
+# --------------------------------------------------------------------------------------------
+# Compile, load, verify
+# --------------------------------------------------------------------------------------------
+
+
+def _lleaves_model(model: LoadedModel):
+    import lleaves
+
+    return lleaves.Model(model_file=str(model.path / MODEL_FILE))
+
+
+def _verify(model: LoadedModel, predict: Callable[[np.ndarray], np.ndarray]) -> tuple[float, int]:
+    matrix = verification_matrix(model)
+    expected = model.booster.predict(matrix, num_threads=1)
+    return _compare(expected, predict(matrix)), len(matrix)
+
+
+def _verify_in_child(model: LoadedModel, library: Path) -> tuple[float, int]:
+    """Load ``library`` and score the verification rows in a child process; raises CompileError if it dies."""
+    matrix = verification_matrix(model)
+    with tempfile.TemporaryDirectory(prefix="batchml-verify-") as scratch:
+        given, out = Path(scratch) / "given.npy", Path(scratch) / "out.npy"
+        np.save(given, matrix)
+        args = [sys.executable, "-c", _CHILD, str(library), str(model.path / MODEL_FILE), str(given), str(out)]
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            raise CompileError(f"loading {library.name} did not finish within {CHILD_TIMEOUT:.0f} s") from exc
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise CompileError(f"{library.name} cannot be loaded ({last}; exit status {done.returncode})")
+        got = np.load(out)
+    return _compare(model.booster.predict(matrix, num_threads=1), got), len(matrix)
+
+
+def _load(model: LoadedModel, library: Path):
+    try:
+        compiled = _lleaves_model(model)
+        compiled.compile(cache=str(library), **COMPILE_OPTIONS)
+    except Exception as exc:  # whatever lleaves' parser or LLVM raises
+        raise CompileError(f"cannot load {library.name}: {type(exc).__name__}: {exc}") from exc
+    return compiled
+
+
+def _reject(library: Path) -> str:
+    """Move a library that failed verification aside (kept for diagnosis); says where it went."""
+    aside = library.with_name(library.name + ".rejected")
+    try:
+        os.replace(library, aside)
+    except OSError as exc:
+        return f"could not move it aside ({exc.strerror})"
+    return f"moved aside to {aside.name}"
+
+
+def _use_cached(model: LoadedModel, paths: CachePaths):
+    """The cached library, loaded; verified first (in a child process) unless its record vouches for it."""
+    record = _read_record(paths.record)
+    digest = sha256_file(paths.library)
+    if record.get("status") == "verified" and record.get("library_sha256") == digest and record.get("model_sha256") == model.sha256:
+        return _load(model, paths.library)
+    try:
+        worst, rows = _verify_in_child(model, paths.library)
+    except CompileError as exc:
+        raise CompileError(f"cached {exc}; {_reject(paths.library)}") from exc
+    if worst > TOLERANCE:
+        raise CompileError(f"cached library {paths.library.name} scores differ from LightGBM by up to {worst:.3g}; {_reject(paths.library)}")
+    _write_record(model, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows)
+    return _load(model, paths.library)
+
+
+def _build(model: LoadedModel, paths: CachePaths):
+    """Compile, verify in memory, then publish the library (temp file + rename) and its record."""
+    temp = paths.library.with_name(f".{paths.library.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    try:
+        paths.library.parent.mkdir(parents=True, exist_ok=True)
+        cache = str(temp)
+    except OSError as exc:
+        log.warning("model %s v%d: cannot cache compiled trees in %s (%s)", model.job, model.version, paths.library.parent, exc.strerror)
+        cache = None
+    try:
+        started = time.perf_counter()
+        try:
+            compiled = _lleaves_model(model)
+            compiled.compile(cache=cache, **COMPILE_OPTIONS)
+        except Exception as exc:  # lleaves raises whatever its parser or LLVM raises
+            _write_record(model, paths, "failed", reason=f"compile failed: {type(exc).__name__}: {exc}")
+            raise CompileError(f"compile failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - started
+        worst, rows = _verify(model, lambda m: compiled.predict(m, n_jobs=1))
+        if worst > TOLERANCE:
+            _write_record(model, paths, "failed", reason=f"scores differ from LightGBM by up to {worst:.3g}", max_difference=worst, rows=rows)
+            raise CompileError(f"compiled scores differ from LightGBM by up to {worst:.3g} on {rows} verification rows")
+        if cache is not None and temp.exists():
+            digest = sha256_file(temp)
+            os.replace(temp, paths.library)
+            _write_record(model, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows,
+                          compile_seconds=round(seconds, 2), leaves=total_leaves(model))
+        log.info("model %s v%d: compiled %d leaves in %.1f s (max difference %.2g)", model.job, model.version, total_leaves(model), seconds, worst)
+        return compiled
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _known_failure(model: LoadedModel, paths: CachePaths) -> str | None:
+    """The recorded reason this model's own compile failed (not retried until the toolchain changes)."""
+    record = _read_record(paths.record)
+    if record.get("status") == "failed" and record.get("model_sha256") == model.sha256 and not paths.library.exists():
+        return record.get("reason", "an earlier compile failed")
+    return None
+
+
+def _compiled(model: LoadedModel, *, build: bool, warn: Callable[[str], None], retry: bool = False):
+    """The lleaves model for ``model``: the cached library, else (``build``) a fresh compile, else None.
+
+    A cached library that fails verification is refused; with ``build`` a fresh one replaces it.
+    A recorded compile failure is not retried unless ``retry``.
+    """
+    paths = CachePaths.of(model)
+    if paths.library.exists():
+        try:
+            return _use_cached(model, paths)
+        except CompileError as exc:
+            if not build:
+                raise
+            warn(f"model {model.job} v{model.version}: {exc}; compiling it again")
+    failure = None if retry else _known_failure(model, paths)
+    if failure:
+        raise CompileError(f"{failure} (recorded in {paths.record}; delete it or run precompile to retry)")
+    return _build(model, paths) if build else None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompiledPredictor:
+    """Scores with a verified lleaves library: every core for big matrices, one for small ones."""
+
+    compiled: object
+    name: str = "compiled"
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        matrix = np.ascontiguousarray(matrix, dtype=np.float64)
+        return self.compiled.predict(matrix, n_jobs=thread_count(len(matrix)))
+
+
+def _fallback_message(model: LoadedModel, reason: str) -> str:
+    return f"model {model.job} v{model.version}: compiled trees not used, scoring with LightGBM: {reason}"
+
+
+def compiled_predictor(model: LoadedModel, required: bool, warn: Callable[[str], None] | None = None) -> CompiledPredictor | None:
+    """A verified compiled predictor for ``model``, or None (the caller then uses LightGBM).
+
+    ``required`` (``engine: compiled``) compiles when no library is cached and warns on every
+    fallback; otherwise (``engine: auto``) only a cached library of a large enough model is used and
+    only a library that fails verification is worth a warning. Decided once per loaded model.
+    """
+    memo = ("compiled_predictor", required)
+    if memo not in model.cache:
+        model.cache[memo] = _decide(model, required, warn or log.warning)
+    return model.cache[memo]
+
+
+def _decide(model: LoadedModel, required: bool, warn: Callable[[str], None]) -> CompiledPredictor | None:
+    if not available():
+        if required:
+            warn(_fallback_message(model, "lleaves is not installed (pip install 'batchml[compiled]')"))
+        return None
+    if not required and total_leaves(model) < AUTO_MIN_LEAVES:
+        return None
+    had_library = CachePaths.of(model).library.exists()
+    try:
+        compiled = _compiled(model, build=required, warn=warn)
+    except CompileError as exc:
+        if required or had_library:
+            warn(_fallback_message(model, str(exc)))
+        else:
+            log.info(_fallback_message(model, str(exc)))
+        return None
+    return None if compiled is None else CompiledPredictor(compiled)
+
+
+def precompile(model: LoadedModel, *, force: bool = False, warn: Callable[[str], None] | None = None) -> Path | None:
+    """Compile, verify and cache ``model``'s trees now (at promotion), so nightly runs only load them.
+
+    Returns the cached library, or None when lleaves is missing, the model is smaller than
+    ``AUTO_MIN_LEAVES`` (unless ``force``, as for ``engine: compiled``) or compiling failed — the
+    reason goes to ``warn`` (default: the log); scoring then uses LightGBM.
+    """
+    if not available() or (not force and total_leaves(model) < AUTO_MIN_LEAVES):
+        return None
+    warn = warn or log.warning
+    try:
+        _compiled(model, build=True, warn=warn, retry=True)
+    except CompileError as exc:
+        warn(_fallback_message(model, str(exc)))
+        return None
+    library = CachePaths.of(model).library
+    return library if library.exists() else None
