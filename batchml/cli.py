@@ -116,9 +116,15 @@ def run(
     no_notify: Annotated[bool, typer.Option("--no-notify", help="Do not mail the report.")] = False,
 ) -> None:
     """One nightly run of JOB.  Example: batchml run vuln_risk --as-of 2026-11-28"""
+    from batchml.locks import job_lock
+
+    project = open_project()
+    project.job(job)
+    with job_lock(project.locks, job):  # a run in progress: exit 75 now, not after seconds of imports
+        pass
     from batchml.pipeline import run_job
 
-    result = run_job(open_project(), job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify)
+    result = run_job(project, job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify)
     summarise_run(result)
 
 

@@ -146,10 +146,12 @@ class NightlyRun:
             migrate(con)
             crashed = runlog.mark_crashed(con, self.config.job)
             if crashed:
-                log.warning("%s: marked %d earlier run(s) left running by a dead process as crashed", self.config.job, crashed)
+                log.warning("%s: marked %d earlier run(s) left running by a dead process as crashed", self.config.job, len(crashed))
             self.run.watermark_from = runlog.watermark(con, self.config.job)
             self.champion_row = registry.champion(con, self.config.job)
             runlog.insert_run(con, self.run)
+        for run_id in crashed:  # a crashed run's pulls would otherwise stay in tmp/ for good
+            shutil.rmtree(self.project.scratch / run_id, ignore_errors=True)
         if self.champion_row:
             self.champion = registry.load(self.champion_row)
             self.run.champion_version = self.champion.version

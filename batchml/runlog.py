@@ -96,15 +96,21 @@ def update_run(con: duckdb.DuckDBPyConnection, run: Run) -> None:
     )
 
 
-def mark_crashed(con: duckdb.DuckDBPyConnection, job: str) -> int:
-    """Runs of ``job`` still 'running' belong to a dead process: the caller holds the job lock."""
-    rows = con.execute(
-        "UPDATE batchml.runs SET status = 'crashed', finished_at = ?, "
-        "error = coalesce(error, 'the process ended before the run finished; nothing it did was committed') "
-        "WHERE job = ? AND status = 'running'",
-        [utcnow(), job],
-    ).fetchone()
-    return int(rows[0]) if rows else 0
+def mark_crashed(con: duckdb.DuckDBPyConnection, job: str) -> list[str]:
+    """Runs of ``job`` still 'running' belong to a dead process: the caller holds the job lock.
+
+    Marks them crashed and returns their run ids, so the caller can remove their scratch files."""
+    run_ids = [row[0] for row in con.execute(
+        "SELECT run_id FROM batchml.runs WHERE job = ? AND status = 'running' ORDER BY started_at", [job]
+    ).fetchall()]
+    if run_ids:
+        con.execute(
+            "UPDATE batchml.runs SET status = 'crashed', finished_at = ?, "
+            "error = coalesce(error, 'the process ended before the run finished; nothing it did was committed') "
+            "WHERE job = ? AND status = 'running'",
+            [utcnow(), job],
+        )
+    return run_ids
 
 
 def watermark(con: duckdb.DuckDBPyConnection, job: str) -> datetime | None:

@@ -1,0 +1,373 @@
+"""Scoring benchmark: batchml's nightly run end to end against bare predicts, and its peak memory.
+
+Setup (outside every timing): 2M new rows x 35 features (``common``) in a DuckDB warehouse table,
+a 300-tree x 63-leaf champion trained and registered by batchml, its compiled library built and
+verified (``compiled.precompile``). Then, on the same rows and model:
+
+- **batchml end to end**: one nightly run (``pipeline.NightlyRun`` under the job lock, as
+  ``run_job`` does; retraining off, no mail) in a fresh process: extract (COPY to the run's
+  Parquet file, checked) -> validate -> drift -> stream valid rows -> predict (compiled) -> reasons
+  -> scores Parquet -> one commit transaction into DuckDB -> publish + report.
+- **Booster.predict alone**: the float64 matrix already in memory, every core.
+- **compiled predict alone**: the same matrix through the verified lleaves library, every core.
+- **naive pandas**: ``con.sql(...).df()`` -> matrix -> ``Booster.predict`` -> scores DataFrame
+  inserted back into DuckDB (no validation, drift, reasons or run bookkeeping).
+
+Stored scores are compared with ``Booster.predict``. Peak RSS: one fresh process per size and
+DuckDB ``memory_limit`` (``BATCHML_MEMORY_LIMIT``), read from ``getrusage`` in that process.
+
+    python benchmarks/bench_scoring.py [--quick]     # prints the Markdown section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import AS_OF, DATA, JOB, Sizes, fmt_s, ratio  # noqa: E402
+
+E2E = DATA / "e2e"
+MEMORY_LIMITS = ("2GB", "1GB", "512MB", "256MB")
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one nightly run in a fresh process
+# --------------------------------------------------------------------------------------------
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append((record.levelno, record.getMessage()))
+
+
+def worker_e2e(root: Path) -> dict:
+    """One nightly run of the bench job in ``root``; timings, predictor used and peak RSS."""
+    collect = _Collect()
+    logger = logging.getLogger("batchml")
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    from batchml.locks import job_lock
+    from batchml.pipeline import NightlyRun
+    from batchml.project import Project
+
+    import_rss = common.peak_rss_mb()
+    started = time.perf_counter()
+    project = Project.open(root)
+    with job_lock(project.locks, JOB):
+        nightly = NightlyRun(project, project.job(JOB), AS_OF, "nightly", False, False)
+        run = nightly.execute()
+    wall = time.perf_counter() - started
+    scored = [m for _, m in collect.messages if " rows with v" in m]
+    return {
+        "wall": wall, "timings": run.timings, "status": run.status, "rows_scored": run.rows_scored,
+        "rows_quarantined": run.rows_quarantined, "predict_seconds": nightly.scored.predict_seconds,
+        "reason_seconds": nightly.scored.reason_seconds, "predictor": nightly.scored.predictor or (scored[0] if scored else "?"),
+        "warnings": [m for level, m in collect.messages if level >= logging.WARNING],
+        "import_rss_mb": import_rss, "peak_rss_mb": common.peak_rss_mb(), "memory_limit": project.settings.memory_limit,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+def template(rows: int, sizes: Sizes, row: dict) -> Path:
+    """A warehouse with ``rows`` new rows and the champion, built once per benchmark invocation."""
+    path = E2E / f"template-{rows}.duckdb"
+    if not path.exists():
+        chunks = common.row_chunks(rows, sizes.chunk)
+        common.build_warehouse(path, chunks, row)
+    return path
+
+
+def fresh_project(template_path: Path, config: dict) -> Path:
+    """The bench project with a pristine copy of ``template_path`` as its warehouse."""
+    root = E2E / "project"
+    shutil.rmtree(root, ignore_errors=True)
+    common.write_config(root, config)
+    (root / "warehouse").mkdir(parents=True)
+    shutil.copyfile(template_path, root / "warehouse" / "warehouse.duckdb")
+    return root
+
+
+def run_e2e(template_path: Path, config: dict, memory_limit: str = "2GB") -> tuple[dict, Path]:
+    root = fresh_project(template_path, config)
+    result = common.spawn([__file__, "--worker", "e2e", "--root", str(root)], env={"BATCHML_MEMORY_LIMIT": memory_limit})
+    return result, root
+
+
+def source_matrix(db: Path, model) -> tuple[np.ndarray, np.ndarray]:
+    """Entity ids and the float64 matrix of the rows a run as of ``AS_OF`` sees, ordered by id."""
+    import duckdb
+
+    from batchml.features import to_matrix
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        columns = ", ".join(f'"{c}"' for c in model.spec.features)
+        table = con.sql(f"SELECT finding_id, {columns} FROM raw.findings WHERE ingested_at < TIMESTAMP '{AS_OF}' ORDER BY finding_id").arrow()
+    finally:
+        con.close()
+    if hasattr(table, "read_all"):  # duckdb >= 1.4 may hand back a reader
+        table = table.read_all()
+    return table.column("finding_id").to_numpy(), to_matrix(table, model.spec)
+
+
+def stored_scores(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    import duckdb
+
+    con = duckdb.connect(str(root / "warehouse" / "warehouse.duckdb"), read_only=True)
+    try:
+        data = con.execute(f"SELECT finding_id, score FROM scores.{JOB} ORDER BY finding_id").fetchnumpy()
+    finally:
+        con.close()
+    return np.asarray(data["finding_id"]), np.asarray(data["score"], dtype=np.float64)
+
+
+def naive_pandas(template_path: Path, model) -> float:
+    """con.sql().df() -> matrix -> Booster.predict -> scores back via a DataFrame, timed end to end."""
+    import duckdb
+    import pandas as pd
+
+    db = E2E / "naive.duckdb"
+    shutil.copyfile(template_path, db)
+    con = duckdb.connect(str(db))
+    try:
+        started = time.perf_counter()
+        df = con.sql(f"SELECT * FROM raw.findings WHERE ingested_at < TIMESTAMP '{AS_OF}'").df()
+        columns = [pd.to_numeric(df[n], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) for n in model.spec.numeric]
+        for name in model.spec.categorical:
+            codes = pd.Categorical(df[name], categories=model.spec.categories[name]).codes.astype(np.float64)
+            codes[codes < 0] = np.nan
+            columns.append(codes)
+        scores = model.booster.predict(np.column_stack(columns), num_threads=os.cpu_count())
+        out = pd.DataFrame({"finding_id": df["finding_id"], "score": scores,
+                            "risk_band": np.select([scores >= 0.5, scores >= 0.2], ["high", "medium"], "low"),
+                            "model_version": model.version, "scored_at": pd.Timestamp.now()})
+        con.execute("CREATE SCHEMA IF NOT EXISTS scores")
+        con.execute("CREATE TABLE scores.naive AS SELECT * FROM out")
+        return time.perf_counter() - started
+    finally:
+        con.close()
+        db.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reason codes
+# --------------------------------------------------------------------------------------------
+
+
+def reason_costs(model, matrix: np.ndarray, scores: np.ndarray, sizes: Sizes) -> dict:
+    """Seconds for predict, path reasons and TreeSHAP on a sample; extrapolated per row."""
+    from batchml.config import thread_count
+    from batchml.reasons import PathExplainer, shap_contributions
+
+    sample = np.ascontiguousarray(matrix[: sizes.contrib_rows])
+    threads = thread_count(len(matrix))
+    predict, _ = common.best_of(3, lambda: model.booster.predict(sample, num_threads=threads))
+    shap, _ = common.best_of(1, lambda: shap_contributions(model.booster, sample))
+    build, explainer = common.best_of(1, lambda: PathExplainer.from_booster(model.booster))
+    high = np.ascontiguousarray(matrix[scores >= 0.5])
+    path_high, _ = common.best_of(1, lambda: explainer.contributions(model.booster, high))
+    return {"sample": len(sample), "predict": predict, "shap": shap, "path_build": build, "high_rows": len(high),
+            "path_high": path_high, "rows": len(matrix)}
+
+
+# --------------------------------------------------------------------------------------------
+# The section
+# --------------------------------------------------------------------------------------------
+
+
+def run(quick: bool = False) -> str:
+    """Run the scoring benchmark; returns its Markdown section (with the figures as JSON in a comment)."""
+    return markdown(measure(quick))
+
+
+def measure(quick: bool = False) -> dict:
+    """Every figure of sections 1 and 2 (seconds, MB), measured in this invocation."""
+    from batchml import compiled
+    from batchml.config import thread_count
+    from batchml.score import make_predictor
+
+    sizes = Sizes.of(quick)
+    shutil.rmtree(E2E, ignore_errors=True)
+    E2E.mkdir(parents=True)
+    row = common.scoring_model(sizes)
+    model = common.loaded_model(row)
+    library = compiled.precompile(model, force=True)
+    record = json.loads(library.with_suffix(".json").read_text()) if library else {}
+    main = template(sizes.rows, sizes, row)
+    ids, matrix = source_matrix(main, model)
+    n = len(matrix)
+    threads = thread_count(n)
+    figures: dict = {"rows": n, "features": matrix.shape[1], "trees": model.booster.num_trees(), "leaves": compiled.total_leaves(model),
+                     "threads": threads, "compile": record.get("compile_seconds"), "library": bool(library)}
+
+    figures["booster"], reference = common.best_of(1 if not quick else 2, lambda: model.booster.predict(matrix, num_threads=threads))
+    predictor = make_predictor(model, "compiled")
+    figures["predictor"] = predictor.name
+    figures["compiled"], fast = common.best_of(3, lambda: predictor.predict(matrix))
+    figures["compiled_diff"] = float(np.max(np.abs(fast - reference)))
+    figures["naive"] = naive_pandas(main, model)
+    figures["reasons"] = reason_costs(model, matrix, reference, sizes)
+
+    variants = {"default": {}, "no_reasons": {"reasons": 0}, "every_row": {"reason_bands": None}}
+    figures["e2e"] = {}
+    for name, scoring in variants.items():
+        result, root = run_e2e(main, common.job_config(sizes, **scoring))
+        if name == "default":
+            stored_ids, stored = stored_scores(root)
+            result["ids_match"] = bool(np.array_equal(stored_ids, ids))
+            result["max_diff"] = float(np.max(np.abs(stored - reference))) if result["ids_match"] else None
+            again, _ = run_e2e(main, common.job_config(sizes, **scoring))  # noisy machine: keep the faster of two
+            if again["wall"] < result["wall"]:
+                result = {**again, "ids_match": result["ids_match"], "max_diff": result["max_diff"]}
+        figures["e2e"][name] = result
+
+    figures["rss"] = rss_runs(sizes, row)
+    shutil.rmtree(E2E, ignore_errors=True)  # templates are rebuilt per invocation; row chunks and models stay cached
+    figures["sizes"] = sizes.__dict__
+    return figures
+
+
+def rss_runs(sizes: Sizes, row: dict) -> list[dict]:
+    """Peak RSS per size (default memory limit), then per memory limit at the largest size."""
+    config = common.job_config(sizes)
+    results = []
+    for rows in sizes.rss_rows:
+        result, _ = run_e2e(template(rows, sizes, row), config)
+        results.append({"rows": rows, **result})
+    largest = template(sizes.rss_rows[-1], sizes, row)
+    for limit in MEMORY_LIMITS[1:]:
+        try:
+            result, _ = run_e2e(largest, config, memory_limit=limit)
+        except RuntimeError as exc:
+            result = {"error": str(exc).splitlines()[-1][:200], "memory_limit": limit}
+        results.append({"rows": sizes.rss_rows[-1], **result})
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _steps(result: dict) -> str:
+    timings = result["timings"]
+    return " · ".join(f"{k} {v:.2f}" for k, v in timings.items() if v >= 0.005)
+
+
+def markdown(f: dict) -> str:
+    sizes = Sizes(**f["sizes"])
+    e2e = f["e2e"]["default"]
+    steps = sum(e2e["timings"].values())
+    lines = [
+        f"## 1. End-to-end scoring: {f['rows']:,} rows × {f['features']} features, {f['trees']} trees × {sizes.leaves} leaves",
+        "",
+        f"Model: {f['trees']} trees, {f['leaves']:,} leaves in all, trained by batchml on {sizes.train_rows:,} rows. "
+        f"Compiled library built and verified before the timings ({fmt_s(f['compile'])} compile when not cached). "
+        f"Threads: {f['threads']} for every contender. batchml figures are the faster of two runs, each in a fresh process.",
+        "",
+        "| contender | seconds | vs Booster.predict | vs compiled predict |",
+        "|---|---:|---:|---:|",
+        f"| Booster.predict alone (matrix in memory) | {f['booster']:.2f} | 1.00× | {ratio(f['booster'], f['compiled'])} |",
+        f"| compiled predict alone (matrix in memory) | {f['compiled']:.2f} | {ratio(f['compiled'], f['booster'])} | 1.00× |",
+        f"| naive pandas: `.df()` → Booster.predict → insert DataFrame | {f['naive']:.2f} | {ratio(f['naive'], f['booster'])} | {ratio(f['naive'], f['compiled'])} |",
+        f"| **batchml nightly run, steps extract…commit** | {steps:.2f} | {ratio(steps, f['booster'])} | {ratio(steps, f['compiled'])} |",
+        f"| batchml nightly run, wall incl. begin, publish, report | {e2e['wall']:.2f} | {ratio(e2e['wall'], f['booster'])} | {ratio(e2e['wall'], f['compiled'])} |",
+        "",
+        f"- Speed-up of the batchml run (steps) over Booster.predict alone: **{f['booster'] / steps:.2f}×** (target ≥ 3×: "
+        f"{'met' if f['booster'] / steps >= 3 else 'not met'}); over the wall time: {f['booster'] / e2e['wall']:.2f}×.",
+        f"- batchml run (steps) / compiled predict alone: **{steps / f['compiled']:.2f}×** (target ≤ 1.3×: "
+        f"{'met' if steps / f['compiled'] <= 1.3 else 'not met'}).",
+        f"- Steps (s): {_steps(e2e)}; inside score: predict {e2e['predict_seconds']:.2f} s with `{e2e['predictor']}`, "
+        f"reasons {e2e['reason_seconds']:.2f} s.",
+        f"- Scores: stored vs Booster.predict max |Δ| = {_diff(e2e.get('max_diff'))} over {e2e['rows_scored']:,} rows "
+        f"(ids match: {e2e.get('ids_match')}); compiled predict vs Booster.predict max |Δ| = {_diff(f['compiled_diff'])}.",
+        f"- Warnings during the run: {e2e['warnings'] or 'none'}.",
+        "",
+    ]
+    return "\n".join(lines + _reason_lines(f, sizes) + _rss_lines(f) + [f"<!-- figures: {json.dumps(f, default=str)} -->", ""])
+
+
+def _diff(value) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
+def _reason_lines(f: dict, sizes: Sizes) -> list[str]:
+    r, e2e = f["reasons"], f["e2e"]
+    per_row_shap, per_row_predict = r["shap"] / r["sample"], r["predict"] / r["sample"]
+    steps = {name: sum(v["timings"].values()) for name, v in e2e.items()}
+    return [
+        "### Reason codes (`scoring.reasons: 3`)",
+        "",
+        f"TreeSHAP (`pred_contrib`) timed on {r['sample']:,} rows and extrapolated; the rest measured on all {r['rows']:,} rows.",
+        "",
+        "| what | seconds | per row |",
+        "|---|---:|---:|",
+        f"| Booster.predict, {r['sample']:,} rows | {r['predict']:.3f} | {per_row_predict * 1e6:.1f} µs |",
+        f"| TreeSHAP `pred_contrib`, {r['sample']:,} rows | {r['shap']:.2f} | {per_row_shap * 1e6:,.0f} µs ({per_row_shap / per_row_predict:,.0f}× predict) |",
+        f"| TreeSHAP, all {r['rows']:,} rows (extrapolated) | {per_row_shap * r['rows']:,.0f} | |",
+        f"| TreeSHAP, the {r['high_rows']:,} high-band rows (extrapolated) | {per_row_shap * r['high_rows']:,.0f} | |",
+        f"| path reasons (`reason_method: path`), explainer build once per model | {r['path_build']:.2f} | |",
+        f"| path reasons, the {r['high_rows']:,} high-band rows | {r['path_high']:.2f} | {r['path_high'] / max(r['high_rows'], 1) * 1e6:.1f} µs |",
+        "",
+        "Nightly run (steps extract…commit, seconds) with path reasons:",
+        "",
+        "| reasons | steps | score step | of which reasons |",
+        "|---|---:|---:|---:|",
+        *(f"| {label} | {steps[name]:.2f} | {e2e[name]['timings'].get('score', 0):.2f} | {e2e[name]['reason_seconds']:.2f} |"
+          for name, label in (("no_reasons", "off (`reasons: 0`)"), ("default", "`reason_bands: [high]` (default)"),
+                              ("every_row", "every row (`reason_bands: null`)"))),
+        "",
+    ]
+
+
+def _rss_lines(f: dict) -> list[str]:
+    lines = ["## 2. Peak RSS of the nightly run (fresh process per run)", "",
+             "| rows | BATCHML_MEMORY_LIMIT | peak RSS | after imports | steps | wall |", "|---:|---|---:|---:|---:|---:|"]
+    for r in f["rss"]:
+        if "error" in r:
+            lines.append(f"| {r['rows']:,} | {r['memory_limit']} | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['rows']:,} | {r['memory_limit']} | {r['peak_rss_mb']:.0f} MB | {r['import_rss_mb']:.0f} MB | "
+                     f"{sum(r['timings'].values()):.2f} s | {r['wall']:.2f} s |")
+    by_default = [r for r in f["rss"] if r.get("memory_limit") == "2GB" and "error" not in r]
+    if len(by_default) >= 2:
+        growth = by_default[-1]["peak_rss_mb"] / by_default[0]["peak_rss_mb"] - 1
+        peak = max(r["peak_rss_mb"] for r in by_default)
+        lines += ["", f"- {by_default[-1]['rows']:,} rows vs {by_default[0]['rows']:,}: peak RSS {growth:+.0%} (target within +10%: "
+                  f"{'met' if growth <= 0.10 else 'not met'}); largest {peak:.0f} MB (target < 1 GB: {'met' if peak < 1024 else 'not met'})."]
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=["e2e"])
+    parser.add_argument("--root", type=Path)
+    args = parser.parse_args()
+    if args.worker == "e2e":
+        print(json.dumps(worker_e2e(args.root), default=str))
+        return
+    print(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Compiled trees (lleaves): cache key, verification against LightGBM, fallbacks, reuse of the cache.
+
+Small real models (20 trees) in tmp_path; a 20-tree model compiles in well under a second. Where
+lleaves is not installed, each test checks the LightGBM fallback instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchml import compiled, demo_data
+from batchml.features import fit_spec, to_matrix
+from batchml.registry import LoadedModel, write_artifact
+from batchml.score import LightGBMPredictor, make_predictor
+
+HAVE_LLEAVES = compiled.available()
+START = dt.datetime(2026, 1, 1)
+
+
+def train_model(folder: Path, seed: int, version: int = 1, trees: int = 20) -> LoadedModel:
+    """A small categorical-aware model written as a registry artifact (golden set included)."""
+    table = demo_data.generate_rows(4000, seed=seed, start=START)
+    spec = fit_spec(table, demo_data.NUMERIC, demo_data.CATEGORICAL)
+    labels = table.column(demo_data.LABEL).to_numpy().astype(float)
+    params = {"objective": "binary", "num_leaves": 15, "min_data_in_leaf": 5, "verbosity": -1, "num_threads": 1, "seed": seed}
+    data = lgb.Dataset(to_matrix(table, spec), labels, categorical_feature=spec.categorical_indices)
+    booster = lgb.train(params, data, num_boost_round=trees)
+    folder.mkdir(parents=True)
+    golden = table.slice(0, 256).select(spec.features)
+    scores = booster.predict(to_matrix(golden, spec), num_threads=1)
+    pq.write_table(golden.append_column("__score", pa.array(scores)), str(folder / "golden.parquet"))
+    sha, _ = write_artifact(folder, booster, {**spec.to_dict(), "version": version})
+    return reload(LoadedModel("toy", version, booster, spec, {}, folder, sha))
+
+
+def reload(model: LoadedModel) -> LoadedModel:
+    """The same artifact as a later run sees it: a fresh booster and an empty per-process cache."""
+    booster = lgb.Booster(model_file=str(model.path / "model.txt"))
+    return LoadedModel(model.job, model.version, booster, model.spec, model.manifest, model.path, model.sha256)
+
+
+def scoring_rows(model: LoadedModel, n: int = 3000) -> np.ndarray:
+    """New rows as batchml encodes them, with missing numbers, unseen and missing categories."""
+    table = demo_data.generate_rows(n, seed=99, start=START)
+    rng = np.random.default_rng(5)
+    eco = np.array(table.column("ecosystem").to_pylist(), dtype=object)
+    eco[rng.random(n) < 0.1] = "hex"  # a level the model never saw: encoded as missing
+    eco[rng.random(n) < 0.1] = None
+    table = table.set_column(table.schema.get_field_index("ecosystem"), "ecosystem", pa.array(eco, pa.string()))
+    matrix = to_matrix(table, model.spec)
+    matrix[rng.random(matrix.shape) < 0.05] = np.nan
+    return matrix
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[LoadedModel, LoadedModel]:
+    root = tmp_path_factory.mktemp("compiled")
+    return train_model(root / "a" / "v1", seed=1), train_model(root / "b" / "v1", seed=2)
+
+
+@pytest.fixture
+def model(models, tmp_path) -> LoadedModel:
+    """Model A in a folder of its own, so each test starts with an empty cache."""
+    folder = tmp_path / "toy" / "v1"
+    shutil.copytree(models[0].path, folder)
+    return reload(LoadedModel("toy", 1, models[0].booster, models[0].spec, {}, folder, models[0].sha256))
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """engine: auto considers every model, however small."""
+    monkeypatch.setattr(compiled, "AUTO_MIN_LEAVES", 0)
+
+
+def assert_lightgbm_scores(predictor, model: LoadedModel) -> None:
+    matrix = scoring_rows(model)
+    assert isinstance(predictor, LightGBMPredictor)
+    assert np.array_equal(predictor.predict(matrix), model.booster.predict(matrix, num_threads=1))
+
+
+# -- cache key ---------------------------------------------------------------------------------
+
+
+def test_cache_key_changes_with_the_model_hash_and_the_toolchain(model):
+    tools = compiled.toolchain()
+    key = compiled.cache_key(model, tools)
+
+    assert compiled.cache_key(reload(model), dict(tools)) == key
+    other = LoadedModel(model.job, model.version, model.booster, model.spec, {}, model.path, "0" * 64)
+    assert compiled.cache_key(other, tools) != key
+    for part, value in [("lleaves", "1.4.0"), ("llvmlite", "0.43.0"), ("cpu", "other-cpu"), ("cpu_features", "f00"), ("machine", "aarch64")]:
+        assert compiled.cache_key(model, {**tools, part: value}) != key, part
+    assert compiled.CachePaths.of(model).library == model.path / "compiled" / f"{key}.so"
+
+
+# -- fallbacks -----------------------------------------------------------------------------------
+
+
+def test_a_compile_failure_falls_back_to_lightgbm_with_a_warning(model, monkeypatch):
+    if HAVE_LLEAVES:
+        import lleaves
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("LLVM ERROR: out of registers")
+
+        monkeypatch.setattr(lleaves.Model, "compile", broken)
+    warnings: list[str] = []
+
+    predictor = make_predictor(model, "compiled", warn=warnings.append)
+
+    assert_lightgbm_scores(predictor, model)
+    assert len(warnings) == 1 and "toy v1" in warnings[0] and "LightGBM" in warnings[0]
+    assert ("out of registers" if HAVE_LLEAVES else "lleaves is not installed") in warnings[0]
+    if HAVE_LLEAVES:  # recorded: the next run does not pay for the same failing compile again
+        again: list[str] = []
+        assert_lightgbm_scores(make_predictor(reload(model), "compiled", warn=again.append), model)
+        assert "recorded" in again[0] and not compiled.CachePaths.of(model).library.exists()
+
+
+def test_a_corrupt_cached_library_is_refused_without_crashing(model, any_size):
+    library = compiled.CachePaths.of(model).library
+    library.parent.mkdir(parents=True)
+    library.write_bytes(os.urandom(4096))  # LLVM aborts the process on this: it is only ever loaded in a child
+    warnings: list[str] = []
+
+    predictor = make_predictor(model, "auto", warn=warnings.append)
+
+    assert_lightgbm_scores(predictor, model)
+    if HAVE_LLEAVES:
+        assert len(warnings) == 1 and "toy v1" in warnings[0] and "cannot be loaded" in warnings[0]
+        assert not library.exists() and library.with_name(library.name + ".rejected").exists()
+    else:
+        assert warnings == []  # auto without lleaves: silently LightGBM
+
+
+def test_a_library_compiled_from_another_model_is_refused(model, models, any_size):
+    other = reload(models[1])
+    if HAVE_LLEAVES:
+        other_library = compiled.precompile(other, force=True)
+        library = compiled.CachePaths.of(model).library
+        library.parent.mkdir(parents=True)
+        shutil.copy(other_library, library)
+    warnings: list[str] = []
+
+    predictor = make_predictor(model, "auto", warn=warnings.append)
+
+    assert_lightgbm_scores(predictor, model)
+    if HAVE_LLEAVES:
+        assert len(warnings) == 1 and "scores differ from LightGBM" in warnings[0] and "toy v1" in warnings[0]
+        # engine: compiled builds a correct library in place of the refused one
+        rebuilt = make_predictor(reload(model), "compiled", warn=warnings.append)
+        matrix = scoring_rows(model)
+        assert rebuilt.name == "compiled"
+        assert np.max(np.abs(rebuilt.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
+
+
+def test_auto_never_compiles_and_ignores_small_models(model, monkeypatch):
+    assert make_predictor(model, "auto").name == "lightgbm"  # 20 x 15 leaves: far below AUTO_MIN_LEAVES
+    monkeypatch.setattr(compiled, "AUTO_MIN_LEAVES", 0)
+    assert make_predictor(reload(model), "auto").name == "lightgbm"  # large enough, but nothing cached
+    assert not (model.path / "compiled").exists()
+
+
+# -- compiled trees --------------------------------------------------------------------------------
+
+
+def test_a_small_model_compiles_matches_lightgbm_and_reuses_its_cache(model, monkeypatch):
+    warnings: list[str] = []
+    predictor = make_predictor(model, "compiled", warn=warnings.append)
+    if not HAVE_LLEAVES:
+        assert_lightgbm_scores(predictor, model)
+        assert "lleaves is not installed" in warnings[0]
+        return
+    matrix = scoring_rows(model)
+    assert np.isnan(matrix[:, model.spec.categorical_indices]).any() and np.isnan(matrix[:, 0]).any()
+    assert predictor.name == "compiled" and warnings == []
+    assert np.max(np.abs(predictor.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
+    paths = compiled.CachePaths.of(model)
+    record = compiled._read_record(paths.record)
+    assert record["status"] == "verified" and record["rows"] == compiled.VERIFY_ROWS and record["max_difference"] <= 1e-9
+    mtime = paths.library.stat().st_mtime_ns
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds a verified library")
+
+    monkeypatch.setattr(compiled, "_build", no_compile)
+    monkeypatch.setattr(compiled, "_verify_in_child", no_compile)  # the record vouches for the file
+    again = make_predictor(reload(model), "compiled", warn=warnings.append)
+    assert again.name == "compiled" and warnings == [] and paths.library.stat().st_mtime_ns == mtime
+    assert np.array_equal(again.predict(matrix), predictor.predict(matrix))
+
+
+def test_a_changed_library_is_verified_again(model, models, any_size):
+    if not HAVE_LLEAVES:
+        assert compiled.precompile(model, force=True) is None
+        return
+    library = compiled.precompile(model, force=True)
+    assert library is not None and library.exists()
+    assert make_predictor(reload(model), "auto").name == "compiled"
+    shutil.copy(compiled.precompile(reload(models[1]), force=True), library)  # same name, other bytes
+    warnings: list[str] = []
+
+    assert make_predictor(reload(model), "auto", warn=warnings.append).name == "lightgbm"
+    assert "scores differ" in warnings[0]
+
+
+def test_the_verification_rows_cover_thresholds_categories_and_missing_values(model):
+    matrix = compiled.verification_matrix(model)
+
+    assert matrix.shape == (compiled.VERIFY_ROWS, len(model.spec.features)) and matrix.flags.c_contiguous
+    golden = to_matrix(pq.read_table(str(model.path / "golden.parquet")), model.spec)
+    assert np.array_equal(matrix[: len(golden)], golden, equal_nan=True)
+    for j in model.spec.categorical_indices:
+        levels = len(model.spec.categories[model.spec.features[j]])
+        assert set(np.unique(matrix[:, j][~np.isnan(matrix[:, j])])) == set(range(levels))
+        assert np.isnan(matrix[:, j]).any()
+    thresholds = compiled._numeric_thresholds(model)
+    cvss = model.spec.features.index("cvss_base")
+    assert len(thresholds[cvss]) and np.isin(thresholds[cvss], matrix[:, cvss]).any()
