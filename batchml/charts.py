@@ -158,7 +158,8 @@ def trend_chart(title: str, series: dict[str, Sequence[tuple[datetime, float]]])
     for name, points in series.items():
         ordered = sorted(points)
         ax.plot([p[0] for p in ordered], [p[1] for p in ordered], marker="o", markersize=3, linewidth=1.4, label=str(name))
-    locator = mdates.AutoDateLocator(maxticks=8)
+    # minticks=1: a few nightly points span days, where the default (3 ticks) finds no interval and warns
+    locator = mdates.AutoDateLocator(minticks=1, maxticks=8)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.set_title(_short_title(title), loc="left")

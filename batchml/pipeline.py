@@ -29,20 +29,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchml import drift, evaluate, registry, retrain, runlog
+from batchml import drift, evaluate, performance, registry, retrain, runlog
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError, DataError, RejectedError
 from batchml.extract import (
     ENTITY,
-    EVENT_TIME,
-    LABEL,
     RULE,
     PullResult,
     batch_filter,
-    normalised_sql,
     pull,
     training_filter,
-    ts_literal,
 )
 from batchml.features import categorical_values, numeric_values
 from batchml.locks import job_lock
@@ -50,10 +46,9 @@ from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
 from batchml.score import ScoreSummary, make_predictor, score_batches, write_parquet
-from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, table_exists, transaction
+from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, transaction
 
 log = logging.getLogger("batchml")
-CBPE_MAX_ECE = 0.05  # above this holdout calibration error, estimated performance is not trusted
 
 
 def checkpoint(step: str) -> None:
@@ -165,8 +160,10 @@ class NightlyRun:
         with self._connect() as con:
             self.batch = pull(con, self.config, self.project.root, where, self.scratch / "batch.parquet")
             if self.run.kind in ("nightly", "replay"):
-                self.new_labels = self._count_new_labels(con)
-                self.performance = self._realised_performance(con)
+                self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
+                self.performance = performance.realised(con, self.config, self.project.root, self.run.as_of)
+                champion = self.champion_row["version"] if self.champion_row else None
+                self.realised = performance.overall(self.performance, champion)
         self.run.rows_extracted = self.batch.rows
         self.run.rows_quarantined = sum(self.batch.by_rule.values())
         log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined)
@@ -291,7 +288,8 @@ class NightlyRun:
         predictor_name = self._score_with(self.champion, self.scores_path, self.scored, observe)
         self.run.rows_scored = self.scored.rows
         self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
-        self.performance.extend(self._estimated_performance(np.concatenate(kept) if kept else np.empty(0)))
+        scores = np.concatenate(kept) if kept else np.empty(0)
+        self.performance.extend(performance.estimated(self.config, self.champion, scores, self.run.as_of))
         log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name)
         if self.config.promotion.shadow:
             self._score_shadow()
@@ -327,19 +325,6 @@ class NightlyRun:
             challenger = registry.load(rows[0])
         self.shadow_path = self.scratch / "shadow.parquet"
         self._score_with(challenger, self.shadow_path, ScoreSummary())
-
-    def _estimated_performance(self, scores: np.ndarray) -> list[dict]:
-        """Confidence-based estimate of today's metric, before labels arrive (only for a calibrated champion)."""
-        metric = self.config.promotion.metric
-        holdout = json.loads(self.champion_row["metrics"]).get("holdout", {}) if self.champion_row else self.champion.manifest["metrics"]["holdout"]
-        if len(scores) < 100 or holdout.get("ece", 1.0) > CBPE_MAX_ECE:
-            return []
-        try:
-            value = evaluate.estimate_metrics(scores).get(metric)
-        except ValueError:
-            return []
-        return [{"model_version": self.champion.version, "event_day": self.run.as_of.date(), "metric": metric, "value": value,
-                 "n": int(len(scores)), "positives": None, "estimated": True}]
 
     def _commit(self) -> None:
         job, run = self.config.job, self.run
@@ -386,71 +371,6 @@ class NightlyRun:
                  row["n"], row["positives"], row["estimated"], registry.utcnow()],
             )
 
-    # -- labels that arrived ---------------------------------------------------------------------
-
-    def _last_training(self, con) -> datetime | None:
-        row = con.execute("SELECT max(created_at) FROM batchml.models WHERE job = ?", [self.config.job]).fetchone()
-        return row[0] if row else None
-
-    def _labels_between(self, start: datetime | None) -> str:
-        label_at = f"try_cast({quote_ident(self.config.label.available_at)} AS TIMESTAMP)"
-        lower = f" AND {label_at} >= {ts_literal(start)}" if start else ""
-        return (
-            f"{label_at} < {ts_literal(self.run.as_of)}{lower} AND {quote_ident(self.config.label.column)} IS NOT NULL"
-            f" AND try_cast({quote_ident(self.config.source.watermark)} AS TIMESTAMP) < {ts_literal(self.run.as_of)}"
-        )
-
-    def _count_new_labels(self, con) -> int:
-        since = self._last_training(con)
-        if since is None:
-            return 0
-        sql = normalised_sql(self.config, self.project.root, self._labels_between(since))
-        return int(con.execute(f"SELECT count(*) FROM ({sql}) WHERE {RULE} IS NULL").fetchone()[0])
-
-    def _realised_performance(self, con) -> list[dict]:
-        """The champion's realised metric on labels that arrived since the previous run, by event day."""
-        table = self.config.scores_table
-        if not table_exists(con, table):
-            return []
-        previous = con.execute(
-            "SELECT max(as_of) FROM batchml.runs WHERE job = ? AND status = 'succeeded' AND kind IN ('nightly', 'replay') AND as_of < ?",
-            [self.config.job, self.run.as_of],
-        ).fetchone()[0]
-        labeled = normalised_sql(self.config, self.project.root, self._labels_between(previous))
-        entity = quote_ident(self.config.source.entity_id)
-        rows = con.execute(f"""
-            WITH labeled AS ({labeled}),
-            s AS (
-                SELECT sc.{entity} AS e, sc.score, sc.model_version FROM {quote_table(table)} sc
-                JOIN batchml.runs r ON r.run_id = sc.run_id
-                WHERE r.kind IN ('nightly', 'replay') AND r.as_of <= {ts_literal(self.run.as_of)}
-                QUALIFY row_number() OVER (PARTITION BY sc.{entity} ORDER BY sc.scored_at DESC) = 1
-            )
-            SELECT l.{LABEL}, s.score, CAST(l.{EVENT_TIME} AS DATE), s.model_version
-            FROM labeled l JOIN s ON s.e = l.{ENTITY} WHERE l.{RULE} IS NULL
-        """).fetchall()
-        return self._performance_rows(rows)
-
-    def _performance_rows(self, rows: list[tuple]) -> list[dict]:
-        if not rows:
-            return []
-        metric = self.config.promotion.metric
-        y = np.array([r[0] for r in rows], dtype=np.int8)
-        p = np.array([r[1] for r in rows], dtype=np.float64)
-        days = np.array([r[2] for r in rows], dtype=object)
-        versions = np.array([r[3] for r in rows])
-        out = []
-        for day in sorted(set(days)):
-            for version in sorted(set(versions[days == day])):
-                mask = (days == day) & (versions == version)
-                out.append(_performance_row(metric, y[mask], p[mask], day, int(version)))
-        if self.champion_row is not None:
-            mask = versions == self.champion_row["version"]
-            overall = _performance_row(metric, y[mask], p[mask], None, self.champion_row["version"])
-            self.realised = overall["value"]
-            out.append(overall)
-        return out
-
     # -- failure and aftermath -------------------------------------------------------------------
 
     def _record_failure(self, exc: BaseException) -> None:
@@ -486,14 +406,6 @@ class NightlyRun:
             reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)
         except BatchMLError as exc:
             log.warning("%s: report not delivered: %s", self.config.job, exc)
-
-
-def _performance_row(metric: str, y: np.ndarray, p: np.ndarray, day, version: int) -> dict:
-    value = None
-    if len(y) and len(np.unique(y)) == 2:
-        value = float(evaluate.compute_metrics(y, p)[metric])
-    return {"model_version": version, "event_day": day, "metric": metric, "value": value, "n": int(len(y)),
-            "positives": int(y.sum()), "estimated": False}
 
 
 def feature_arrays(batch: pa.RecordBatch, config: JobConfig) -> dict:

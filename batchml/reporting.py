@@ -71,6 +71,7 @@ def _trend(con, config: JobConfig) -> list[dict]:
         con,
         "SELECT p.run_id, r.as_of, p.metric, p.value, p.n FROM batchml.performance p JOIN batchml.runs r USING (run_id) "
         "WHERE p.job = ? AND p.event_day IS NULL AND NOT p.estimated AND p.value IS NOT NULL "
+        "QUALIFY row_number() OVER (PARTITION BY p.run_id ORDER BY p.n DESC) = 1 "  # the version most labels judged
         f"ORDER BY r.as_of DESC LIMIT {TREND_RUNS}",
         [config.job],
     )[::-1]
