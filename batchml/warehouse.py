@@ -79,9 +79,10 @@ def open_connection(
         except duckdb.Error as exc:
             if not _is_lock_conflict(exc):
                 raise WarehouseError(f"cannot open warehouse {path}: {_first_line(exc)}") from exc
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise WarehouseError(_lock_message(path, exc)) from exc
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))  # the last try lands on the deadline, not before it
             delay = min(delay * 2, 2.0)
     con.execute("SET TimeZone = 'UTC'")
     return con
