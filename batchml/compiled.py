@@ -21,6 +21,10 @@ first; a library that fails is moved aside (``<key>.so.rejected``) and the run s
 LightGBM. A model that does not compile, or compiles to different scores, is recorded as failed
 and not retried until the toolchain changes.
 
+**Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
+given, so :class:`CompiledPredictor` zeroes such tiny values first (:func:`as_lightgbm_reads`).
+Verification found the difference on a split at -1e-35 (4e-05 in one score of 2,000).
+
 Engines (``scoring.engine``): ``auto`` uses a cached, verified library for models of at least
 ``AUTO_MIN_LEAVES`` leaves and never compiles; ``compiled`` compiles when no library exists and
 warns when it must fall back; ``lightgbm`` never comes here.
@@ -51,7 +55,8 @@ from batchml.config import thread_count
 from batchml.features import to_matrix
 from batchml.registry import MODEL_FILE, LoadedModel, sha256_file, utcnow
 
-__all__ = ["AUTO_MIN_LEAVES", "CompiledPredictor", "available", "cache_key", "compiled_predictor", "precompile", "verification_matrix"]
+__all__ = ["AUTO_MIN_LEAVES", "CompiledPredictor", "as_lightgbm_reads", "available", "cache_key", "compiled_predictor", "precompile",
+           "verification_matrix"]
 
 log = logging.getLogger("batchml")
 
@@ -64,22 +69,26 @@ VERIFY_ROWS = 2_000
 TOLERANCE = 1e-9
 NAN_SHARE = 0.1
 CACHE_DIR = "compiled"
-CACHE_FORMAT = 1  # bump when the layout or the compile options below change
+CACHE_FORMAT = 2  # bump when the layout, the compile options below or the input handling change
 COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 34, "fcodemodel": "large", "finline": True}
 CHILD_TIMEOUT = 300.0
 GOLDEN_FILE = "golden.parquet"  # written by retrain.write_golden: model features + __score
+# LightGBM's kZeroThreshold (1e-35f): turning a dense row into (feature, value) pairs, LightGBM
+# drops every |x| at or below it, so the trees read it as 0.0. lleaves reads the value as it is,
+# which sends e.g. x = -1e-35 the other way at a split on -1e-35 (found by verification: 4e-05).
+ZERO_THRESHOLD = float(np.float32(1e-35))
 
 # Loads a library the record does not vouch for, in a separate process (LLVM aborts on a bad
 # object file). The input sits in a buffer 8x its size: a library compiled for a wider model reads
 # past the rows it is given, and must read our padding rather than foreign memory.
 _CHILD = """
-import sys, numpy as np, lleaves
+import json, sys, numpy as np, lleaves
 library, model_file, given, out = sys.argv[1:5]
 matrix = np.load(given)
 buffer = np.full((len(matrix) * 8, matrix.shape[1]), np.nan)
 buffer[: len(matrix)] = matrix
 model = lleaves.Model(model_file=model_file)
-model.compile(cache=library)
+model.compile(cache=library, **json.loads(sys.argv[5]))
 np.save(out, model.predict(buffer[: len(matrix)], n_jobs=1))
 """
 
@@ -276,10 +285,33 @@ def _lleaves_model(model: LoadedModel):
     return lleaves.Model(model_file=str(model.path / MODEL_FILE))
 
 
-def _verify(model: LoadedModel, predict: Callable[[np.ndarray], np.ndarray]) -> tuple[float, int]:
+def as_lightgbm_reads(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` as LightGBM's trees read it: float64, C order, every |x| <= ``ZERO_THRESHOLD`` as 0.0.
+
+    Copies only when such a tiny non-zero value is present (exact zeros are common, tiny ones rare).
+    """
+    matrix = np.ascontiguousarray(matrix, dtype=np.float64)
+    small = np.abs(matrix) <= ZERO_THRESHOLD
+    if small.any() and np.any(matrix[small] != 0.0):
+        matrix = np.where(small, 0.0, matrix)
+    return matrix
+
+
+@dataclass
+class CompiledPredictor:
+    """Scores with an lleaves library: every core for big matrices, one for small ones."""
+
+    compiled: object
+    name: str = "compiled"
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        return self.compiled.predict(as_lightgbm_reads(matrix), n_jobs=thread_count(len(matrix)))
+
+
+def _verify(model: LoadedModel, predictor: CompiledPredictor) -> tuple[float, int]:
     matrix = verification_matrix(model)
     expected = model.booster.predict(matrix, num_threads=1)
-    return _compare(expected, predict(matrix)), len(matrix)
+    return _compare(expected, predictor.predict(matrix)), len(matrix)
 
 
 def _verify_in_child(model: LoadedModel, library: Path) -> tuple[float, int]:
@@ -287,8 +319,9 @@ def _verify_in_child(model: LoadedModel, library: Path) -> tuple[float, int]:
     matrix = verification_matrix(model)
     with tempfile.TemporaryDirectory(prefix="batchml-verify-") as scratch:
         given, out = Path(scratch) / "given.npy", Path(scratch) / "out.npy"
-        np.save(given, matrix)
-        args = [sys.executable, "-c", _CHILD, str(library), str(model.path / MODEL_FILE), str(given), str(out)]
+        np.save(given, as_lightgbm_reads(matrix))
+        options = json.dumps(COMPILE_OPTIONS)
+        args = [sys.executable, "-c", _CHILD, str(library), str(model.path / MODEL_FILE), str(given), str(out), options]
         try:
             done = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
@@ -331,6 +364,8 @@ def _use_cached(model: LoadedModel, paths: CachePaths):
         raise CompileError(f"cached {exc}; {_reject(paths.library)}") from exc
     if worst > TOLERANCE:
         raise CompileError(f"cached library {paths.library.name} scores differ from LightGBM by up to {worst:.3g}; {_reject(paths.library)}")
+    if sha256_file(paths.library) != digest:  # replaced while the child checked it: what we verified is gone
+        raise CompileError(f"cached library {paths.library.name} changed while it was being verified")
     _write_record(model, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows)
     return _load(model, paths.library)
 
@@ -353,7 +388,7 @@ def _build(model: LoadedModel, paths: CachePaths):
             _write_record(model, paths, "failed", reason=f"compile failed: {type(exc).__name__}: {exc}")
             raise CompileError(f"compile failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
-        worst, rows = _verify(model, lambda m: compiled.predict(m, n_jobs=1))
+        worst, rows = _verify(model, CompiledPredictor(compiled))
         if worst > TOLERANCE:
             _write_record(model, paths, "failed", reason=f"scores differ from LightGBM by up to {worst:.3g}", max_difference=worst, rows=rows)
             raise CompileError(f"compiled scores differ from LightGBM by up to {worst:.3g} on {rows} verification rows")
@@ -399,18 +434,6 @@ def _compiled(model: LoadedModel, *, build: bool, warn: Callable[[str], None], r
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CompiledPredictor:
-    """Scores with a verified lleaves library: every core for big matrices, one for small ones."""
-
-    compiled: object
-    name: str = "compiled"
-
-    def predict(self, matrix: np.ndarray) -> np.ndarray:
-        matrix = np.ascontiguousarray(matrix, dtype=np.float64)
-        return self.compiled.predict(matrix, n_jobs=thread_count(len(matrix)))
 
 
 def _fallback_message(model: LoadedModel, reason: str) -> str:

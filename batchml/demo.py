@@ -107,7 +107,9 @@ def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | No
         table.add_row(*night_row(project, run, elapsed))
 
     first = start + timedelta(days=FIRST_NIGHT - 1)
-    runs = replay(project, JOB, first, first + timedelta(days=days - 1), notify=False, on_night=on_night)
+    # with BATCHML_SMTP_HOST set, the nights mail their reports as a real deployment would
+    notify = bool(project.settings.smtp_host)
+    runs = replay(project, JOB, first, first + timedelta(days=days - 1), notify=notify, on_night=on_night)
     console.print(table)
     console.print(f"\nScores are in {project.warehouse}. Try, with duckdb -readonly {project.catalog}:\n", highlight=False)
     console.print(SQL_TO_TRY, highlight=False, markup=False)

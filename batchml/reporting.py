@@ -30,6 +30,7 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
     if row is None:
         raise ConfigError(f"no run {run_id or ''} of job {config.job} in the warehouse; list runs with: SELECT * FROM batchml.runs")
     run_id = row["run_id"]
+    gate = _gate(con, run_id)
     return ReportData(
         job=config.job, run_id=run_id, kind=row["kind"], status=row["status"], as_of=row["as_of"],
         started_at=row["started_at"], finished_at=row["finished_at"], rows_extracted=row["rows_extracted"],
@@ -37,8 +38,10 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
         quarantine_reasons=dict(con.execute(
             "SELECT rule, count(*) FROM batchml.quarantine WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]).fetchall()),
         timings=json.loads(row["timings"] or "{}"), error=_with_note(row),
-        champion_version=row["champion_version"], challenger_version=row["challenger_version"], promoted=row["promoted"],
-        drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=_gate(con, run_id),
+        # the champion the run started with: after a promotion the gate compared the challenger with it
+        champion_version=(gate or {}).get("champion_version", row["champion_version"]),
+        challenger_version=row["challenger_version"], promoted=row["promoted"],
+        drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=gate,
         performance=_trend(con, config), band_counts=_bands(con, config, run_id), triggers=json.loads(row["triggers"] or "[]"),
     )
 
@@ -58,12 +61,15 @@ def _drift_rows(con, run_id: str) -> list[dict]:
 
 def _gate(con, run_id: str) -> dict | None:
     row = fetch_one(
-        con, "SELECT metrics FROM batchml.model_events WHERE run_id = ? AND event IN ('promoted', 'rejected', 'no_decision') "
-        "AND previous_champion IS NOT NULL ORDER BY recorded_at DESC LIMIT 1", [run_id])
+        con, "SELECT metrics, previous_champion FROM batchml.model_events WHERE run_id = ? "
+        "AND event IN ('promoted', 'rejected', 'no_decision') AND previous_champion IS NOT NULL ORDER BY recorded_at DESC LIMIT 1",
+        [run_id])
     if row is None:
         return None
     gate = json.loads(row["metrics"] or "{}")
-    return gate if "outcome" in gate else None
+    if "outcome" not in gate:
+        return None
+    return {**gate, "champion_version": row["previous_champion"]}
 
 
 def _trend(con, config: JobConfig) -> list[dict]:

@@ -226,3 +226,27 @@ def test_the_verification_rows_cover_thresholds_categories_and_missing_values(mo
     thresholds = compiled._numeric_thresholds(model)
     cvss = model.spec.features.index("cvss_base")
     assert len(thresholds[cvss]) and np.isin(thresholds[cvss], matrix[:, cvss]).any()
+
+
+def test_tiny_values_are_read_as_zero_like_lightgbm_does(tmp_path):
+    """LightGBM reads |x| <= 1e-35 as 0.0 (lleaves alone does not): splits on -1e-35 must agree."""
+    rng = np.random.default_rng(3)
+    signed = rng.choice([-1.0, 0.0, 1.0], 3000)
+    table = pa.table({"signed": signed, "other": rng.normal(size=3000)})
+    spec = fit_spec(table, ["signed", "other"], [])
+    labels = ((signed < 0) ^ (rng.random(3000) < 0.1)).astype(float)
+    booster = lgb.train({"objective": "binary", "num_leaves": 4, "verbosity": -1, "num_threads": 1},
+                        lgb.Dataset(to_matrix(table, spec), labels), num_boost_round=5)
+    assert "-1.0000000180025095e-35" in booster.model_to_string()  # the zero split this is about
+    folder = tmp_path / "tiny" / "v1"
+    folder.mkdir(parents=True)
+    sha, _ = write_artifact(folder, booster, spec.to_dict())
+    model = LoadedModel("tiny", 1, booster, spec, {}, folder, sha)
+    zero = compiled.ZERO_THRESHOLD
+    matrix = np.array([[v, 0.5] for v in (-zero, -zero / 2, -0.0, 0.0, zero, np.nextafter(-zero, -1), -1.0, 1.0, np.nan)])
+
+    predictor = make_predictor(model, "compiled")
+
+    assert np.array_equal(compiled.as_lightgbm_reads(matrix)[:5, 0], np.zeros(5))
+    assert predictor.name == ("compiled" if HAVE_LLEAVES else "lightgbm")
+    assert np.max(np.abs(predictor.predict(matrix) - booster.predict(matrix, num_threads=1))) <= 1e-12
