@@ -164,3 +164,16 @@ def test_report_command_writes_an_html_file(demo_project):
     runs = demo_project.query("SELECT run_id FROM batchml.runs")
     assert path.stem == runs[0][0]
     assert json.loads(demo_project.scalar("SELECT timings FROM batchml.runs"))["score"] > 0
+
+
+def test_json_logs_for_log_shippers_and_tracebacks_only_with_debug(demo_project):
+    result = demo_project.cli("--log-format", "json", "run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "message"} <= set(r) for r in records)
+    assert any("scored" in r["message"] for r in records)
+
+    demo_project.write_config(job_config(features={"numeric": ["nope"], "categorical": []}, validation={}))
+    plain = demo_project.cli("run", "vuln_risk")
+    debug = demo_project.cli("--debug", "run", "vuln_risk")
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert plain.returncode == debug.returncode == 1
