@@ -78,23 +78,44 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
     return f"cannot read source {source_label(config)} for job {config.job}: {first}"
 
 
-def normalised_sql(config: JobConfig, project: Path, where: str, *, with_checks: bool = True) -> str:
+def record_json(columns: list[str]) -> str:
+    """JSON of a raw source row from its columns (names come from the source, so quote them all)."""
+    fields = ", ".join(f"{quote_literal(c)}: {quote_source_column(c)}" for c in columns)
+    return f"to_json({{{fields}}})"
+
+
+def quote_source_column(name: str) -> str:
+    """Quote a column name read from the source itself (not from config): any text, escaped."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def normalised_sql(config: JobConfig, project: Path, where: str, columns: list[str] | None = None) -> str:
     """The source under batchml's column names, filtered by ``where`` (on raw columns), with the
-    contract's verdict per row and the latest row per entity marked."""
+    contract's verdict per row and the raw record (JSON of ``columns``) of every rejected row; the
+    record is built only for rejected rows (a struct of every row would cost as much as the pull).
+
+    Duplicate entity ids are found with an aggregate over the ids alone, and only the rows of
+    duplicated ids are ranked (latest watermark first, ties broken by a hash of the row): a window
+    over every row would hold the whole batch in memory, which then grows with the batch.
+    """
     src, label = config.source, config.label
     entity, wm = quote_ident(src.entity_id), quote_ident(src.watermark)
     rule, reason = reason_sql(config)
     features = [f"{_as_double(n)} AS {quote_ident(n)}" for n in config.features.numeric]
     features += [f"CAST({quote_ident(n)} AS VARCHAR) AS {quote_ident(n)}" for n in config.features.categorical]
+    watermark = f"try_cast({wm} AS TIMESTAMP)"
+    tiebreak = f"hash({', '.join(quote_ident(c) for c in required_columns(config))})"
     return f"""
         WITH src AS ({source_sql(config, project)}),
         pulled AS (SELECT * FROM src WHERE {where}),
-        checked AS (
-            SELECT p AS __row, {rule} AS __rule0, {reason} AS __reason0,
-                   row_number() OVER (PARTITION BY {entity} ORDER BY try_cast({wm} AS TIMESTAMP) DESC) AS __rank,
-                   *
-            FROM pulled p
+        dups AS (SELECT {entity} AS __id FROM pulled WHERE {entity} IS NOT NULL GROUP BY 1 HAVING count(*) > 1),
+        ranked AS (
+            SELECT *, 1 AS __rank FROM pulled p WHERE NOT EXISTS (SELECT 1 FROM dups d WHERE d.__id = p.{entity})
+            UNION ALL BY NAME
+            SELECT *, row_number() OVER (PARTITION BY {entity} ORDER BY {watermark} DESC NULLS LAST, {tiebreak}) AS __rank
+            FROM pulled p WHERE EXISTS (SELECT 1 FROM dups d WHERE d.__id = p.{entity})
         ),
+        checked AS (SELECT *, {rule} AS __rule0, {reason} AS __reason0 FROM ranked),
         verdict AS (
             SELECT *,
                    CASE WHEN __rule0 IS NULL AND __rank > 1 THEN 'duplicate' ELSE __rule0 END AS {RULE},
@@ -105,12 +126,12 @@ def normalised_sql(config: JobConfig, project: Path, where: str, *, with_checks:
         )
         SELECT {entity} AS {ENTITY},
                try_cast({quote_ident(src.event_time)} AS TIMESTAMP) AS {EVENT_TIME},
-               try_cast({wm} AS TIMESTAMP) AS {WATERMARK},
+               {watermark} AS {WATERMARK},
                try_cast({quote_ident(label.column)} AS INTEGER) AS {LABEL},
                try_cast({quote_ident(label.available_at)} AS TIMESTAMP) AS {LABEL_AT},
                {", ".join(features)},
                {RULE}, {REASON},
-               CASE WHEN {RULE} IS NOT NULL THEN to_json(__row) END AS {RECORD}
+               CASE WHEN {RULE} IS NOT NULL THEN {record_json(columns or required_columns(config))} END AS {RECORD}
         FROM verdict
     """
 
@@ -157,11 +178,12 @@ class PullResult:
 
 def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str, path: Path) -> PullResult:
     """Write the checked rows matching ``where`` to ``path`` (Parquet) and summarise them."""
-    describe_source(con, config, project)
+    columns = list(describe_source(con, config, project))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sql = normalised_sql(config, project, where)
+    sql = normalised_sql(config, project, where, columns)
     try:
-        con.execute(f"COPY ({sql}) TO {quote_literal(str(path))} (FORMAT parquet, ROW_GROUP_SIZE 100000)")
+        # run files are read back once, minutes later: lz4 writes faster than the default snappy
+        con.execute(f"COPY ({sql}) TO {quote_literal(str(path))} (FORMAT parquet, COMPRESSION lz4, ROW_GROUP_SIZE 100000)")
     except duckdb.Error as exc:
         raise DataError(_source_error(config, exc)) from exc
     return summarise(con, config, path)

@@ -155,3 +155,16 @@ def test_an_unreadable_parquet_source_fails_naming_the_file_and_moves_nothing(de
         run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
     assert demo_project.query("SELECT status FROM batchml.runs") == [("failed",)]
     assert demo_project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+
+
+def test_exact_duplicate_rows_are_scored_once(demo_project):
+    import pyarrow as pa
+
+    twice = demo_project.findings.slice(200, 3)  # same ids, same watermarks
+    load_source(demo_project.warehouse, pa.concat_tables([demo_project.findings, twice]))
+
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+
+    assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine WHERE rule = 'duplicate'") == 3
+    assert run.rows_extracted == run.rows_scored + run.rows_quarantined
+    assert demo_project.scalar("SELECT count(*) - count(DISTINCT finding_id) FROM scores.vuln_risk") == 0
