@@ -454,11 +454,11 @@ def compiled_predictor(model: LoadedModel, required: bool, warn: Callable[[str],
 
 
 def _decide(model: LoadedModel, required: bool, warn: Callable[[str], None]) -> CompiledPredictor | None:
+    if not required and total_leaves(model) < AUTO_MIN_LEAVES:
+        return None  # decided before importing lleaves: small models never pay for it
     if not available():
         if required:
             warn(_fallback_message(model, "lleaves is not installed (pip install 'batchml[compiled]')"))
-        return None
-    if not required and total_leaves(model) < AUTO_MIN_LEAVES:
         return None
     had_library = CachePaths.of(model).library.exists()
     try:

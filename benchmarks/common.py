@@ -301,6 +301,13 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if a and b else "n/a"
 
 
+def speed(seconds: float, baseline: float) -> str:
+    """``seconds`` against ``baseline`` in words: '2.10× faster' or '1.30× slower'."""
+    if not seconds or not baseline:
+        return "n/a"
+    return f"{baseline / seconds:.2f}× faster" if seconds <= baseline else f"{seconds / baseline:.2f}× slower"
+
+
 # --------------------------------------------------------------------------------------------
 # The machine
 # --------------------------------------------------------------------------------------------

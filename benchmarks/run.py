@@ -57,11 +57,11 @@ def summary(scoring: dict | None, training: dict | None) -> list[str]:
         steps = sum(e2e["timings"].values())
         b, c = scoring["booster"], scoring["compiled"]
         lines += [
-            f"| nightly run (steps) vs Booster.predict alone, {scoring['rows']:,} rows | {steps:.2f} s | {b:.2f} s | {b / steps:.2f}× faster | ≥ 3× faster |",
-            f"| nightly run (steps) vs compiled predict alone | {steps:.2f} s | {c:.2f} s | {steps / c:.2f}× slower | ≤ 1.3× |",
-            f"| nightly run (wall, incl. publish + report) vs Booster.predict | {e2e['wall']:.2f} s | {b:.2f} s | {b / e2e['wall']:.2f}× faster | |",
-            f"| compiled predict vs Booster.predict | {c:.2f} s | {b:.2f} s | {b / c:.2f}× faster | |",
-            f"| nightly run (steps) vs naive pandas | {steps:.2f} s | {scoring['naive']:.2f} s | {scoring['naive'] / steps:.2f}× faster | |",
+            f"| nightly run (steps) vs Booster.predict alone, {scoring['rows']:,} rows | {steps:.2f} s | {b:.2f} s | {common.speed(steps, b)} | ≥ 3× faster |",
+            f"| nightly run (steps) vs compiled predict alone | {steps:.2f} s | {c:.2f} s | {common.speed(steps, c)} | ≤ 1.3× slower |",
+            f"| nightly run (wall, incl. publish + report) vs Booster.predict | {e2e['wall']:.2f} s | {b:.2f} s | {common.speed(e2e['wall'], b)} | |",
+            f"| compiled predict vs Booster.predict | {c:.2f} s | {b:.2f} s | {common.speed(c, b)} | |",
+            f"| nightly run (steps) vs naive pandas | {steps:.2f} s | {scoring['naive']:.2f} s | {common.speed(steps, scoring['naive'])} | |",
             f"| stored scores vs Booster.predict, max abs diff | {e2e.get('max_diff', float('nan')):.2g} | | | ≤ 1e-9 |",
         ]
         for limit in dict.fromkeys(r["memory_limit"] for r in scoring["rss"]):
