@@ -8,6 +8,7 @@ from batchml import registry
 from batchml.errors import ConfigError, ModelError
 from batchml.locks import job_lock
 from batchml.project import Project
+from batchml.score import prepare_engine
 from batchml.warehouse import migrate, transaction
 
 
@@ -34,7 +35,9 @@ def promote(project: Project, job: str, version: int, reason: str) -> int | None
             raise ConfigError(f"v{version} is already the champion of {job}")
         registry.verify(row)
         with transaction(con):
-            return registry.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
+            previous = registry.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
+    prepare_engine(registry.load(row), project.job(job).scoring.engine)
+    return previous
 
 
 def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
@@ -48,7 +51,9 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
         previous = registry.previous_champion(con, job, current["version"])
         if previous is None:
             raise ModelError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
-        registry.verify(registry.get(con, job, previous))
+        restored = registry.get(con, job, previous)
+        registry.verify(restored)
         with transaction(con):
             registry.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
-        return previous, current["version"]
+    prepare_engine(registry.load(restored), project.job(job).scoring.engine)
+    return previous, current["version"]

@@ -45,7 +45,7 @@ from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
-from batchml.score import ScoreSummary, make_predictor, score_batches, write_parquet
+from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches, write_parquet
 from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, transaction
 
 log = logging.getLogger("batchml")
@@ -392,6 +392,9 @@ class NightlyRun:
 
     def _after_commit(self) -> None:
         from batchml import publish
+
+        if self.run.promoted:
+            prepare_engine(self.champion, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
 
         try:
             publish.publish_run(self.project, self.config, self.run.run_id)

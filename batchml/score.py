@@ -59,6 +59,20 @@ def make_predictor(model: LoadedModel, engine: str = "auto", warn: Callable[[str
     return LightGBMPredictor(model)
 
 
+def prepare_engine(model: LoadedModel, engine: str, warn: Callable[[str], None] | None = None) -> None:
+    """At promotion: compile the new champion's trees now, so nightly runs only load them.
+
+    ``auto`` compiles large models only (``compiled.AUTO_MIN_LEAVES``); ``compiled`` always;
+    without lleaves installed this does nothing and scoring stays on LightGBM."""
+    if engine == "lightgbm":
+        return
+    try:
+        from batchml.compiled import precompile
+    except ImportError:
+        return
+    precompile(model, force=engine == "compiled", warn=warn)
+
+
 def risk_bands(scores: np.ndarray, config: JobConfig) -> np.ndarray:
     """Band per score: the highest band whose threshold the score reaches, else ``low``."""
     edges = config.band_edges
