@@ -1,9 +1,9 @@
 """Compiled trees: a LightGBM model turned into native code by lleaves (LLVM), cached beside its artifact.
 
-lleaves is optional (``pip install 'batchml[compiled]'``). It scores the same model 5-8x faster
-than ``Booster.predict`` (see benchmarks/RESULTS.md) but compiling costs seconds to minutes
-(~80 s for 300 trees x 63 leaves), so a model is compiled once — at promotion, by
-:func:`precompile` — and the library is reused by every later run:
+lleaves is optional (``pip install 'batchml[compiled]'``). It scores the same model 4-8x faster
+than ``Booster.predict`` (see benchmarks/RESULTS.md) but compiling takes from a fraction of a
+second (20 trees) to a minute or more (300 trees x 63 leaves: 40-80 s), so a model is compiled
+once — at promotion, by :func:`precompile` — and the library is reused by every later run:
 
     <model folder>/compiled/<key>.so     the object code lleaves emits
     <model folder>/compiled/<key>.json   its record: sha256 of the .so, verification result, toolchain
@@ -19,7 +19,7 @@ so a run re-verifies only when the file changed. LLVM aborts the whole process o
 object file, so a library the record does not vouch for is loaded and checked in a child process
 first; a library that fails is moved aside (``<key>.so.rejected``) and the run scores with
 LightGBM. A model that does not compile, or compiles to different scores, is recorded as failed
-and not retried until the toolchain changes.
+and not retried by nightly runs (a new toolchain means a new key; :func:`precompile` retries).
 
 **Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
 given, so :class:`CompiledPredictor` zeroes such tiny values first (:func:`as_lightgbm_reads`).
@@ -323,7 +323,7 @@ def _verify_in_child(model: LoadedModel, library: Path) -> tuple[float, int]:
         options = json.dumps(COMPILE_OPTIONS)
         args = [sys.executable, "-c", _CHILD, str(library), str(model.path / MODEL_FILE), str(given), str(out), options]
         try:
-            done = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+            done = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
         except subprocess.TimeoutExpired as exc:
             raise CompileError(f"loading {library.name} did not finish within {CHILD_TIMEOUT:.0f} s") from exc
         if done.returncode != 0:
@@ -404,7 +404,7 @@ def _build(model: LoadedModel, paths: CachePaths):
 
 
 def _known_failure(model: LoadedModel, paths: CachePaths) -> str | None:
-    """The recorded reason this model's own compile failed (not retried until the toolchain changes)."""
+    """The recorded reason this model's own compile failed (nightly runs do not retry it; precompile does)."""
     record = _read_record(paths.record)
     if record.get("status") == "failed" and record.get("model_sha256") == model.sha256 and not paths.library.exists():
         return record.get("reason", "an earlier compile failed")

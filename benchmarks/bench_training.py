@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import DATA, T0, TRAIN_START, Sizes, ratio  # noqa: E402
+import common
+from common import DATA, T0, TRAIN_START, Sizes, ratio
 
 PARAMS = {"num_leaves": 31, "learning_rate": 0.05, "num_boost_round": 400, "early_stopping_rounds": 40}
 REPEATS = 2
@@ -81,8 +81,8 @@ def markdown(f: dict) -> str:
     return "\n".join([
         f"## 4. Training overhead: {f['rows']:,} labeled rows × 35 features",
         "",
-        f"Split by time: {f['fit_rows']:,} fit, {f['validation_rows']:,} validation (early stopping), {f['holdout_rows']:,} holdout. "
-        f"Parameters {json.dumps(PARAMS)}; best of {REPEATS} runs each.",
+        (f"Split by time: {f['fit_rows']:,} fit, {f['validation_rows']:,} validation (early stopping), {f['holdout_rows']:,} holdout. "
+        f"Parameters {json.dumps(PARAMS)}; best of {REPEATS} runs each."),
         "",
         "| what | seconds | vs bare lightgbm.train | rounds |",
         "|---|---:|---:|---:|",

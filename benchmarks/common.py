@@ -286,7 +286,7 @@ def peak_rss_mb() -> float:
 
 def spawn(args: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
     """Run a worker (``python <script> --worker ...``) in a fresh process; its last stdout line is JSON."""
-    done = subprocess.run([PYTHON, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+    done = subprocess.run([PYTHON, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO, check=False)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"worker {' '.join(args[:3])} exited {done.returncode}: {tail}")
@@ -343,7 +343,7 @@ def _version(package: str) -> str:
 def machine() -> dict:
     """What the figures were measured on."""
     return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "ram_gb": round(_ram_gb(), 1),
