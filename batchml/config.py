@@ -298,7 +298,11 @@ class Settings(BaseSettings):
 
     project: Path = Field(Path("."), description="Project directory holding configs/, jobs/ and warehouse/.")
     warehouse: Path | None = Field(None, description="Warehouse file; default <project>/warehouse/warehouse.duckdb.")
-    memory_limit: str = Field("2GB", description="DuckDB memory_limit for batchml's connections.")
+    memory_limit: str = Field(
+        "512MB",
+        description="DuckDB memory_limit: peak RSS of a 4M-row run was 891 MB at 512MB, 2.2 GB at 2GB, at the same speed "
+        "(benchmarks/RESULTS.md); 256MB keeps it flat at ~720 MB for a few % more time.",
+    )
     lock_timeout: float = Field(60.0, ge=0, description="Seconds to keep retrying while another process holds the warehouse file.")
     smtp_host: str | None = None
     smtp_port: int = 25

@@ -12,8 +12,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from scipy.spatial import distance
 
 __all__ = ["chi2_two_sample", "domain_classifier_auc", "jensen_shannon", "ks_2sample", "psi", "wasserstein_normed"]
 
@@ -33,6 +31,7 @@ def psi(ref_counts: Any, cur_counts: Any, eps: float = PSI_EPS) -> float:
 
 def jensen_shannon(ref_counts: Any, cur_counts: Any) -> float:
     """Jensen-Shannon distance (base 2, within [0, 1]) between two count vectors over the same bins."""
+    from scipy.spatial import distance
     ref, cur = _count_pair(ref_counts, cur_counts)
     return float(distance.jensenshannon(ref, cur, base=2))
 
@@ -43,6 +42,7 @@ def chi2_two_sample(ref_counts: Any, cur_counts: Any) -> tuple[float, float, int
     Same as ``scipy.stats.chi2_contingency(table, correction=False)`` after dropping bins that are
     empty on both sides. Returns ``(statistic, p_value, dof)``; one non-empty bin gives ``(0, 1, 0)``.
     """
+    from scipy import stats  # imported on use: ~1 s, and the default (psi) needs none of it
     ref, cur = _count_pair(ref_counts, cur_counts)
     table = np.vstack([ref, cur])
     table = table[:, table.sum(axis=0) > 0]
@@ -56,12 +56,14 @@ def chi2_two_sample(ref_counts: Any, cur_counts: Any) -> tuple[float, float, int
 
 def ks_2sample(ref: Any, cur: Any) -> tuple[float, float]:
     """Two-sided two-sample Kolmogorov-Smirnov test (scipy's ``ks_2samp``); NaN/±inf are ignored."""
+    from scipy import stats  # imported on use: ~1 s, and the default (psi) needs none of it
     result = stats.ks_2samp(_finite(ref, "reference"), _finite(cur, "current"))
     return float(result.statistic), float(result.pvalue)
 
 
 def wasserstein_normed(ref: Any, cur: Any, ref_std: float | None = None) -> float:
     """First Wasserstein distance divided by the reference std (ddof 0 of ``ref`` when not given)."""
+    from scipy import stats  # imported on use: ~1 s, and the default (psi) needs none of it
     ref, cur = _finite(ref, "reference"), _finite(cur, "current")
     std = float(np.std(ref)) if ref_std is None else float(ref_std)
     if not (math.isfinite(std) and std > 0):
@@ -96,6 +98,7 @@ def domain_classifier_auc(reference: np.ndarray, current: np.ndarray, seed: int 
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from scipy import stats  # imported on use: ~1 s, and the default (psi) needs none of it
     # Mann-Whitney form: the probability that a random positive outranks a random negative.
     ranks = stats.rankdata(scores)
     positive = labels == 1

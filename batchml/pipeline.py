@@ -49,6 +49,7 @@ from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_ba
 from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, transaction
 
 log = logging.getLogger("batchml")
+ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
 
 
 def checkpoint(step: str) -> None:
@@ -281,9 +282,13 @@ class NightlyRun:
         scores_acc = drift.CurrentAccumulator(profile)
         kept: list[np.ndarray] = []
 
+        # the estimated metric needs a sample of scores, not all of them (memory stays flat)
+        keep_share = min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1))
+        rng = np.random.default_rng(self.config.training.seed)
+
         def observe(batch: pa.RecordBatch, scores: np.ndarray) -> None:
             scores_acc.update({}, {}, scores=scores)
-            kept.append(scores)
+            kept.append(scores if keep_share >= 1.0 else scores[rng.random(len(scores)) < keep_share])
 
         predictor_name = self._score_with(self.champion, self.scores_path, self.scored, observe)
         self.run.rows_scored = self.scored.rows
