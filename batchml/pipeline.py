@@ -45,6 +45,7 @@ from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
+from batchml.validate import check_batch
 from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches, write_parquet
 from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, transaction
 
@@ -170,8 +171,6 @@ class NightlyRun:
         log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined)
 
     def _validate(self) -> None:
-        from batchml.validate import check_batch
-
         check = check_batch(self.config, self.batch.rows, self.batch.by_rule, self.batch.null_fractions)
         if check.rejected:
             raise RejectedError(f"batch of {self.config.job} rejected: {'; '.join(check.problems)}")
@@ -408,7 +407,7 @@ class NightlyRun:
         self._report_and_notify()
 
     def _report_and_notify(self) -> None:
-        from batchml import reporting
+        from batchml import reporting  # matplotlib is imported only when a report is written
 
         try:
             reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)
