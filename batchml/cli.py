@@ -255,10 +255,29 @@ def models_rollback(job: str, reason: Annotated[str, typer.Option("--reason", he
     console.print(f"{job}: v{restored} is champion again (v{retired} archived)")
 
 
+COMMON_OPTIONS = {"--project": True, "--warehouse": True, "--log-format": True, "--debug": False}  # option -> takes a value
+
+
+def hoist_common_options(argv: list[str]) -> list[str]:
+    """Move the common options before the command, so `batchml run JOB --project DIR` works as
+    well as `batchml --project DIR run JOB` (click only accepts them before the command)."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        name, _, inline = argv[i].partition("=")
+        if name in COMMON_OPTIONS:
+            takes_value = COMMON_OPTIONS[name] and not inline
+            front.extend(argv[i:i + 1 + takes_value])
+            i += 1 + takes_value
+        else:
+            rest.append(argv[i])
+            i += 1
+    return front + rest
+
+
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        app(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
     except BatchMLError as exc:
         if state["debug"]:
             traceback.print_exc()

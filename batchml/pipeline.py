@@ -423,7 +423,10 @@ def feature_arrays(batch: pa.RecordBatch, config: JobConfig) -> dict:
 
 
 def load_profile(model: registry.LoadedModel) -> drift.ReferenceProfile:
-    return drift.ReferenceProfile.from_dict(json.loads((model.path / retrain.PROFILE_FILE).read_text()))
+    """The model's drift reference, parsed once per loaded model (drift and scoring both need it)."""
+    if "profile" not in model.cache:
+        model.cache["profile"] = drift.ReferenceProfile.from_dict(json.loads((model.path / retrain.PROFILE_FILE).read_text()))
+    return model.cache["profile"]
 
 
 def prediction_drift(profile: drift.ReferenceProfile, accumulator: drift.CurrentAccumulator, config: JobConfig) -> list[dict]:

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchml import drift, evaluate, registry
 from batchml.config import JobConfig
 from batchml.errors import ModelError
-from batchml.extract import EVENT_TIME
 from batchml.features import categorical_values, numeric_values, to_matrix
 from batchml.train import Split, TrainedModel, fit, labels, predict, split_by_time
 
@@ -177,10 +175,3 @@ def gate(candidate: Candidate, champion: registry.LoadedModel, config: JobConfig
     return evaluate.decide(
         y, p_champion, candidate.holdout_scores, config.promotion, champion_seconds, challenger_seconds, seed=config.training.seed
     )
-
-
-def event_day_range(table: pa.Table) -> tuple[datetime | None, datetime | None]:
-    if table.num_rows == 0:
-        return None, None
-    mm = pc.min_max(table.column(EVENT_TIME)).as_py()
-    return mm["min"], mm["max"]

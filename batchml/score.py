@@ -150,7 +150,7 @@ def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, r
             pa.array(scores, pa.float64()),
             pa.array(bands, pa.string()),
             pa.array(np.full(n, version, dtype=np.int32)),
-            pa.array([run_id] * n, pa.string()) if n < 1000 else pa.repeat(pa.scalar(run_id), n).cast(pa.string()),
+            pa.repeat(pa.scalar(run_id, pa.string()), n),
             pa.repeat(pa.scalar(scored_at, pa.timestamp("us")), n),
             batch.column(EVENT_TIME),
             reasons,

@@ -177,3 +177,11 @@ def test_json_logs_for_log_shippers_and_tracebacks_only_with_debug(demo_project)
     debug = demo_project.cli("--debug", "run", "vuln_risk")
     assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
     assert plain.returncode == debug.returncode == 1
+
+
+def test_common_options_work_before_or_after_the_command(demo_project):
+    from batchml.cli import hoist_common_options
+
+    assert hoist_common_options(["run", "j", "--project", "p", "--debug", "--warehouse=w"]) == ["--project", "p", "--debug", "--warehouse=w", "run", "j"]
+    after = run_cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", "--project", str(demo_project.root), check=True)
+    assert "succeeded" in after.stdout
