@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchml import drift, evaluate, performance, registry, retrain, runlog
 from batchml.config import JobConfig
@@ -38,6 +37,9 @@ from batchml.extract import (
     PullResult,
     batch_filter,
     pull,
+    read_run_file,
+    run_file_batches,
+    run_file_reader,
     training_filter,
 )
 from batchml.features import categorical_values, numeric_values
@@ -45,9 +47,9 @@ from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
+from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches, write_run_file
 from batchml.validate import check_batch
-from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches, write_parquet
-from batchml.warehouse import fetch_dicts, memory_connection, migrate, quote_ident, quote_literal, quote_table, transaction
+from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, transaction
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -93,7 +95,7 @@ class NightlyRun:
         self.new_labels = 0
         self.realised: float | None = None
         self.performance: list[dict] = []
-        self.scores_path = self.scratch / "scores.parquet"
+        self.scores_path = self.scratch / "scores.arrow"
         self.scored = ScoreSummary()
         self.shadow_model: registry.LoadedModel | None = None
         self.shadow_path: Path | None = None
@@ -160,7 +162,7 @@ class NightlyRun:
     def _extract(self) -> None:
         where = self._batch_filter()
         with self._connect() as con:
-            self.batch = pull(con, self.config, self.project.root, where, self.scratch / "batch.parquet")
+            self.batch = pull(con, self.config, self.project.root, where, self.scratch / "batch.arrow")
             if self.run.kind in ("nightly", "replay"):
                 self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
                 self.performance = performance.realised(con, self.config, self.project.root, self.run.as_of)
@@ -175,22 +177,14 @@ class NightlyRun:
         if check.rejected:
             raise RejectedError(f"batch of {self.config.job} rejected: {'; '.join(check.problems)}")
 
-    def _valid_rows(self, batch_size: int | None = None):
-        """Reader over the valid rows of the batch file (memory bounded by ``batch_size``)."""
-        con = memory_connection(self.project.settings.memory_limit)
-        file = quote_literal(str(self.batch.path))
-        reader = con.sql(f"SELECT * FROM read_parquet({file}) WHERE {RULE} IS NULL").to_arrow_reader(batch_size or self.config.scoring.batch_size)
-        return con, reader
 
     def _drift(self) -> None:
         if self.champion is None or self.valid_rows == 0:
             return
         profile = load_profile(self.champion)
         accumulator = drift.CurrentAccumulator(profile)
-        con, reader = self._valid_rows()
-        with con:
-            for batch in reader:
-                accumulator.update(**feature_arrays(batch, self.config))
+        for batch in run_file_batches(self.batch.path):
+            accumulator.update(**feature_arrays(batch, self.config))
         self.drift_report = drift.compute_drift(profile, accumulator, self.config.drift)
         self.run.dataset_drift = self.drift_report.dataset_drift
         log.info("%s: drift in %d/%d features%s", self.config.job, self.drift_report.drifted_count,
@@ -222,11 +216,11 @@ class NightlyRun:
         return candidate
 
     def _train_candidate(self) -> retrain.Candidate:
-        path = self.scratch / "train.parquet"
+        path = self.scratch / "train.arrow"
         with self._connect() as con:
             pull(con, self.config, self.project.root, training_filter(self.config, self.run.as_of), path)
             version = registry.next_version(con, self.config.job)
-        table = pq.read_table(str(path)).filter(pa.compute.is_null(pa.compute.field(RULE)))
+        table = read_run_file(path)
         return retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of)
 
     def _crown_first(self, candidate: retrain.Candidate) -> None:
@@ -301,12 +295,11 @@ class NightlyRun:
     def _score_with(self, model: registry.LoadedModel, path: Path, summary: ScoreSummary, observe=None) -> str:
         """Stream the batch's valid rows through ``model`` into the run file ``path``."""
         predictor = make_predictor(model, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
-        con, reader = self._valid_rows()
-        with con:
-            batches = track(reader, total=self.valid_rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
-            batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
-                                    scored_at=registry.utcnow(), summary=summary, on_scores=observe)
-            write_parquet(batches, path)
+        batches = track(run_file_batches(self.batch.path), total=self.valid_rows, description=f"scoring with v{model.version}",
+                        weight=lambda b: b.num_rows)
+        batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
+                                scored_at=registry.utcnow(), summary=summary, on_scores=observe)
+        write_run_file(batches, path)
         return predictor.name
 
     def _wait_for_model(self) -> None:
@@ -327,7 +320,7 @@ class NightlyRun:
             if not rows:
                 return
             challenger = registry.load(rows[0])
-        self.shadow_path = self.scratch / "shadow.parquet"
+        self.shadow_path = self.scratch / "shadow.arrow"
         self._score_with(challenger, self.shadow_path, ScoreSummary())
 
     def _commit(self) -> None:
@@ -342,7 +335,7 @@ class NightlyRun:
                 write(con)
             if run.rows_scored:
                 write_scores(con, self.config, self.scores_path)
-            if self.shadow_path is not None:
+            if self.shadow_path is not None and self.shadow_path.exists():
                 write_scores(con, self.config, self.shadow_path, suffix="_shadow")
             self._write_performance(con)
             if advance:
@@ -355,11 +348,14 @@ class NightlyRun:
     def _write_quarantine(self, con) -> None:
         if not self.run.rows_quarantined:
             return
-        con.execute(
-            f"INSERT INTO batchml.quarantine SELECT ?, ?, CAST({ENTITY} AS VARCHAR), {RULE}, __reason, __record, ? "
-            f"FROM read_parquet({quote_literal(str(self.batch.path))}) WHERE {RULE} IS NOT NULL",
-            [self.run.run_id, self.config.job, registry.utcnow()],
-        )
+        con.register("__rejected", read_run_file(self.batch.path, valid=False))
+        try:
+            con.execute(
+                f"INSERT INTO batchml.quarantine SELECT ?, ?, CAST({ENTITY} AS VARCHAR), {RULE}, __reason, __record, ? FROM __rejected",
+                [self.run.run_id, self.config.job, registry.utcnow()],
+            )
+        finally:
+            con.unregister("__rejected")
 
     def _write_drift(self, con) -> None:
         rows = list(self.drift_report.to_rows()) if self.drift_report else []
@@ -449,11 +445,16 @@ def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
     """Append a run's scores (from its run file) and keep the ``_latest`` view in place."""
     name = config.scores_table + suffix
     table = quote_table(name)
-    file = f"read_parquet({quote_literal(str(path))})"
     schema = name.split(".")[0]
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-    con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM {file} LIMIT 0")
-    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {file}")
+    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory
+    reader = run_file_reader(path)
+    con.register("__scores", reader)
+    try:
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores LIMIT 0")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
+    finally:
+        con.unregister("__scores")
     latest = quote_table(name + "_latest")
     entity = quote_ident(config.source.entity_id)
     con.execute(

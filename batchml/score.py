@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from batchml.config import JobConfig, thread_count
 from batchml.extract import ENTITY, EVENT_TIME
@@ -159,20 +159,18 @@ def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, r
     )
 
 
-def write_parquet(batches: Iterable[pa.RecordBatch], path: Path, schema: pa.Schema | None = None) -> int:
-    """Stream batches into one Parquet file; returns the row count. Writes an empty file if none."""
+def write_run_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
+    """Stream batches into one Arrow IPC run file; returns the row count (no file when there are none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     rows = 0
     try:
         for batch in batches:
             if writer is None:
-                writer = pq.ParquetWriter(str(path), batch.schema)
+                writer = ipc.new_file(str(path), batch.schema)
             writer.write_batch(batch)
             rows += batch.num_rows
     finally:
         if writer is not None:
             writer.close()
-    if writer is None and schema is not None:
-        pq.write_table(schema.empty_table(), str(path))
     return rows

@@ -181,7 +181,7 @@ def normalised_rows(config: dict, source_rows: pa.Table, scratch: Path) -> pa.Ta
     """``source_rows`` as a run sees them: pulled through batchml's extract (normalised, checked)."""
     import duckdb
 
-    from batchml.extract import RULE, pull
+    from batchml.extract import pull, read_run_file
 
     scratch.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
@@ -189,11 +189,10 @@ def normalised_rows(config: dict, source_rows: pa.Table, scratch: Path) -> pa.Ta
         con.execute("CREATE SCHEMA raw")
         con.register("incoming", source_rows)
         con.execute(f"CREATE TABLE {SOURCE} AS SELECT * FROM incoming")
-        result = pull(con, load_config(config), scratch, "TRUE", scratch / "normalised.parquet")
+        result = pull(con, load_config(config), scratch, "TRUE", scratch / "normalised.arrow")
     finally:
         con.close()
-    table = pq.read_table(str(result.path))
-    return table.filter(pc.is_null(table.column(RULE)))
+    return read_run_file(result.path)
 
 
 # --------------------------------------------------------------------------------------------
