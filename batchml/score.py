@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +24,7 @@ from pyarrow import ipc
 from batchml.config import JobConfig, thread_count
 from batchml.extract import ENTITY, EVENT_TIME
 from batchml.features import to_matrix
-from batchml.reasons import REASON_TYPE, PathExplainer, shap_contributions, top_reasons
+from batchml.reasons import REASON_TYPE, PathExplainer, leaf_indices, shap_contributions, top_reasons
 from batchml.registry import LoadedModel
 
 
@@ -73,23 +74,39 @@ def prepare_engine(model: LoadedModel, engine: str, warn: Callable[[str], None] 
     precompile(model, force=engine == "compiled", warn=warn)
 
 
-def risk_bands(scores: np.ndarray, config: JobConfig) -> np.ndarray:
-    """Band per score: the highest band whose threshold the score reaches, else ``low``."""
-    edges = config.band_edges
-    conditions = [scores >= threshold for _, threshold in edges]
-    return np.select(conditions, [name for name, _ in edges], default="low")
+def band_codes(scores: np.ndarray, config: JobConfig) -> tuple[np.ndarray, list[str]]:
+    """Band per score as an index into the returned names: the highest band whose threshold the
+    score reaches, else ``low`` (the last name). Small integers, not strings: counting, choosing the
+    rows that get reasons and building the Arrow column stay vectorised."""
+    edges = config.band_edges  # highest threshold first
+    names = [name for name, _ in edges] + ["low"]
+    codes = np.full(len(scores), len(edges), dtype=np.int32)
+    for code in range(len(edges) - 1, -1, -1):  # lowest first, so a higher band overwrites it
+        codes[scores >= edges[code][1]] = code
+    return codes, names
 
 
 def reason_codes(model: LoadedModel, matrix: np.ndarray, wanted: np.ndarray, config: JobConfig) -> pa.Array:
-    """Top-``scoring.reasons`` contributions for rows where ``wanted`` is true; null for the others."""
+    """Top-``scoring.reasons`` contributions for rows where ``wanted`` is true; null for the others.
+
+    ``path`` reads each row's leaves from a verified compiled leaves library when ``scoring.engine``
+    allows compiled trees and one exists (``compiled.compiled_leaves``), else with LightGBM's pred_leaf.
+    """
     rows = np.flatnonzero(wanted)
     k = config.scoring.reasons
     if k == 0 or len(rows) == 0:
         return pa.nulls(len(matrix), REASON_TYPE)
+    chosen = matrix[rows]
     if config.scoring.reason_method == "shap":
-        contributions = shap_contributions(model.booster, matrix[rows])
+        contributions = shap_contributions(model.booster, chosen)
     else:
-        contributions = path_explainer(model).contributions(model.booster, matrix[rows])
+        compiled = None
+        if config.scoring.engine in ("auto", "compiled"):
+            from batchml.compiled import compiled_leaves
+
+            compiled = compiled_leaves(model, required=config.scoring.engine == "compiled")
+        leaves = compiled.predict(chosen) if compiled is not None else leaf_indices(model.booster, chosen)
+        contributions = path_explainer(model).contributions(leaves)
     return top_reasons(contributions, model.spec.features, rows, len(matrix), k)
 
 
@@ -120,26 +137,49 @@ def score_batches(
     summary: ScoreSummary,
     on_scores: Callable[[pa.RecordBatch, np.ndarray], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Score each normalised batch; yields rows for the scores table."""
-    reason_bands = set(config.scoring.reason_bands) if config.scoring.reason_bands is not None else None
+    """Score each normalised batch; yields rows for the scores table.
+
+    The predict of one batch runs in a worker thread (lleaves and LightGBM release the GIL) while
+    this thread reads and encodes the next batch and finishes the previous one (bands, reasons,
+    output rows), so reading and writing overlap the predict instead of adding to it.
+    """
     summary.predictor = predictor.name
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        matrix = to_matrix(batch, model.spec)
+    wanted_bands = None if config.scoring.reason_bands is None else set(config.scoring.reason_bands)
+
+    def predict(matrix: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
         scores = predictor.predict(matrix)
         summary.predict_seconds += time.perf_counter() - started
-        bands = risk_bands(scores, config)
-        wanted = np.ones(len(scores), bool) if reason_bands is None else np.isin(bands, list(reason_bands))
+        return scores
+
+    def finish(batch: pa.RecordBatch, matrix: np.ndarray, scores: np.ndarray) -> pa.RecordBatch:
+        codes, names = band_codes(scores, config)
+        if wanted_bands is None:
+            wanted = np.ones(len(scores), bool)
+        else:
+            wanted = np.isin(codes, [code for code, name in enumerate(names) if name in wanted_bands])
         started = time.perf_counter()
         reasons = reason_codes(model, matrix, wanted, config)
         summary.reason_seconds += time.perf_counter() - started
         summary.rows += batch.num_rows
-        summary.bands.update(dict(zip(*np.unique(bands, return_counts=True))))
+        summary.bands.update({name: int(n) for name, n in zip(names, np.bincount(codes, minlength=len(names))) if n})
         if on_scores is not None:
             on_scores(batch, scores)
-        yield score_rows(batch, scores, bands, reasons, config, model.version, run_id, scored_at)
+        bands = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string())).dictionary_decode()
+        return score_rows(batch, scores, bands, reasons, config, model.version, run_id, scored_at)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchml-predict") as worker:
+        pending = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            matrix = to_matrix(batch, model.spec)
+            scores = worker.submit(predict, matrix)
+            if pending is not None:
+                yield finish(*pending[:2], pending[2].result())
+            pending = (batch, matrix, scores)
+        if pending is not None:
+            yield finish(*pending[:2], pending[2].result())
 
 
 def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, run_id: str, scored_at: datetime) -> pa.RecordBatch:
@@ -148,7 +188,7 @@ def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, r
         [
             batch.column(ENTITY),
             pa.array(scores, pa.float64()),
-            pa.array(bands, pa.string()),
+            bands,
             pa.array(np.full(n, version, dtype=np.int32)),
             pa.repeat(pa.scalar(run_id, pa.string()), n),
             pa.repeat(pa.scalar(scored_at, pa.timestamp("us")), n),
