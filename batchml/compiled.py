@@ -11,14 +11,21 @@ once — at promotion, by :func:`precompile` — and the library is reused by ev
 ``key`` (:func:`cache_key`) hashes the model's sha256, the lleaves and llvmlite versions and the
 CPU (LLVM's host CPU name and feature set): a new model, toolchain or machine gets a new library.
 
-**Verified before use.** A library is used only after its predictions matched ``Booster.predict``
-to ``TOLERANCE`` on ``VERIFY_ROWS`` rows (:func:`verification_matrix`: the golden set, the golden
-set with NaNs, and rows mixing every split threshold, its float neighbours, every categorical
-level, 0 and NaN). The record remembers a passed verification together with the library's sha256,
-so a run re-verifies only when the file changed. LLVM aborts the whole process on an invalid
-object file, so a library the record does not vouch for is loaded and checked in a child process
-first; a library that fails is moved aside (``<key>.so.rejected``) and the run scores with
-LightGBM. A model that does not compile, or compiles to different scores, is recorded as failed
+**Two kinds of library** (:class:`Kind`). ``scores`` (:data:`SCORES`) predicts. ``leaves``
+(:data:`LEAVES`, files ``<key>-leaves.so/.json``, its own key) gives the leaf each tree sends a row
+to, as ``Booster.predict(pred_leaf=True)`` does, for reason codes (``reasons``): model.txt rewritten
+as a multiclass model with one class per tree whose leaves are worth 0, 1, 2, ..., compiled to
+raw scores (:func:`leaf_model_text`). Measured on a 300-tree x 63-leaf model, 74,000 rows: 0.5-0.65 s
+on one thread (0.26-0.30 s on two) where ``pred_leaf`` takes 0.9 s; compiling it took 41 s (scores: 40 s).
+
+**Verified before use.** A library is used only after its output matched LightGBM's (scores to
+``TOLERANCE``, leaf indices exactly) on ``VERIFY_ROWS`` rows (:func:`verification_matrix`: the
+golden set, the golden set with NaNs, and rows mixing every split threshold, its float neighbours,
+every categorical level, 0 and NaN). The record remembers a passed verification together with the
+library's sha256, so a run re-verifies only when the file changed. LLVM aborts the whole process on
+an invalid object file, so a library the record does not vouch for is loaded and checked in a child
+process first; a library that fails is moved aside (``<key>.so.rejected``) and the run falls back to
+LightGBM. A model that does not compile, or compiles to a different output, is recorded as failed
 and not retried by nightly runs (a new toolchain means a new key; :func:`precompile` retries).
 
 **Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
@@ -27,23 +34,26 @@ Verification found the difference on a split at -1e-35 (4e-05 in one score of 2,
 
 Engines (``scoring.engine``): ``auto`` uses a cached, verified library for models of at least
 ``AUTO_MIN_LEAVES`` leaves and never compiles; ``compiled`` compiles when no library exists and
-warns when it must fall back; ``lightgbm`` never comes here.
+warns when it must fall back; ``lightgbm`` never comes here. Both kinds follow the same rules, each
+decided on its own; :func:`precompile` builds the leaves library once the scores library is built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import secrets
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -55,8 +65,8 @@ from batchml.config import thread_count
 from batchml.features import to_matrix
 from batchml.registry import MODEL_FILE, LoadedModel, sha256_file, utcnow
 
-__all__ = ["AUTO_MIN_LEAVES", "CompiledPredictor", "as_lightgbm_reads", "available", "cache_key", "compiled_predictor", "precompile",
-           "verification_matrix"]
+__all__ = ["AUTO_MIN_LEAVES", "LEAVES", "SCORES", "CompiledPredictor", "Kind", "LeafPredictor", "as_lightgbm_reads", "available",
+           "cache_key", "compiled_leaves", "compiled_predictor", "leaf_model_text", "precompile", "verification_matrix"]
 
 log = logging.getLogger("batchml")
 
@@ -71,6 +81,9 @@ NAN_SHARE = 0.1
 CACHE_DIR = "compiled"
 CACHE_FORMAT = 2  # bump when the layout, the compile options below or the input handling change
 COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 34, "fcodemodel": "large", "finline": True}
+# fblocksize 34 as for scores: 300 (no cache blocking) read 74,000 rows' leaves in 0.18 s instead of 0.25 s (two
+# threads) but doubled the compile (55 s -> 106 s).
+LEAF_OPTIONS = {**COMPILE_OPTIONS, "raw_score": True}
 CHILD_TIMEOUT = 300.0
 GOLDEN_FILE = "golden.parquet"  # written by retrain.write_golden: model features + __score
 # LightGBM's kZeroThreshold (1e-35f): turning a dense row into (feature, value) pairs, LightGBM
@@ -107,6 +120,61 @@ def available() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Kinds of library
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a compiled library computes, how it is made, and what LightGBM answer it must match."""
+
+    name: str  # "scores" keeps the bare ``<key>`` file names; other kinds add ``-<name>``
+    what: str  # in messages: "compiled <what> differ from LightGBM"
+    fallback: str  # in warnings, what happens instead
+    options: dict  # lleaves compile options
+    tolerance: float  # largest difference from LightGBM accepted on the verification rows
+    expected: Callable[[object, np.ndarray], np.ndarray]  # LightGBM's answer: (booster, matrix) -> array
+    rewrite: Callable[[str], str] | None = None  # model.txt text -> the text lleaves compiles (None: as is)
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.name == "scores" else f"-{self.name}"
+
+
+def leaf_model_text(text: str) -> str:
+    """``model.txt`` rewritten so that lleaves computes leaf indices instead of scores.
+
+    Every tree becomes a class of its own (``num_class`` = number of trees) and its leaf ``i`` is
+    worth ``i``, so the raw score of class ``t`` is the leaf tree ``t`` sends the row to —
+    ``Booster.predict(pred_leaf=True)``. ``average_output`` (random forests) would divide it: dropped.
+    """
+    head, marker, trees = text.partition("\nTree=0\n")
+    n = len(re.findall(r"^Tree=\d+$", text, flags=re.MULTILINE))
+    if not marker or n == 0:
+        raise ValueError("model.txt holds no trees")
+    for field, value in [("num_class", str(n)), ("num_tree_per_iteration", str(n)), ("objective", f"multiclass num_class:{n}")]:
+        head, found = re.subn(rf"^{field}=.*$", f"{field}={value}", head, flags=re.MULTILINE)
+        if found != 1:
+            raise ValueError(f"model.txt has {found} '{field}=' header lines, expected 1")
+    head = re.sub(r"^average_output\s*\n", "", head, flags=re.MULTILINE)
+    trees = re.sub(r"^leaf_value=(.*)$", lambda m: "leaf_value=" + " ".join(map(str, range(len(m[1].split())))), trees, flags=re.MULTILINE)
+    return head + marker + trees
+
+
+def _booster_scores(booster, matrix: np.ndarray) -> np.ndarray:
+    return booster.predict(matrix, num_threads=1)
+
+
+def _booster_leaves(booster, matrix: np.ndarray) -> np.ndarray:
+    return np.asarray(booster.predict(matrix, pred_leaf=True, num_threads=1), dtype=np.float64).reshape(len(matrix), -1)
+
+
+SCORES = Kind("scores", "scores", "compiled trees not used, scoring with LightGBM", COMPILE_OPTIONS, TOLERANCE, _booster_scores)
+LEAVES = Kind("leaves", "leaf indices", "compiled leaf indices not used, reason codes use LightGBM's pred_leaf", LEAF_OPTIONS, 0.0,
+              _booster_leaves, rewrite=leaf_model_text)
+
+
+# --------------------------------------------------------------------------------------------
 # Cache key
 # --------------------------------------------------------------------------------------------
 
@@ -134,8 +202,7 @@ def _cpu() -> tuple[str, str]:
 
 
 @functools.cache
-def toolchain() -> dict[str, str]:
-    """What a compiled library depends on besides the model: compiler versions, CPU, options."""
+def _host() -> dict[str, str]:
     cpu, features = _cpu()
     return {
         "lleaves": _version("lleaves"),
@@ -143,16 +210,24 @@ def toolchain() -> dict[str, str]:
         "machine": platform.machine(),
         "cpu": cpu,
         "cpu_features": hashlib.sha256(features.encode()).hexdigest()[:16],
-        "options": json.dumps(COMPILE_OPTIONS, sort_keys=True),
         "format": str(CACHE_FORMAT),
     }
 
 
-def cache_key(model: LoadedModel, tools: dict[str, str] | None = None) -> str:
-    """The cache file name stem: changes with the model's sha256 and with :func:`toolchain`.
+def toolchain(kind: Kind = SCORES) -> dict[str, str]:
+    """What a ``kind`` library depends on besides the model: compiler versions, CPU, options, kind.
 
-    >>> cache_key(model)                                   # doctest: +SKIP
-    'a3f9c2...'  (24 hex digits)
+    The scores library has no "kind" entry: its key is the one it had before other kinds existed.
+    """
+    tools = {**_host(), "options": json.dumps(kind.options, sort_keys=True)}
+    return tools if kind.name == "scores" else {**tools, "kind": kind.name}
+
+
+def cache_key(model: LoadedModel, tools: dict[str, str] | None = None) -> str:
+    """The cache file name stem: changes with the model's sha256 and with ``tools`` (:func:`toolchain`).
+
+    >>> cache_key(model), cache_key(model, toolchain(LEAVES))   # doctest: +SKIP
+    ('a3f9c2...', '07be1d...')  (24 hex digits each)
     """
     parts = {"model_sha256": model.sha256, **(tools if tools is not None else toolchain())}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -164,10 +239,10 @@ class CachePaths:
     record: Path
 
     @classmethod
-    def of(cls, model: LoadedModel) -> CachePaths:
-        key = cache_key(model)
+    def of(cls, model: LoadedModel, kind: Kind = SCORES) -> CachePaths:
+        stem = cache_key(model, toolchain(kind)) + kind.suffix
         folder = model.path / CACHE_DIR
-        return cls(folder / f"{key}.so", folder / f"{key}.json")
+        return cls(folder / f"{stem}.so", folder / f"{stem}.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +314,8 @@ def verification_matrix(model: LoadedModel, rows: int = VERIFY_ROWS, seed: int =
 
 
 def _compare(expected: np.ndarray, got: np.ndarray) -> float:
-    """Largest absolute difference (inf when shapes or missing values disagree)."""
+    """Largest absolute difference (inf when shapes or missing values disagree); (rows,) is (rows, 1)."""
+    expected, got = expected.reshape(len(expected), -1), got.reshape(len(got), -1)
     if expected.shape != got.shape or not np.array_equal(np.isnan(expected), np.isnan(got)):
         return float("inf")
     return float(np.nanmax(np.abs(expected - got))) if len(expected) else 0.0
@@ -263,10 +339,10 @@ def _read_record(path: Path) -> dict:
         return {}
 
 
-def _write_record(model: LoadedModel, paths: CachePaths, status: str, **fields) -> None:
+def _write_record(model: LoadedModel, kind: Kind, paths: CachePaths, status: str, **fields) -> None:
     record = {
-        "status": status, "job": model.job, "version": model.version, "model_sha256": model.sha256,
-        "key": paths.library.stem, "toolchain": toolchain(), "recorded_at": utcnow().isoformat(), **fields,
+        "status": status, "kind": kind.name, "job": model.job, "version": model.version, "model_sha256": model.sha256,
+        "key": paths.library.stem, "toolchain": toolchain(kind), "recorded_at": utcnow().isoformat(), **fields,
     }
     try:
         _write_atomic(paths.record, json.dumps(record, indent=2, default=str).encode())
@@ -279,10 +355,27 @@ def _write_record(model: LoadedModel, paths: CachePaths, status: str, **fields) 
 # --------------------------------------------------------------------------------------------
 
 
-def _lleaves_model(model: LoadedModel):
+@contextlib.contextmanager
+def _model_file(model: LoadedModel, kind: Kind) -> Iterator[Path]:
+    """The model file lleaves reads for ``kind``: model.txt itself, or its rewrite in a temporary folder."""
+    source = model.path / MODEL_FILE
+    if kind.rewrite is None:
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="batchml-lleaves-") as scratch:
+        rewritten = Path(scratch) / MODEL_FILE
+        rewritten.write_text(kind.rewrite(source.read_text()))
+        yield rewritten
+
+
+def _lleaves_compile(model: LoadedModel, kind: Kind, cache: str | None):
+    """lleaves' model for ``kind``, compiled (or, when ``cache`` exists, loaded from it)."""
     import lleaves
 
-    return lleaves.Model(model_file=str(model.path / MODEL_FILE))
+    with _model_file(model, kind) as source:
+        compiled = lleaves.Model(model_file=str(source))
+        compiled.compile(cache=cache, **kind.options)  # reads the model file: keep it until done
+    return compiled
 
 
 def as_lightgbm_reads(matrix: np.ndarray) -> np.ndarray:
@@ -308,20 +401,31 @@ class CompiledPredictor:
         return self.compiled.predict(as_lightgbm_reads(matrix), n_jobs=thread_count(len(matrix)))
 
 
-def _verify(model: LoadedModel, predictor: CompiledPredictor) -> tuple[float, int]:
-    matrix = verification_matrix(model)
-    expected = model.booster.predict(matrix, num_threads=1)
-    return _compare(expected, predictor.predict(matrix)), len(matrix)
+@dataclass
+class LeafPredictor:
+    """Leaf indices with a leaves library: what ``Booster.predict(pred_leaf=True)`` returns, (rows, trees) int32."""
+
+    compiled: object
+    name: str = "compiled"
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        leaves = self.compiled.predict(as_lightgbm_reads(matrix), n_jobs=thread_count(len(matrix)))
+        return leaves.reshape(len(matrix), -1).astype(np.int32)
 
 
-def _verify_in_child(model: LoadedModel, library: Path) -> tuple[float, int]:
-    """Load ``library`` and score the verification rows in a child process; raises CompileError if it dies."""
+def _verify(model: LoadedModel, kind: Kind, compiled) -> tuple[float, int]:
     matrix = verification_matrix(model)
-    with tempfile.TemporaryDirectory(prefix="batchml-verify-") as scratch:
+    got = compiled.predict(as_lightgbm_reads(matrix), n_jobs=1)
+    return _compare(kind.expected(model.booster, matrix), got), len(matrix)
+
+
+def _verify_in_child(model: LoadedModel, kind: Kind, library: Path) -> tuple[float, int]:
+    """Load ``library`` and run the verification rows in a child process; raises CompileError if it dies."""
+    matrix = verification_matrix(model)
+    with tempfile.TemporaryDirectory(prefix="batchml-verify-") as scratch, _model_file(model, kind) as source:
         given, out = Path(scratch) / "given.npy", Path(scratch) / "out.npy"
         np.save(given, as_lightgbm_reads(matrix))
-        options = json.dumps(COMPILE_OPTIONS)
-        args = [sys.executable, "-c", _CHILD, str(library), str(model.path / MODEL_FILE), str(given), str(out), options]
+        args = [sys.executable, "-c", _CHILD, str(library), str(source), str(given), str(out), json.dumps(kind.options)]
         try:
             done = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
         except subprocess.TimeoutExpired as exc:
@@ -330,16 +434,14 @@ def _verify_in_child(model: LoadedModel, library: Path) -> tuple[float, int]:
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             raise CompileError(f"{library.name} cannot be loaded ({last}; exit status {done.returncode})")
         got = np.load(out)
-    return _compare(model.booster.predict(matrix, num_threads=1), got), len(matrix)
+    return _compare(kind.expected(model.booster, matrix), got), len(matrix)
 
 
-def _load(model: LoadedModel, library: Path):
+def _load(model: LoadedModel, kind: Kind, library: Path):
     try:
-        compiled = _lleaves_model(model)
-        compiled.compile(cache=str(library), **COMPILE_OPTIONS)
+        return _lleaves_compile(model, kind, str(library))
     except Exception as exc:  # whatever lleaves' parser or LLVM raises
         raise CompileError(f"cannot load {library.name}: {type(exc).__name__}: {exc}") from exc
-    return compiled
 
 
 def _reject(library: Path) -> str:
@@ -352,25 +454,26 @@ def _reject(library: Path) -> str:
     return f"moved aside to {aside.name}"
 
 
-def _use_cached(model: LoadedModel, paths: CachePaths):
+def _use_cached(model: LoadedModel, kind: Kind, paths: CachePaths):
     """The cached library, loaded; verified first (in a child process) unless its record vouches for it."""
     record = _read_record(paths.record)
     digest = sha256_file(paths.library)
     if record.get("status") == "verified" and record.get("library_sha256") == digest and record.get("model_sha256") == model.sha256:
-        return _load(model, paths.library)
+        return _load(model, kind, paths.library)
     try:
-        worst, rows = _verify_in_child(model, paths.library)
+        worst, rows = _verify_in_child(model, kind, paths.library)
     except CompileError as exc:
         raise CompileError(f"cached {exc}; {_reject(paths.library)}") from exc
-    if worst > TOLERANCE:
-        raise CompileError(f"cached library {paths.library.name} scores differ from LightGBM by up to {worst:.3g}; {_reject(paths.library)}")
+    if worst > kind.tolerance:
+        raise CompileError(f"cached library {paths.library.name} {kind.what} differ from LightGBM by up to {worst:.3g}; "
+                           f"{_reject(paths.library)}")
     if sha256_file(paths.library) != digest:  # replaced while the child checked it: what we verified is gone
         raise CompileError(f"cached library {paths.library.name} changed while it was being verified")
-    _write_record(model, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows)
-    return _load(model, paths.library)
+    _write_record(model, kind, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows)
+    return _load(model, kind, paths.library)
 
 
-def _build(model: LoadedModel, paths: CachePaths):
+def _build(model: LoadedModel, kind: Kind, paths: CachePaths):
     """Compile, verify in memory, then publish the library (temp file + rename) and its record."""
     temp = paths.library.with_name(f".{paths.library.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
     try:
@@ -382,22 +485,23 @@ def _build(model: LoadedModel, paths: CachePaths):
     try:
         started = time.perf_counter()
         try:
-            compiled = _lleaves_model(model)
-            compiled.compile(cache=cache, **COMPILE_OPTIONS)
+            compiled = _lleaves_compile(model, kind, cache)
         except Exception as exc:  # lleaves raises whatever its parser or LLVM raises
-            _write_record(model, paths, "failed", reason=f"compile failed: {type(exc).__name__}: {exc}")
+            _write_record(model, kind, paths, "failed", reason=f"compile failed: {type(exc).__name__}: {exc}")
             raise CompileError(f"compile failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
-        worst, rows = _verify(model, CompiledPredictor(compiled))
-        if worst > TOLERANCE:
-            _write_record(model, paths, "failed", reason=f"scores differ from LightGBM by up to {worst:.3g}", max_difference=worst, rows=rows)
-            raise CompileError(f"compiled scores differ from LightGBM by up to {worst:.3g} on {rows} verification rows")
+        worst, rows = _verify(model, kind, compiled)
+        if worst > kind.tolerance:
+            _write_record(model, kind, paths, "failed", reason=f"{kind.what} differ from LightGBM by up to {worst:.3g}",
+                          max_difference=worst, rows=rows)
+            raise CompileError(f"compiled {kind.what} differ from LightGBM by up to {worst:.3g} on {rows} verification rows")
         if cache is not None and temp.exists():
             digest = sha256_file(temp)
             os.replace(temp, paths.library)
-            _write_record(model, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows,
+            _write_record(model, kind, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows,
                           compile_seconds=round(seconds, 2), leaves=total_leaves(model))
-        log.info("model %s v%d: compiled %d leaves in %.1f s (max difference %.2g)", model.job, model.version, total_leaves(model), seconds, worst)
+        log.info("model %s v%d: compiled %d leaves (%s library) in %.1f s (max difference %.2g)",
+                 model.job, model.version, total_leaves(model), kind.name, seconds, worst)
         return compiled
     finally:
         temp.unlink(missing_ok=True)
@@ -411,16 +515,16 @@ def _known_failure(model: LoadedModel, paths: CachePaths) -> str | None:
     return None
 
 
-def _compiled(model: LoadedModel, *, build: bool, warn: Callable[[str], None], retry: bool = False):
+def _compiled(model: LoadedModel, kind: Kind, *, build: bool, warn: Callable[[str], None], retry: bool = False):
     """The lleaves model for ``model``: the cached library, else (``build``) a fresh compile, else None.
 
     A cached library that fails verification is refused; with ``build`` a fresh one replaces it.
     A recorded compile failure is not retried unless ``retry``.
     """
-    paths = CachePaths.of(model)
+    paths = CachePaths.of(model, kind)
     if paths.library.exists():
         try:
-            return _use_cached(model, paths)
+            return _use_cached(model, kind, paths)
         except CompileError as exc:
             if not build:
                 raise
@@ -428,7 +532,7 @@ def _compiled(model: LoadedModel, *, build: bool, warn: Callable[[str], None], r
     failure = None if retry else _known_failure(model, paths)
     if failure:
         raise CompileError(f"{failure} (recorded in {paths.record}; delete it or run precompile to retry)")
-    return _build(model, paths) if build else None
+    return _build(model, kind, paths) if build else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,8 +540,8 @@ def _compiled(model: LoadedModel, *, build: bool, warn: Callable[[str], None], r
 # --------------------------------------------------------------------------------------------
 
 
-def _fallback_message(model: LoadedModel, reason: str) -> str:
-    return f"model {model.job} v{model.version}: compiled trees not used, scoring with LightGBM: {reason}"
+def _fallback_message(model: LoadedModel, kind: Kind, reason: str) -> str:
+    return f"model {model.job} v{model.version}: {kind.fallback}: {reason}"
 
 
 def compiled_predictor(model: LoadedModel, required: bool, warn: Callable[[str], None] | None = None) -> CompiledPredictor | None:
@@ -447,45 +551,70 @@ def compiled_predictor(model: LoadedModel, required: bool, warn: Callable[[str],
     fallback; otherwise (``engine: auto``) only a cached library of a large enough model is used and
     only a library that fails verification is worth a warning. Decided once per loaded model.
     """
-    memo = ("compiled_predictor", required)
+    compiled = _decided(model, SCORES, required, warn)
+    return None if compiled is None else CompiledPredictor(compiled)
+
+
+def compiled_leaves(model: LoadedModel, required: bool, warn: Callable[[str], None] | None = None) -> LeafPredictor | None:
+    """A verified leaves library for ``model``'s reason codes, or None (the caller then uses ``pred_leaf``).
+
+    Same rules as :func:`compiled_predictor`, applied to the leaves library.
+
+    >>> leaves = compiled_leaves(model, required=False)             # doctest: +SKIP
+    >>> leaves.predict(matrix)  # == model.booster.predict(matrix, pred_leaf=True)
+    """
+    compiled = _decided(model, LEAVES, required, warn)
+    return None if compiled is None else LeafPredictor(compiled)
+
+
+def _decided(model: LoadedModel, kind: Kind, required: bool, warn: Callable[[str], None] | None):
+    """The lleaves model to use for ``kind``, or None; decided once per loaded model."""
+    memo = ("compiled", kind.name, required)
     if memo not in model.cache:
-        model.cache[memo] = _decide(model, required, warn or log.warning)
+        model.cache[memo] = _decide(model, kind, required, warn or log.warning)
     return model.cache[memo]
 
 
-def _decide(model: LoadedModel, required: bool, warn: Callable[[str], None]) -> CompiledPredictor | None:
+def _decide(model: LoadedModel, kind: Kind, required: bool, warn: Callable[[str], None]):
     if not required and total_leaves(model) < AUTO_MIN_LEAVES:
         return None  # decided before importing lleaves: small models never pay for it
     if not available():
         if required:
-            warn(_fallback_message(model, "lleaves is not installed (pip install 'batchml[compiled]')"))
+            warn(_fallback_message(model, kind, "lleaves is not installed (pip install 'batchml[compiled]')"))
         return None
-    had_library = CachePaths.of(model).library.exists()
+    had_library = CachePaths.of(model, kind).library.exists()
     try:
-        compiled = _compiled(model, build=required, warn=warn)
+        return _compiled(model, kind, build=required, warn=warn)
     except CompileError as exc:
         if required or had_library:
-            warn(_fallback_message(model, str(exc)))
+            warn(_fallback_message(model, kind, str(exc)))
         else:
-            log.info(_fallback_message(model, str(exc)))
+            log.info(_fallback_message(model, kind, str(exc)))
         return None
-    return None if compiled is None else CompiledPredictor(compiled)
 
 
 def precompile(model: LoadedModel, *, force: bool = False, warn: Callable[[str], None] | None = None) -> Path | None:
-    """Compile, verify and cache ``model``'s trees now (at promotion), so nightly runs only load them.
+    """Compile, verify and cache ``model``'s libraries now (at promotion), so nightly runs only load them.
 
-    Returns the cached library, or None when lleaves is missing, the model is smaller than
-    ``AUTO_MIN_LEAVES`` (unless ``force``, as for ``engine: compiled``) or compiling failed — the
-    reason goes to ``warn`` (default: the log); scoring then uses LightGBM.
+    Builds the scores library and, once it exists, the leaves library (reason codes). Returns the
+    scores library, or None when lleaves is missing, the model is smaller than ``AUTO_MIN_LEAVES``
+    (unless ``force``, as for ``engine: compiled``) or compiling failed — the reason goes to ``warn``
+    (default: the log); scoring then uses LightGBM.
     """
     if not available() or (not force and total_leaves(model) < AUTO_MIN_LEAVES):
         return None
     warn = warn or log.warning
+    library = _precompile(model, SCORES, warn)
+    if library is not None:
+        _precompile(model, LEAVES, warn)
+    return library
+
+
+def _precompile(model: LoadedModel, kind: Kind, warn: Callable[[str], None]) -> Path | None:
     try:
-        _compiled(model, build=True, warn=warn, retry=True)
+        _compiled(model, kind, build=True, warn=warn, retry=True)
     except CompileError as exc:
-        warn(_fallback_message(model, str(exc)))
+        warn(_fallback_message(model, kind, str(exc)))
         return None
-    library = CachePaths.of(model).library
+    library = CachePaths.of(model, kind).library
     return library if library.exists() else None

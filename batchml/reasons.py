@@ -6,10 +6,17 @@ Two ways to split a score (in log-odds) into per-feature contributions, both exa
 - ``shap``: LightGBM's ``pred_contrib`` (TreeSHAP). Measured here: 100-150x the cost of a plain
   predict (5,000 rows x 100 trees: 2.0-3.6 s vs 0.02 s), so it is only affordable on few rows.
 - ``path`` (default): tree-path attributions (Saabas, as ``treeinterpreter`` does): along the path a
-  row takes through each tree, the change in node value is credited to the split feature. One
-  ``pred_leaf`` pass (the cost of a predict) and a table lookup per tree. It can favour features
-  split near the root, where SHAP averages over orderings; for "top 3 reasons" the two agree on the
-  leading feature for most rows (see tests/test_reasons.py).
+  row takes through each tree, the change in node value is credited to the split feature. It needs
+  the leaf each tree sends a row to (:func:`leaf_indices`, LightGBM's ``pred_leaf``, or a compiled
+  leaves library, see ``compiled``) and then sums one table row per tree, as one sparse product.
+  It can favour features split near the root, where SHAP averages over orderings; for "top 3
+  reasons" the two agree on the leading feature for most rows (see tests/test_reasons.py).
+
+Measured on 74,000 rows of a 300-tree x 63-leaf, 35-feature model, on one thread (batchml's choice
+below 100,000 rows): ``pred_leaf`` 0.9 s (as much as a plain predict), a compiled leaves library
+0.5-0.65 s (0.26-0.30 s on two threads); summing the tables as one sparse product 0.31-0.35 s,
+where a loop over the trees takes 1.0-1.2 s. In all: 0.8-1.0 s with compiled leaves, 1.2-1.3 s with
+``pred_leaf`` (``pred_leaf`` and the loop: 1.9-2.1 s).
 """
 
 from __future__ import annotations
@@ -23,13 +30,26 @@ import pyarrow as pa
 from batchml.config import thread_count
 
 REASON_TYPE = pa.list_(pa.struct([("feature", pa.string()), ("contribution", pa.float64())]))
+# Cells (rows x trees) per sparse product: bounds the temporary index arrays (~50 MB) whatever the batch size.
+CHUNK_CELLS = 4_000_000
+
+
+def leaf_indices(booster: lgb.Booster, matrix: np.ndarray) -> np.ndarray:
+    """Per row, the leaf each tree sends it to: LightGBM's ``pred_leaf``, (rows, trees) int32."""
+    leaves = booster.predict(matrix, pred_leaf=True, num_threads=thread_count(len(matrix)))
+    return np.asarray(leaves).reshape(len(matrix), -1)
 
 
 @dataclass
 class PathExplainer:
-    """Per tree, a (leaves x features) table of the contributions along the path to each leaf."""
+    """For every leaf of every tree, the contributions along the path to it.
 
-    tables: list[np.ndarray]
+    ``table`` stacks the trees' (leaves x features) tables; tree ``t``'s leaf ``i`` is row
+    ``offsets[t] + i``. A row's contributions are the sum of its leaves' rows.
+    """
+
+    table: np.ndarray
+    offsets: np.ndarray
     bias: float
 
     @classmethod
@@ -42,19 +62,42 @@ class PathExplainer:
             bias += _value(root)
             _walk(root, np.zeros(n_features), table)
             tables.append(table)
-        return cls(tables, bias)
+        sizes = [len(table) for table in tables]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+        return cls(np.vstack(tables) if tables else np.zeros((0, n_features)), offsets, bias)
 
-    def contributions(self, booster: lgb.Booster, matrix: np.ndarray) -> np.ndarray:
-        leaves = booster.predict(matrix, pred_leaf=True, num_threads=thread_count(len(matrix)))
-        leaves = np.asarray(leaves, dtype=np.int64).reshape(len(matrix), -1)
-        out = np.zeros((len(matrix), self.tables[0].shape[1]) if self.tables else (len(matrix), 0))
-        for t, table in enumerate(self.tables):
-            out += table[leaves[:, t]]
+    def contributions(self, leaves: np.ndarray) -> np.ndarray:
+        """(rows, features) contributions for the (rows, trees) leaf indices of :func:`leaf_indices`.
+
+        >>> explainer.contributions(leaf_indices(booster, matrix))   # doctest: +SKIP
+        """
+        # imported on use (0.2-0.5 s), as the drift statistics do
+        from scipy import sparse
+
+        rows, trees = leaves.shape
+        if trees != len(self.offsets):
+            raise ValueError(f"leaf indices for {trees} trees given to an explainer of {len(self.offsets)} trees")
+        out = np.zeros((rows, self.table.shape[1]))
+        if trees == 0:
+            return out
+        step = max(1, CHUNK_CELLS // trees)
+        for start in range(0, rows, step):
+            # one 1 per (row, tree) at the row of table holding that tree's leaf: indicator @ table sums them
+            columns = (leaves[start:start + step] + self.offsets).astype(np.int32, copy=False).ravel()
+            if columns.min() < 0 or columns.max() >= len(self.table):  # scipy would read past the table
+                raise ValueError(f"leaf index out of range for a model of {len(self.table)} leaves")
+            indicator = sparse.csr_matrix((np.ones(len(columns)), columns, np.arange(0, len(columns) + 1, trees)),
+                                          shape=(len(columns) // trees, len(self.table)))
+            out[start:start + step] = indicator @ self.table
         return out
 
 
+def _is_leaf(node: dict) -> bool:
+    return "split_feature" not in node  # a one-leaf tree's root has neither a split nor a leaf_index
+
+
 def _value(node: dict) -> float:
-    return float(node["leaf_value"] if "leaf_index" in node else node["internal_value"])
+    return float(node["leaf_value"] if _is_leaf(node) else node["internal_value"])
 
 
 def _walk(node: dict, path: np.ndarray, table: np.ndarray) -> None:
@@ -62,7 +105,7 @@ def _walk(node: dict, path: np.ndarray, table: np.ndarray) -> None:
     stack = [(node, path)]
     while stack:
         current, acc = stack.pop()
-        if "leaf_index" in current:
+        if _is_leaf(current):
             table[current.get("leaf_index", 0)] = acc
             continue
         parent = _value(current)

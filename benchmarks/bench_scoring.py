@@ -183,7 +183,8 @@ def naive_pandas(template_path: Path, model) -> float:
 def reason_costs(model, matrix: np.ndarray, scores: np.ndarray, sizes: Sizes) -> dict:
     """Seconds for predict, path reasons and TreeSHAP on a sample; extrapolated per row."""
     from batchml.config import thread_count
-    from batchml.reasons import PathExplainer, shap_contributions
+    from batchml.compiled import compiled_leaves
+    from batchml.reasons import PathExplainer, leaf_indices, shap_contributions
 
     sample = np.ascontiguousarray(matrix[: sizes.contrib_rows])
     threads = thread_count(len(matrix))
@@ -191,9 +192,12 @@ def reason_costs(model, matrix: np.ndarray, scores: np.ndarray, sizes: Sizes) ->
     shap, _ = common.best_of(1, lambda: shap_contributions(model.booster, sample))
     build, explainer = common.best_of(1, lambda: PathExplainer.from_booster(model.booster))
     high = np.ascontiguousarray(matrix[scores >= 0.5])
-    path_high, _ = common.best_of(1, lambda: explainer.contributions(model.booster, high))
+    path_high, expected = common.best_of(1, lambda: explainer.contributions(leaf_indices(model.booster, high)))
+    leaves = compiled_leaves(model, required=True)
+    path_compiled, got = common.best_of(1, lambda: explainer.contributions(leaves.predict(high))) if leaves else (None, None)
     return {"sample": len(sample), "predict": predict, "shap": shap, "path_build": build, "high_rows": len(high),
-            "path_high": path_high, "rows": len(matrix)}
+            "path_high": path_high, "path_compiled": path_compiled, "rows": len(matrix),
+            "path_compiled_same": None if got is None else bool(np.array_equal(got, expected))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +359,10 @@ def _reason_lines(f: dict, sizes: Sizes) -> list[str]:
         f"| TreeSHAP, all {r['rows']:,} rows (extrapolated) | {per_row_shap * r['rows']:,.0f} | |",
         f"| TreeSHAP, the {r['high_rows']:,} high-band rows (extrapolated) | {per_row_shap * r['high_rows']:,.0f} | |",
         f"| path reasons (`reason_method: path`), explainer build once per model | {r['path_build']:.2f} | |",
-        f"| path reasons, the {r['high_rows']:,} high-band rows | {r['path_high']:.2f} | {r['path_high'] / max(r['high_rows'], 1) * 1e6:.1f} µs |",
+        f"| path reasons, the {r['high_rows']:,} high-band rows, leaves from LightGBM `pred_leaf` | {r['path_high']:.2f} | {r['path_high'] / max(r['high_rows'], 1) * 1e6:.1f} µs |",
+        (f"| path reasons, the same rows, leaves from the compiled leaves library (identical: {r.get('path_compiled_same')}) | "
+         f"{r['path_compiled']:.2f} | {r['path_compiled'] / max(r['high_rows'], 1) * 1e6:.1f} µs |" if r.get("path_compiled") else
+         "| path reasons, compiled leaves library | not available | |"),
         "",
         "Nightly run (steps extract…commit, seconds) with path reasons:",
         "",

@@ -1,7 +1,8 @@
 """Compiled trees (lleaves): cache key, verification against LightGBM, fallbacks, reuse of the cache.
 
 Small real models (20 trees) in tmp_path; a 20-tree model compiles in well under a second. Where
-lleaves is not installed, each test checks the LightGBM fallback instead of being skipped.
+lleaves is not installed, each test checks the LightGBM fallback instead of being skipped. The
+leaves library (leaf indices for reason codes) is checked against ``pred_leaf`` the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import job_config
 
-from batchml import compiled, demo_data
+from batchml import compiled, demo_data, score
+from batchml.config import JobConfig
 from batchml.features import fit_spec, to_matrix
 from batchml.registry import LoadedModel, write_artifact
-from batchml.score import LightGBMPredictor, make_predictor
+from batchml.score import LightGBMPredictor, make_predictor, reason_codes
 
 HAVE_LLEAVES = compiled.available()
 START = dt.datetime(2026, 1, 1)
@@ -100,6 +103,9 @@ def test_cache_key_changes_with_the_model_hash_and_the_toolchain(model):
     for part, value in [("lleaves", "1.4.0"), ("llvmlite", "0.43.0"), ("cpu", "other-cpu"), ("cpu_features", "f00"), ("machine", "aarch64")]:
         assert compiled.cache_key(model, {**tools, part: value}) != key, part
     assert compiled.CachePaths.of(model).library == model.path / "compiled" / f"{key}.so"
+    leaves_key = compiled.cache_key(model, compiled.toolchain(compiled.LEAVES))
+    assert leaves_key != key and compiled.toolchain(compiled.LEAVES)["kind"] == "leaves"
+    assert compiled.CachePaths.of(model, compiled.LEAVES).record == model.path / "compiled" / f"{leaves_key}-leaves.json"
 
 
 # -- fallbacks -----------------------------------------------------------------------------------
@@ -250,3 +256,86 @@ def test_tiny_values_are_read_as_zero_like_lightgbm_does(tmp_path):
     assert np.array_equal(compiled.as_lightgbm_reads(matrix)[:5, 0], np.zeros(5))
     assert predictor.name == ("compiled" if HAVE_LLEAVES else "lightgbm")
     assert np.max(np.abs(predictor.predict(matrix) - booster.predict(matrix, num_threads=1))) <= 1e-12
+
+
+# -- the leaves library (reason codes) ---------------------------------------------------------------
+
+
+def reasons_config(engine: str) -> JobConfig:
+    return JobConfig.model_validate(job_config(**{"scoring.engine": engine, "scoring.reason_bands": None}))
+
+
+def test_precompile_builds_a_leaves_library_that_gives_exactly_pred_leaf(model, any_size, monkeypatch):
+    library = compiled.precompile(model, force=True)
+    paths = compiled.CachePaths.of(model, compiled.LEAVES)
+    if not HAVE_LLEAVES:
+        assert library is None and not paths.library.exists()
+        assert compiled.compiled_leaves(model, required=True) is None
+        return
+    record = compiled._read_record(paths.record)
+    assert library.exists() and paths.library.exists() and library != paths.library
+    assert record["status"] == "verified" and record["kind"] == "leaves" and record["max_difference"] == 0.0
+    monkeypatch.setattr(compiled, "_build", lambda *args: pytest.fail("compiled again although a verified library is cached"))
+    monkeypatch.setattr(compiled, "_verify_in_child", lambda *args: pytest.fail("the record vouches for the file"))
+    leaves = compiled.compiled_leaves(reload(model), required=False)
+    matrix = scoring_rows(model)
+    assert np.isnan(matrix[:, model.spec.categorical_indices]).any() and np.isnan(matrix[:, 0]).any()
+    for rows in (compiled.verification_matrix(model), matrix):
+        assert np.array_equal(leaves.predict(rows), model.booster.predict(rows, pred_leaf=True, num_threads=1))
+
+
+def test_a_random_forest_gives_its_leaves_too(tmp_path):
+    """``average_output`` would divide the leaf indices by the number of trees: the rewrite drops it."""
+    table = demo_data.generate_rows(2000, seed=3, start=START)
+    spec = fit_spec(table, demo_data.NUMERIC, demo_data.CATEGORICAL)
+    params = {"objective": "binary", "boosting": "rf", "bagging_freq": 1, "bagging_fraction": 0.7, "num_leaves": 7,
+              "verbosity": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(to_matrix(table, spec), table.column(demo_data.LABEL).to_numpy().astype(float)), 5)
+    assert "average_output" in booster.model_to_string()
+    folder = tmp_path / "rf" / "v1"
+    folder.mkdir(parents=True)
+    sha, _ = write_artifact(folder, booster, spec.to_dict())
+    model = LoadedModel("rf", 1, booster, spec, {}, folder, sha)
+
+    leaves = compiled.compiled_leaves(model, required=True)
+
+    if HAVE_LLEAVES:
+        matrix = scoring_rows(model)
+        assert np.array_equal(leaves.predict(matrix), booster.predict(matrix, pred_leaf=True, num_threads=1))
+
+
+def test_reason_codes_read_compiled_leaves_and_match_lightgbm(model, monkeypatch):
+    matrix = scoring_rows(model, 500)
+    wanted = np.ones(len(matrix), bool)
+    expected = reason_codes(model, matrix, wanted, reasons_config("lightgbm"))
+    if HAVE_LLEAVES:  # the leaves come from the library, not from pred_leaf
+        monkeypatch.setattr(score, "leaf_indices", lambda *args: pytest.fail("LightGBM's pred_leaf was used"))
+
+    got = reason_codes(reload(model), matrix, wanted, reasons_config("compiled"))
+
+    assert got.equals(expected) and got.null_count == 0
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "another model's"])
+def test_a_damaged_leaves_library_is_refused_and_reasons_use_pred_leaf(model, models, any_size, damage, caplog):
+    matrix = scoring_rows(model, 500)
+    wanted = np.ones(len(matrix), bool)
+    expected = reason_codes(model, matrix, wanted, reasons_config("lightgbm"))
+    library = compiled.CachePaths.of(model, compiled.LEAVES).library
+    if HAVE_LLEAVES:
+        compiled.precompile(model, force=True)
+        if damage == "corrupt":
+            library.write_bytes(os.urandom(4096))
+        else:
+            other = reload(models[1])
+            compiled.precompile(other, force=True)
+            shutil.copy(compiled.CachePaths.of(other, compiled.LEAVES).library, library)
+
+    got = reason_codes(reload(model), matrix, wanted, reasons_config("auto"))
+
+    assert got.equals(expected)
+    if HAVE_LLEAVES:
+        warning = next(r.getMessage() for r in caplog.records if "leaf indices not used" in r.getMessage())
+        assert "toy v1" in warning and "pred_leaf" in warning
+        assert ("cannot be loaded" if damage == "corrupt" else "leaf indices differ from LightGBM") in warning
+        assert not library.exists() and library.with_name(library.name + ".rejected").exists()
