@@ -9,8 +9,8 @@ rows in ``scoring.reason_bands`` (see ``reasons`` for what each method costs).
 from __future__ import annotations
 
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,20 +30,25 @@ from batchml.registry import LoadedModel
 
 
 class Predictor(Protocol):
-    """Anything that turns a float64 feature matrix into probabilities."""
+    """Anything that turns a float64 feature matrix into probabilities.
+
+    ``concurrent_batches``: how many batches may be predicted at once, each with ``threads=1``
+    (1: one batch at a time, with every core)."""
 
     name: str
+    concurrent_batches: int
 
-    def predict(self, matrix: np.ndarray) -> np.ndarray: ...
+    def predict(self, matrix: np.ndarray, threads: int | None = None) -> np.ndarray: ...
 
 
 @dataclass
 class LightGBMPredictor:
     model: LoadedModel
     name: str = "lightgbm"
+    concurrent_batches: int = 1  # one Booster, one predict at a time; LightGBM spreads it over the cores
 
-    def predict(self, matrix: np.ndarray) -> np.ndarray:
-        return self.model.booster.predict(matrix, num_threads=thread_count(len(matrix)))
+    def predict(self, matrix: np.ndarray, threads: int | None = None) -> np.ndarray:
+        return self.model.booster.predict(matrix, num_threads=threads or thread_count(len(matrix)))
 
 
 def make_predictor(model: LoadedModel, engine: str = "auto", warn: Callable[[str], None] | None = None) -> Predictor:
@@ -137,19 +142,23 @@ def score_batches(
     summary: ScoreSummary,
     on_scores: Callable[[pa.RecordBatch, np.ndarray], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Score each normalised batch; yields rows for the scores table.
+    """Score each normalised batch; yields rows for the scores table, in the order of ``batches``.
 
-    The predict of one batch runs in a worker thread (lleaves and LightGBM release the GIL) while
-    this thread reads and encodes the next batch and finishes the previous one (bands, reasons,
-    output rows), so reading and writing overlap the predict instead of adding to it.
+    Predicts run in worker threads (lleaves and LightGBM release the GIL) while this thread reads
+    and encodes the next batch and finishes earlier ones (bands, reasons, output rows), so reading
+    and writing overlap the predict instead of adding to it. A compiled predictor scores
+    ``concurrent_batches`` batches at once, one thread each: no thread waits for another's half
+    of a batch, and one-thread lleaves does more per core than two threads on one batch.
     """
     summary.predictor = predictor.name
     wanted_bands = None if config.scoring.reason_bands is None else set(config.scoring.reason_bands)
 
+    workers = max(1, predictor.concurrent_batches)
+
     def predict(matrix: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        scores = predictor.predict(matrix)
-        summary.predict_seconds += time.perf_counter() - started
+        scores = predictor.predict(matrix, threads=1 if workers > 1 else None)
+        summary.predict_seconds += time.perf_counter() - started  # summed over workers: CPU-ish seconds, not wall
         return scores
 
     def finish(batch: pa.RecordBatch, matrix: np.ndarray, scores: np.ndarray) -> pa.RecordBatch:
@@ -168,18 +177,19 @@ def score_batches(
         bands = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string())).dictionary_decode()
         return score_rows(batch, scores, bands, reasons, config, model.version, run_id, scored_at)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchml-predict") as worker:
-        pending = None
+    in_flight: deque[tuple[pa.RecordBatch, np.ndarray, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchml-predict") as pool:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             matrix = to_matrix(batch, model.spec)
-            scores = worker.submit(predict, matrix)
-            if pending is not None:
-                yield finish(*pending[:2], pending[2].result())
-            pending = (batch, matrix, scores)
-        if pending is not None:
-            yield finish(*pending[:2], pending[2].result())
+            in_flight.append((batch, matrix, pool.submit(predict, matrix)))
+            if len(in_flight) > workers:  # every worker has a batch: finish the oldest meanwhile
+                batch, matrix, scores = in_flight.popleft()
+                yield finish(batch, matrix, scores.result())
+        while in_flight:
+            batch, matrix, scores = in_flight.popleft()
+            yield finish(batch, matrix, scores.result())
 
 
 def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, run_id: str, scored_at: datetime) -> pa.RecordBatch:
