@@ -384,9 +384,11 @@ def as_lightgbm_reads(matrix: np.ndarray) -> np.ndarray:
     Copies only when such a tiny non-zero value is present (exact zeros are common, tiny ones rare).
     """
     matrix = np.ascontiguousarray(matrix, dtype=np.float64)
-    small = np.abs(matrix) <= ZERO_THRESHOLD
-    if small.any() and np.any(matrix[small] != 0.0):
-        matrix = np.where(small, 0.0, matrix)
+    # boolean temporaries only (1 byte a cell, not an 8-byte |x| copy): half the time of np.abs
+    tiny = (matrix <= ZERO_THRESHOLD) & (matrix >= -ZERO_THRESHOLD)
+    tiny &= matrix != 0.0
+    if tiny.any():
+        matrix = np.where(tiny, 0.0, matrix)
     return matrix
 
 

@@ -307,3 +307,16 @@ def test_two_sample_chi2_keeps_its_level_where_goodness_of_fit_does_not() -> Non
     print(message)
     assert np.mean(two_sample) <= 0.025, message
     assert np.mean(goodness) >= 2 * max(np.mean(two_sample), 0.01), message
+
+
+def test_arrow_strings_are_counted_like_python_values() -> None:
+    import pyarrow as pa
+
+    profile = build_profile({"epss": np.linspace(0, 1, 1_000)}, {"ecosystem": np.array(["npm"] * 600 + ["pypi"] * 400, dtype=object)})
+    values = ["npm"] * 50 + ["pypi"] * 30 + ["cargo"] * 15 + [None] * 20
+    epss = np.linspace(0, 1, len(values))
+    as_objects, as_arrow = CurrentAccumulator(profile), CurrentAccumulator(profile)
+    as_objects.update({"epss": epss}, {"ecosystem": np.array(values, dtype=object)})
+    as_arrow.update({"epss": epss}, {"ecosystem": pa.chunked_array([pa.array(values[:40]), pa.array(values[40:])])})
+    a, b = as_arrow.categorical["ecosystem"], as_objects.categorical["ecosystem"]
+    assert (a.counts.tolist(), a.unseen, a.missing) == (b.counts.tolist(), b.unseen, b.missing) == ([50, 30], {"cargo": 15}, 20)

@@ -1,0 +1,131 @@
+"""The scoring path's parts: the pull into an Arrow run file, risk bands, and batches predicted
+concurrently but written in order. Real DuckDB, real LightGBM."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import lightgbm as lgb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from batchml import demo_data
+from batchml.config import parse_job_config
+from batchml.extract import ENTITY, EVENT_TIME, has_duplicates, pull, read_run_file, run_file_batches
+from batchml.features import FeatureSpec
+from batchml.registry import LoadedModel
+from batchml.score import LightGBMPredictor, ScoreSummary, band_codes, score_batches
+from conftest import job_config
+
+ALL_ROWS = "TRUE"
+
+
+def source(rows: pa.Table) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA raw")
+    con.register("incoming", rows)
+    con.execute("CREATE TABLE raw.vuln_findings AS SELECT * FROM incoming")
+    return con
+
+
+def config(**overrides):
+    return parse_job_config(job_config(**overrides), Path("vuln_risk.yaml"))
+
+
+# --- the pull ------------------------------------------------------------------------------------
+
+
+def test_the_duplicate_check_and_the_run_file(tmp_path):
+    rows = demo_data.generate_rows(3_000, seed=3, start=datetime(2026, 1, 1))
+    cfg = config(**{"scoring.batch_size": 1_000})
+    con = source(rows)
+    assert not has_duplicates(con, cfg, tmp_path, ALL_ROWS)
+
+    pulled = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "clean.arrow")
+    valid = read_run_file(pulled.path)
+    assert pulled.rows == 3_000 and valid.num_rows == 3_000 - sum(pulled.by_rule.values())
+    assert set(valid.column(ENTITY).to_pylist()) <= set(rows.column("finding_id").to_pylist())
+    assert pulled.watermark_max == max(rows.column("ingested_at").to_pylist())
+    assert sum(b.num_rows for b in run_file_batches(pulled.path, valid=False)) == sum(pulled.by_rule.values())
+    assert sum(b.num_rows for b in run_file_batches(pulled.path, valid=None)) == 3_000
+
+    # one id twice: found by the check, and the older row is quarantined as a duplicate
+    con.execute("INSERT INTO raw.vuln_findings SELECT * REPLACE (ingested_at - INTERVAL 1 MINUTE AS ingested_at) "
+                "FROM raw.vuln_findings WHERE finding_id = (SELECT min(finding_id) FROM raw.vuln_findings)")
+    assert has_duplicates(con, cfg, tmp_path, ALL_ROWS)
+    again = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "dup.arrow")
+    assert again.rows == 3_001 and again.by_rule.get("duplicate") == 1
+    assert sorted(read_run_file(again.path).column(ENTITY).to_pylist()) == sorted(valid.column(ENTITY).to_pylist())
+
+
+# --- bands ---------------------------------------------------------------------------------------
+
+
+def test_band_codes_pick_the_highest_band_reached_and_low_below_all():
+    cfg = config(**{"scoring.bands": {"critical": 0.9, "high": 0.5, "medium": 0.2}})
+    scores = np.array([0.0, 0.19999, 0.2, 0.5, 0.89, 0.9, 1.0, 0.35])
+    codes, names = band_codes(scores, cfg)
+    assert [names[c] for c in codes] == ["low", "low", "medium", "high", "high", "critical", "critical", "medium"]
+    assert names[-1] == "low"
+
+
+# --- concurrent predicts, ordered output -----------------------------------------------------------
+
+
+class Jittery:
+    """A real LightGBM predictor that takes a random while per batch, several batches at once:
+    batches finish out of order, as they can with compiled trees on several cores."""
+
+    name = "jittery"
+    concurrent_batches = 3
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.inner = LightGBMPredictor(model)
+        self.threads_seen: set[int | None] = set()
+
+    def predict(self, matrix: np.ndarray, threads: int | None = None) -> np.ndarray:
+        self.threads_seen.add(threads)
+        time.sleep(random.Random(len(matrix) + int(matrix[0, 0] * 1e6)).uniform(0, 0.05))
+        return self.inner.predict(matrix, threads=threads)
+
+
+def test_batches_predicted_concurrently_come_out_in_order_with_lightgbm_scores():
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(6_000, 3))
+    y = (rng.random(6_000) < 1 / (1 + np.exp(-X[:, 0]))).astype(float)
+    booster = lgb.train({"objective": "binary", "verbosity": -1, "num_leaves": 7, "num_threads": 1}, lgb.Dataset(X, y), 20)
+    spec = FeatureSpec(["a", "b", "c"], [])
+    model = LoadedModel("vuln_risk", 1, booster, spec, {}, Path("."), "0" * 64)
+    ids = np.arange(6_000)
+    batches = [pa.RecordBatch.from_pydict({ENTITY: ids[i:i + 700], EVENT_TIME: pa.array([datetime(2026, 1, 1)] * len(ids[i:i + 700])),
+                                           "a": X[i:i + 700, 0], "b": X[i:i + 700, 1], "c": X[i:i + 700, 2]})
+               for i in range(0, 6_000, 700)]
+    predictor, summary = Jittery(model), ScoreSummary()
+    cfg = config(**{"scoring.reasons": 0})
+
+    out = list(score_batches(batches, model, predictor, cfg, run_id="r", scored_at=datetime(2026, 1, 2), summary=summary))
+
+    table = pa.Table.from_batches(out)
+    assert table.column("finding_id").to_pylist() == ids.tolist()
+    np.testing.assert_allclose(table.column("score").to_numpy(), booster.predict(X), rtol=0, atol=1e-12)
+    assert predictor.threads_seen == {1}  # each batch on one thread, several at once
+    assert summary.rows == 6_000 and sum(summary.bands.values()) == 6_000
+
+
+def test_a_failing_predict_fails_the_scoring():
+    class Broken(Jittery):
+        def predict(self, matrix, threads=None):
+            raise RuntimeError("library went away")
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(500, 1))
+    booster = lgb.train({"objective": "binary", "verbosity": -1, "num_threads": 1}, lgb.Dataset(X, (X[:, 0] > 0).astype(float)), 5)
+    model = LoadedModel("vuln_risk", 1, booster, FeatureSpec(["a"], []), {}, Path("."), "0" * 64)
+    batch = pa.RecordBatch.from_pydict({ENTITY: np.arange(500), EVENT_TIME: pa.array([datetime(2026, 1, 1)] * 500), "a": X[:, 0]})
+    with pytest.raises(RuntimeError, match="went away"):
+        list(score_batches([batch, batch], model, Broken(model), config(), run_id="r", scored_at=datetime(2026, 1, 2), summary=ScoreSummary()))
