@@ -209,7 +209,7 @@ class ScoringConfig(Strict):
     bands: dict[str, float] = Field(default_factory=lambda: {"high": 0.5, "medium": 0.2}, description="Band name -> lowest score in it; below all: low.")
     reasons: int = Field(3, ge=0, le=20, description="Top feature contributions kept per score; 0 turns reason codes off.")
     reason_bands: list[str] | None = Field(["high"], description="Compute reasons only for these bands (null: every band); others get null.")
-    reason_method: Literal["path", "shap"] = Field("path", description="path: tree-path attributions (cost of a predict); shap: TreeSHAP via pred_contrib (100x a predict).")
+    reason_method: Literal["path", "shap"] = Field("path", description="path: tree-path attributions (about a predict plus a sparse sum); shap: TreeSHAP via pred_contrib (100x a predict).")
     engine: Literal["auto", "lightgbm", "compiled"] = Field("auto", description="Predict with LightGBM or with compiled trees (lleaves).")
     batch_size: int = Field(100_000, ge=1000, description="Rows per scoring batch (memory is bounded by this, not by the run).")
 
@@ -299,9 +299,10 @@ class Settings(BaseSettings):
     project: Path = Field(Path("."), description="Project directory holding configs/, jobs/ and warehouse/.")
     warehouse: Path | None = Field(None, description="Warehouse file; default <project>/warehouse/warehouse.duckdb.")
     memory_limit: str = Field(
-        "512MB",
-        description="DuckDB memory_limit: peak RSS of a 4M-row run was 891 MB at 512MB, 2.2 GB at 2GB, at the same speed "
-        "(benchmarks/RESULTS.md); 256MB keeps it flat at ~720 MB for a few % more time.",
+        "256MB",
+        description="DuckDB memory_limit. DuckDB keeps scanned data in memory up to it, so it sets how peak RSS grows with the "
+        "batch: a 4M-row run peaked at 714 MB with 256MB (1M rows: 662 MB), 985 MB with 512MB, 1.2 GB with 2GB, at the same "
+        "speed (benchmarks/RESULTS.md). Raise it for feature SQL with large joins or aggregations (DuckDB spills to disk beyond it).",
     )
     lock_timeout: float = Field(60.0, ge=0, description="Seconds to keep retrying while another process holds the warehouse file.")
     smtp_host: str | None = None

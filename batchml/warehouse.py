@@ -60,7 +60,7 @@ def open_connection(
     path: Path,
     *,
     read_only: bool = False,
-    memory_limit: str = "512MB",
+    memory_limit: str = "256MB",
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> duckdb.DuckDBPyConnection:
     """Open the warehouse, retrying with backoff while another process holds its lock."""
@@ -112,7 +112,7 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("COMMIT")
 
 
-def memory_connection(memory_limit: str = "512MB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def memory_connection(memory_limit: str = "256MB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB for scratch work (reading run files) that never touches the warehouse lock."""
     config: dict[str, object] = {"memory_limit": memory_limit}
     if threads:

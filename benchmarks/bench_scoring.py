@@ -112,9 +112,11 @@ def fresh_project(template_path: Path, config: dict) -> Path:
     return root
 
 
-def run_e2e(template_path: Path, config: dict, memory_limit: str = "2GB", kind: str = "nightly") -> tuple[dict, Path]:
+def run_e2e(template_path: Path, config: dict, memory_limit: str | None = None, kind: str = "nightly") -> tuple[dict, Path]:
+    """One run in a fresh process; ``memory_limit`` None: batchml's default (``Settings.memory_limit``)."""
     root = fresh_project(template_path, config)
-    result = common.spawn([__file__, "--worker", kind, "--root", str(root)], env={"BATCHML_MEMORY_LIMIT": memory_limit})
+    env = {"BATCHML_MEMORY_LIMIT": memory_limit} if memory_limit else {}
+    result = common.spawn([__file__, "--worker", kind, "--root", str(root)], env=env)
     return result, root
 
 
@@ -309,7 +311,8 @@ def markdown(f: dict) -> str:
         "",
         (f"Model: {f['trees']} trees, {f['leaves']:,} leaves in all, trained by batchml on {sizes.train_rows:,} rows. "
         f"Compiled library built and verified before the timings ({fmt_s(f['compile'])} compile when not cached). "
-        f"Threads: {f['threads']} for every contender. Booster.predict and the default nightly run: faster of two runs (each run in a fresh process); compiled predict: best of three."),
+        f"Threads: {f['threads']} for every contender. batchml runs use its default DuckDB memory_limit ({e2e['memory_limit']}). "
+        "Booster.predict, the backfill and the default nightly run: faster of two runs (each run in a fresh process); compiled predict: best of three."),
         "",
         "| contender | seconds | vs Booster.predict | vs compiled predict |",
         "|---|---:|---:|---:|",
