@@ -59,11 +59,9 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from batchml.config import thread_count
-from batchml.features import to_matrix
-from batchml.registry import MODEL_FILE, LoadedModel, sha256_file, utcnow
+from batchml.registry import MODEL_FILE, LoadedModel, golden_matrix, sha256_file, utcnow
 
 __all__ = ["AUTO_MIN_LEAVES", "LEAVES", "SCORES", "CompiledPredictor", "Kind", "LeafPredictor", "as_lightgbm_reads", "available",
            "cache_key", "compiled_leaves", "compiled_predictor", "leaf_model_text", "precompile", "verification_matrix"]
@@ -85,7 +83,6 @@ COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 34, "fcod
 # threads) but doubled the compile (55 s -> 106 s).
 LEAF_OPTIONS = {**COMPILE_OPTIONS, "raw_score": True}
 CHILD_TIMEOUT = 300.0
-GOLDEN_FILE = "golden.parquet"  # written by retrain.write_golden: model features + __score
 # LightGBM's kZeroThreshold (1e-35f): turning a dense row into (feature, value) pairs, LightGBM
 # drops every |x| at or below it, so the trees read it as 0.0. lleaves reads the value as it is,
 # which sends e.g. x = -1e-35 the other way at a split on -1e-35 (found by verification: 4e-05).
@@ -274,13 +271,6 @@ def _numeric_thresholds(model: LoadedModel) -> list[np.ndarray]:
     return [np.unique(np.asarray(values, dtype=np.float64)) for values in found]
 
 
-def _golden(model: LoadedModel) -> np.ndarray:
-    path = model.path / GOLDEN_FILE
-    if not path.exists():
-        return np.empty((0, len(model.spec.features)))
-    return to_matrix(pq.read_table(str(path)), model.spec)
-
-
 def _pools(model: LoadedModel, golden: np.ndarray) -> list[np.ndarray]:
     """Values worth trying per feature: where the trees split, and what real rows hold."""
     pools = []
@@ -303,7 +293,7 @@ def verification_matrix(model: LoadedModel, rows: int = VERIFY_ROWS, seed: int =
     floats on either side, 0, every categorical level and the golden values — with NaNs too.
     """
     rng = np.random.default_rng(seed)
-    golden = _golden(model)
+    golden = golden_matrix(model)
     holed = golden.copy()
     holed[rng.random(holed.shape) < NAN_SHARE] = np.nan
     fixed = np.vstack([golden, holed])[:rows]

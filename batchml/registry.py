@@ -24,12 +24,15 @@ from pathlib import Path
 
 import duckdb
 import lightgbm as lgb
+import numpy as np
+import pyarrow.parquet as pq
 
 from batchml.errors import ModelError
-from batchml.features import FeatureSpec
+from batchml.features import FeatureSpec, to_matrix
 from batchml.warehouse import fetch_dicts, fetch_one
 
 MODEL_FILE, MANIFEST_FILE = "model.txt", "model.json"
+GOLDEN_FILE = "golden.parquet"  # golden-set inputs and their scores (retrain.write_golden)
 CHAMPION, CHALLENGER, ARCHIVED, REJECTED = "champion", "challenger", "archived", "rejected"
 
 
@@ -68,6 +71,14 @@ class LoadedModel:
     path: Path
     sha256: str
     cache: dict = field(default_factory=dict)  # per-process helpers derived from the model (explainer, compiled predictor)
+
+
+def golden_matrix(model: LoadedModel) -> np.ndarray:
+    """The model's golden rows as its float64 feature matrix (empty if the artifact has none)."""
+    path = model.path / GOLDEN_FILE
+    if not path.exists():
+        return np.empty((0, len(model.spec.features)))
+    return to_matrix(pq.read_table(str(path)), model.spec)
 
 
 def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[str, str]:

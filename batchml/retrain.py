@@ -23,7 +23,8 @@ from batchml.errors import ModelError
 from batchml.features import categorical_values, numeric_values, to_matrix
 from batchml.train import Split, TrainedModel, fit, labels, predict, split_by_time
 
-PROFILE_FILE, GOLDEN_FILE = "profile.json", "golden.parquet"
+PROFILE_FILE = "profile.json"
+GOLDEN_FILE = registry.GOLDEN_FILE
 GOLDEN_ROWS = 256
 LATENCY_ROWS = 5_000  # enough for a stable best-of-3 ratio; the full batch is timed in benchmarks
 

@@ -339,3 +339,32 @@ def test_a_damaged_leaves_library_is_refused_and_reasons_use_pred_leaf(model, mo
         assert "toy v1" in warning and "pred_leaf" in warning
         assert ("cannot be loaded" if damage == "corrupt" else "leaf indices differ from LightGBM") in warning
         assert not library.exists() and library.with_name(library.name + ".rejected").exists()
+
+
+# --- reason-code tables cached beside the artifact ----------------------------------------------
+
+
+def test_reason_tables_are_cached_beside_the_model_and_checked_before_use(model, monkeypatch):
+    config = reasons_config(engine="lightgbm")
+    rows = scoring_rows(model, 400)
+    wanted = np.ones(len(rows), bool)
+    fresh = reason_codes(model, rows, wanted, config).to_pylist()
+    cached = model.path / score.EXPLAINER_DIR / f"{model.sha256[:24]}.npz"
+    assert cached.exists()
+
+    def no_rebuild(booster):
+        raise AssertionError("the cached tables should have been used")
+
+    monkeypatch.setattr(score.PathExplainer, "from_booster", staticmethod(no_rebuild))
+    assert reason_codes(reload(model), rows, wanted, config).to_pylist() == fresh
+    monkeypatch.undo()
+
+    # tampered tables no longer add up to LightGBM's raw scores on the golden rows: rebuilt, same reasons
+    explainer = score.PathExplainer.load(cached)
+    explainer.table[3] += 0.5
+    explainer.save(cached)
+    assert reason_codes(reload(model), rows, wanted, config).to_pylist() == fresh
+    assert score.PathExplainer.load(cached).explains(model.booster, to_matrix(pq.read_table(str(model.path / "golden.parquet")), model.spec))
+
+    cached.write_bytes(b"not an npz")  # unreadable: rebuilt as well
+    assert reason_codes(reload(model), rows, wanted, config).to_pylist() == fresh
