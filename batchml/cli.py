@@ -255,6 +255,20 @@ def models_rollback(job: str, reason: Annotated[str, typer.Option("--reason", he
     console.print(f"{job}: v{restored} is champion again (v{retired} archived)")
 
 
+@models_app.command("compile")
+def models_compile(job: str) -> None:
+    """Compile and verify JOB's champion now, as a promotion does (after upgrading batchml, lleaves or the CPU)."""
+    from batchml.manage import compile_champion
+
+    model, ready, warnings = compile_champion(open_project(), job)
+    for kind, path in ready.items():
+        console.print(f"{job} v{model.version}: {kind} library ready ({path})")
+    for warning in warnings:
+        console.print(f"{job} v{model.version}: {warning}")
+    if not ready and not warnings:
+        console.print(f"{job} v{model.version}: scores with LightGBM (scoring.engine and model size: nothing to compile)")
+
+
 COMMON_OPTIONS = {"--project": True, "--warehouse": True, "--log-format": True, "--debug": False}  # option -> takes a value
 
 

@@ -78,9 +78,11 @@ TOLERANCE = 1e-9
 NAN_SHARE = 0.1
 CACHE_DIR = "compiled"
 CACHE_FORMAT = 2  # bump when the layout, the compile options below or the input handling change
-COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 34, "fcodemodel": "large", "finline": True}
-# fblocksize 34 as for scores: 300 (no cache blocking) read 74,000 rows' leaves in 0.18 s instead of 0.25 s (two
-# threads) but doubled the compile (55 s -> 106 s).
+# fblocksize: trees per cache block. With batchml's batches (100k rows, one thread each, two at once) 16 scored
+# 1M rows of the 300 x 63 benchmark model in 1.05 s, lleaves' default 34 in 1.24 s, 8 in 1.08 s, 64 in 1.41 s.
+# For the leaves library, 300 (no blocking) read 74,000 rows' leaves in 0.18 s instead of 0.25 s but doubled the
+# compile (55 s -> 106 s). Changing an option changes every cache key: `batchml models compile JOB` rebuilds.
+COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 16, "fcodemodel": "large", "finline": True}
 LEAF_OPTIONS = {**COMPILE_OPTIONS, "raw_score": True}
 CHILD_TIMEOUT = 300.0
 # LightGBM's kZeroThreshold (1e-35f): turning a dense row into (feature, value) pairs, LightGBM

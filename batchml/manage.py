@@ -1,8 +1,10 @@
-"""Registry changes by hand: list, promote, rollback — each recorded with who and why."""
+"""Registry changes by hand: list, promote, rollback — each recorded with who and why; and
+compiling the champion again after an upgrade."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from batchml import registry
 from batchml.errors import ConfigError, ModelError
@@ -57,3 +59,24 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
             registry.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
     prepare_engine(registry.load(restored), project.job(job).scoring.engine)
     return previous, current["version"]
+
+
+def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, dict[str, Path], list[str]]:
+    """Build what a promotion builds for the champion, now: its compiled libraries (per
+    ``scoring.engine``) and its reason-code tables. For after an upgrade of batchml, lleaves or LLVM,
+    a move to another CPU or installing the ``compiled`` extra — each gives libraries a new key,
+    and nightly runs in ``auto`` never compile. Returns the model, the verified libraries by kind
+    and the warnings (why a library is missing)."""
+    from batchml import compiled
+
+    config = project.job(job)
+    with project.connect() as con:
+        migrate(con)
+        row = registry.champion(con, job)
+    if row is None:
+        raise ModelError(f"job {job} has no champion yet; run it once first")
+    model = registry.load(row)
+    warnings: list[str] = []
+    prepare_engine(model, config.scoring.engine, warn=warnings.append)
+    ready = {kind.name: path for kind in (compiled.SCORES, compiled.LEAVES) if (path := compiled.CachePaths.of(model, kind).library).exists()}
+    return model, ready, warnings

@@ -185,3 +185,27 @@ def test_common_options_work_before_or_after_the_command(demo_project):
     assert hoist_common_options(["run", "j", "--project", "p", "--debug", "--warehouse=w"]) == ["--project", "p", "--debug", "--warehouse=w", "run", "j"]
     after = run_cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", "--project", str(demo_project.root), check=True)
     assert "succeeded" in after.stdout
+
+
+def test_models_compile_rebuilds_what_a_promotion_builds(demo_project):
+    import shutil
+
+    from batchml import compiled
+
+    demo_project.write_config(job_config(**{"scoring.engine": "compiled"}))
+    demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
+    folder = next((demo_project.root / "warehouse" / "models" / "vuln_risk").glob("v1"))
+    built = sorted(p.name for p in folder.rglob("*") if p.suffix in (".so", ".npz"))
+    expect_libraries = compiled.available()
+    assert any(name.endswith(".npz") for name in built)  # reason-code tables, built at promotion
+    assert any(name.endswith("-leaves.so") for name in built) == expect_libraries
+    shutil.rmtree(folder / "compiled", ignore_errors=True)
+    shutil.rmtree(folder / "explainer")
+
+    result = demo_project.cli("models", "compile", "vuln_risk", check=True)
+
+    assert sorted(p.name for p in folder.rglob("*") if p.suffix in (".so", ".npz")) == built
+    if expect_libraries:
+        assert "scores library ready" in result.stdout and "leaves library ready" in result.stdout
+    missing = demo_project.cli("models", "compile", "nope")
+    assert missing.returncode == 2 and "nope" in missing.stderr
