@@ -232,6 +232,9 @@ class _Summary:
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
+        latest = pc.max(batch.column(WATERMARK)).as_py()  # over every pulled row, rejected ones too
+        if latest is not None and (self.watermark_max is None or latest > self.watermark_max):
+            self.watermark_max = latest
         rule = batch.column(RULE)
         if rule.null_count < len(rule):
             counts = pc.value_counts(rule.drop_null())
@@ -240,9 +243,6 @@ class _Summary:
         self.valid += batch.num_rows
         for name in self.nulls:
             self.nulls[name] += batch.column(name).null_count
-        latest = pc.max(batch.column(WATERMARK)).as_py()
-        if latest is not None and (self.watermark_max is None or latest > self.watermark_max):
-            self.watermark_max = latest
 
     def result(self, path: Path) -> PullResult:
         shares = {name: count / self.valid if self.valid else 0.0 for name, count in self.nulls.items()}
