@@ -40,6 +40,7 @@ from batchml.extract import (
     read_run_file,
     run_file_batches,
     run_file_reader,
+    run_file_schema,
     training_filter,
 )
 from batchml.features import categorical_values, numeric_values
@@ -447,11 +448,14 @@ def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
     table = quote_table(name)
     schema = name.split(".")[0]
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory
-    reader = run_file_reader(path)
-    con.register("__scores", reader)
+    con.register("__scores", run_file_schema(path).empty_table())  # the reader below can be read only once
     try:
-        con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores LIMIT 0")
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
+    finally:
+        con.unregister("__scores")
+    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory
+    con.register("__scores", run_file_reader(path))
+    try:
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
     finally:
         con.unregister("__scores")
