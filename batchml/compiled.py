@@ -533,7 +533,7 @@ def _compiled(model: LoadedModel, kind: Kind, *, build: bool, warn: Callable[[st
             warn(f"model {model.job} v{model.version}: {exc}; compiling it again")
     failure = None if retry else _known_failure(model, paths)
     if failure:
-        raise CompileError(f"{failure} (recorded in {paths.record}; delete it or run precompile to retry)")
+        raise CompileError(f"{failure} (recorded in {paths.record}; `batchml models compile {model.job}` retries)")
     return _build(model, kind, paths) if build else None
 
 

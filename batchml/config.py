@@ -301,7 +301,7 @@ class Settings(BaseSettings):
     memory_limit: str = Field(
         "256MB",
         description="DuckDB memory_limit. DuckDB keeps scanned data in memory up to it, so it sets how peak RSS grows with the "
-        "batch: a 4M-row run peaked at 714 MB with 256MB (1M rows: 662 MB), 985 MB with 512MB, 1.2 GB with 2GB, at the same "
+        "batch: a 4M-row run peaked at 714 MB with 256MB (1M rows: 667 MB), 981 MB with 512MB, 1.2 GB with 2GB, at the same "
         "speed (benchmarks/RESULTS.md). Raise it for feature SQL with large joins or aggregations (DuckDB spills to disk beyond it).",
     )
     lock_timeout: float = Field(60.0, ge=0, description="Seconds to keep retrying while another process holds the warehouse file.")

@@ -13,7 +13,7 @@ their own names (numeric as DOUBLE, categorical as VARCHAR), ``__rule``, ``__rea
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -250,7 +250,7 @@ class _Summary:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading run files back
+# Run files: written by the steps, read back batch by batch
 # --------------------------------------------------------------------------------------------
 
 
@@ -267,6 +267,23 @@ def run_file_batches(path: Path, *, valid: bool | None = True) -> Iterator[pa.Re
                     batch = batch.filter(pc.is_null(rule) if valid else pc.is_valid(rule))
             if batch.num_rows:
                 yield batch
+
+
+def write_run_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
+    """Stream batches into one Arrow IPC run file; returns the row count (no file when there are none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    rows = 0
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = ipc.new_file(str(path), batch.schema)
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
 
 def run_file_schema(path: Path) -> pa.Schema:

@@ -42,15 +42,16 @@ from batchml.extract import (
     run_file_reader,
     run_file_schema,
     training_filter,
+    write_run_file,
 )
 from batchml.features import categorical_values, numeric_values
 from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
-from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches, write_run_file
+from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches
 from batchml.validate import check_batch
-from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, transaction
+from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, registered, transaction
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -177,7 +178,6 @@ class NightlyRun:
         check = check_batch(self.config, self.batch.rows, self.batch.by_rule, self.batch.null_fractions)
         if check.rejected:
             raise RejectedError(f"batch of {self.config.job} rejected: {'; '.join(check.problems)}")
-
 
     def _drift(self) -> None:
         if self.champion is None or self.valid_rows == 0:
@@ -349,14 +349,11 @@ class NightlyRun:
     def _write_quarantine(self, con) -> None:
         if not self.run.rows_quarantined:
             return
-        con.register("__rejected", read_run_file(self.batch.path, valid=False))
-        try:
+        with registered(con, "__rejected", read_run_file(self.batch.path, valid=False)):
             con.execute(
                 f"INSERT INTO batchml.quarantine SELECT ?, ?, CAST({ENTITY} AS VARCHAR), {RULE}, __reason, __record, ? FROM __rejected",
                 [self.run.run_id, self.config.job, registry.utcnow()],
             )
-        finally:
-            con.unregister("__rejected")
 
     def _write_drift(self, con) -> None:
         rows = list(self.drift_report.to_rows()) if self.drift_report else []
@@ -448,17 +445,11 @@ def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
     table = quote_table(name)
     schema = name.split(".")[0]
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-    con.register("__scores", run_file_schema(path).empty_table())  # the reader below can be read only once
-    try:
+    with registered(con, "__scores", run_file_schema(path).empty_table()):  # the reader below can be read only once
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
-    finally:
-        con.unregister("__scores")
     # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory
-    con.register("__scores", run_file_reader(path))
-    try:
+    with registered(con, "__scores", run_file_reader(path)):
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
-    finally:
-        con.unregister("__scores")
     latest = quote_table(name + "_latest")
     entity = quote_ident(config.source.entity_id)
     con.execute(

@@ -16,12 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-from pyarrow import ipc
 
 from batchml.config import JobConfig, thread_count
 from batchml.extract import ENTITY, EVENT_TIME
@@ -138,11 +136,10 @@ def path_explainer(model: LoadedModel) -> PathExplainer:
 
 def _cached_explainer(model: LoadedModel) -> PathExplainer:
     path = model.path / EXPLAINER_DIR / f"{model.sha256[:24]}.npz"
-    golden = golden_matrix(model)
     if path.exists():
         try:
             cached = PathExplainer.load(path)
-            if cached.explains(model.booster, golden):
+            if cached.explains(model.booster, golden_matrix(model)):
                 return cached
         except (OSError, ValueError, KeyError) as exc:
             log.info("model %s v%d: rebuilding %s (%s)", model.job, model.version, path.name, exc)
@@ -241,20 +238,3 @@ def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, r
         ],
         names=[config.source.entity_id, "score", "risk_band", "model_version", "run_id", "scored_at", "event_time", "reasons"],
     )
-
-
-def write_run_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
-    """Stream batches into one Arrow IPC run file; returns the row count (no file when there are none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
-    rows = 0
-    try:
-        for batch in batches:
-            if writer is None:
-                writer = ipc.new_file(str(path), batch.schema)
-            writer.write_batch(batch)
-            rows += batch.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    return rows

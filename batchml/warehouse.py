@@ -112,6 +112,16 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("COMMIT")
 
 
+@contextmanager
+def registered(con: duckdb.DuckDBPyConnection, name: str, data) -> Iterator[str]:
+    """``data`` (an Arrow table or reader) queryable as ``name`` inside the block."""
+    con.register(name, data)
+    try:
+        yield name
+    finally:
+        con.unregister(name)
+
+
 def memory_connection(memory_limit: str = "256MB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB for scratch work (reading run files) that never touches the warehouse lock."""
     config: dict[str, object] = {"memory_limit": memory_limit}
