@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from batchml.config import thread_count
+from batchml.reasons import leaf_indices
 from batchml.registry import MODEL_FILE, LoadedModel, golden_matrix, sha256_file, utcnow
 
 __all__ = ["AUTO_MIN_LEAVES", "LEAVES", "SCORES", "CompiledPredictor", "Kind", "LeafPredictor", "as_lightgbm_reads", "available",
@@ -165,7 +166,7 @@ def _booster_scores(booster, matrix: np.ndarray) -> np.ndarray:
 
 
 def _booster_leaves(booster, matrix: np.ndarray) -> np.ndarray:
-    return np.asarray(booster.predict(matrix, pred_leaf=True, num_threads=1), dtype=np.float64).reshape(len(matrix), -1)
+    return leaf_indices(booster, matrix).astype(np.float64)  # lleaves returns them as doubles
 
 
 SCORES = Kind("scores", "scores", "compiled trees not used, scoring with LightGBM", COMPILE_OPTIONS, TOLERANCE, _booster_scores)
