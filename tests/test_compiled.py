@@ -284,6 +284,31 @@ def test_precompile_builds_a_leaves_library_that_gives_exactly_pred_leaf(model, 
         assert np.array_equal(leaves.predict(rows), model.booster.predict(rows, pred_leaf=True, num_threads=1))
 
 
+@pytest.mark.parametrize("trees, bits", [(1, 1), (23, 4), (300, 6), (7, 12), (1000, 8)])
+def test_leaf_packing_round_trips_and_stays_exact_in_a_double(trees, bits):
+    packing = compiled.LeafPacking(trees, bits)
+    leaves = np.random.default_rng(trees).integers(0, 2**bits, size=(500, trees)).astype(np.int32)
+    leaves[0] = 2**bits - 1  # every field at its largest at once
+
+    packed = packing.pack(leaves)
+
+    assert packed.shape == (500, packing.classes) and packing.classes * packing.fields >= trees
+    assert packed.max() < 2**53 and np.array_equal(packed, np.round(packed))  # integers a double holds exactly
+    assert np.array_equal(packing.unpack(packed), leaves)
+
+
+def test_trees_that_do_not_fill_the_last_class_are_padded_and_leaves_stay_exact(tmp_path):
+    model = train_model(tmp_path / "odd" / "v1", seed=4, trees=23)  # 15 leaves: 4 bits, 13 a class -> 2 classes of 12
+    text = compiled.leaf_model_text((model.path / "model.txt").read_text())
+    assert text.count("\nTree=") == 24 and "\nnum_class=2\n" in text and "Tree=23\n" in text
+
+    leaves = compiled.compiled_leaves(model, required=True)
+
+    if HAVE_LLEAVES:
+        matrix = scoring_rows(model)
+        assert np.array_equal(leaves.predict(matrix), model.booster.predict(matrix, pred_leaf=True, num_threads=1))
+
+
 def test_a_random_forest_gives_its_leaves_too(tmp_path):
     """``average_output`` would divide the leaf indices by the number of trees: the rewrite drops it."""
     table = demo_data.generate_rows(2000, seed=3, start=START)

@@ -17,7 +17,7 @@ import pytest
 from batchml import demo_data
 from batchml.config import parse_job_config
 from batchml.extract import ENTITY, EVENT_TIME, has_duplicates, pull, read_run_file, run_file_batches
-from batchml.features import FeatureSpec
+from batchml.features import FeatureSpec, to_matrix
 from batchml.registry import LoadedModel
 from batchml.score import LightGBMPredictor, ScoreSummary, band_codes, score_batches
 from conftest import job_config
@@ -61,6 +61,28 @@ def test_the_duplicate_check_and_the_run_file(tmp_path):
     again = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "dup.arrow")
     assert again.rows == 3_001 and again.by_rule.get("duplicate") == 1
     assert sorted(read_run_file(again.path).column(ENTITY).to_pylist()) == sorted(valid.column(ENTITY).to_pylist())
+
+
+# --- the model matrix ----------------------------------------------------------------------------
+
+
+def test_the_matrix_holds_every_feature_in_model_order_with_nan_for_missing():
+    n = 10_001  # more than two transpose blocks, not a multiple of one
+    rng = np.random.default_rng(4)
+    x, k = rng.normal(size=n), rng.integers(0, 50, size=n)
+    levels = np.array(["npm", "pypi", "maven", "hex", None], dtype=object)[rng.integers(0, 5, size=n)]
+    x_with_nulls = pa.array(np.where(rng.random(n) < 0.1, np.nan, x), from_pandas=True)  # NaN read as null
+    table = pa.table({"x": x_with_nulls, "k": pa.array(k, pa.int32()), "eco": pa.array(levels, pa.string())})
+    spec = FeatureSpec(["k", "x"], ["eco"], {"eco": ["pypi", "npm", "maven"]})  # "hex" unseen
+
+    matrix = to_matrix(table, spec)
+
+    assert matrix.shape == (n, 3) and matrix.dtype == np.float64 and matrix.flags.c_contiguous
+    np.testing.assert_array_equal(matrix[:, 0], k.astype(float))
+    np.testing.assert_array_equal(matrix[:, 1], np.asarray(x_with_nulls.to_numpy(zero_copy_only=False), dtype=float))
+    codes = {"pypi": 0.0, "npm": 1.0, "maven": 2.0}
+    np.testing.assert_array_equal(matrix[:, 2], [codes.get(level, np.nan) for level in levels])
+    assert np.isnan(matrix[:, 1]).sum() == x_with_nulls.null_count > 0
 
 
 # --- bands ---------------------------------------------------------------------------------------
