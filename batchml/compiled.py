@@ -14,9 +14,10 @@ CPU (LLVM's host CPU name and feature set): a new model, toolchain or machine ge
 **Two kinds of library** (:class:`Kind`). ``scores`` (:data:`SCORES`) predicts. ``leaves``
 (:data:`LEAVES`, files ``<key>-leaves.so/.json``, its own key) gives the leaf each tree sends a row
 to, as ``Booster.predict(pred_leaf=True)`` does, for reason codes (``reasons``): model.txt rewritten
-as a multiclass model with one class per tree whose leaves are worth 0, 1, 2, ..., compiled to
-raw scores (:func:`leaf_model_text`). Measured on a 300-tree x 63-leaf model, 74,000 rows: 0.5-0.65 s
-on one thread (0.26-0.30 s on two) where ``pred_leaf`` takes 0.9 s; compiling it took 41 s (scores: 40 s).
+as a multiclass model whose classes sum several trees' leaf indices as bit fields, compiled to raw
+scores (:func:`leaf_model_text`, :class:`LeafPacking`). Measured on a 300-tree x 63-leaf model,
+74,000 rows on one thread: 0.06-0.09 s + 0.05 s to unpack, where ``pred_leaf`` takes 0.9 s and one
+class per tree took 1.0 s; compiling it took 40 s (scores: 31-40 s).
 
 **Verified before use.** A library is used only after its output matched LightGBM's (scores to
 ``TOLERANCE``, leaf indices exactly) on ``VERIFY_ROWS`` rows (:func:`verification_matrix`: the
@@ -637,7 +638,11 @@ def compiled_leaves(model: LoadedModel, required: bool, warn: Callable[[str], No
     >>> leaves.predict(matrix)  # == model.booster.predict(matrix, pred_leaf=True)
     """
     compiled = _decided(model, LEAVES, required, warn)
-    return None if compiled is None else LeafPredictor(compiled, LeafPacking.of_text((model.path / MODEL_FILE).read_text()))
+    if compiled is None:
+        return None
+    if "leaf_packing" not in model.cache:  # asked for every batch: read model.txt once
+        model.cache["leaf_packing"] = LeafPacking.of_text((model.path / MODEL_FILE).read_text())
+    return LeafPredictor(compiled, model.cache["leaf_packing"])
 
 
 def _decided(model: LoadedModel, kind: Kind, required: bool, warn: Callable[[str], None] | None):

@@ -11,7 +11,8 @@
 
 The warehouse is opened only for ``begin``, ``extract`` (and the training pull) and ``commit``; the
 steps between work on run files in ``<warehouse dir>/tmp/<run_id>/``. A crash anywhere before the
-commit leaves the warehouse as it was, so the next run simply does the work again.
+commit leaves the warehouse as it was, so the next run simply does the work again. (A backfill pulls
+and scores in one pass instead: see ``backfill.BackfillRun``.)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from batchml.project import Project
 from batchml.runlog import Run
 from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches
 from batchml.validate import check_batch
-from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, registered, transaction
+from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, registered, setting, transaction
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -456,8 +457,9 @@ def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     with registered(con, "__scores", run_file_schema(path).empty_table()):  # the reader below can be read only once
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
-    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory
-    with registered(con, "__scores", run_file_reader(path)):
+    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory;
+    # in whatever order its threads finish them (2M rows: 0.3 s instead of 0.5 s; readers sort anyway)
+    with registered(con, "__scores", run_file_reader(path)), setting(con, "preserve_insertion_order", False):
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
     latest = quote_table(name + "_latest")
     entity = quote_ident(config.source.entity_id)

@@ -13,9 +13,9 @@ Two ways to split a score (in log-odds) into per-feature contributions, both exa
   reasons" the two agree on the leading feature for most rows (see tests/test_reasons.py).
 
 Measured on 74,000 rows of a 300-tree x 63-leaf, 35-feature model, on one thread (batchml's choice
-below 100,000 rows): ``pred_leaf`` 0.9 s (as much as a plain predict), a compiled leaves library
-0.5-0.65 s (0.26-0.30 s on two threads); summing the tables as one sparse product 0.31-0.35 s,
-where a loop over the trees takes 1.0-1.2 s. In all: 0.8-1.0 s with compiled leaves, 1.2-1.3 s with
+below 100,000 rows): ``pred_leaf`` 0.9 s (as much as a plain predict), the packed compiled leaves
+library 0.06-0.09 s + 0.05 s to unpack; summing the tables as one sparse product 0.3-0.45 s, where
+a loop over the trees takes 1.0-1.2 s. In all: ~0.5 s with compiled leaves, 1.2-1.3 s with
 ``pred_leaf`` (``pred_leaf`` and the loop: 1.9-2.1 s).
 """
 

@@ -122,6 +122,24 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, data) -> Iterator[str]
         con.unregister(name)
 
 
+@contextmanager
+def setting(con: duckdb.DuckDBPyConnection, name: str, value: str | int | bool) -> Iterator[None]:
+    """A DuckDB setting changed for the statements inside, then put back as it was."""
+    check_identifier(name, "DuckDB setting")
+    before = con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
+    con.execute(f"SET {name} = {_setting_literal(value)}")
+    try:
+        yield
+    finally:
+        con.execute(f"SET {name} = {_setting_literal(before)}")
+
+
+def _setting_literal(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(int(value)) if isinstance(value, int) else quote_literal(str(value))
+
+
 def memory_connection(memory_limit: str = "256MB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB for scratch work (reading run files) that never touches the warehouse lock."""
     config: dict[str, object] = {"memory_limit": memory_limit}

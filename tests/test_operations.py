@@ -302,6 +302,42 @@ def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(demo
     assert watermark(p) == mark
 
 
+def test_a_backfill_scores_or_quarantines_every_row_it_pulls_in_one_pass(demo_project):
+    """A backfill streams the pulled rows straight into scoring; the rejected ones still reach the
+    quarantine, and a batch over the quarantine limit commits nothing."""
+    from batchml.backfill import backfill
+    from batchml.errors import RejectedError
+    from batchml.warehouse import open_connection
+
+    p = demo_project
+    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+    window = [day(40), day(43)]
+    in_range = {r[0] for r in p.query("SELECT finding_id FROM raw.vuln_findings WHERE found_at >= ? AND found_at < ?", window)}
+    con = open_connection(p.warehouse)
+    try:  # three rows out of range, and an older copy of an existing row (a duplicate id)
+        con.execute("INSERT INTO raw.vuln_findings SELECT * REPLACE (finding_id + 10000000 AS finding_id, 99.0 AS cvss_base) "
+                    "FROM raw.vuln_findings WHERE found_at >= ? AND found_at < ? ORDER BY finding_id LIMIT 3", window)
+        con.execute("INSERT INTO raw.vuln_findings SELECT * REPLACE (ingested_at - INTERVAL 1 HOUR AS ingested_at) "
+                    "FROM raw.vuln_findings WHERE found_at >= ? AND found_at < ? ORDER BY finding_id LIMIT 1", window)
+    finally:
+        con.close()
+
+    run = backfill(p.project, "vuln_risk", day(40).date(), day(42).date())
+
+    assert (run.rows_extracted, run.rows_quarantined, run.rows_scored) == (len(in_range) + 4, 4, len(in_range))
+    assert {r[0] for r in p.query("SELECT finding_id FROM scores.vuln_risk WHERE run_id = ?", [run.run_id])} == in_range
+    rules = dict(p.query("SELECT rule, count(*) FROM batchml.quarantine WHERE run_id = ? GROUP BY rule", [run.run_id]))
+    assert rules == {"out_of_range": 3, "duplicate": 1}
+
+    p.write_config(job_config(**{"validation.max_quarantine_fraction": 0.001}))
+    scores_before = p.scalar("SELECT count(*) FROM scores.vuln_risk")
+    with pytest.raises(RejectedError, match="max_quarantine_fraction"):
+        backfill(p.project, "vuln_risk", day(40).date(), day(42).date())
+    status, rejected_id = p.query("SELECT status, run_id FROM batchml.runs WHERE kind = 'backfill' ORDER BY started_at DESC LIMIT 1")[0]
+    assert status == "rejected" and p.scalar("SELECT count(*) FROM scores.vuln_risk") == scores_before
+    assert p.scalar("SELECT count(*) FROM batchml.quarantine WHERE run_id = ?", [rejected_id]) == 4  # kept for diagnosis
+
+
 # -- 5. replay --------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from batchml import demo_data
 from batchml.config import parse_job_config
+from batchml.errors import DataError
 from batchml.extract import ENTITY, EVENT_TIME, has_duplicates, pull, read_run_file, run_file_batches
 from batchml.features import FeatureSpec, to_matrix
 from batchml.registry import LoadedModel
@@ -61,6 +62,13 @@ def test_the_duplicate_check_and_the_run_file(tmp_path):
     again = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "dup.arrow")
     assert again.rows == 3_001 and again.by_rule.get("duplicate") == 1
     assert sorted(read_run_file(again.path).column(ENTITY).to_pylist()) == sorted(valid.column(ENTITY).to_pylist())
+
+
+def test_a_pull_out_of_memory_names_the_setting_to_raise(tmp_path):
+    con = source(demo_data.generate_rows(20_000, seed=3, start=datetime(2026, 1, 1)))
+    con.execute("SET memory_limit = '1MB'")
+    with pytest.raises(DataError, match=r"^cannot read source raw.vuln_findings for job vuln_risk: Out of Memory Error.*BATCHML_MEMORY_LIMIT"):
+        pull(con, config(), tmp_path, ALL_ROWS, tmp_path / "batch.arrow")
 
 
 # --- the model matrix ----------------------------------------------------------------------------
