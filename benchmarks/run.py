@@ -84,11 +84,11 @@ def summary(scoring: dict | None, training: dict | None) -> list[str]:
             f"| nightly run (steps) vs naive pandas | {steps:.2f} s | {scoring['naive']:.2f} s | {common.speed(steps, scoring['naive'])} | |",
             f"| stored scores vs Booster.predict, max abs diff (nightly / backfill) | {e2e.get('max_diff', float('nan')):.2g} / {bf.get('max_diff', float('nan')):.2g} | | | ≤ 1e-9 |",
         ]
-        for limit in dict.fromkeys(r["memory_limit"] for r in scoring["rss"]):
-            series = [r for r in scoring["rss"] if r["memory_limit"] == limit and "error" not in r]
+        for label in dict.fromkeys(r["label"] for r in scoring["rss"]):
+            series = [r for r in scoring["rss"] if r["label"] == label and "error" not in r]
             if len(series) >= 2:
                 first, last = series[0], series[-1]
-                lines.append(f"| peak RSS {last['rows']:,} vs {first['rows']:,} rows, memory_limit {limit} | {last['peak_rss_mb']:.0f} MB | "
+                lines.append(f"| peak RSS {last['rows']:,} vs {first['rows']:,} rows, {label} | {last['peak_rss_mb']:.0f} MB | "
                              f"{first['peak_rss_mb']:.0f} MB | {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}× | ≤ 1.10×, < 1 GB |")
     if training:
         ours, bare = training["batchml"], training["bare"]
