@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
 from batchml import registry
@@ -13,6 +14,7 @@ from batchml.pipeline import NightlyRun, run_job
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
+from batchml.score import load_for_scoring
 from batchml.warehouse import fetch_one, migrate
 
 log = logging.getLogger("batchml")
@@ -68,9 +70,16 @@ class BackfillRun(NightlyRun):
         writes them to disk and reads them back (the run file keeps only rejected rows, for the
         quarantine). So the warehouse stays open while they are scored; another job's run waits
         for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
-        with self._connect() as con:
-            self.batch = pull(con, self.config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
-                              valid_rows=self._score_champion)
+        with ThreadPoolExecutor(1, thread_name_prefix="batchml-load") as pool:
+            # the model's libraries load while DuckDB describes and counts the rows
+            loading = pool.submit(load_for_scoring, self.champion, self.config, self._warn)
+
+            def score(batches, rows: int) -> None:
+                self._score_champion(batches, rows, loading.result())
+
+            with self._connect() as con:
+                self.batch = pull(con, self.config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
+                                  valid_rows=score)
         self._pulled()
 
     def _write_quarantine(self, con) -> None:

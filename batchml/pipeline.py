@@ -51,7 +51,7 @@ from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
-from batchml.score import ScoreSummary, make_predictor, prepare_engine, score_batches
+from batchml.score import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
 from batchml.validate import check_batch
 from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, registered, setting, transaction
 
@@ -141,6 +141,9 @@ class NightlyRun:
 
     def _connect(self):
         return self.project.connect()
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s: %s", self.config.job, message)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ class NightlyRun:
         if self.config.promotion.shadow:
             self._score_shadow()
 
-    def _score_champion(self, batches: Iterator[pa.RecordBatch], rows: int) -> None:
+    def _score_champion(self, batches: Iterator[pa.RecordBatch], rows: int, predictor: Predictor | None = None) -> None:
         """Stream ``batches`` (at most ``rows`` rows) through the champion into the scores run file,
         with the prediction drift and the estimated performance of its scores."""
         self.run.champion_version = self.champion.version
@@ -296,7 +299,7 @@ class NightlyRun:
             scores_acc.update({}, {}, scores=scores)
             kept.append(scores if keep_share >= 1.0 else scores[rng.random(len(scores)) < keep_share])
 
-        predictor_name = self._score_with(self.champion, batches, rows, self.scores_path, self.scored, observe)
+        predictor_name = self._score_with(self.champion, batches, rows, self.scores_path, self.scored, observe, predictor)
         self.run.rows_scored = self.scored.rows
         self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
         scores = np.concatenate(kept) if kept else np.empty(0)
@@ -304,9 +307,9 @@ class NightlyRun:
         log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name)
 
     def _score_with(self, model: registry.LoadedModel, batches: Iterator[pa.RecordBatch], rows: int, path: Path,
-                    summary: ScoreSummary, observe=None) -> str:
-        """Stream ``batches`` through ``model`` into the run file ``path``."""
-        predictor = make_predictor(model, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
+                    summary: ScoreSummary, observe=None, predictor: Predictor | None = None) -> str:
+        """Stream ``batches`` through ``model`` (with ``predictor``, else its own) into the run file ``path``."""
+        predictor = predictor or make_predictor(model, self.config.scoring.engine, warn=self._warn)
         batches = track(batches, total=rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
         batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
                                 scored_at=registry.utcnow(), summary=summary, on_scores=observe)
@@ -402,7 +405,7 @@ class NightlyRun:
         from batchml import publish
 
         if self.run.promoted:
-            prepare_engine(self.champion, self.config.scoring.engine, warn=lambda m: log.warning("%s: %s", self.config.job, m))
+            prepare_engine(self.champion, self.config.scoring.engine, warn=self._warn)
 
         try:
             publish.publish_run(self.project, self.config, self.run.run_id)

@@ -67,6 +67,20 @@ def make_predictor(model: LoadedModel, engine: str = "auto", warn: Callable[[str
     return LightGBMPredictor(model)
 
 
+def load_for_scoring(model: LoadedModel, config: JobConfig, warn: Callable[[str], None] | None = None) -> Predictor:
+    """``model``'s predictor, with what its reason codes read loaded too (the leaves library, the
+    path tables): 0.2-0.3 s of loading and checking that can overlap other work, such as DuckDB
+    counting the rows, instead of holding up the first batch."""
+    predictor = make_predictor(model, config.scoring.engine, warn)
+    if config.scoring.reasons and config.scoring.reason_method == "path":
+        if config.scoring.engine in ("auto", "compiled"):
+            from batchml.compiled import compiled_leaves
+
+            compiled_leaves(model, required=config.scoring.engine == "compiled")
+        path_explainer(model)
+    return predictor
+
+
 def prepare_engine(model: LoadedModel, engine: str, warn: Callable[[str], None] | None = None) -> None:
     """At promotion: compile the new champion's trees now, so nightly runs only load them.
 

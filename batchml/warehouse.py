@@ -124,7 +124,8 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, data) -> Iterator[str]
 
 @contextmanager
 def setting(con: duckdb.DuckDBPyConnection, name: str, value: str | int | bool) -> Iterator[None]:
-    """A DuckDB setting changed for the statements inside, then put back as it was."""
+    """A DuckDB setting changed for the statements inside, then put back as it was (as DuckDB prints
+    it: a memory size to 0.1 MiB, rounded down). Settings such as ``threads`` are the database's, not the cursor's."""
     check_identifier(name, "DuckDB setting")
     before = con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
     con.execute(f"SET {name} = {_setting_literal(value)}")
@@ -138,6 +139,16 @@ def _setting_literal(value: str | int | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(int(value)) if isinstance(value, int) else quote_literal(str(value))
+
+
+def size_bytes(size: str) -> int | None:
+    """DuckDB's spelling of a memory size ('256.0 MiB') in bytes; None when it is not one."""
+    units = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    number, _, unit = str(size).partition(" ")
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        return None
 
 
 def memory_connection(memory_limit: str = "256MB", threads: int | None = None) -> duckdb.DuckDBPyConnection:

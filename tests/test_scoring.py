@@ -19,6 +19,7 @@ from batchml.config import parse_job_config
 from batchml.errors import DataError
 from batchml.extract import ENTITY, EVENT_TIME, has_duplicates, pull, read_run_file, run_file_batches
 from batchml.features import FeatureSpec, to_matrix
+from batchml.warehouse import size_bytes
 from batchml.registry import LoadedModel
 from batchml.score import LightGBMPredictor, ScoreSummary, band_codes, score_batches
 from conftest import job_config
@@ -62,6 +63,30 @@ def test_the_duplicate_check_and_the_run_file(tmp_path):
     again = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "dup.arrow")
     assert again.rows == 3_001 and again.by_rule.get("duplicate") == 1
     assert sorted(read_run_file(again.path).column(ENTITY).to_pylist()) == sorted(valid.column(ENTITY).to_pylist())
+
+
+def test_a_streamed_pull_hands_over_the_valid_rows_and_keeps_only_rejected_ones(tmp_path):
+    rows = demo_data.inject_bad_rows(demo_data.generate_rows(3_000, seed=3, start=datetime(2026, 1, 1)), 0.05, seed=4)
+    con = source(rows)
+    con.execute("SET threads = 2")
+    con.execute("SET memory_limit = '256MB'")
+    seen = {}
+
+    def consume(batches, total):
+        # DuckDB's settings are the database's: a second cursor sees what the scan runs under
+        seen["settings"] = con.cursor().execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0]
+        seen["total"], seen["ids"] = total, [i for b in batches for i in b.column(ENTITY).to_pylist()]
+
+    pulled = pull(con, config(**{"scoring.batch_size": 1_000}), tmp_path, ALL_ROWS, tmp_path / "rejected.arrow", valid_rows=consume)
+
+    quarantined = sum(pulled.by_rule.values())
+    assert quarantined > 0 and seen["total"] == pulled.rows == rows.num_rows
+    assert len(seen["ids"]) == pulled.rows - quarantined
+    kept = read_run_file(pulled.path, valid=None)
+    assert kept.num_rows == quarantined and kept.column("__rule").null_count == 0  # the run file holds the rejected rows only
+    assert seen["settings"] == (1, "64.0 MiB")  # one scan thread, a small cache for a plain scan
+    threads, limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0]
+    assert threads == 2 and abs(size_bytes(limit) - 256e6) <= 0.2 * 2**20  # put back, as DuckDB prints it (to 0.1 MiB, rounded down)
 
 
 def test_a_pull_out_of_memory_names_the_setting_to_raise(tmp_path):
