@@ -83,7 +83,9 @@ CACHE_FORMAT = 2  # bump when the layout, the compile options below or the input
 # fblocksize: trees per cache block. With batchml's batches (100k rows, one thread each, two at once) 16 scored
 # 1M rows of the 300 x 63 benchmark model in 1.05 s, lleaves' default 34 in 1.24 s, 8 in 1.08 s, 64 in 1.41 s.
 # The leaves library (38 packed classes, see LeafPacking) read 74,000 rows' leaves in 0.06 s with 32, 0.09 s with
-# 16 or 64. Changing an option changes every cache key: `batchml models compile JOB` rebuilds.
+# 16 or 64. fcodemodel "small" predicted 12-15% faster (RIP-relative loads of the thresholds) but needs the code
+# and its constants mapped within 2 GB of each other, which the MCJIT loader does not promise: kept "large".
+# Changing an option changes every cache key: `batchml models compile JOB` rebuilds.
 COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 16, "fcodemodel": "large", "finline": True}
 LEAF_OPTIONS = {**COMPILE_OPTIONS, "raw_score": True, "fblocksize": 32}
 CHILD_TIMEOUT = 300.0
