@@ -10,7 +10,7 @@ from batchml import registry
 from batchml.errors import ConfigError, ModelError
 from batchml.extract import event_range_filter, pull
 from batchml.locks import job_lock
-from batchml.pipeline import NightlyRun, run_job
+from batchml.pipeline import NightlyRun, load_profile, run_job
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
@@ -70,9 +70,12 @@ class BackfillRun(NightlyRun):
         writes them to disk and reads them back (the run file keeps only rejected rows, for the
         quarantine). So the warehouse stays open while they are scored; another job's run waits
         for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
+        def load():  # the model's libraries and score profile, while DuckDB describes and counts the rows
+            load_profile(self.champion)
+            return load_for_scoring(self.champion, self.config, self._warn)
+
         with ThreadPoolExecutor(1, thread_name_prefix="batchml-load") as pool:
-            # the model's libraries load while DuckDB describes and counts the rows
-            loading = pool.submit(load_for_scoring, self.champion, self.config, self._warn)
+            loading = pool.submit(load)
 
             def score(batches, rows: int) -> None:
                 self._score_champion(batches, rows, loading.result())
