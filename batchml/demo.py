@@ -25,6 +25,9 @@ JOB = "vuln_risk"
 SOURCE = "raw.vuln_findings"
 SHIFT_DAY = 90
 FIRST_NIGHT = SHIFT_DAY + 31
+# Each day's rows are drawn from a stream keyed by (seed, date): a fixed calendar makes every run,
+# on any day, tell the same story (with the default seed: drift on the first night, v6 promoted on night 8)
+DEMO_START = date(2026, 7, 16)
 BAD_ROW_FRACTION = 0.004
 DEMO_TABLES = {("raw", "vuln_findings"), ("raw", "demo_info")}
 TEMPLATE = Path(__file__).parent / "demo_project"
@@ -95,7 +98,7 @@ def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | No
     copy_configs(root)
     project = Project.open(root)
     ensure_fresh(project)
-    start = date.today() - timedelta(days=FIRST_NIGHT + days)
+    start = DEMO_START
     rows = load_findings(project, start, FIRST_NIGHT + days, seed)
     console.print(f"demo: {rows:,} synthetic findings from {start} in {project.warehouse} (scanner upgrade on {start + timedelta(days=SHIFT_DAY)})")
     table = Table("night (as of)", "rows", "quarantined", "drift", "model", "challenger", "scored", "seconds", title=f"{days} nights of {JOB}")
