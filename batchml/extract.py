@@ -13,8 +13,8 @@ their own names (numeric as DOUBLE, categorical as VARCHAR), ``__rule``, ``__rea
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import ExitStack, contextmanager, nullcontext
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -221,8 +221,8 @@ def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where
 
     With ``valid_rows``, the run file keeps only the rejected rows (for the quarantine) and the
     valid ones are handed to ``valid_rows`` batch by batch as DuckDB reads them (with the count of
-    rows to come, valid or not): a backfill scores
-    them in the same pass instead of writing 2M rows to disk and reading them back (0.7-1 s).
+    rows to come, valid or not): a backfill scores them in the same pass instead of writing 2M rows
+    to disk and reading them back (0.7-1 s).
 
     Run files are Arrow IPC: read back once or twice within minutes by this process, so they are
     stored as they are held in memory (writing lz4 Parquet took 2 s more at 2M rows, reading it
