@@ -207,11 +207,6 @@ def count_rows(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path,
     return rows, bool(repeated)
 
 
-def has_duplicates(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str) -> bool:
-    """Whether any entity id occurs twice among the rows matching ``where``."""
-    return count_rows(con, config, project, where)[1]
-
-
 ValidRows = Callable[[Iterator[pa.RecordBatch], int], None]  # (valid batches, rows pulled in all)
 
 

@@ -17,7 +17,7 @@ import pytest
 from batchml import demo_data
 from batchml.config import parse_job_config
 from batchml.errors import DataError
-from batchml.extract import ENTITY, EVENT_TIME, has_duplicates, pull, read_run_file, run_file_batches
+from batchml.extract import ENTITY, EVENT_TIME, count_rows, pull, read_run_file, run_file_batches
 from batchml.features import FeatureSpec, to_matrix
 from batchml.warehouse import size_bytes
 from batchml.registry import LoadedModel
@@ -46,7 +46,7 @@ def test_the_duplicate_check_and_the_run_file(tmp_path):
     rows = demo_data.generate_rows(3_000, seed=3, start=datetime(2026, 1, 1))
     cfg = config(**{"scoring.batch_size": 1_000})
     con = source(rows)
-    assert not has_duplicates(con, cfg, tmp_path, ALL_ROWS)
+    assert count_rows(con, cfg, tmp_path, ALL_ROWS) == (3_000, False)
 
     pulled = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "clean.arrow")
     valid = read_run_file(pulled.path)
@@ -59,7 +59,7 @@ def test_the_duplicate_check_and_the_run_file(tmp_path):
     # one id twice: found by the check, and the older row is quarantined as a duplicate
     con.execute("INSERT INTO raw.vuln_findings SELECT * REPLACE (ingested_at - INTERVAL 1 MINUTE AS ingested_at) "
                 "FROM raw.vuln_findings WHERE finding_id = (SELECT min(finding_id) FROM raw.vuln_findings)")
-    assert has_duplicates(con, cfg, tmp_path, ALL_ROWS)
+    assert count_rows(con, cfg, tmp_path, ALL_ROWS) == (3_001, True)
     again = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "dup.arrow")
     assert again.rows == 3_001 and again.by_rule.get("duplicate") == 1
     assert sorted(read_run_file(again.path).column(ENTITY).to_pylist()) == sorted(valid.column(ENTITY).to_pylist())
