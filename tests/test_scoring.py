@@ -89,6 +89,31 @@ def test_a_streamed_pull_hands_over_the_valid_rows_and_keeps_only_rejected_ones(
     assert threads == 2 and abs(size_bytes(limit) - 256e6) <= 0.2 * 2**20  # put back, as DuckDB prints it (to 0.1 MiB, rounded down)
 
 
+def test_checks_follow_the_source_types_and_text_columns_are_still_checked(tmp_path):
+    from batchml.validate import rule_cases
+
+    cfg = config()
+    typed = {name: "DOUBLE" for name in cfg.features.numeric} | {"dependency_depth": "INTEGER", cfg.source.event_time: "TIMESTAMP"}
+    checks = {(rule, cond.split()[0]) for rule, cond, _ in rule_cases(cfg, typed)}
+    assert not any(rule == "bad_type" for rule, _ in checks)  # DOUBLE, INTEGER and TIMESTAMP always cast
+    assert ("non_finite", 'isinf(try_cast("cvss_base"') in checks and ("non_finite", 'isinf(try_cast("dependency_depth"') not in checks
+    assert len(rule_cases(cfg)) > len(rule_cases(cfg, typed))  # no types known: every check
+
+    rows = demo_data.generate_rows(1_000, seed=3, start=datetime(2026, 1, 1))
+    text = {"cvss_base": [str(v) for v in rows.column("cvss_base").to_pylist()],
+            "found_at": [v.isoformat(sep=" ") for v in rows.column("found_at").to_pylist()]}
+    text["cvss_base"][5], text["found_at"][7] = "n/a", "yesterday"
+    for name, values in text.items():
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    con = source(rows)
+
+    pulled = pull(con, cfg, tmp_path, ALL_ROWS, tmp_path / "batch.arrow")
+
+    assert pulled.by_rule == {"bad_type": 2} and pulled.rows == 1_000
+    reasons = sorted(read_run_file(pulled.path, valid=False).column("__reason").to_pylist())
+    assert reasons == ["cvss_base=n/a cannot be cast to DOUBLE", "found_at=yesterday is not a timestamp"]
+
+
 def test_a_pull_out_of_memory_names_the_setting_to_raise(tmp_path):
     con = source(demo_data.generate_rows(20_000, seed=3, start=datetime(2026, 1, 1)))
     con.execute("SET memory_limit = '1MB'")
