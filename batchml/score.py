@@ -73,10 +73,7 @@ def load_for_scoring(model: LoadedModel, config: JobConfig, warn: Callable[[str]
     counting the rows, instead of holding up the first batch."""
     predictor = make_predictor(model, config.scoring.engine, warn)
     if config.scoring.reasons and config.scoring.reason_method == "path":
-        if config.scoring.engine in ("auto", "compiled"):
-            from batchml.compiled import compiled_leaves
-
-            compiled_leaves(model, required=config.scoring.engine == "compiled")
+        _compiled_leaves(model, config)
         path_explainer(model)
     return predictor
 
@@ -122,14 +119,19 @@ def reason_codes(model: LoadedModel, matrix: np.ndarray, wanted: np.ndarray, con
     if config.scoring.reason_method == "shap":
         contributions = shap_contributions(model.booster, chosen)
     else:
-        compiled = None
-        if config.scoring.engine in ("auto", "compiled"):
-            from batchml.compiled import compiled_leaves
-
-            compiled = compiled_leaves(model, required=config.scoring.engine == "compiled")
+        compiled = _compiled_leaves(model, config)
         leaves = compiled.predict(chosen) if compiled is not None else leaf_indices(model.booster, chosen)
         contributions = path_explainer(model).contributions(leaves)
     return top_reasons(contributions, model.spec.features, rows, len(matrix), k)
+
+
+def _compiled_leaves(model: LoadedModel, config: JobConfig):
+    """The model's verified leaves library when ``scoring.engine`` allows compiled trees, else None."""
+    if config.scoring.engine not in ("auto", "compiled"):
+        return None
+    from batchml.compiled import compiled_leaves
+
+    return compiled_leaves(model, required=config.scoring.engine == "compiled")
 
 
 EXPLAINER_DIR = "explainer"
