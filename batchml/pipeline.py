@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -116,6 +117,7 @@ class NightlyRun:
             raise
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        self._record_commit_time()
         self._after_commit()
         return self.run
 
@@ -400,6 +402,13 @@ class NightlyRun:
             log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
         if self.notify and not isinstance(exc, KeyboardInterrupt):
             self._report_and_notify()
+
+    def _record_commit_time(self) -> None:
+        try:
+            with self._connect() as con:
+                runlog.record_timings(con, self.run)
+        except (BatchMLError, duckdb.Error) as exc:  # the run is committed; only a figure is missing
+            log.warning("%s: could not record the commit time of run %s: %s", self.config.job, self.run.run_id, exc)
 
     def _after_commit(self) -> None:
         from batchml import publish

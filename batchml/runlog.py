@@ -96,6 +96,13 @@ def update_run(con: duckdb.DuckDBPyConnection, run: Run) -> None:
     )
 
 
+def record_timings(con: duckdb.DuckDBPyConnection, run: Run) -> None:
+    """The step timings again, after the commit: the row written inside the commit cannot hold the
+    commit's own duration."""
+    row = {key: value for key, value in run.row().items() if key == "timings" or key.endswith("_seconds")}
+    con.execute(f"UPDATE batchml.runs SET {', '.join(f'{k} = ?' for k in row)} WHERE run_id = ?", [*row.values(), run.run_id])
+
+
 def mark_crashed(con: duckdb.DuckDBPyConnection, job: str) -> list[str]:
     """Runs of ``job`` still 'running' belong to a dead process: the caller holds the job lock.
 

@@ -40,6 +40,11 @@ def test_first_run_trains_a_champion_from_labels_known_before_the_cutoff(demo_pr
     assert train_end < day(30)
     assert demo_project.scalar("SELECT value FROM batchml.watermarks WHERE job = 'vuln_risk'") == day(60)
     assert demo_project.scalar("SELECT max(f.ingested_at) FROM scores.vuln_risk s JOIN raw.vuln_findings f USING (finding_id)") < day(60)
+    # every step's time is recorded, the commit's too (it is known only once the commit is done)
+    seconds = demo_project.query("SELECT extract_seconds, train_seconds, score_seconds, commit_seconds, total_seconds, timings FROM batchml.runs")[0]
+    assert all(value > 0 for value in seconds[:4])
+    timings = json.loads(seconds[5])
+    assert timings["commit"] == seconds[3] and seconds[4] == pytest.approx(sum(timings.values()), abs=1e-3)
 
 
 def test_incremental_runs_score_each_landed_row_exactly_once(demo_project):
