@@ -10,7 +10,7 @@ from batchml import registry
 from batchml.errors import ConfigError, ModelError
 from batchml.extract import event_range_filter, pull
 from batchml.locks import job_lock
-from batchml.pipeline import NightlyRun, load_profile, run_job
+from batchml.pipeline import NightlyRun, load_profile, refuse_future_cutoff, run_job
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
@@ -126,6 +126,8 @@ def backfill(project: Project, job: str, start: date, end: date, *, version: int
 
 
 def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> Run:
+    if as_of is not None:
+        refuse_future_cutoff(as_of, "--as-of")
     config = project.job(job)
     with job_lock(project.locks, job):
         return DriftRun(project, config, as_of or registry.utcnow()).execute()
@@ -138,6 +140,7 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
     """
     if end < start:
         raise ConfigError(f"--end {end} is before --start {start}")
+    refuse_future_cutoff(day_start(end) + timedelta(days=1), f"--end {end}: the night up to")
     runs = []
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
     for day in track(days, total=len(days), description=f"replaying {job}"):

@@ -14,30 +14,50 @@ from batchml.retrain import check_golden
 from batchml.warehouse import memory_connection, table_exists
 
 
-def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> int:
-    """Check one job or all; prints a line per check and returns the number of problems."""
+def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> list[BatchMLError]:
+    """Check one job or all; prints a line per check and returns the problems found."""
     names = [job] if job else job_names(project.root)
     if not names:
         raise ConfigError(f"no job configs in {project.root / 'configs'}; add configs/<job>.yaml")
-    problems = 0
+    problems: list[BatchMLError] = []
     for name in names:
         problems += _check_job(project, name, echo)
     return problems
 
 
-def _check_job(project: Project, name: str, echo: Callable[[str], None]) -> int:
-    problems = 0
+def exit_code(problems: list[BatchMLError]) -> int:
+    """2 when a config is wrong (as ``run`` would exit), else 1."""
+    return 2 if any(isinstance(problem, ConfigError) for problem in problems) else 1
+
+
+def _check_job(project: Project, name: str, echo: Callable[[str], None]) -> list[BatchMLError]:
+    problems = []
     for label, check in _checks(project, name):
         try:
             detail = check()
         except BatchMLError as exc:
             echo(f"FAIL {name}: {label}: {exc}")
-            problems += 1
+            problems.append(exc)
             if label == "config":
                 return problems  # nothing else can be checked without it
         else:
             echo(f"ok   {name}: {label}" + (f" ({detail})" if detail else ""))
     return problems
+
+
+def _shared_scores_table(project: Project, config) -> str:
+    """Refuse a scores table another job writes too: its ``_latest`` view would mix the jobs' rows."""
+    for other in job_names(project.root):
+        if other == config.job:
+            continue
+        try:
+            theirs = load_job_config(project.root / "configs" / f"{other}.yaml")
+        except BatchMLError:
+            continue  # its own check reports it
+        if theirs.scoring.table.lower() == config.scoring.table.lower():
+            raise ConfigError(f"jobs {config.job} and {other} both write scores to {config.scoring.table}; "
+                              f"give each its own scoring.table in configs/{config.job}.yaml or configs/{other}.yaml")
+    return f"scores go to {config.scoring.table}"
 
 
 def _checks(project: Project, name: str):
@@ -70,4 +90,12 @@ def _checks(project: Project, name: str):
         rows, worst = check_golden(registry.load(row))
         return f"v{row['version']} hashes match; golden set of {rows} rows re-scored, largest difference {worst:.1e}"
 
-    return [("config", config), ("source", source), ("champion", champion)]
+    def schedule():
+        from batchml.scheduler import job_trigger  # APScheduler is imported only here
+
+        cfg = state["config"]
+        job_trigger(cfg)
+        return f"{cfg.schedule.cron!r} in {cfg.schedule.timezone}"
+
+    return [("config", config), ("scores table", lambda: _shared_scores_table(project, state["config"])),
+            ("schedule", schedule), ("source", source), ("champion", champion)]

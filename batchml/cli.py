@@ -175,6 +175,8 @@ def drift(
                       "yes" if r["drifted"] else "no", str(r["n_current"]))
     console.print(table)
     console.print(f"dataset drift: {'yes' if result.dataset_drift else 'no'}")
+    if result.note:
+        console.print(f"note: {result.note}", highlight=False)
 
 
 @app.command()
@@ -194,11 +196,13 @@ def report(
 @app.command()
 def check(job: Annotated[Optional[str], typer.Argument(help="One job (default: every job).")] = None) -> None:
     """Validate configs, feature SQL, source columns and warehouse access, running nothing."""
-    from batchml.checks import check_project
+    from batchml.checks import check_project, exit_code
 
     problems = check_project(open_project(), job, echo=lambda line: console.print(line, highlight=False))
     if problems:
-        raise BatchMLError(f"{problems} problem(s) found")
+        error = BatchMLError(f"{len(problems)} problem(s) found")
+        error.exit_code = exit_code(problems)
+        raise error
 
 
 @app.command()
@@ -288,6 +292,18 @@ def hoist_common_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+def usage_error(exc: Exception) -> tuple[str, int] | None:
+    """A command-line usage error (missing argument, unknown option, bad value) as one line and its
+    exit code (2), else None. Recognised by shape: typer raises click's exceptions, from the click
+    package or, in typer >= 0.22, from its own bundled copy (``typer._click``)."""
+    if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None)
+    message = " ".join(str(exc.format_message()).split())
+    return (f"{message} (see `{command} --help`)" if command and message else message), exc.exit_code
+
+
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
@@ -304,12 +320,12 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # a click usage error or a bug
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # a usage error or a bug
+        usage = usage_error(exc)
+        if usage is not None:
+            if usage[0]:  # empty when the command's help was shown instead (a group without its command)
+                Console(stderr=True).print(f"error: {usage[0]}", highlight=False, markup=False, soft_wrap=True)
+            sys.exit(usage[1])
         if state["debug"]:
             raise
         Console(stderr=True).print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False, markup=False)

@@ -375,9 +375,11 @@ def parse_job_config(data: object, path: Path) -> JobConfig:
 def load_job_config(path: Path) -> JobConfig:
     """Read and validate one job YAML file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror}); check the path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8 YAML") from None
     try:
         data = read_yaml(text)
     except yaml.YAMLError as exc:
@@ -399,8 +401,8 @@ def job_names(project: Path) -> list[str]:
     names = []
     for path in sorted(config_dir(project).glob("*.yaml")):
         try:
-            data = read_yaml(path.read_text())
-        except (OSError, yaml.YAMLError):
+            data = read_yaml(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             names.append(path.stem)  # let load_job_config report it
             continue
         if isinstance(data, dict) and "job" in data:
@@ -423,9 +425,11 @@ def feature_sql(project: Path, config: JobConfig) -> str | None:
         return None
     path = project / config.features.sql
     try:
-        return path.read_text().strip().rstrip(";")
+        return path.read_text(encoding="utf-8").strip().rstrip(";")
     except OSError as exc:
         raise ConfigError(f"features.sql: cannot read {path} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"features.sql: {path} is not UTF-8 text; save it as UTF-8") from None
 
 
 def load_settings(project: Path | None = None, warehouse: Path | None = None) -> Settings:

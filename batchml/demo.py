@@ -38,7 +38,7 @@ SELECT finding_id, score, risk_band, model_version, reasons FROM scores.vuln_ris
 -- what each night did
 SELECT as_of, status, rows_extracted, rows_quarantined, rows_scored, champion_version, promoted, dataset_drift FROM batchml.runs ORDER BY as_of;
 -- drift history of one feature
-SELECT r.as_of, d.statistic, d.drifted FROM batchml.drift d JOIN batchml.runs r USING (run_id) WHERE d.feature = 'cvss_base' ORDER BY r.as_of;
+SELECT r.as_of, d.method, d.statistic, d.drifted FROM batchml.drift d JOIN batchml.runs r USING (run_id) WHERE d.feature = 'cvss_base' AND d.kind = 'feature' ORDER BY r.as_of;
 -- every promotion decision, with its reason
 SELECT recorded_at, version, event, reason FROM batchml.model_events ORDER BY recorded_at;"""
 

@@ -63,7 +63,8 @@ def required_columns(config: JobConfig) -> list[str]:
 
 
 def describe_source(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> dict[str, str]:
-    """Column name -> DuckDB type of the source; a missing required column is a clear error."""
+    """Column name -> DuckDB type of the source; a missing required column, or a time or label
+    column of the wrong type, is a clear error."""
     sql = source_sql(config, project)
     try:
         described = con.execute(f"DESCRIBE {sql}").fetchall()
@@ -72,17 +73,65 @@ def describe_source(con: duckdb.DuckDBPyConnection, config: JobConfig, project: 
     columns = {row[0]: row[1] for row in described}
     missing = [c for c in required_columns(config) if c not in columns]
     if missing:
-        raise DataError(
-            f"source {source_label(config)} has no column {', '.join(missing)} (job {config.job}); "
-            f"add it to the source or fix configs/{config.job}.yaml"
-        )
+        raise DataError(f"{_what_is_read(config)} has no column {', '.join(missing)} (job {config.job}); "
+                        f"{_fix_columns(config)}")
+    wrong = [f"{name} ({role}) is {columns[name]}, not {kinds}" for name, role, kinds, ok in _typed_columns(config)
+             if not ok(columns[name].upper())]
+    if wrong:
+        raise DataError(f"{_what_is_read(config)}: {'; '.join(wrong)} (job {config.job}); {_fix_columns(config)}")
     return columns
+
+
+def _is_time(duckdb_type: str) -> bool:
+    return duckdb_type.startswith(("TIMESTAMP", "DATE"))
+
+
+def _is_label(duckdb_type: str) -> bool:
+    return duckdb_type in {"BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+                           "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE"} or duckdb_type.startswith("DECIMAL")
+
+
+def _typed_columns(config: JobConfig):
+    """(column, its role, the types it needs, a test of its DuckDB type) for the columns batchml
+    compares with cut-offs in SQL or counts as outcomes: a wrong type there pulls or trains nothing,
+    silently, so it is refused up front. (The event time may be text: each row is cast, and a row
+    whose value is not a timestamp is quarantined.)"""
+    src, label = config.source, config.label
+    time_kinds = "a TIMESTAMP or DATE"
+    return [
+        (src.watermark, "source.watermark", time_kinds, _is_time),
+        (label.available_at, "label.available_at", time_kinds, _is_time),
+        (label.column, "label.column", "a number or BOOLEAN (1/true = positive)", _is_label),
+    ]
+
+
+def _what_is_read(config: JobConfig) -> str:
+    if config.features.sql:
+        return f"the SELECT in {config.features.sql} (over source {source_label(config)})"
+    return f"source {source_label(config)}"
+
+
+def _fix_columns(config: JobConfig) -> str:
+    if config.features.sql:
+        return f"fix the SELECT in {config.features.sql} or configs/{config.job}.yaml"
+    return f"add or cast it in the source (or derive it with features.sql), or fix configs/{config.job}.yaml"
 
 
 def _source_error(config: JobConfig, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    fix = "; give DuckDB more memory with BATCHML_MEMORY_LIMIT (e.g. 1GB)" if isinstance(exc, duckdb.OutOfMemoryException) else ""
-    return f"cannot read source {source_label(config)} for job {config.job}: {first}{fix}"
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        fix = "; give DuckDB more memory with BATCHML_MEMORY_LIMIT (e.g. 1GB)"
+    elif isinstance(exc, duckdb.ParserException) and config.features.sql:
+        fix = f"; fix the SQL in {config.features.sql}"
+    elif isinstance(exc, duckdb.CatalogException):
+        fix = (f"; fix the SQL in {config.features.sql} (it reads the source as `source`)" if config.features.sql
+               else f"; create it in the warehouse, or fix source.table in configs/{config.job}.yaml")
+    elif config.source.parquet and "parquet" in first.lower():
+        fix = "; replace or remove the damaged file (a pull reads every file the pattern matches)"
+    else:
+        fix = ""
+    through = f" through {config.features.sql}" if config.features.sql else ""
+    return f"cannot read source {source_label(config)}{through} for job {config.job}: {first}{fix}"
 
 
 def record_json(columns: list[str]) -> str:

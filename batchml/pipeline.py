@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from batchml import drift, evaluate, performance, registry, retrain, runlog
 from batchml.config import JobConfig
-from batchml.errors import BatchMLError, DataError, RejectedError
+from batchml.errors import BatchMLError, ConfigError, DataError, RejectedError
 from batchml.extract import (
     ENTITY,
     RULE,
@@ -68,6 +68,18 @@ def checkpoint(step: str) -> None:
         time.sleep(float(os.environ.get("BATCHML_PAUSE_SECONDS", "60")))
 
 
+FUTURE_TOLERANCE = timedelta(minutes=1)
+
+
+def refuse_future_cutoff(as_of: datetime, what: str) -> None:
+    """A cut-off after now would move the watermark past rows that have not landed yet: once they
+    land they would be before it, and never pulled."""
+    now = registry.utcnow()
+    if as_of > now + FUTURE_TOLERANCE:
+        raise ConfigError(f"{what} {as_of:%Y-%m-%d %H:%M} UTC is in the future (now {now:%Y-%m-%d %H:%M} UTC); "
+                          f"rows landing before it later would never be scored: use a past cut-off, or none for now")
+
+
 def run_job(
     project: Project,
     job: str,
@@ -77,7 +89,9 @@ def run_job(
     force_retrain: bool = False,
     notify: bool = True,
 ) -> Run:
-    """Run ``job`` once, as of ``as_of`` (default: now). Raises a :class:`BatchMLError` on failure."""
+    """Run ``job`` once, as of ``as_of`` (default: now, never later). Raises a :class:`BatchMLError` on failure."""
+    if as_of is not None:
+        refuse_future_cutoff(as_of, "--as-of")
     config = project.job(job)
     with job_lock(project.locks, job):
         return NightlyRun(project, config, as_of or registry.utcnow(), kind, force_retrain, notify).execute()
@@ -111,6 +125,7 @@ class NightlyRun:
     def execute(self) -> Run:
         self._begin()
         try:
+            self._load_champion()  # a missing or tampered artifact fails the run: recorded, mailed
             self._steps()
         except BaseException as exc:
             self._record_failure(exc)
@@ -156,14 +171,20 @@ class NightlyRun:
             if crashed:
                 log.warning("%s: marked %d earlier run(s) left running by a dead process as crashed", self.config.job, len(crashed))
             self.run.watermark_from = runlog.watermark(con, self.config.job)
+            if self.run.watermark_from and self.run.as_of < self.run.watermark_from and self.run.kind in ("nightly", "replay", "drift"):
+                self.run.note = (f"cut-off {self.run.as_of:%Y-%m-%d %H:%M} is before the watermark {self.run.watermark_from:%Y-%m-%d %H:%M}: "
+                                 f"those rows were pulled by an earlier run, nothing new to pull")
+                log.warning("%s: %s", self.config.job, self.run.note)
             self.champion_row = registry.champion(con, self.config.job)
             runlog.insert_run(con, self.run)
         for run_id in crashed:  # a crashed run's pulls would otherwise stay in tmp/ for good
             shutil.rmtree(self.project.scratch / run_id, ignore_errors=True)
-        if self.champion_row:
-            self.champion = registry.load(self.champion_row)
-            self.run.champion_version = self.champion.version
         log.info("%s: run %s as of %s", self.config.job, self.run.run_id, self.run.as_of.isoformat(sep=" "))
+
+    def _load_champion(self) -> None:
+        if self.champion_row:
+            self.run.champion_version = self.champion_row["version"]
+            self.champion = registry.load(self.champion_row)
 
     def _batch_filter(self) -> str:
         return batch_filter(self.config, self.run.watermark_from, self.run.as_of)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from batchml import registry
 from batchml.config import JobConfig
-from batchml.errors import ConfigError
+from batchml.errors import ConfigError, NotifyError
 from batchml.project import Project
 from batchml.report import ReportData, build_report, should_notify, write_report
 from batchml.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
@@ -92,7 +92,11 @@ def _bands(con, config: JobConfig, run_id: str) -> dict[str, int]:
 
 
 def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *, send: bool, force_send: bool = False) -> Path:
-    """Write the run's HTML report; mail it when ``notify.on`` says so (or ``force_send``)."""
+    """Write the run's HTML report; mail it when ``notify.on`` says so (or ``force_send``).
+
+    With ``force_send`` (``batchml report --send``: the user asked for the mail) a mail that cannot
+    go out is an error (:class:`NotifyError`, or :class:`ConfigError` when nothing is set up to
+    send it), after the report is written and the attempt recorded; otherwise a warning."""
     from batchml.notify import send_report
 
     with project.connect() as con:
@@ -101,6 +105,9 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
     path = write_report(report, project.reports / config.job)
     log.info("%s: report written to %s", config.job, path)
     events = should_notify(data, config.notify.on)
+    if force_send and not config.notify.email:
+        raise ConfigError(f"report written to {path} but not mailed: job {config.job} has no recipients; "
+                          f"list them under notify.email in configs/{config.job}.yaml")
     if not send or not config.notify.email or not (events or force_send):
         return path
     delivery = send_report(report, list(config.notify.email), project.settings)
@@ -113,4 +120,7 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
             "INSERT INTO batchml.notifications VALUES (?, ?, ?, ?, ?, ?, ?)",
             [data.run_id, config.job, ", ".join(delivery.recipients or config.notify.email), delivery.status, delivery.error, delivery.attempts, registry.utcnow()],
         )
+    if force_send and delivery.status != "sent":
+        error = ConfigError if delivery.status == "skipped" else NotifyError
+        raise error(f"report written to {path} but not mailed: {delivery.error}")
     return path

@@ -56,7 +56,7 @@ def test_config_errors_name_what_is_wrong(demo_project):
             config[section][field] = value
         demo_project.write_config(config)
         result = demo_project.cli("check", "vuln_risk")
-        assert result.returncode == 1 or result.returncode == 2
+        assert result.returncode == 2
         assert key in result.stdout + result.stderr, (key, result.stdout, result.stderr)
 
 
@@ -209,3 +209,82 @@ def test_models_compile_rebuilds_what_a_promotion_builds(demo_project):
         assert "scores library ready" in result.stdout and "leaves library ready" in result.stdout
     missing = demo_project.cli("models", "compile", "nope")
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_the_shipped_feature_sql_example_checks_out(demo_project):
+    example = REPO / "jobs" / "vuln_risk" / "features.sql"
+    (demo_project.root / "jobs" / "vuln_risk").mkdir(parents=True)
+    (demo_project.root / "jobs" / "vuln_risk" / "features.sql").write_text(example.read_text())
+    config = job_config()
+    config["features"]["sql"] = "jobs/vuln_risk/features.sql"
+    config["features"]["numeric"] += ["exploit_pressure", "references_log"]
+    demo_project.write_config(config)
+
+    result = demo_project.cli("check", "vuln_risk", check=True)
+
+    assert "ok   vuln_risk: source" in result.stdout
+
+
+def test_feature_sql_mistakes_point_at_the_sql_file(demo_project):
+    (demo_project.root / "jobs" / "vuln_risk").mkdir(parents=True)
+    sql = demo_project.root / "jobs" / "vuln_risk" / "features.sql"
+    config = job_config()
+    config["features"]["sql"] = "jobs/vuln_risk/features.sql"
+    demo_project.write_config(config)
+
+    sql.write_text("SELECT *, FROM FROM source")
+    broken = demo_project.cli("run", "vuln_risk", "--no-notify")
+    assert broken.returncode == 1
+    assert_one_line_error(broken, "through jobs/vuln_risk/features.sql", "fix the SQL in jobs/vuln_risk/features.sql")
+
+    sql.write_text("SELECT finding_id, found_at, ingested_at, exploited_30d, label_at FROM source")
+    narrow = demo_project.cli("run", "vuln_risk", "--no-notify")
+    assert_one_line_error(narrow, "the SELECT in jobs/vuln_risk/features.sql", "has no column cvss_base")
+
+
+def test_time_and_label_columns_of_the_wrong_type_are_refused_up_front(demo_project):
+    for section, field, column, role in [("source", "watermark", "severity", "source.watermark"),
+                                          ("label", "column", "ecosystem", "label.column")]:
+        config = job_config()
+        config[section][field] = column
+        demo_project.write_config(config)
+        result = demo_project.cli("run", "vuln_risk", "--no-notify")
+        assert result.returncode == 1
+        assert_one_line_error(result, f"{column} ({role}) is VARCHAR")
+        check = demo_project.cli("check", "vuln_risk")
+        assert check.returncode == 1 and "FAIL vuln_risk: source" in check.stdout
+
+
+def test_usage_mistakes_are_one_line_and_exit_2(demo_project):
+    for args, fragment in [(["run"], "Missing argument"), (["bogus"], "No such command"),
+                           (["run", "vuln_risk", "--bogus"], "No such option: --bogus"),
+                           (["demo", "--days", "abc"], "--days"), (["models", "list"], "Missing argument"),
+                           (["backfill", "vuln_risk", "--start", "2026-01-01"], "--end")]:
+        result = demo_project.cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert_one_line_error(result, fragment)
+
+
+def test_a_cut_off_in_the_future_is_refused(demo_project):
+    future = demo_project.cli("run", "vuln_risk", "--as-of", "2999-01-01", "--no-notify")
+    assert future.returncode == 2
+    assert_one_line_error(future, "--as-of 2999-01-01 00:00 UTC is in the future")
+    replay = demo_project.cli("backfill", "vuln_risk", "--start", "2999-01-01", "--end", "2999-01-02", "--replay")
+    assert replay.returncode == 2
+    assert_one_line_error(replay, "--end 2999-01-02", "in the future")
+
+
+def test_check_exits_2_for_config_mistakes_and_catches_shared_tables_and_bad_schedules(demo_project):
+    demo_project.write_config(job_config())
+    other = job_config(job="other", schedule={"cron": "0 2 1 * 1", "timezone": "UTC"})
+    demo_project.write_config(other, job="other")
+
+    result = demo_project.cli("check")
+
+    assert result.returncode == 2
+    assert "FAIL other: scores table: jobs other and vuln_risk both write scores to scores.vuln_risk" in result.stdout
+    assert "FAIL other: schedule" in result.stdout and "day of month or day of week" in result.stdout
+    (demo_project.root / "configs" / "other.yaml").write_bytes(b"job: other\n\xa8\xff garbage")
+    garbage = demo_project.cli("run", "other")
+    assert garbage.returncode == 2
+    assert_one_line_error(garbage, "other.yaml: not UTF-8 text")

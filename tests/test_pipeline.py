@@ -101,6 +101,9 @@ def test_a_tampered_model_is_refused(demo_project):
     with pytest.raises(ModelError, match="sha256"):
         run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+    # recorded as a failed run with its reason (not left 'running' for the next run to call crashed)
+    status, error, champion = demo_project.query("SELECT status, error, champion_version FROM batchml.runs WHERE as_of = ?", [day(61)])[0]
+    assert status == "failed" and "sha256" in error and champion == 1
 
 
 def test_bad_rows_are_quarantined_with_a_reason_and_scored_rows_add_up(demo_project):
