@@ -42,7 +42,7 @@ class BackfillRun(NightlyRun):
             with self._connect() as con:
                 row = registry.get(con, self.config.job, self.version)
             if row is None:
-                raise ModelError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
+                raise ConfigError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
             self.champion = registry.load(row)
         if self.champion is None:
             raise ModelError(f"job {self.config.job} has no champion to backfill with; run it once first")

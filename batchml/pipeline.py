@@ -54,7 +54,7 @@ from batchml.project import Project
 from batchml.runlog import Run
 from batchml.score import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
 from batchml.validate import check_batch
-from batchml.warehouse import fetch_dicts, migrate, quote_ident, quote_table, registered, setting, transaction
+from batchml.warehouse import migrate, quote_ident, quote_table, registered, setting, transaction
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -352,11 +352,10 @@ class NightlyRun:
         challenger = self.shadow_model
         if challenger is None:
             with self._connect() as con:
-                rows = fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? AND version > ? AND status IN ('challenger', 'rejected') "
-                                        "ORDER BY version DESC LIMIT 1", [self.config.job, self.champion.version])
-            if not rows:
+                row = registry.newest_challenger(con, self.config.job, self.champion.version)
+            if row is None:
                 return
-            challenger = registry.load(rows[0])
+            challenger = registry.load(row)
         self.shadow_path = self.scratch / "shadow.arrow"
         self._score_with(challenger, run_file_batches(self.batch.path), self.valid_rows, self.shadow_path, ScoreSummary())
 

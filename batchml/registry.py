@@ -137,19 +137,44 @@ def load(row: dict) -> LoadedModel:
 
 
 def get(con: duckdb.DuckDBPyConnection, job: str, version: int) -> dict | None:
-    return fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND version = ?", [job, version])
+    return _located(con, fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND version = ?", [job, version]))
 
 
 def champion(con: duckdb.DuckDBPyConnection, job: str) -> dict | None:
-    return fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND status = 'champion'", [job])
+    return _located(con, fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND status = 'champion'", [job]))
 
 
 def latest(con: duckdb.DuckDBPyConnection, job: str, status: str) -> dict | None:
-    return fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND status = ? ORDER BY version DESC LIMIT 1", [job, status])
+    return _located(con, fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND status = ? ORDER BY version DESC LIMIT 1",
+                                   [job, status]))
+
+
+def newest_challenger(con: duckdb.DuckDBPyConnection, job: str, after: int) -> dict | None:
+    """The newest model after version ``after`` that was trained but not promoted (for shadow scores)."""
+    return _located(con, fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND version > ? AND status IN ('challenger', 'rejected') "
+                                        "ORDER BY version DESC LIMIT 1", [job, after]))
 
 
 def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
-    return fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? ORDER BY version", [job])
+    return [_located(con, row) for row in fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? ORDER BY version", [job])]
+
+
+def _located(con: duckdb.DuckDBPyConnection, row: dict | None) -> dict | None:
+    """``row`` with ``artifact_path`` pointing beside this warehouse when the artifact is there.
+
+    artifact_path is stored absolute (tools and analysts can open it as is), but a project that was
+    moved, or a warehouse copied with its ``models/`` folder, must use its own artifacts: the folder
+    ``<warehouse dir>/models/<job>/v<N>`` wins when it exists (its hashes are verified all the same).
+    """
+    if row is None:
+        return None
+    found = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    if not found or not found[0]:
+        return row  # an in-memory database: nothing beside it
+    beside = Path(found[0]).resolve().parent / "models" / row["job"] / f"v{row['version']}"
+    if beside.is_dir() and str(beside) != row["artifact_path"]:
+        return {**row, "artifact_path": str(beside)}
+    return row
 
 
 def next_version(con: duckdb.DuckDBPyConnection, job: str) -> int:

@@ -176,3 +176,17 @@ def test_exact_duplicate_rows_are_scored_once(demo_project):
     assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine WHERE rule = 'duplicate'") == 3
     assert run.rows_extracted == run.rows_scored + run.rows_quarantined
     assert demo_project.scalar("SELECT count(*) - count(DISTINCT finding_id) FROM scores.vuln_risk") == 0
+
+
+def test_a_moved_project_uses_its_own_model_artifacts(demo_project, tmp_path):
+    import shutil
+
+    from batchml.project import Project
+
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    moved = tmp_path / "moved"
+    shutil.move(str(demo_project.root), moved)  # the registry still holds the old absolute path
+
+    run = run_job(Project.open(moved), "vuln_risk", as_of=day(61), notify=False)
+
+    assert run.status == "succeeded" and run.rows_scored > 0 and run.champion_version == 1
