@@ -27,7 +27,7 @@ app.add_typer(models_app, name="models")
 
 # cron and CI read our output from files: wide enough that paths and tables are not wrapped
 console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
-state = {"debug": False, "project": None, "warehouse": None}
+state = {"debug": False, "project": None, "warehouse": None, "warehouse_given": False}
 log = logging.getLogger("batchml")
 
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", envvar="BATCHML_PROJECT", help="Project directory (default: current).")]
@@ -59,12 +59,15 @@ def setup_logging(log_format: str) -> None:
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     project: ProjectOpt = None,
     warehouse: WarehouseOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     log_format: Annotated[str, typer.Option("--log-format", help="auto | plain | rich | json")] = "auto",
 ) -> None:
-    state.update(debug=debug, project=project, warehouse=warehouse)
+    source = ctx.get_parameter_source("warehouse")
+    state.update(debug=debug, project=project, warehouse=warehouse,
+                 warehouse_given=warehouse is not None and getattr(source, "name", "") == "COMMANDLINE")
     if log_format not in ("auto", "plain", "rich", "json"):
         raise typer.BadParameter("--log-format must be auto, plain, rich or json")
     setup_logging(log_format)
@@ -223,7 +226,9 @@ def demo(
     from batchml.demo import run_demo
 
     root = dir or state["project"] or Path.cwd()
-    run_demo(root, days=days, seed=seed, console=console)
+    # --dir means a project of its own: its warehouse sits inside it, whatever BATCHML_WAREHOUSE says
+    warehouse = state["warehouse"] if state["warehouse_given"] or not dir else root / "warehouse" / "warehouse.duckdb"
+    run_demo(root, days=days, seed=seed, console=console, warehouse=warehouse)
 
 
 @models_app.command("list")

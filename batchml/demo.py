@@ -86,8 +86,9 @@ def load_findings(project: Project, start: date, days: int, seed: int) -> int:
     return table.num_rows
 
 
-def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | None = None) -> list:
-    """Build the demo in ``root`` and replay ``days`` nights; returns the runs."""
+def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | None = None, warehouse: Path | None = None) -> list:
+    """Build the demo in ``root`` (warehouse: ``warehouse``, else the settings') and replay ``days``
+    nights; returns the runs."""
     from batchml.backfill import replay
 
     console = console or Console()
@@ -95,9 +96,9 @@ def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | No
         raise ConfigError("--days must be at least 1")
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    project = Project.open(root, warehouse)
+    ensure_fresh(project)  # before anything is copied in: a refusal leaves the directory as it was
     copy_configs(root)
-    project = Project.open(root)
-    ensure_fresh(project)
     start = DEMO_START
     rows = load_findings(project, start, FIRST_NIGHT + days, seed)
     console.print(f"demo: {rows:,} synthetic findings from {start} in {project.warehouse} (scanner upgrade on {start + timedelta(days=SHIFT_DAY)})")
@@ -112,7 +113,7 @@ def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | No
     first = start + timedelta(days=FIRST_NIGHT - 1)
     # with BATCHML_SMTP_HOST set, the nights mail their reports as a real deployment would
     notify = bool(project.settings.smtp_host)
-    runs = replay(project, JOB, first, first + timedelta(days=days - 1), notify=notify, on_night=on_night)
+    runs = replay(project, JOB, first, first + timedelta(days=days - 1), notify=notify, on_night=on_night, synthetic=True)
     console.print(table)
     console.print(f"\nScores are in {project.warehouse}. Try, with duckdb -readonly {project.catalog}:\n", highlight=False)
     console.print(SQL_TO_TRY, highlight=False, markup=False)

@@ -129,8 +129,11 @@ def test_a_second_job_with_string_ids_and_a_parquet_source_works_from_yaml_alone
 
 
 def test_demo_builds_a_project_and_refuses_a_foreign_warehouse(tmp_path):
-    result = run_cli("demo", "--dir", str(tmp_path / "demo"), "--days", "2", check=True, timeout=240)
-    assert "2 nights of vuln_risk" in result.stdout
+    # --dir is a project of its own: a BATCHML_WAREHOUSE meant for another project does not apply
+    elsewhere = tmp_path / "elsewhere.duckdb"
+    result = run_cli("demo", "--dir", str(tmp_path / "demo"), "--days", "2", check=True, timeout=240,
+                     env={"BATCHML_WAREHOUSE": str(elsewhere)})
+    assert "2 nights of vuln_risk" in result.stdout and not elsewhere.exists()
     con = duckdb.connect(str(tmp_path / "demo" / "warehouse" / "warehouse.duckdb"), read_only=True)
     try:
         assert con.execute("SELECT count(*) FROM scores.vuln_risk").fetchone()[0] > 1000
@@ -145,6 +148,7 @@ def test_demo_builds_a_project_and_refuses_a_foreign_warehouse(tmp_path):
     refused = run_cli("demo", "--dir", str(foreign), "--days", "1")
     assert refused.returncode == 2
     assert_one_line_error(refused, "holds more than an earlier demo")
+    assert not (foreign / "configs").exists()  # refused before anything was copied in
     con = duckdb.connect(str(foreign / "warehouse" / "warehouse.duckdb"), read_only=True)
     assert con.execute("SELECT amount FROM sales").fetchone() == (1,)
     con.close()
