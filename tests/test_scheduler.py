@@ -315,9 +315,21 @@ def test_run_job_finds_the_project_above_its_own_directory(tmp_path):
 
 
 def test_run_job_without_venv_or_with_a_bad_name_exits_2(tmp_path):
-    missing = run_job("vuln_risk", BATCHML_PROJECT=str(tmp_path))
+    (tmp_path / "bare" / "cron").mkdir(parents=True)  # a checkout without a venv, and no batchml on PATH
+    script = Path(shutil.copy(RUN_JOB, tmp_path / "bare" / "cron" / "run-job"))
+    missing = run_job("vuln_risk", script=script, BATCHML_PROJECT=str(tmp_path), PATH="/usr/bin:/bin")
     assert missing.returncode == 2 and "run make install" in missing.stderr
     root = fake_project(tmp_path / "proj")
     bad = run_job("../escape", BATCHML_PROJECT=str(root))
     assert bad.returncode == 2 and "job name" in bad.stderr
     assert not (root / "warehouse").exists()
+
+
+def test_run_job_serves_a_project_without_its_own_venv(tmp_path):
+    """A project made by `batchml demo --dir` has no .venv: the checkout's, or BATCHML_BIN, runs it."""
+    tool = fake_project(tmp_path / "tool") / ".venv" / "bin" / "batchml"
+    project = tmp_path / "demo"
+    project.mkdir()
+    result = run_job("vuln_risk", BATCHML_PROJECT=str(project), BATCHML_BIN=str(tool))
+    assert result.returncode == 3
+    assert f"args: --project {project.resolve()}" in (project / "warehouse" / "logs" / "vuln_risk.log").read_text()
