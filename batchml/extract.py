@@ -126,7 +126,9 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
     elif isinstance(exc, duckdb.CatalogException):
         fix = (f"; fix the SQL in {config.features.sql} (it reads the source as `source`)" if config.features.sql
                else f"; create it in the warehouse, or fix source.table in configs/{config.job}.yaml")
-    elif config.source.parquet and "parquet" in first.lower():
+    elif config.source.parquet and "No files found" in first:
+        fix = f"; fix source.parquet in configs/{config.job}.yaml (a relative pattern starts at the project directory)"
+    elif config.source.parquet and isinstance(exc, duckdb.InvalidInputException):
         fix = "; replace or remove the damaged file (a pull reads every file the pattern matches)"
     else:
         fix = ""

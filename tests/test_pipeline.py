@@ -159,10 +159,15 @@ def test_an_unreadable_parquet_source_fails_naming_the_file_and_moves_nothing(de
     demo_project.write_config(job_config(source={
         "parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}))
 
-    with pytest.raises(DataError, match="day1.parquet"):
+    with pytest.raises(DataError, match=r"day1\.parquet.*replace or remove the damaged file"):
         run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
     assert demo_project.query("SELECT status FROM batchml.runs") == [("failed",)]
     assert demo_project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+
+    demo_project.write_config(job_config(source={
+        "parquet": "landin/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}))
+    with pytest.raises(DataError, match=r"No files found.*fix source\.parquet in configs/vuln_risk\.yaml"):
+        run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
 
 
 def test_exact_duplicate_rows_are_scored_once(demo_project):
