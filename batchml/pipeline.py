@@ -239,7 +239,8 @@ class NightlyRun:
             candidate = self._train_candidate()
         except DataError as exc:
             self.run.note = f"no challenger trained: {exc}"
-            log.warning("%s: %s", self.config.job, self.run.note)
+            if self.champion is not None:  # without one, _wait_for_model warns with the whole story
+                log.warning("%s: %s", self.config.job, self.run.note)
             return None
         self.run.challenger_version = candidate.version
         if self.champion is None:
