@@ -171,15 +171,20 @@ class NightlyRun:
             if crashed:
                 log.warning("%s: marked %d earlier run(s) left running by a dead process as crashed", self.config.job, len(crashed))
             self.run.watermark_from = runlog.watermark(con, self.config.job)
-            if self.run.watermark_from and self.run.as_of < self.run.watermark_from and self.run.kind in ("nightly", "replay", "drift"):
-                self.run.note = (f"cut-off {self.run.as_of:%Y-%m-%d %H:%M} is before the watermark {self.run.watermark_from:%Y-%m-%d %H:%M}: "
-                                 f"those rows were pulled by an earlier run, nothing new to pull")
-                log.warning("%s: %s", self.config.job, self.run.note)
+            self._note_stale_cutoff()
             self.champion_row = registry.champion(con, self.config.job)
             runlog.insert_run(con, self.run)
         for run_id in crashed:  # a crashed run's pulls would otherwise stay in tmp/ for good
             shutil.rmtree(self.project.scratch / run_id, ignore_errors=True)
         log.info("%s: run %s as of %s", self.config.job, self.run.run_id, self.run.as_of.isoformat(sep=" "))
+
+    def _note_stale_cutoff(self) -> None:
+        """A cut-off before the watermark pulls nothing: say why, rather than report an empty batch."""
+        run = self.run
+        if run.watermark_from and run.as_of < run.watermark_from and run.kind in ("nightly", "replay", "drift"):
+            run.note = (f"cut-off {run.as_of:%Y-%m-%d %H:%M} is before the watermark {run.watermark_from:%Y-%m-%d %H:%M}: "
+                        f"those rows were pulled by an earlier run, nothing new to pull")
+            log.warning("%s: %s", self.config.job, run.note)
 
     def _load_champion(self) -> None:
         if self.champion_row:

@@ -60,6 +60,10 @@ def test_incremental_runs_score_each_landed_row_exactly_once(demo_project):
     latest = demo_project.scalar("SELECT count(*) FROM scores.vuln_risk_latest")
     assert latest == distinct
 
+    earlier = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)  # behind the watermark
+    assert earlier.rows_extracted == 0 and "before the watermark" in earlier.note
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(62)
+
 
 def test_without_enough_labels_nothing_is_scored_and_rows_wait(demo_project):
     waiting = run_job(demo_project.project, "vuln_risk", as_of=day(20), notify=False)
