@@ -23,10 +23,11 @@ class per tree took 1.0 s; compiling it took 40 s (scores: 31-40 s).
 ``TOLERANCE``, leaf indices exactly) on ``VERIFY_ROWS`` rows (:func:`verification_matrix`: the
 golden set, the golden set with NaNs, and rows mixing every split threshold, its float neighbours,
 every categorical level, 0 and NaN). The record remembers a passed verification together with the
-library's sha256, so a run re-verifies only when the file changed. LLVM aborts the whole process on
-an invalid object file, so a library the record does not vouch for is loaded and checked in a child
-process first; a library that fails is moved aside (``<key>.so.rejected``) and the run falls back to
-LightGBM. A model that does not compile, or compiles to a different output, is recorded as failed
+library's sha256, so a run re-verifies only when the file changed. The record is no proof (it is a
+file beside the library), so every load also spot-checks the golden rows, in milliseconds. LLVM
+aborts the whole process on an invalid object file, so a library the record does not vouch for is
+loaded and checked in a child process first; a library that fails is moved aside
+(``<key>.so.rejected``) and the run falls back to LightGBM. A model that does not compile, or compiles to a different output, is recorded as failed
 and not retried by nightly runs (a new toolchain means a new key; :func:`precompile` retries).
 
 **Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
@@ -495,6 +496,15 @@ def _verify(model: LoadedModel, kind: Kind, compiled) -> tuple[float, int]:
     return _compare(kind.expected(model.booster, matrix), got), len(matrix)
 
 
+def _spot_check(model: LoadedModel, kind: Kind, compiled) -> tuple[float, int]:
+    """:func:`_verify` on the golden rows only (a few milliseconds), for a library already vouched for."""
+    matrix = golden_matrix(model)
+    if len(matrix) == 0:
+        matrix = verification_matrix(model, rows=200)
+    got = compiled.predict(as_lightgbm_reads(matrix), n_jobs=1)
+    return _compare(kind.expected(model.booster, matrix), got), len(matrix)
+
+
 def _verify_in_child(model: LoadedModel, kind: Kind, library: Path) -> tuple[float, int]:
     """Load ``library`` and run the verification rows in a child process; raises CompileError if it dies."""
     matrix = verification_matrix(model)
@@ -535,7 +545,14 @@ def _use_cached(model: LoadedModel, kind: Kind, paths: CachePaths):
     record = _read_record(paths.record)
     digest = sha256_file(paths.library)
     if record.get("status") == "verified" and record.get("library_sha256") == digest and record.get("model_sha256") == model.sha256:
-        return _load(model, kind, paths.library)
+        compiled = _load(model, kind, paths.library)
+        # the record is a file beside the library, not proof: a library of another model with a
+        # record to match would load fine, so it must still reproduce this model on its golden rows
+        worst, rows = _spot_check(model, kind, compiled)
+        if worst > kind.tolerance:
+            raise CompileError(f"cached library {paths.library.name} {kind.what} differ from LightGBM by up to {worst:.3g} "
+                               f"on {rows} golden rows although its record vouches for it; {_reject(paths.library)}")
+        return compiled
     try:
         worst, rows = _verify_in_child(model, kind, paths.library)
     except CompileError as exc:

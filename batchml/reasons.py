@@ -21,9 +21,7 @@ a loop over the trees takes 1.0-1.2 s. In all: ~0.5 s with compiled leaves, 1.2-
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
@@ -56,30 +54,29 @@ class PathExplainer:
 
     @classmethod
     def from_booster(cls, booster: lgb.Booster) -> PathExplainer:
-        n_features = booster.num_feature()
+        return cls.from_model_text(booster.model_to_string(), booster.num_feature())
+
+    @classmethod
+    def from_model_text(cls, text: str, n_features: int) -> PathExplainer:
+        """The tables of a model in LightGBM's text format (``model.txt``, whose sha256 the registry
+        checks: tables derived from it need no cache of their own that could be tampered with).
+
+        Walks each tree from its root: moving to a child credits the change in node value to the
+        split feature. 0.06 s for 300 trees x 63 leaves (``Booster.dump_model`` alone takes 0.3 s).
+        """
         tables, bias = [], 0.0
-        for tree in booster.dump_model()["tree_info"]:
-            table = np.zeros((max(tree["num_leaves"], 1), n_features))
-            root = tree["tree_structure"]
-            bias += _value(root)
-            _walk(root, np.zeros(n_features), table)
+        for block in text.split("\nTree=")[1:]:
+            fields = dict(line.split("=", 1) for line in block.split("\n\n")[0].splitlines()[1:] if "=" in line)
+            leaf_value = np.array(fields["leaf_value"].split(), dtype=np.float64)
+            table = np.zeros((int(fields["num_leaves"]), n_features))
+            if len(table) == 1:  # a one-leaf tree: a constant, no split to credit
+                bias += leaf_value[0]
+            else:
+                bias += _walk(fields, leaf_value, table)
             tables.append(table)
         sizes = [len(table) for table in tables]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
         return cls(np.vstack(tables) if tables else np.zeros((0, n_features)), offsets, bias)
-
-    def save(self, path: Path) -> None:
-        """Write the tables as ``.npz`` (plain arrays, no pickle), atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temp, "wb") as out:
-            np.savez(out, table=self.table, offsets=self.offsets, bias=np.array([self.bias]))
-        os.replace(temp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> PathExplainer:
-        with np.load(path, allow_pickle=False) as data:
-            return cls(data["table"], data["offsets"], float(data["bias"][0]))
 
     def explains(self, booster: lgb.Booster, matrix: np.ndarray, tolerance: float = 1e-9) -> bool:
         """Whether these tables fit ``booster``: shapes match and, on ``matrix``, bias + contributions
@@ -121,28 +118,24 @@ class PathExplainer:
         return out
 
 
-def _is_leaf(node: dict) -> bool:
-    return "split_feature" not in node  # a one-leaf tree's root has neither a split nor a leaf_index
-
-
-def _value(node: dict) -> float:
-    return float(node["leaf_value"] if _is_leaf(node) else node["internal_value"])
-
-
-def _walk(node: dict, path: np.ndarray, table: np.ndarray) -> None:
-    # iterative walk: trees can be deep, recursion limits are not worth the risk
-    stack = [(node, path)]
+def _walk(fields: dict[str, str], leaf_value: np.ndarray, table: np.ndarray) -> float:
+    """Fill ``table`` (leaves x features) for one tree of ``model.txt``; returns its root value.
+    Child ``c`` of an internal node is internal node ``c`` when ``c >= 0``, else leaf ``~c``."""
+    feature = np.array(fields["split_feature"].split(), dtype=np.int64)
+    left = np.array(fields["left_child"].split(), dtype=np.int64)
+    right = np.array(fields["right_child"].split(), dtype=np.int64)
+    internal = np.array(fields["internal_value"].split(), dtype=np.float64)
+    stack = [(0, np.zeros(table.shape[1]))]  # iterative: trees can be deep, recursion limits are not worth the risk
     while stack:
-        current, acc = stack.pop()
-        if _is_leaf(current):
-            table[current.get("leaf_index", 0)] = acc
-            continue
-        parent = _value(current)
-        for side in ("left_child", "right_child"):
-            child = current[side]
-            step = acc.copy()
-            step[current["split_feature"]] += _value(child) - parent
-            stack.append((child, step))
+        node, path = stack.pop()
+        for child in (left[node], right[node]):
+            step = path.copy()
+            step[feature[node]] += (leaf_value[~child] if child < 0 else internal[child]) - internal[node]
+            if child < 0:
+                table[~child] = step
+            else:
+                stack.append((child, step))
+    return float(internal[0])
 
 
 def shap_contributions(booster: lgb.Booster, matrix: np.ndarray) -> np.ndarray:

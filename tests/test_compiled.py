@@ -8,6 +8,7 @@ leaves library (leaf indices for reason codes) is checked against ``pred_leaf`` 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 from pathlib import Path
@@ -219,6 +220,26 @@ def test_a_changed_library_is_verified_again(model, models, any_size):
     assert "scores differ" in warnings[0]
 
 
+def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, models, any_size):
+    """The record beside a library is not proof: every load spot-checks the golden rows."""
+    if not HAVE_LLEAVES:
+        assert compiled.precompile(model, force=True) is None
+        return
+    library = compiled.precompile(model, force=True)
+    paths = compiled.CachePaths.of(model)
+    shutil.copy(compiled.precompile(reload(models[1]), force=True), library)
+    record = compiled._read_record(paths.record)
+    record["library_sha256"] = compiled.sha256_file(library)  # forged: vouches for the swapped file
+    paths.record.write_text(json.dumps(record))
+    warnings: list[str] = []
+
+    predictor = make_predictor(reload(model), "auto", warn=warnings.append)
+
+    assert_lightgbm_scores(predictor, model)
+    assert len(warnings) == 1 and "golden rows although its record vouches for it" in warnings[0]
+    assert not library.exists() and library.with_name(library.name + ".rejected").exists()
+
+
 def test_the_verification_rows_cover_thresholds_categories_and_missing_values(model):
     matrix = compiled.verification_matrix(model)
 
@@ -366,30 +387,18 @@ def test_a_damaged_leaves_library_is_refused_and_reasons_use_pred_leaf(model, mo
         assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 
-# --- reason-code tables cached beside the artifact ----------------------------------------------
+# --- reason-code tables: from the verified model.txt, no cache --------------------------------------
 
 
-def test_reason_tables_are_cached_beside_the_model_and_checked_before_use(model, monkeypatch):
+def test_reason_tables_come_from_the_verified_model_txt_and_nothing_beside_it(model):
     config = reasons_config(engine="lightgbm")
     rows = scoring_rows(model, 400)
     wanted = np.ones(len(rows), bool)
-    fresh = reason_codes(model, rows, wanted, config).to_pylist()
-    cached = model.path / score.EXPLAINER_DIR / f"{model.sha256[:24]}.npz"
-    assert cached.exists()
 
-    def no_rebuild(booster):
-        raise AssertionError("the cached tables should have been used")
+    reasons = reason_codes(model, rows, wanted, config).to_pylist()
 
-    monkeypatch.setattr(score.PathExplainer, "from_booster", staticmethod(no_rebuild))
-    assert reason_codes(reload(model), rows, wanted, config).to_pylist() == fresh
-    monkeypatch.undo()
-
-    # tampered tables no longer add up to LightGBM's raw scores on the golden rows: rebuilt, same reasons
-    explainer = score.PathExplainer.load(cached)
-    explainer.table[3] += 0.5
-    explainer.save(cached)
-    assert reason_codes(reload(model), rows, wanted, config).to_pylist() == fresh
-    assert score.PathExplainer.load(cached).explains(model.booster, to_matrix(pq.read_table(str(model.path / "golden.parquet")), model.spec))
-
-    cached.write_bytes(b"not an npz")  # unreadable: rebuilt as well
-    assert reason_codes(reload(model), rows, wanted, config).to_pylist() == fresh
+    assert all(len(r) == config.scoring.reasons for r in reasons)
+    assert sorted(p.name for p in model.path.iterdir() if p.is_dir()) in ([], ["compiled"])  # no tables cached to tamper with
+    explainer = score.path_explainer(model)
+    assert explainer.explains(model.booster, rows)  # bias + contributions == LightGBM's raw scores, row by row
+    assert len(explainer.offsets) == model.booster.num_trees() == 20
