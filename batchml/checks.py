@@ -54,10 +54,10 @@ def _shared_scores_table(project: Project, config) -> str:
             theirs = load_job_config(project.root / "configs" / f"{other}.yaml")
         except BatchMLError:
             continue  # its own check reports it
-        if theirs.scoring.table.lower() == config.scoring.table.lower():
-            raise ConfigError(f"jobs {config.job} and {other} both write scores to {config.scoring.table}; "
+        if theirs.scores_table.lower() == config.scores_table.lower():
+            raise ConfigError(f"jobs {config.job} and {other} both write scores to {config.scores_table}; "
                               f"give each its own scoring.table in configs/{config.job}.yaml or configs/{other}.yaml")
-    return f"scores go to {config.scoring.table}"
+    return f"scores go to {config.scores_table}"
 
 
 def _checks(project: Project, name: str):

@@ -7,6 +7,7 @@ Secrets (SMTP) never live here: they come from the environment, see :class:`Sett
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 def check_identifier(name: str, what: str = "identifier") -> str:
     """Return ``name`` if it is a plain SQL identifier (letters, digits, underscore), else raise."""
-    if not isinstance(name, str) or not IDENTIFIER.match(name):
+    if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):  # fullmatch: `$` lets a trailing newline through
         raise ValueError(f"{what} {name!r} must be letters, digits and underscores, starting with a letter")
     return name
 
@@ -126,6 +127,8 @@ class ValidationConfig(Strict):
     def _ranges(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         for name, (low, high) in v.items():
             check_identifier(name, "validation.ranges key")
+            if not (math.isfinite(low) and math.isfinite(high)):  # leave a side open with a wide finite bound
+                raise ValueError(f"range for {name} must have finite bounds, not [{low}, {high}]; use e.g. [0, 1e300]")
             if low > high:
                 raise ValueError(f"range for {name} has low {low} > high {high}")
         return v
@@ -255,7 +258,7 @@ class JobConfig(Strict):
     @field_validator("job")
     @classmethod
     def _job(cls, v: str) -> str:
-        if not JOB_NAME.match(v):
+        if not JOB_NAME.fullmatch(v):
             raise ValueError(f"job name {v!r} must be lowercase letters, digits and underscores")
         return v
 

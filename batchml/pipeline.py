@@ -417,8 +417,10 @@ class NightlyRun:
         run.status = "rejected" if isinstance(exc, RejectedError) else "failed"
         run.error = str(exc) if isinstance(exc, BatchMLError) else f"{type(exc).__name__}: {exc}"
         run.finished_at = registry.utcnow()
-        if run.status == "rejected":
-            run.rows_scored = 0
+        # nothing of the run was committed: no scores, no promotion, the watermark where it was
+        run.rows_scored, run.watermark_to = 0, run.watermark_from
+        if run.promoted:
+            run.promoted = False
         try:
             with self._connect() as con, transaction(con):
                 if run.status == "rejected":

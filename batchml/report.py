@@ -443,7 +443,7 @@ def build_report(data: ReportData) -> Report:
 
 def write_report(report: Report, directory: Path | str) -> Path:
     """Write ``<directory>/<run_id>.html`` atomically: a reader sees the old file or the whole new one."""
-    if not _SAFE_RUN_ID.match(report.run_id):
+    if not _SAFE_RUN_ID.fullmatch(report.run_id):
         raise ValueError(f"run id {report.run_id!r} cannot be used as a file name")
     directory = Path(directory)
     target = directory / f"{report.run_id}.html"

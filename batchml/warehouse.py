@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import duckdb
@@ -118,8 +118,11 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, data) -> Iterator[str]
     con.register(name, data)
     try:
         yield name
-    finally:
-        con.unregister(name)
+    except BaseException:
+        with suppress(duckdb.Error):  # an aborted transaction refuses this too: keep the real error
+            con.unregister(name)
+        raise
+    con.unregister(name)
 
 
 @contextmanager
@@ -131,8 +134,13 @@ def setting(con: duckdb.DuckDBPyConnection, name: str, value: str | int | bool) 
     con.execute(f"SET {name} = {_setting_literal(value)}")
     try:
         yield
-    finally:
-        con.execute(f"SET {name} = {_setting_literal(before)}")
+    except BaseException:
+        # the statement inside failed: inside a transaction DuckDB now refuses even the SET that
+        # restores the setting ("transaction is aborted"), which must not replace the real error
+        with suppress(duckdb.Error):
+            con.execute(f"SET {name} = {_setting_literal(before)}")
+        raise
+    con.execute(f"SET {name} = {_setting_literal(before)}")
 
 
 def _setting_literal(value: str | int | bool) -> str:

@@ -280,12 +280,16 @@ def test_check_exits_2_for_config_mistakes_and_catches_shared_tables_and_bad_sch
     demo_project.write_config(job_config())
     other = job_config(job="other", schedule={"cron": "0 2 1 * 1", "timezone": "UTC"})
     demo_project.write_config(other, job="other")
+    third = job_config(job="third")
+    del third["scoring"]["table"]  # the default, scores.third: its own
+    demo_project.write_config(third, job="third")
 
     result = demo_project.cli("check")
 
     assert result.returncode == 2
     assert "FAIL other: scores table: jobs other and vuln_risk both write scores to scores.vuln_risk" in result.stdout
     assert "FAIL other: schedule" in result.stdout and "day of month or day of week" in result.stdout
+    assert "ok   third: scores table (scores go to scores.third)" in result.stdout
     (demo_project.root / "configs" / "other.yaml").write_bytes(b"job: other\n\xa8\xff garbage")
     garbage = demo_project.cli("run", "other")
     assert garbage.returncode == 2

@@ -199,3 +199,23 @@ def test_a_moved_project_uses_its_own_model_artifacts(demo_project, tmp_path):
     run = run_job(Project.open(moved), "vuln_risk", as_of=day(61), notify=False)
 
     assert run.status == "succeeded" and run.rows_scored > 0 and run.champion_version == 1
+
+
+def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(demo_project):
+    import duckdb
+
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("ALTER TABLE scores.vuln_risk ALTER COLUMN risk_band TYPE INTEGER USING 0")  # the next insert cannot convert 'high'
+    con.close()
+    scored = demo_project.scalar("SELECT count(*) FROM scores.vuln_risk")
+
+    with pytest.raises(Exception) as failure:
+        run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert "convert" in str(failure.value).lower() and "aborted" not in str(failure.value)  # the cause, not its echo
+    status, rows_scored, watermark_to = demo_project.query(
+        "SELECT status, rows_scored, watermark_to FROM batchml.runs WHERE as_of = ?", [day(61)])[0]
+    assert (status, rows_scored, watermark_to) == ("failed", 0, day(60))
+    assert demo_project.scalar("SELECT count(*) FROM scores.vuln_risk") == scored
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
