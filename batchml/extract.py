@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from batchml.config import JobConfig, feature_sql
-from batchml.errors import DataError
+from batchml.errors import ConfigError, DataError
 from batchml.validate import reason_sql
 from batchml.warehouse import quote_ident, quote_literal, quote_table, setting, size_bytes
 
@@ -50,7 +50,22 @@ def source_sql(config: JobConfig, project: Path) -> str:
     if derived is None:
         return raw
     # the user's SELECT reads a relation called `source`; a nested query may carry its own WITH
-    return f"WITH source AS ({raw}) SELECT * FROM ({derived})"
+    sql = f"WITH source AS ({raw}) SELECT * FROM ({derived})"
+    _one_select(sql, config)
+    return sql
+
+
+def _one_select(sql: str, config: JobConfig) -> None:
+    """Refuse feature SQL that closes the wrapping query and runs statements of its own
+    (``...) ; CREATE TABLE ...``): it must be one SELECT. Unparsable SQL is left to DuckDB's message."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error:
+        return
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(statement.type.name for statement in statements)
+        raise ConfigError(f"{config.features.sql} must hold one SELECT over `source`, but makes {len(statements)} statement(s) "
+                          f"({kinds}); fix the SQL in {config.features.sql}")
 
 
 def source_label(config: JobConfig) -> str:
@@ -71,6 +86,10 @@ def describe_source(con: duckdb.DuckDBPyConnection, config: JobConfig, project: 
     except duckdb.Error as exc:
         raise DataError(_source_error(config, exc)) from exc
     columns = {row[0]: row[1] for row in described}
+    clashing = [c for c in columns if c.startswith("__")]
+    if clashing:  # batchml's own columns in a pull are named so; a source column of that name would be taken for one
+        raise DataError(f"{_what_is_read(config)} has column(s) {', '.join(clashing)} (job {config.job}): names starting with "
+                        f"__ are batchml's own; rename them in the source, or leave them out with features.sql")
     missing = [c for c in required_columns(config) if c not in columns]
     if missing:
         raise DataError(f"{_what_is_read(config)} has no column {', '.join(missing)} (job {config.job}); "

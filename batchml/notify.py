@@ -13,7 +13,10 @@ exception type and the server's reply, and scrubbed of the password in case a se
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import re
 import smtplib
 import ssl
 import time
@@ -158,12 +161,30 @@ def _transient(exc: BaseException) -> bool:
 def describe_error(exc: BaseException, settings: Settings) -> str:
     """One line naming the server, what went wrong and what to check; never contains the password."""
     where = f"SMTP {settings.smtp_host}:{settings.smtp_port}"
-    text = f"{where}: {_explain(exc, settings)}"
-    secret = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
-    if secret:
-        text = text.replace(secret, "***")
+    text = _scrub(f"{where}: {_explain(exc, settings)}", settings)
     text = " ".join(text.split())
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9+/]{8,}={0,2}")
+
+
+def _scrub(text: str, settings: Settings) -> str:
+    """``text`` without the SMTP user and password, plain or base64-encoded as AUTH sends them
+    (a server may echo ``AUTH PLAIN`` credentials back in its refusal)."""
+    secrets = [value for value in (settings.smtp_password.get_secret_value() if settings.smtp_password else "",
+                                   settings.smtp_user or "") if value]
+    for secret in secrets:
+        text = text.replace(secret, "***")
+
+    def encoded(match: re.Match) -> str:
+        try:
+            decoded = base64.b64decode(match[0] + "=" * (-len(match[0]) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            return match[0]
+        return "***" if any(secret.encode() in decoded for secret in secrets) else match[0]
+
+    return _TOKEN.sub(encoded, text) if secrets else text
 
 
 def _reply(exc: smtplib.SMTPResponseException) -> str:
@@ -173,7 +194,7 @@ def _reply(exc: smtplib.SMTPResponseException) -> str:
 
 def _explain(exc: BaseException, settings: Settings) -> str:
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        return f"login as {settings.smtp_user!r} refused ({_reply(exc)}); check BATCHML_SMTP_USER and BATCHML_SMTP_PASSWORD"
+        return f"login refused ({_reply(exc)}); check BATCHML_SMTP_USER and BATCHML_SMTP_PASSWORD"
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return f"every recipient was refused ({', '.join(sorted(exc.recipients))}); check notify.email"
     if isinstance(exc, smtplib.SMTPSenderRefused):

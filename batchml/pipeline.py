@@ -445,7 +445,8 @@ class NightlyRun:
             prepare_engine(self.champion, self.config.scoring.engine, warn=self._warn)
 
         try:
-            publish.publish_run(self.project, self.config, self.run.run_id)
+            # this run and any an earlier process committed but died before publishing
+            publish.publish_pending(self.project, self.config)
         except BatchMLError as exc:
             log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
         self._report_and_notify()

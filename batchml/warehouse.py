@@ -46,10 +46,8 @@ def quote_literal(value: str) -> str:
 def _lock_message(path: Path, exc: Exception) -> str:
     match = LOCK_PATTERN.search(str(exc))
     holder = f"process {match['pid']} ({match['holder'].strip()})" if match else "another process"
-    return (
-        f"warehouse {path} is held by {holder}; close that session (analysts: query "
-        f"warehouse/catalog.duckdb instead) or wait for it to finish"
-    )
+    advice = "" if path.name == "catalog.duckdb" else " (analysts: query warehouse/catalog.duckdb instead)"
+    return f"{path.name} at {path} is held by {holder}; close that session{advice} or wait for it to finish"
 
 
 def _is_lock_conflict(exc: Exception) -> bool:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
+
 from batchml.pipeline import run_job
 from conftest import day
 
@@ -51,3 +53,19 @@ def test_published_files_match_the_warehouse_and_publishing_twice_is_harmless(de
         assert con.execute("SELECT count(*) FROM batchml.quarantine").fetchone()[0] == run.rows_quarantined
     finally:
         con.close()
+
+
+def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project, monkeypatch):
+    from batchml import publish
+
+    monkeypatch.setattr(publish, "publish_pending", lambda project, config: 0)  # as if killed right after the commit
+    first = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    monkeypatch.undo()
+    second = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    catalog = duckdb.connect(str(demo_project.root / "warehouse" / "catalog.duckdb"), read_only=True)
+    try:
+        published = dict(catalog.execute("SELECT run_id, count(*) FROM scores.vuln_risk GROUP BY run_id").fetchall())
+    finally:
+        catalog.close()
+    assert published == {first.run_id: first.rows_scored, second.run_id: second.rows_scored}

@@ -243,6 +243,13 @@ def test_feature_sql_mistakes_point_at_the_sql_file(demo_project):
     narrow = demo_project.cli("run", "vuln_risk", "--no-notify")
     assert_one_line_error(narrow, "the SELECT in jobs/vuln_risk/features.sql", "has no column cvss_base")
 
+    # closing the wrapping query to run a statement of its own is refused before anything runs
+    sql.write_text("SELECT * FROM source) ; CREATE TABLE main.pwned AS SELECT 42 AS x; SELECT * FROM (SELECT * FROM source")
+    injected = demo_project.cli("run", "vuln_risk", "--no-notify")
+    assert injected.returncode == 2
+    assert_one_line_error(injected, "must hold one SELECT over `source`", "CREATE")
+    assert demo_project.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'pwned'") == 0
+
 
 def test_time_and_label_columns_of_the_wrong_type_are_refused_up_front(demo_project):
     for section, field, column, role in [("source", "watermark", "severity", "source.watermark"),

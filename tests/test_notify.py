@@ -167,12 +167,12 @@ def test_wrong_password_fails_once_and_never_leaks_the_password(auth_server, rep
     with caplog.at_level(logging.DEBUG):
         delivery = send_report(report, ["secops@example.com"], settings, backoff=0.01)
     assert delivery.status == "failed" and delivery.attempts == 1  # a bad login is not retried
-    assert "login as 'batchml-bot' refused" in delivery.error and "BATCHML_SMTP_PASSWORD" in delivery.error
+    assert "login refused" in delivery.error and "BATCHML_SMTP_PASSWORD" in delivery.error
     captured = capsys.readouterr()
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("batchml"))
     assert "mail attempt 1/3 failed" in ours
     for where in (delivery.error, ours, captured.out, captured.err, repr(delivery), report.html_file(), report.text):
-        assert wrong not in where and PASSWORD not in where
+        assert wrong not in where and PASSWORD not in where and USER not in where
     assert handler.envelopes == []
 
 
@@ -235,3 +235,20 @@ def test_a_malformed_address_fails_without_raising(smtp_server, report: Report) 
     controller, handler = smtp_server
     delivery = send_report(report, ["secops@example.com\nBcc: evil@example.com"], settings_for(controller.port))
     assert delivery.status == "failed" and handler.envelopes == []
+
+
+def test_credentials_echoed_back_base64_encoded_are_scrubbed_too() -> None:
+    """A server may echo AUTH PLAIN's base64 of NUL user NUL password in its refusal."""
+    import base64
+    import smtplib
+
+    from batchml.notify import describe_error
+
+    settings = settings_for(25, smtp_user=USER, smtp_password=PASSWORD)
+    echoed = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+    refusal = smtplib.SMTPAuthenticationError(535, f"5.7.8 bad credentials for PLAIN {echoed} ({USER})".encode())
+
+    line = describe_error(refusal, settings)
+
+    assert echoed not in line and USER not in line and PASSWORD not in line
+    assert "login refused (535 5.7.8 bad credentials for PLAIN *** (***))" in line

@@ -114,6 +114,13 @@ def test_checks_follow_the_source_types_and_text_columns_are_still_checked(tmp_p
     assert reasons == ["cvss_base=n/a cannot be cast to DOUBLE", "found_at=yesterday is not a timestamp"]
 
 
+def test_a_source_column_named_like_batchmls_own_is_refused(tmp_path):
+    rows = demo_data.generate_rows(100, seed=3, start=datetime(2026, 1, 1))
+    con = source(rows.append_column("__rule", rows.column("cvss_base")))  # would be read as the quarantine rule
+    with pytest.raises(DataError, match=r"has column\(s\) __rule .*names starting with __ are batchml's own"):
+        pull(con, config(), tmp_path, ALL_ROWS, tmp_path / "batch.arrow")
+
+
 def test_a_pull_out_of_memory_names_the_setting_to_raise(tmp_path):
     con = source(demo_data.generate_rows(20_000, seed=3, start=datetime(2026, 1, 1)))
     con.execute("SET memory_limit = '1MB'")
