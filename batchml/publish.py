@@ -139,8 +139,10 @@ def _catalog_has(project: Project, views: dict[str, str]) -> bool:
     except duckdb.Error:
         return True  # someone holds it for writing; leave it
     try:
-        present = {f"{s}.{n}" for s, n in con.execute(
-            "SELECT schema_name, view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        present = {f"{s}.{n}": sql for s, n, sql in con.execute(
+            "SELECT schema_name, view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()}
     finally:
         con.close()
-    return set(views) <= present
+    # a view over another directory's files (the project was copied or moved) counts as missing
+    home = str(project.published)
+    return all(name in present and (home not in sql or home in present[name]) for name, sql in views.items())

@@ -69,3 +69,21 @@ def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project
     finally:
         catalog.close()
     assert published == {first.run_id: first.rows_scored, second.run_id: second.rows_scored}
+
+
+def test_a_copied_project_s_catalog_reads_its_own_files(demo_project, tmp_path):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_project.root, copy)
+    from batchml.project import Project
+
+    run_job(Project.open(copy), "vuln_risk", as_of=day(61), notify=False)
+
+    catalog = duckdb.connect(str(copy / "warehouse" / "catalog.duckdb"), read_only=True)
+    try:
+        definitions = [sql for (sql,) in catalog.execute("SELECT sql FROM duckdb_views() WHERE NOT internal AND sql LIKE '%read_parquet%'").fetchall()]
+        runs = catalog.execute("SELECT count(DISTINCT run_id) FROM scores.vuln_risk").fetchone()[0]
+    finally:
+        catalog.close()
+    assert definitions and all(str(copy) in sql for sql in definitions)
+    assert runs == 2  # the copy's own two runs, not the original's one
