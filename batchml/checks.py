@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 from batchml import registry
 from batchml.config import job_names, load_job_config
-from batchml.errors import BatchMLError, ConfigError
-from batchml.extract import describe_source
+from batchml.errors import BatchMLError, ConfigError, DataError
+from batchml.extract import describe_source, source_sql
 from batchml.project import Project
 from batchml.retrain import check_golden
-from batchml.warehouse import memory_connection, table_exists
+from batchml.warehouse import memory_connection, quote_ident, table_exists
 
 
 def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> list[BatchMLError]:
@@ -60,6 +60,16 @@ def _shared_scores_table(project: Project, config) -> str:
     return f"scores go to {config.scores_table}"
 
 
+def _source_report(con, config, project: Project) -> str:
+    columns = describe_source(con, config, project.root)
+    watermark = config.source.watermark
+    unpulled = con.execute(f"SELECT count(*) FROM ({source_sql(config, project.root)}) WHERE {quote_ident(watermark)} IS NULL").fetchone()[0]
+    if unpulled:  # a batch is a watermark interval: such rows are in none, neither scored nor quarantined
+        raise DataError(f"{unpulled} source row(s) have a null {watermark} (source.watermark) and are never pulled; "
+                        f"fill it in the source (when the row was loaded)")
+    return f"{len(columns)} source columns, all required ones present"
+
+
 def _checks(project: Project, name: str):
     state: dict = {}
 
@@ -71,13 +81,11 @@ def _checks(project: Project, name: str):
         cfg = state["config"]
         if cfg.source.parquet:
             with memory_connection() as con:
-                columns = describe_source(con, cfg, project.root)
-        else:
-            if not project.warehouse.exists():
-                raise ConfigError(f"warehouse {project.warehouse} does not exist; load {cfg.source.table} into it first")
-            with project.connect(read_only=True, lock_timeout=5.0) as con:
-                columns = describe_source(con, cfg, project.root)
-        return f"{len(columns)} source columns, all required ones present"
+                return _source_report(con, cfg, project)
+        if not project.warehouse.exists():
+            raise ConfigError(f"warehouse {project.warehouse} does not exist; load {cfg.source.table} into it first")
+        with project.connect(read_only=True, lock_timeout=5.0) as con:
+            return _source_report(con, cfg, project)
 
     def champion():
         cfg = state["config"]

@@ -301,3 +301,15 @@ def test_check_exits_2_for_config_mistakes_and_catches_shared_tables_and_bad_sch
     garbage = demo_project.cli("run", "other")
     assert garbage.returncode == 2
     assert_one_line_error(garbage, "other.yaml: not UTF-8 text")
+
+
+def test_check_finds_rows_that_no_batch_will_ever_pull(demo_project):
+    demo_project.write_config(job_config())
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("INSERT INTO raw.vuln_findings SELECT * REPLACE (NULL AS ingested_at) FROM raw.vuln_findings LIMIT 2")
+    con.close()
+
+    result = demo_project.cli("check", "vuln_risk")
+
+    assert result.returncode == 1
+    assert "FAIL vuln_risk: source: 2 source row(s) have a null ingested_at (source.watermark) and are never pulled" in result.stdout
