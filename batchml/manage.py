@@ -63,7 +63,7 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
 
 def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, dict[str, Path], list[str]]:
     """Build what a promotion builds for the champion, now: its compiled libraries (per
-    ``scoring.engine``) and its reason-code tables. For after an upgrade of batchml, lleaves or LLVM,
+    ``scoring.engine``; reason-code tables are built from model.txt on load). For after an upgrade of batchml, lleaves or LLVM,
     a move to another CPU or installing the ``compiled`` extra — each gives libraries a new key,
     and nightly runs in ``auto`` never compile. Returns the model, the verified libraries by kind
     and the warnings (why a library is missing)."""
