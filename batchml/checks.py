@@ -63,7 +63,8 @@ def _shared_scores_table(project: Project, config) -> str:
 def _source_report(con, config, project: Project) -> str:
     columns = describe_source(con, config, project.root)
     watermark = config.source.watermark
-    unpulled = con.execute(f"SELECT count(*) FROM ({source_sql(config, project.root)}) WHERE {quote_ident(watermark)} IS NULL").fetchone()[0]
+    sql = f"SELECT count(*) FROM ({source_sql(config, project.root)}) WHERE {quote_ident(watermark)} IS NULL"
+    unpulled = con.execute(sql).fetchone()[0]
     if unpulled:  # a batch is a watermark interval: such rows are in none, neither scored nor quarantined
         raise DataError(f"{unpulled} source row(s) have a null {watermark} (source.watermark) and are never pulled; "
                         f"fill it in the source (when the row was loaded)")

@@ -27,8 +27,9 @@ library's sha256, so a run re-verifies only when the file changed. The record is
 file beside the library), so every load also spot-checks the golden rows, in milliseconds. LLVM
 aborts the whole process on an invalid object file, so a library the record does not vouch for is
 loaded and checked in a child process first; a library that fails is moved aside
-(``<key>.so.rejected``) and the run falls back to LightGBM. A model that does not compile, or compiles to a different output, is recorded as failed
-and not retried by nightly runs (a new toolchain means a new key; :func:`precompile` retries).
+(``<key>.so.rejected``) and the run falls back to LightGBM. A model that does not compile, or
+compiles to a different output, is recorded as failed and not retried by nightly runs (a new
+toolchain means a new key; :func:`precompile` retries).
 
 **Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
 given, so :class:`CompiledPredictor` zeroes such tiny values first (:func:`as_lightgbm_reads`).

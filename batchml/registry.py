@@ -151,8 +151,9 @@ def latest(con: duckdb.DuckDBPyConnection, job: str, status: str) -> dict | None
 
 def newest_challenger(con: duckdb.DuckDBPyConnection, job: str, after: int) -> dict | None:
     """The newest model after version ``after`` that was trained but not promoted (for shadow scores)."""
-    return _located(con, fetch_one(con, "SELECT * FROM batchml.models WHERE job = ? AND version > ? AND status IN ('challenger', 'rejected') "
-                                        "ORDER BY version DESC LIMIT 1", [job, after]))
+    sql = ("SELECT * FROM batchml.models WHERE job = ? AND version > ? AND status IN ('challenger', 'rejected') "
+           "ORDER BY version DESC LIMIT 1")
+    return _located(con, fetch_one(con, sql, [job, after]))
 
 
 def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
