@@ -71,6 +71,11 @@ def test_without_enough_labels_nothing_is_scored_and_rows_wait(demo_project):
     assert waiting.status == "succeeded" and waiting.rows_scored == 0 and waiting.champion_version is None
     assert "wait" in waiting.note
     assert demo_project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+    # analysts can already query the (empty) scores table and its view, with the final column types
+    assert demo_project.scalar("SELECT count(*) FROM scores.vuln_risk_latest") == 0
+    types = dict(demo_project.query("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'vuln_risk'"))
+    assert types["finding_id"] == "BIGINT" and types["score"] == "DOUBLE" and types["model_version"] == "INTEGER"
+    assert types["reasons"].startswith("STRUCT(feature VARCHAR, contribution DOUBLE)[]")
     later = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
     assert later.rows_scored == valid_landed(demo_project, day(-1), day(60))
 
