@@ -115,6 +115,9 @@ class DriftRun(NightlyRun):
     def _write_quarantine(self, con) -> None:  # a drift run quarantines nothing
         return
 
+    def _after_commit(self) -> None:  # its drift rows go to the analysts' catalog; no report, no mail
+        self._publish()
+
 
 def backfill(project: Project, job: str, start: date, end: date, *, version: int | None = None, dry_run: bool = False) -> Run:
     """Re-score the rows with event time in [start, end] (end inclusive as a day)."""

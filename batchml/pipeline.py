@@ -378,7 +378,8 @@ class NightlyRun:
                 write(con)
             if run.rows_scored:
                 write_scores(con, self.config, self.scores_path)
-            elif self.batch is not None and self.batch.path.exists():  # analysts can query the table before its first scores
+            elif run.kind in ("nightly", "replay") and self.batch is not None and self.batch.path.exists():
+                # the first runs without a champion: analysts can query the (empty) table already
                 ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
             if self.shadow_path is not None and self.shadow_path.exists():
                 write_scores(con, self.config, self.shadow_path, suffix="_shadow")
@@ -442,17 +443,19 @@ class NightlyRun:
             log.warning("%s: could not record the commit time of run %s: %s", self.config.job, self.run.run_id, exc)
 
     def _after_commit(self) -> None:
-        from batchml import publish
-
         if self.run.promoted:
             prepare_engine(self.champion, self.config.scoring.engine, warn=self._warn)
+        self._publish()
+        self._report_and_notify()
+
+    def _publish(self) -> None:
+        from batchml import publish
 
         try:
             # this run and any an earlier process committed but died before publishing
             publish.publish_pending(self.project, self.config)
         except BatchMLError as exc:
             log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
-        self._report_and_notify()
 
     def _report_and_notify(self) -> None:
         from batchml import reporting  # matplotlib is imported only when a report is written

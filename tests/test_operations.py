@@ -395,3 +395,4 @@ def test_drift_only_writes_the_drift_rows_of_a_drift_run_and_nothing_else(demo_p
     assert len(features) == 11 and max(n for _, n in features) == valid_landed(p, day(59), day(66))
     after = [p.query(sql.replace("batchml.drift", f"batchml.drift WHERE run_id <> '{measured['run_id']}'")) for sql in untouched]
     assert after == before
+    assert not list((p.root / "warehouse" / "reports").rglob(f"{measured['run_id']}*"))  # no report written for it
