@@ -25,9 +25,10 @@ def check_project(project: Project, job: str | None, echo: Callable[[str], None]
     return problems
 
 
-def exit_code(problems: list[BatchMLError]) -> int:
-    """2 when a config is wrong (as ``run`` would exit), else 1."""
-    return 2 if any(isinstance(problem, ConfigError) for problem in problems) else 1
+def summary_error(problems: list[BatchMLError]) -> BatchMLError:
+    """The error ``check`` ends with: a ConfigError (exit 2, as ``run`` would) when a config is wrong."""
+    kind = ConfigError if any(isinstance(problem, ConfigError) for problem in problems) else BatchMLError
+    return kind(f"{len(problems)} problem(s) found")
 
 
 def _check_job(project: Project, name: str, echo: Callable[[str], None]) -> list[BatchMLError]:

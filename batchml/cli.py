@@ -199,13 +199,11 @@ def report(
 @app.command()
 def check(job: Annotated[Optional[str], typer.Argument(help="One job (default: every job).")] = None) -> None:
     """Validate configs, feature SQL, source columns and warehouse access, running nothing."""
-    from batchml.checks import check_project, exit_code
+    from batchml.checks import check_project, summary_error
 
     problems = check_project(open_project(), job, echo=lambda line: console.print(line, highlight=False))
     if problems:
-        error = BatchMLError(f"{len(problems)} problem(s) found")
-        error.exit_code = exit_code(problems)
-        raise error
+        raise summary_error(problems)
 
 
 @app.command()

@@ -491,19 +491,17 @@ class LeafPredictor:
         return self.packing.unpack(packed)
 
 
-def _verify(model: LoadedModel, kind: Kind, compiled) -> tuple[float, int]:
-    matrix = verification_matrix(model)
+def _verify(model: LoadedModel, kind: Kind, compiled, matrix: np.ndarray | None = None) -> tuple[float, int]:
+    """Largest difference from LightGBM on ``matrix`` (default: the verification rows) and its rows."""
+    matrix = verification_matrix(model) if matrix is None else matrix
     got = compiled.predict(as_lightgbm_reads(matrix), n_jobs=1)
     return _compare(kind.expected(model.booster, matrix), got), len(matrix)
 
 
-def _spot_check(model: LoadedModel, kind: Kind, compiled) -> tuple[float, int]:
-    """:func:`_verify` on the golden rows only (a few milliseconds), for a library already vouched for."""
-    matrix = golden_matrix(model)
-    if len(matrix) == 0:
-        matrix = verification_matrix(model, rows=200)
-    got = compiled.predict(as_lightgbm_reads(matrix), n_jobs=1)
-    return _compare(kind.expected(model.booster, matrix), got), len(matrix)
+def _spot_rows(model: LoadedModel) -> np.ndarray:
+    """Rows for re-checking a library already vouched for, in milliseconds: the golden set."""
+    golden = golden_matrix(model)
+    return golden if len(golden) else verification_matrix(model, rows=200)
 
 
 def _verify_in_child(model: LoadedModel, kind: Kind, library: Path) -> tuple[float, int]:
@@ -549,7 +547,7 @@ def _use_cached(model: LoadedModel, kind: Kind, paths: CachePaths):
         compiled = _load(model, kind, paths.library)
         # the record is a file beside the library, not proof: a library of another model with a
         # record to match would load fine, so it must still reproduce this model on its golden rows
-        worst, rows = _spot_check(model, kind, compiled)
+        worst, rows = _verify(model, kind, compiled, _spot_rows(model))
         if worst > kind.tolerance:
             raise CompileError(f"cached library {paths.library.name} {kind.what} differ from LightGBM by up to {worst:.3g} "
                                f"on {rows} golden rows although its record vouches for it; {_reject(paths.library)}")

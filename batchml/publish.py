@@ -45,18 +45,10 @@ def _copy(con: duckdb.DuckDBPyConnection, query: str, target: Path, params: list
     os.replace(temp, target)
 
 
-def publish_run(project: Project, config: JobConfig, run_id: str) -> None:
-    """Publish one committed run (idempotent), then refresh the small snapshots and the catalog."""
-    with project.connect() as con:
-        _publish_run_files(con, project, config, run_id)
-        for table in SNAPSHOTS:
-            _copy(con, f"SELECT * FROM batchml.{table}", project.published / "batchml" / f"{table}.parquet")
-        con.execute("DROP TABLE IF EXISTS __publish")
-    ensure_catalog(project, [config])
-
-
 def publish_pending(project: Project, config: JobConfig) -> int:
-    """Publish every finished run of ``config.job`` that has no published file yet (after a crash)."""
+    """Publish every finished run of ``config.job`` that has no published file yet — the run just
+    committed, and any whose process died between its commit and publishing — then refresh the
+    small snapshots and the catalog. Idempotent."""
     with project.connect() as con:
         run_ids = [r[0] for r in con.execute(
             "SELECT run_id FROM batchml.runs WHERE job = ? AND status NOT IN ('running') ORDER BY started_at", [config.job]
