@@ -157,23 +157,30 @@ def newest_challenger(con: duckdb.DuckDBPyConnection, job: str, after: int) -> d
 
 
 def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
-    return [_located(con, row) for row in fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? ORDER BY version", [job])]
+    rows = fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? ORDER BY version", [job])
+    home = _home(con)
+    return [_beside(home, row) for row in rows]
 
 
 def _located(con: duckdb.DuckDBPyConnection, row: dict | None) -> dict | None:
+    return None if row is None else _beside(_home(con), row)
+
+
+def _home(con: duckdb.DuckDBPyConnection) -> Path | None:
+    """The folder of the warehouse file ``con`` is on (None for an in-memory database)."""
+    found = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return Path(found[0]).resolve().parent if found and found[0] else None
+
+
+def _beside(home: Path | None, row: dict) -> dict:
     """``row`` with ``artifact_path`` pointing beside this warehouse when the artifact is there.
 
     artifact_path is stored absolute (tools and analysts can open it as is), but a project that was
     moved, or a warehouse copied with its ``models/`` folder, must use its own artifacts: the folder
     ``<warehouse dir>/models/<job>/v<N>`` wins when it exists (its hashes are verified all the same).
     """
-    if row is None:
-        return None
-    found = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    if not found or not found[0]:
-        return row  # an in-memory database: nothing beside it
-    beside = Path(found[0]).resolve().parent / "models" / row["job"] / f"v{row['version']}"
-    if beside.is_dir() and str(beside) != row["artifact_path"]:
+    beside = None if home is None else home / "models" / row["job"] / f"v{row['version']}"
+    if beside is not None and beside.is_dir() and str(beside) != row["artifact_path"]:
         return {**row, "artifact_path": str(beside)}
     return row
 
