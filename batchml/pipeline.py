@@ -113,6 +113,7 @@ class NightlyRun:
         self.drift_report: drift.DriftReport | None = None
         self.decision: evaluate.GateDecision | None = None
         self.new_labels = 0
+        self.last_trained: dict | None = None  # the job's most recently trained model (any status)
         self.realised: float | None = None
         self.performance: list[dict] = []
         self.scores_path = self.scratch / "scores.arrow"
@@ -201,6 +202,7 @@ class NightlyRun:
             self.batch = pull(con, self.config, self.project.root, where, self.scratch / "batch.arrow")
             if self.run.kind in ("nightly", "replay"):
                 self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
+                self.last_trained = registry.last_trained(con, self.config.job)
                 self.performance = performance.realised(con, self.config, self.project.root, self.run.as_of)
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
@@ -238,7 +240,7 @@ class NightlyRun:
             self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
             dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
         )
-        if not self.run.triggers:
+        if not self.run.triggers or self._trained_already():
             return None
         log.info("%s: retraining (%s)", self.config.job, ", ".join(self.run.triggers))
         try:
@@ -253,6 +255,19 @@ class NightlyRun:
             self._crown_first(candidate)
             return None
         return candidate
+
+    def _trained_already(self) -> bool:
+        """A rerun of a cut-off (or an earlier one) would train on the rows a model trained at that
+        cut-off already saw: the same challenger again, rejected again. Only data-driven triggers
+        are skipped this way; ``--force-retrain`` and a job without a champion still train."""
+        seen = self.last_trained
+        if seen is None or seen["created_at"] < self.run.as_of or {"forced", "no_champion"} & set(self.run.triggers):
+            return False
+        self.run.note = (f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained "
+                         f"at cut-off {seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger "
+                         f"(--force-retrain trains one anyway)")
+        log.info("%s: %s", self.config.job, self.run.note)
+        return True
 
     def _train_candidate(self) -> retrain.Candidate:
         path = self.scratch / "train.arrow"

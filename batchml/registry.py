@@ -156,6 +156,12 @@ def newest_challenger(con: duckdb.DuckDBPyConnection, job: str, after: int) -> d
     return _located(con, fetch_one(con, sql, [job, after]))
 
 
+def last_trained(con: duckdb.DuckDBPyConnection, job: str) -> dict | None:
+    """The model trained at the latest cut-off (``created_at`` is the as_of of its training run)."""
+    return fetch_one(con, "SELECT version, created_at, status FROM batchml.models WHERE job = ? "
+                          "ORDER BY created_at DESC, version DESC LIMIT 1", [job])
+
+
 def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
     rows = fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = ? ORDER BY version", [job])
     home = _home(con)

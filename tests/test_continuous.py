@@ -137,6 +137,20 @@ def test_triggers_and_realised_performance_are_recorded(demo_project):
     assert overall[0][1] == sum(r[2] for r in by_day) and 0.6 < overall[0][0] <= 1.0
 
 
+def test_a_rerun_of_a_cutoff_does_not_train_the_same_challenger_again(demo_project):
+    demo_project.write_config(job_config(training={"retrain": {"every_days": 30, "on_drift": False, "min_new_labels": 100}}))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    first = run_job(demo_project.project, "vuln_risk", as_of=day(95), notify=False)
+    again = run_job(demo_project.project, "vuln_risk", as_of=day(95), notify=False)
+    forced = run_job(demo_project.project, "vuln_risk", as_of=day(95), force_retrain=True, notify=False)
+
+    assert first.challenger_version == 2
+    assert again.status == "succeeded" and again.challenger_version is None and "age" in again.triggers
+    assert "v2 was trained at cut-off" in again.note
+    assert forced.challenger_version == 3  # asked for explicitly
+    assert demo_project.query("SELECT version FROM batchml.models ORDER BY version") == [(1,), (2,), (3,)]
+
+
 def test_shadow_mode_scores_the_same_rows_with_the_latest_challenger(demo_project):
     demo_project.write_config(job_config(promotion={**RELAXED_LATENCY, "min_improvement": 0.5, "shadow": True}))
     run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
