@@ -57,9 +57,27 @@ class _Collect(logging.Handler):
         self.messages.append((record.levelno, record.getMessage()))
 
 
+class _NoPredict:
+    """Stands in for the model in the floor measurement: every row still goes through reading,
+    checking, encoding, banding, reasons and writing, but the predict costs nothing. ``high_share``
+    of the rows get a high-band score, as many as the real model gives one, so the reasons are
+    computed for as many rows."""
+
+    name = "none (predict replaced by a no-op)"
+    concurrent_batches = 2
+
+    def __init__(self, high_share: float) -> None:
+        self.high_share = high_share
+        self.rng = np.random.default_rng(0)
+
+    def predict(self, matrix: np.ndarray, threads: int | None = None) -> np.ndarray:
+        return np.where(self.rng.random(len(matrix)) < self.high_share, 0.99, 0.01)
+
+
 def worker_e2e(root: Path, kind: str = "nightly") -> dict:
-    """One nightly run (or ``kind="backfill"``: a backfill of every row's event days) of the bench
-    job in ``root``; timings, predictor used and peak RSS."""
+    """One nightly run (or ``kind="backfill"``: a backfill of every row's event days; or
+    ``"backfill-nopredict"``: the same backfill with the predict replaced by a no-op) of the bench
+    job in ``root``; timings, predictor used, CPU seconds of the process (every thread) and peak RSS."""
     collect = _Collect()
     logger = logging.getLogger("batchml")
     logger.addHandler(collect)
@@ -69,19 +87,35 @@ def worker_e2e(root: Path, kind: str = "nightly") -> dict:
     from batchml.pipeline import NightlyRun
     from batchml.project import Project
 
+    if kind == "backfill-nopredict":
+        import batchml.backfill
+
+        real = batchml.backfill.load_for_scoring  # still loads the leaves library and path tables for the reasons
+        share = float(os.environ["BENCH_HIGH_SHARE"])
+        batchml.backfill.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
     import_rss = common.peak_rss_mb()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     project = Project.open(root)
     with job_lock(project.locks, JOB):
-        if kind == "backfill":  # read, validate, score, write: no drift, no training, watermark untouched
+        if kind.startswith("backfill"):  # read, validate, score, write: no drift, no training, watermark untouched
             nightly = BackfillRun(project, project.job(JOB), common.T0.date(), AS_OF.date(), None, False)
         else:
             nightly = NightlyRun(project, project.job(JOB), AS_OF, "nightly", False, False)
+        steps, steps_cpu = nightly._steps, [0.0]
+
+        def timed_steps() -> None:  # CPU seconds of the steps alone (begin, publish and report excluded)
+            cpu = time.process_time()
+            try:
+                steps()
+            finally:
+                steps_cpu[0] = time.process_time() - cpu
+
+        nightly._steps = timed_steps
         run = nightly.execute()
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     scored = [m for _, m in collect.messages if " rows with v" in m]
     return {
-        "wall": wall, "timings": run.timings, "status": run.status, "rows_scored": run.rows_scored,
+        "wall": wall, "cpu": cpu, "steps_cpu": steps_cpu[0], "timings": run.timings, "status": run.status, "rows_scored": run.rows_scored,
         "rows_quarantined": run.rows_quarantined, "predict_seconds": nightly.scored.predict_seconds,
         "reason_seconds": nightly.scored.reason_seconds, "predictor": nightly.scored.predictor or (scored[0] if scored else "?"),
         "warnings": [m for level, m in collect.messages if level >= logging.WARNING],
@@ -113,10 +147,11 @@ def fresh_project(template_path: Path, config: dict) -> Path:
     return root
 
 
-def run_e2e(template_path: Path, config: dict, memory_limit: str | None = None, kind: str = "nightly") -> tuple[dict, Path]:
+def run_e2e(template_path: Path, config: dict, memory_limit: str | None = None, kind: str = "nightly",
+            env: dict | None = None) -> tuple[dict, Path]:
     """One run in a fresh process; ``memory_limit`` None: batchml's default (``Settings.memory_limit``)."""
     root = fresh_project(template_path, config)
-    env = {"BATCHML_MEMORY_LIMIT": memory_limit} if memory_limit else {}
+    env = {**(env or {}), **({"BATCHML_MEMORY_LIMIT": memory_limit} if memory_limit else {})}
     result = common.spawn([__file__, "--worker", kind, "--root", str(root)], env=env)
     return result, root
 
@@ -240,6 +275,9 @@ def measure(quick: bool = False) -> dict:
     predictor = make_predictor(model, "compiled")
     figures["predictor"] = predictor.name
     figures["compiled"], fast = common.best_of(3, lambda: predictor.predict(matrix))
+    cpu = time.process_time()
+    predictor.predict(matrix)
+    figures["compiled_cpu"] = time.process_time() - cpu  # core-seconds: every thread of this process
     figures["compiled_diff"] = float(np.max(np.abs(fast - reference)))
     figures["naive"] = naive_pandas(main, model)
     figures["reasons"] = reason_costs(model, matrix, reference, sizes)
@@ -265,6 +303,15 @@ def measure(quick: bool = False) -> dict:
     result["ids_match"] = bool(np.array_equal(stored_ids, ids))
     result["max_diff"] = float(np.max(np.abs(stored - reference))) if result["ids_match"] else None
     figures["backfill"] = result
+
+    _progress("backfill with the predict replaced by a no-op (what the rest of the scoring costs)")
+    from batchml.config import JobConfig
+
+    high = JobConfig.model_validate(common.job_config(sizes)).scoring.bands["high"]
+    high_share = float(np.mean(reference >= high))
+    runs = [run_e2e(main, common.job_config(sizes), kind="backfill-nopredict", env={"BENCH_HIGH_SHARE": str(high_share)})[0]
+            for _ in range(2)]
+    figures["nopredict"] = min(runs, key=lambda r: r["cpu"])
 
     figures["rss"] = rss_runs(sizes, row)
     shutil.rmtree(E2E, ignore_errors=True)  # templates are rebuilt per invocation; row chunks and models stay cached
@@ -330,6 +377,7 @@ def markdown(f: dict) -> str:
         (f"- Scoring (read, validate, score, write) vs Booster.predict alone: **{f['booster'] / scoring:.2f}× faster** (target ≥ 3×: "
         f"{'met' if f['booster'] / scoring >= 3 else 'not met'}); vs compiled predict alone: **{scoring / f['compiled']:.2f}×** "
         f"(target ≤ 1.3×: {'met' if scoring / f['compiled'] <= 1.3 else 'not met'})."),
+        *_floor_lines(f, scoring),
         (f"- The nightly run (the same plus drift): {f['booster'] / steps:.2f}× faster than Booster.predict, "
         f"{steps / f['compiled']:.2f}× the compiled predict; over its wall time {f['booster'] / e2e['wall']:.2f}× faster than Booster.predict."),
         (f"- Backfill steps (s): {_steps(bf)} (its score step includes the pull from DuckDB); inside it: predict {bf['predict_seconds']:.2f} s "
@@ -344,6 +392,23 @@ def markdown(f: dict) -> str:
         "",
     ]
     return "\n".join(lines + _reason_lines(f, sizes) + _rss_lines(f) + [f"<!-- figures: {json.dumps(f, default=str)} -->", ""])
+
+
+def _floor_lines(f: dict, scoring: float) -> list[str]:
+    """How close to the compiled predict the scoring can get on this machine, from this run's figures."""
+    none, bf = f.get("nopredict"), f["backfill"]
+    if not none:
+        return []
+    floor = (f["compiled_cpu"] + none["steps_cpu"]) / f["threads"]
+    return [
+        (f"- What the rest costs: the same backfill with the predict replaced by a no-op (every row still read, checked, "
+         f"encoded, banded, written; reasons for as many rows) takes {none['steps_cpu']:.2f} CPU-seconds in its steps "
+         f"({sum(none['timings'].values()):.2f} s wall); the compiled predict alone takes {f['compiled_cpu']:.2f} CPU-seconds "
+         f"({f['compiled']:.2f} s wall). With all {f['threads']} cores busy all the time, the scoring could not take less than "
+         f"({f['compiled_cpu']:.2f} + {none['steps_cpu']:.2f}) / {f['threads']} = **{floor:.2f} s = {floor / f['compiled']:.2f}× the "
+         f"compiled predict**; the real backfill used {bf['steps_cpu']:.2f} CPU-seconds in {scoring:.2f} s "
+         f"({bf['steps_cpu'] / scoring / f['threads']:.0%} of the cores)."),
+    ]
 
 
 def _diff(value) -> str:
@@ -414,7 +479,7 @@ def _rss_lines(f: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", choices=["nightly", "backfill"])
+    parser.add_argument("--worker", choices=["nightly", "backfill", "backfill-nopredict"])
     parser.add_argument("--root", type=Path)
     args = parser.parse_args()
     if args.worker:
