@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from batchml import registry
 from batchml.config import job_names, load_job_config
 from batchml.errors import BatchMLError, ConfigError, DataError
 from batchml.extract import describe_source, source_sql
 from batchml.project import Project
 from batchml.retrain import check_golden
+from batchml.validate import require_binary_labels
 from batchml.warehouse import memory_connection, quote_ident, table_exists
 
 
@@ -69,6 +72,10 @@ def _source_report(con, config, project: Project) -> str:
     if unpulled:  # a batch is a watermark interval: such rows are in none, neither scored nor quarantined
         raise DataError(f"{unpulled} source row(s) have a null {watermark} (source.watermark) and are never pulled; "
                         f"fill it in the source (when the row was loaded)")
+    label = quote_ident(config.label.column)
+    odd = con.execute(f"SELECT DISTINCT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(config, project.root)}) "
+                      f"WHERE {label} IS NOT NULL AND try_cast({label} AS DOUBLE) NOT IN (0, 1) ORDER BY v LIMIT 6").fetchall()
+    require_binary_labels(np.array([row[0] for row in odd], dtype=np.float64), config)
     return f"{len(columns)} source columns, all required ones present"
 
 

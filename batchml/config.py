@@ -21,6 +21,7 @@ from batchml.errors import ConfigError
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MEMORY_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B|%)?\s*", re.IGNORECASE)  # what DuckDB's memory_limit takes
 
 
 def check_identifier(name: str, what: str = "identifier") -> str:
@@ -221,6 +222,16 @@ class ScoringConfig(Strict):
     def _table(cls, v: str | None) -> str | None:
         return None if v is None else check_qualified(v, "scoring.table")
 
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, v: dict[str, float]) -> dict[str, float]:
+        outside = {name: edge for name, edge in v.items() if not 0 < edge <= 1}
+        if outside:
+            raise ValueError(f"band thresholds are probabilities in (0, 1]: {outside} can never (or always) be reached")
+        if "low" in v:
+            raise ValueError("'low' is the band below every threshold; name the bands with thresholds otherwise")
+        return v
+
 
 NotifyEvent = Literal["drift", "promotion", "rejection", "failure", "always"]
 
@@ -275,6 +286,19 @@ class JobConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _no_leaking_features(self) -> JobConfig:
+        """The label (and when it became known) would let a model learn its own answer; ids and
+        times identify or order rows instead of describing them."""
+        roles = {self.label.column: "label.column", self.label.available_at: "label.available_at",
+                 self.source.entity_id: "source.entity_id", self.source.event_time: "source.event_time",
+                 self.source.watermark: "source.watermark"}
+        for name in self.features.all:
+            if name in roles:
+                raise ValueError(f"feature {name!r} is the job's {roles[name]}: a model must not learn from it; "
+                                 f"remove it from features (derive a feature from it in features.sql if you need one)")
+        return self
+
+    @model_validator(mode="after")
     def _known_bands(self) -> JobConfig:
         bands = set(self.scoring.bands) | {"low"}
         unknown = sorted(set(self.scoring.reason_bands or []) - bands)
@@ -316,6 +340,13 @@ class Settings(BaseSettings):
     smtp_ssl: bool = False
     smtp_from: str = "batchml@localhost"
 
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        if not MEMORY_SIZE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a size DuckDB takes, e.g. 256MB, 1GB, 2GiB or 50%")
+        return v
+
     @property
     def warehouse_path(self) -> Path:
         return (self.warehouse or self.project / "warehouse" / "warehouse.duckdb").resolve()
@@ -355,14 +386,14 @@ SMALL_WORK_ROWS = 100_000
 
 def _format_validation_error(path: Path, exc: ValidationError) -> str:
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (check the spelling against the config reference in README.md)"
     elif first["type"] == "missing":
         message = "required key is missing"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{path}: {where}: {message}{more}"
+    where = ".".join(str(p) for p in first["loc"])  # empty for a check across sections, whose message names the keys
+    return f"{path}: {where}: {message}{more}" if where else f"{path}: {message}{more}"
 
 
 def parse_job_config(data: object, path: Path) -> JobConfig:
@@ -428,11 +459,21 @@ def feature_sql(project: Path, config: JobConfig) -> str | None:
         return None
     path = project / config.features.sql
     try:
-        return path.read_text(encoding="utf-8").strip().rstrip(";")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"features.sql: cannot read {path} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
     except UnicodeDecodeError:
         raise ConfigError(f"features.sql: {path} is not UTF-8 text; save it as UTF-8") from None
+    return _without_trailing_end(text)
+
+
+def _without_trailing_end(sql: str) -> str:
+    """The SELECT without the closing semicolon and the comment lines after it: it is wrapped in
+    ``FROM (...)``, where either would break the query."""
+    lines = sql.strip().splitlines()
+    while lines and (not lines[-1].strip() or lines[-1].lstrip().startswith("--")):
+        lines.pop()
+    return "\n".join(lines).strip().rstrip(";").rstrip()
 
 
 def load_settings(project: Path | None = None, warehouse: Path | None = None) -> Settings:

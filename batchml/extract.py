@@ -50,7 +50,7 @@ def source_sql(config: JobConfig, project: Path) -> str:
     if derived is None:
         return raw
     # the user's SELECT reads a relation called `source`; a nested query may carry its own WITH
-    sql = f"WITH source AS ({raw}) SELECT * FROM ({derived})"
+    sql = f"WITH source AS ({raw}) SELECT * FROM (\n{derived}\n)"  # own lines: a trailing -- comment ends there
     _one_select(sql, config)
     return sql
 
@@ -238,16 +238,31 @@ def event_range_filter(config: JobConfig, start: datetime, end: datetime, as_of:
     return f"{event} >= {ts_literal(start)} AND {event} < {ts_literal(end)} AND {wm} < {ts_literal(as_of)}"
 
 
-def training_filter(config: JobConfig, as_of: datetime) -> str:
+def labeled(config: JobConfig) -> str:
+    """A row counts as labeled when its label is 0 or 1 (or false / true): anything else (-1 for
+    "unknown", NaN, 2) is left out of training and of realised performance, and reported."""
+    return f"try_cast({quote_ident(config.label.column)} AS DOUBLE) IN (0, 1)"
+
+
+def odd_labels(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str) -> tuple[int, list[float]]:
+    """(rows matching ``where`` whose label is present but not 0/1, a few of those values)."""
+    label = quote_ident(config.label.column)
+    sql = (f"SELECT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(config, project)}) "
+           f"WHERE {where} AND {label} IS NOT NULL AND NOT coalesce({labeled(config)}, false)")
+    count, values = con.execute(f"SELECT count(*), list(DISTINCT v ORDER BY v)[:5] FROM ({sql})").fetchone()
+    return int(count), list(values or [])
+
+
+def training_filter(config: JobConfig, as_of: datetime, *, labeled_only: bool = True) -> str:
     """Labeled rows a model trained at ``as_of`` may see: landed and labeled before the cut-off,
-    event time within the training window."""
+    event time within the training window (``labeled_only=False``: whatever their label value)."""
     src, label = config.source, config.label
     start = as_of - timedelta(days=config.training.window_days)
     return (
         f"try_cast({quote_ident(src.watermark)} AS TIMESTAMP) < {ts_literal(as_of)}"
         f" AND try_cast({quote_ident(label.available_at)} AS TIMESTAMP) < {ts_literal(as_of)}"
-        f" AND {quote_ident(label.column)} IS NOT NULL"
         f" AND try_cast({quote_ident(src.event_time)} AS TIMESTAMP) >= {ts_literal(start)}"
+        + (f" AND {labeled(config)}" if labeled_only else "")
     )
 
 

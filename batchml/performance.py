@@ -19,7 +19,7 @@ import numpy as np
 
 from batchml import evaluate
 from batchml.config import JobConfig
-from batchml.extract import ENTITY, EVENT_TIME, LABEL, RULE, normalised_sql, ts_literal
+from batchml.extract import ENTITY, EVENT_TIME, LABEL, RULE, labeled, normalised_sql, ts_literal
 from batchml.registry import LoadedModel
 from batchml.warehouse import quote_ident, quote_table, table_exists
 
@@ -31,7 +31,7 @@ def labels_between(config: JobConfig, start: datetime | None, as_of: datetime) -
     label_at = f"try_cast({quote_ident(config.label.available_at)} AS TIMESTAMP)"
     lower = f" AND {label_at} >= {ts_literal(start)}" if start else ""
     return (
-        f"{label_at} < {ts_literal(as_of)}{lower} AND {quote_ident(config.label.column)} IS NOT NULL"
+        f"{label_at} < {ts_literal(as_of)}{lower} AND {labeled(config)}"
         f" AND try_cast({quote_ident(config.source.watermark)} AS TIMESTAMP) < {ts_literal(as_of)}"
     )
 

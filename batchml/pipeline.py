@@ -39,6 +39,7 @@ from batchml.extract import (
     RULE,
     PullResult,
     batch_filter,
+    odd_labels,
     pull,
     read_run_file,
     run_file_batches,
@@ -263,10 +264,10 @@ class NightlyRun:
         seen = self.last_trained
         if seen is None or seen["created_at"] < self.run.as_of or {"forced", "no_champion"} & set(self.run.triggers):
             return False
-        self.run.note = (f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained "
-                         f"at cut-off {seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger "
-                         f"(--force-retrain trains one anyway)")
-        log.info("%s: %s", self.config.job, self.run.note)
+        note = (f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained at cut-off "
+                f"{seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger (--force-retrain trains one anyway)")
+        self.run.note = f"{self.run.note}; {note}" if self.run.note else note
+        log.info("%s: %s", self.config.job, note)
         return True
 
     def _train_candidate(self) -> retrain.Candidate:
@@ -274,6 +275,10 @@ class NightlyRun:
         with self._connect() as con:
             pull(con, self.config, self.project.root, training_filter(self.config, self.run.as_of), path)
             version = registry.next_version(con, self.config.job)
+            odd, values = odd_labels(con, self.config, self.project.root, training_filter(self.config, self.run.as_of, labeled_only=False))
+        if odd:
+            self._warn(f"{odd} row(s) in the training window have a {self.config.label.column} (label.column) other than 0/1 "
+                       f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
         table = read_run_file(path)
         return retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -216,7 +217,8 @@ def test_models_compile_rebuilds_what_a_promotion_builds(demo_project):
 def test_the_shipped_feature_sql_example_checks_out(demo_project):
     example = REPO / "jobs" / "vuln_risk" / "features.sql"
     (demo_project.root / "jobs" / "vuln_risk").mkdir(parents=True)
-    (demo_project.root / "jobs" / "vuln_risk" / "features.sql").write_text(example.read_text())
+    # ending in a comment: the SQL is wrapped in FROM (...), whose closing parenthesis it must not hide
+    (demo_project.root / "jobs" / "vuln_risk" / "features.sql").write_text(example.read_text().rstrip().rstrip(";") + " -- the end")
     config = job_config()
     config["features"]["sql"] = "jobs/vuln_risk/features.sql"
     config["features"]["numeric"] += ["exploit_pressure", "references_log"]
@@ -251,11 +253,34 @@ def test_feature_sql_mistakes_point_at_the_sql_file(demo_project):
     assert demo_project.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'pwned'") == 0
 
 
+def test_labels_other_than_0_or_1_are_left_out_and_named(demo_project):
+    con = duckdb.connect(str(demo_project.warehouse))
+    odd = con.execute("UPDATE raw.vuln_findings SET exploited_30d = -1 WHERE finding_id % 10 = 0 AND exploited_30d IS NOT NULL").fetchone()[0]
+    con.close()
+
+    run = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify")
+    check = demo_project.cli("check", "vuln_risk")
+
+    assert run.returncode == 0, run.stderr  # a placeholder for "unknown" must not stop the nightly runs
+    assert re.search(r"WARNING vuln_risk: \d+ row\(s\) in the training window have a exploited_30d \(label.column\) other than "
+                     r"0/1 \(-1\) and were left out as unlabeled", run.stderr), run.stderr
+    assert demo_project.scalar("SELECT train_rows FROM batchml.models WHERE version = 1") > 0
+    assert odd > 0
+    assert check.returncode == 1 and "FAIL vuln_risk: source: label.column exploited_30d holds values other than 0/1 (-1)" in check.stdout
+
+
+def test_a_memory_limit_duckdb_cannot_take_is_named_with_its_variable(demo_project):
+    result = demo_project.cli("run", "vuln_risk", "--no-notify", env={"BATCHML_MEMORY_LIMIT": "lots"})
+    assert result.returncode == 2
+    assert_one_line_error(result, "BATCHML_MEMORY_LIMIT", "'lots' is not a size DuckDB takes")
+
+
 def test_time_and_label_columns_of_the_wrong_type_are_refused_up_front(demo_project):
     for section, field, column, role in [("source", "watermark", "severity", "source.watermark"),
                                           ("label", "column", "ecosystem", "label.column")]:
         config = job_config()
         config[section][field] = column
+        config["features"]["categorical"].remove(column)  # a time or label column cannot be a feature as well
         demo_project.write_config(config)
         result = demo_project.cli("run", "vuln_risk", "--no-notify")
         assert result.returncode == 1

@@ -40,6 +40,9 @@ def test_only_job_source_features_and_label_are_required():
         ("promotion", "guard", {"accuracy": 0.1}, "unknown guard metric"),
         ("scoring", "reason_bands", ["critical"], "not bands"),
         ("validation", "ranges", {"ecosystem": [0, 1]}, "numeric features only"),
+        ("scoring", "bands", {"high": 1.5, "medium": 0.2}, "band thresholds are probabilities in (0, 1]"),
+        ("features", "numeric", [*job_config()["features"]["numeric"], "exploited_30d"], "the job's label.column: a model must not learn"),
+        ("features", "categorical", ["ecosystem", "finding_id"], "the job's source.entity_id"),
     ],
 )
 def test_errors_name_the_key_and_the_problem(section, field, value, message):
@@ -48,6 +51,22 @@ def test_errors_name_the_key_and_the_problem(section, field, value, message):
     with pytest.raises(ConfigError) as caught:
         parse_job_config(data, Path("configs/vuln_risk.yaml"))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_check_across_sections_is_reported_by_its_own_keys():
+    data = job_config()
+    data["validation"]["ranges"] = {"nope": [0, 1]}
+    with pytest.raises(ConfigError) as caught:
+        parse_job_config(data, Path("configs/vuln_risk.yaml"))
+    assert str(caught.value) == "configs/vuln_risk.yaml: validation.ranges names ['nope'], which are not features"
+
+
+def test_feature_sql_may_end_with_a_semicolon_and_comment_lines(tmp_path):
+    from batchml.config import feature_sql
+
+    config = parse_job_config({**job_config(), "features": {**job_config()["features"], "sql": "f.sql"}}, Path("c.yaml"))
+    (tmp_path / "f.sql").write_text("-- derived features\nSELECT *, 1 AS one FROM source -- all rows\n;\n\n-- end of file\n")
+    assert feature_sql(tmp_path, config) == "-- derived features\nSELECT *, 1 AS one FROM source -- all rows"
 
 
 def test_yaml_12_booleans_and_error_lines(tmp_path):
