@@ -50,8 +50,9 @@ def realised(con, config: JobConfig, project: Path, as_of: datetime) -> list[dic
     table = config.scores_table
     if not table_exists(con, table):
         return []
+    # `<=`: rerunning a cut-off starts where the run before it ended, so no label is counted twice
     previous = con.execute(
-        "SELECT max(as_of) FROM batchml.runs WHERE job = ? AND status = 'succeeded' AND kind IN ('nightly', 'replay') AND as_of < ?",
+        "SELECT max(as_of) FROM batchml.runs WHERE job = ? AND status = 'succeeded' AND kind IN ('nightly', 'replay') AND as_of <= ?",
         [config.job, as_of],
     ).fetchone()[0]
     labeled = normalised_sql(config, project, labels_between(config, previous, as_of))

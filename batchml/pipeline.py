@@ -131,8 +131,15 @@ class NightlyRun:
             self._load_champion()  # a missing or tampered artifact fails the run: recorded, mailed
             self._steps()
         except BaseException as exc:
-            self._record_failure(exc)
-            raise
+            if not self._committed():
+                self._record_failure(exc)
+                raise
+            # the error struck after COMMIT (e.g. an interrupt while the connection closed): the run
+            # stands as committed; only an interrupt stops what follows (publishing, the report)
+            log.warning("%s: run %s was committed before %s; it stays succeeded", self.config.job, self.run.run_id,
+                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self._record_commit_time()
@@ -241,7 +248,7 @@ class NightlyRun:
             self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
             dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
         )
-        if not self.run.triggers or self._trained_already():
+        if not self.run.triggers or self._before_champion() or self._trained_already():
             return None
         log.info("%s: retraining (%s)", self.config.job, ", ".join(self.run.triggers))
         try:
@@ -257,6 +264,21 @@ class NightlyRun:
             return None
         return candidate
 
+    def _before_champion(self) -> bool:
+        """A cut-off before the champion's own: a challenger trained then would be judged on a
+        holdout the champion learnt from, and could replace a newer model. Even when forced."""
+        champion = self.champion_row
+        if champion is None or self.run.as_of >= champion["created_at"]:
+            return False
+        self._add_note(f"retrain triggers ({', '.join(self.run.triggers)}) fired, but the cut-off is before champion "
+                       f"v{champion['version']}'s own ({champion['created_at']:%Y-%m-%d %H:%M}): no challenger is trained "
+                       f"behind the champion")
+        return True
+
+    def _add_note(self, note: str) -> None:
+        self.run.note = f"{self.run.note}; {note}" if self.run.note else note
+        log.info("%s: %s", self.config.job, note)
+
     def _trained_already(self) -> bool:
         """A rerun of a cut-off (or an earlier one) would train on the rows a model trained at that
         cut-off already saw: the same challenger again, rejected again. Only data-driven triggers
@@ -264,10 +286,8 @@ class NightlyRun:
         seen = self.last_trained
         if seen is None or seen["created_at"] < self.run.as_of or {"forced", "no_champion"} & set(self.run.triggers):
             return False
-        note = (f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained at cut-off "
-                f"{seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger (--force-retrain trains one anyway)")
-        self.run.note = f"{self.run.note}; {note}" if self.run.note else note
-        log.info("%s: %s", self.config.job, note)
+        self._add_note(f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained at cut-off "
+                       f"{seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger (--force-retrain trains one anyway)")
         return True
 
     def _train_candidate(self) -> retrain.Candidate:
@@ -391,23 +411,25 @@ class NightlyRun:
         advance = self.champion is not None and run.kind in ("nightly", "replay")
         run.watermark_to = max(filter(None, [run.as_of, run.watermark_from])) if advance else run.watermark_from
         run.status, run.finished_at = "succeeded", registry.utcnow()
-        with self._connect() as con, transaction(con):
-            self._write_quarantine(con)
-            self._write_drift(con)
-            for write in self.pending:
-                write(con)
-            if run.rows_scored:
-                write_scores(con, self.config, self.scores_path)
-            elif run.kind in ("nightly", "replay") and self.batch is not None and self.batch.path.exists():
-                # the first runs without a champion: analysts can query the (empty) table already
-                ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
-            if self.shadow_path is not None and self.shadow_path.exists():
-                write_scores(con, self.config, self.shadow_path, suffix="_shadow")
-            self._write_performance(con)
-            if advance:
-                runlog.set_watermark(con, job, run.watermark_to, run.run_id)
-            runlog.update_run(con, run)
-            checkpoint("commit")  # everything written, nothing committed yet
+        with self._connect() as con:
+            with transaction(con):
+                self._write_quarantine(con)
+                self._write_drift(con)
+                for write in self.pending:
+                    write(con)
+                if run.rows_scored:
+                    write_scores(con, self.config, self.scores_path)
+                elif run.kind in ("nightly", "replay") and self.batch is not None and self.batch.path.exists():
+                    # the first runs without a champion: analysts can query the (empty) table already
+                    ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
+                if self.shadow_path is not None and self.shadow_path.exists():
+                    write_scores(con, self.config, self.shadow_path, suffix="_shadow")
+                self._write_performance(con)
+                if advance:
+                    runlog.set_watermark(con, job, run.watermark_to, run.run_id)
+                runlog.update_run(con, run)
+                checkpoint("commit")  # everything written, nothing committed yet
+            checkpoint("committed")  # committed; the connection not yet closed (DuckDB checkpoints on close)
 
     # -- writers (inside the commit transaction) ------------------------------------------------
 
@@ -435,6 +457,14 @@ class NightlyRun:
             )
 
     # -- failure and aftermath -------------------------------------------------------------------
+
+    def _committed(self) -> bool:
+        """Whether this run's commit transaction went through (its row says succeeded only then)."""
+        try:
+            with self._connect() as con:
+                return runlog.status(con, self.run.run_id) == "succeeded"
+        except (BatchMLError, duckdb.Error):
+            return False  # cannot tell: record the failure, which says what went wrong
 
     def _record_failure(self, exc: BaseException) -> None:
         run = self.run

@@ -96,6 +96,11 @@ def update_run(con: duckdb.DuckDBPyConnection, run: Run) -> None:
     )
 
 
+def status(con: duckdb.DuckDBPyConnection, run_id: str) -> str | None:
+    found = con.execute("SELECT status FROM batchml.runs WHERE run_id = ?", [run_id]).fetchone()
+    return found[0] if found else None
+
+
 def record_timings(con: duckdb.DuckDBPyConnection, run: Run) -> None:
     """The step timings again, after the commit: the row written inside the commit cannot hold the
     commit's own duration."""

@@ -61,7 +61,8 @@ def split_by_time(table: pa.Table, config: JobConfig) -> Split:
     in_holdout = pc.greater_equal(table.column(EVENT_TIME), pa.scalar(holdout_start, table.schema.field(EVENT_TIME).type))
     holdout = table.filter(in_holdout)
     rest = table.filter(pc.invert(in_holdout))
-    n_valid = max(1, int(rest.num_rows * config.training.validation_fraction))
+    # a young job's labeled rows may all fall in the holdout: then nothing is left to fit (fit says so)
+    n_valid = min(rest.num_rows, max(1, int(rest.num_rows * config.training.validation_fraction)))
     return Split(rest.slice(0, rest.num_rows - n_valid), rest.slice(rest.num_rows - n_valid), holdout)
 
 
@@ -88,9 +89,10 @@ def labels(table: pa.Table) -> np.ndarray:
 def fit(split: Split, config: JobConfig) -> TrainedModel:
     """Train on ``split.fit`` with early stopping on ``split.validation``."""
     if split.fit.num_rows < config.training.min_train_rows:
+        held = f", {split.holdout.num_rows} more are held out (the last {config.training.holdout_days} days)" if split.holdout.num_rows else ""
         raise DataError(
             f"only {split.fit.num_rows} labeled rows to train {config.job} on (min_train_rows "
-            f"{config.training.min_train_rows}); wait for more labels or lower training.min_train_rows"
+            f"{config.training.min_train_rows}){held}; wait for more labels or lower training.min_train_rows"
         )
     y_fit = labels(split.fit)
     if len(np.unique(y_fit)) < 2:

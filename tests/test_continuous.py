@@ -149,6 +149,27 @@ def test_a_rerun_of_a_cutoff_does_not_train_the_same_challenger_again(demo_proje
     assert "v2 was trained at cut-off" in again.note
     assert forced.challenger_version == 3  # asked for explicitly
     assert demo_project.query("SELECT version FROM batchml.models ORDER BY version") == [(1,), (2,), (3,)]
+    # the labels that arrived up to day 95 were measured once, by the first run of that cut-off
+    realised = "SELECT count(*) FROM batchml.performance WHERE run_id = ? AND NOT estimated"
+    assert demo_project.scalar(realised, [first.run_id]) > 0
+    assert demo_project.scalar(realised, [again.run_id]) == demo_project.scalar(realised, [forced.run_id]) == 0
+
+
+def test_no_challenger_is_trained_behind_the_champion(promoted):
+    p, _ = promoted  # v2, trained at day 135, is the champion
+    behind = run_job(p.project, "vuln_risk", as_of=day(120), force_retrain=True, notify=False)
+
+    assert behind.status == "succeeded" and behind.challenger_version is None and not behind.promoted
+    assert "before champion v2's own (2026-05-16 00:00)" in behind.note
+    assert dict(p.query("SELECT version, status FROM batchml.models")) == {1: "archived", 2: "champion"}
+
+
+def test_a_young_job_whose_labels_all_fall_in_the_holdout_waits_for_more(demo_project):
+    demo_project.write_config(job_config(training={"holdout_days": 365}))
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+
+    assert run.status == "succeeded" and run.rows_scored == 0 and run.champion_version is None
+    assert "only 0 labeled rows to train vuln_risk on" in run.note and "held out (the last 365 days)" in run.note
 
 
 def test_shadow_mode_scores_the_same_rows_with_the_latest_challenger(demo_project):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -213,6 +214,22 @@ def test_a_run_killed_at_any_point_is_done_once_by_the_next_run(demo_project, ch
     assert watermark(p) == [("vuln_risk", day(61), later.run_id)]
     # the next run under the lock clears what the dead one left; otherwise every crash leaks a batch in tmp/
     assert not any(tmp.iterdir()), f"the crashed run's scratch files were left: {[str(f.relative_to(tmp)) for f in sorted(tmp.rglob('*'))]}"
+
+
+def test_an_interrupt_after_the_commit_leaves_the_run_succeeded(demo_project, children):
+    """Ctrl-C while the connection closes (DuckDB checkpoints then): everything is committed, so the
+    run must not be relabelled failed with its scores and watermark in place."""
+    p = demo_project
+    child = paused(p, children, "committed")
+    child.proc.send_signal(signal.SIGINT)
+    code = child.proc.wait(timeout=60)
+
+    [run] = runs(p)
+    assert run["status"] == "succeeded" and run["error"] is None
+    assert run["rows_scored"] == valid_landed(p, day(-1), day(59)) == p.scalar("SELECT count(*) FROM scores.vuln_risk")
+    assert watermark(p) == [("vuln_risk", day(59), run["run_id"])]
+    assert code == 130, "".join(child.output)  # interrupted all the same: cron sees it did not finish cleanly
+    assert "it stays succeeded" in "".join(child.output)
 
 
 # -- 3. analysts ------------------------------------------------------------------------------------
