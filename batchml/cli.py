@@ -310,7 +310,10 @@ def usage_error(exc: Exception) -> tuple[str, int] | None:
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
-        app(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
+        # without standalone mode, click hands back (not raises) the code of an interrupt: 130
+        code = app(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except BatchMLError as exc:
         if state["debug"]:
             traceback.print_exc()
