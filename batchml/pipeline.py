@@ -482,7 +482,10 @@ class NightlyRun:
                 runlog.update_run(con, run)
         except BatchMLError as secondary:
             log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
-        if self.notify and not isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt):
+            return
+        self._publish()  # analysts see failed and rejected runs too, not only at the next success
+        if self.notify:
             self._report_and_notify()
 
     def _record_commit_time(self) -> None:

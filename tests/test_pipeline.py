@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
+import duckdb
 import pytest
 
 from batchml import demo_data
@@ -140,6 +141,9 @@ def test_a_batch_with_too_many_bad_rows_is_rejected_and_waits_for_the_fix(demo_p
     status, scored = demo_project.query("SELECT status, rows_scored FROM batchml.runs ORDER BY started_at DESC LIMIT 1")[0]
     assert (status, scored) == ("rejected", 0)
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+    catalog = duckdb.connect(str(demo_project.project.catalog), read_only=True)  # analysts see it at once
+    assert catalog.execute("SELECT status FROM batchml.runs ORDER BY started_at DESC LIMIT 1").fetchone() == ("rejected",)
+    catalog.close()
     assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine") > 0
     load_source(demo_project.warehouse, demo_project.findings)  # the fix
     rerun = run_job(demo_project.project, "vuln_risk", as_of=day(65), notify=False)
