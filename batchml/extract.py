@@ -105,6 +105,10 @@ def _is_time(duckdb_type: str) -> bool:
     return duckdb_type.startswith(("TIMESTAMP", "DATE"))
 
 
+def _is_timestamp(duckdb_type: str) -> bool:
+    return duckdb_type.startswith("TIMESTAMP")
+
+
 def _is_label(duckdb_type: str) -> bool:
     return duckdb_type in {"BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
                            "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE"} or duckdb_type.startswith("DECIMAL")
@@ -114,12 +118,12 @@ def _typed_columns(config: JobConfig):
     """(column, its role, the types it needs, a test of its DuckDB type) for the columns batchml
     compares with cut-offs in SQL or counts as outcomes: a wrong type there pulls or trains nothing,
     silently, so it is refused up front. (The event time may be text: each row is cast, and a row
-    whose value is not a timestamp is quarantined.)"""
+    whose value is not a timestamp is quarantined.) A DATE watermark is refused too: a row landing
+    later on the day of a run carries that day's date, which is already behind the watermark."""
     src, label = config.source, config.label
-    time_kinds = "a TIMESTAMP or DATE"
     return [
-        (src.watermark, "source.watermark", time_kinds, _is_time),
-        (label.available_at, "label.available_at", time_kinds, _is_time),
+        (src.watermark, "source.watermark", "a TIMESTAMP (a DATE loses the rows landing after a run on its day)", _is_timestamp),
+        (label.available_at, "label.available_at", "a TIMESTAMP or DATE", _is_time),
         (label.column, "label.column", "a number or BOOLEAN (1/true = positive)", _is_label),
     ]
 

@@ -289,6 +289,15 @@ def test_time_and_label_columns_of_the_wrong_type_are_refused_up_front(demo_proj
         assert check.returncode == 1 and "FAIL vuln_risk: source" in check.stdout
 
 
+def test_a_date_watermark_is_refused_for_the_rows_it_would_lose(demo_project):
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("ALTER TABLE raw.vuln_findings ALTER ingested_at TYPE DATE")
+    con.close()
+    result = demo_project.cli("run", "vuln_risk", "--no-notify")
+    assert result.returncode == 1
+    assert_one_line_error(result, "ingested_at (source.watermark) is DATE, not a TIMESTAMP (a DATE loses the rows landing after a run")
+
+
 def test_usage_mistakes_are_one_line_and_exit_2(demo_project):
     for args, fragment in [(["run"], "Missing argument"), (["bogus"], "No such command"),
                            (["run", "vuln_risk", "--bogus"], "No such option: --bogus"),
