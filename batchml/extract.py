@@ -361,6 +361,12 @@ def _valid_part(reader: pa.RecordBatchReader, writer: ipc.RecordBatchFileWriter,
             yield valid
 
 
+def _missing(column: pa.Array) -> int:
+    """Nulls, and NaN in a float column: both are missing values to the model (and to max_null_fraction)."""
+    nan = pc.sum(pc.is_nan(column)).as_py() if pa.types.is_floating(column.type) else 0
+    return column.null_count + (nan or 0)
+
+
 class _Summary:
     """Counts per rule, null shares of the valid rows and the latest watermark, batch by batch."""
 
@@ -382,7 +388,7 @@ class _Summary:
             self.by_rule.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
         self.valid += valid.num_rows
         for name in self.nulls:
-            self.nulls[name] += valid.column(name).null_count
+            self.nulls[name] += _missing(valid.column(name))
 
     def result(self, path: Path) -> PullResult:
         shares = {name: count / self.valid if self.valid else 0.0 for name, count in self.nulls.items()}

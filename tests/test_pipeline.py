@@ -150,6 +150,19 @@ def test_a_batch_with_too_many_bad_rows_is_rejected_and_waits_for_the_fix(demo_p
     assert rerun.rows_scored == valid_landed(demo_project, day(60), day(65))
 
 
+@pytest.mark.parametrize("missing", ["NULL", "'NaN'::DOUBLE"])
+def test_a_feature_missing_too_often_rejects_the_batch_whether_null_or_nan(demo_project, missing):
+    demo_project.write_config(job_config(validation={"max_null_fraction": {"epss": 0.2}}))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute(f"UPDATE raw.vuln_findings SET epss = {missing} WHERE ingested_at >= ?", [day(60)])
+    con.close()
+
+    with pytest.raises(RejectedError, match="epss"):
+        run_job(demo_project.project, "vuln_risk", as_of=day(65), notify=False)
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+
+
 def test_duplicate_ids_in_a_batch_keep_the_latest_row(demo_project):
     import pyarrow as pa
     import pyarrow.compute as pc
