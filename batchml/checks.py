@@ -67,13 +67,13 @@ def _shared_scores_table(project: Project, config) -> str:
 def _source_report(con, config, project: Project) -> str:
     columns = describe_source(con, config, project.root)
     watermark = config.source.watermark
-    sql = f"SELECT count(*) FROM ({source_sql(config, project.root)}) WHERE {quote_ident(watermark)} IS NULL"
+    sql = f"SELECT count(*) FROM ({source_sql(con, config, project.root)}) WHERE {quote_ident(watermark)} IS NULL"
     unpulled = con.execute(sql).fetchone()[0]
     if unpulled:  # a batch is a watermark interval: such rows are in none, neither scored nor quarantined
         raise DataError(f"{unpulled} source row(s) have a null {watermark} (source.watermark) and are never pulled; "
                         f"fill it in the source (when the row was loaded)")
     label = quote_ident(config.label.column)
-    odd = con.execute(f"SELECT DISTINCT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(config, project.root)}) "
+    odd = con.execute(f"SELECT DISTINCT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(con, config, project.root)}) "
                       f"WHERE {label} IS NOT NULL AND try_cast({label} AS DOUBLE) NOT IN (0, 1) ORDER BY v LIMIT 6").fetchall()
     require_binary_labels(np.array([row[0] for row in odd], dtype=np.float64), config)
     return f"{len(columns)} source columns, all required ones present"

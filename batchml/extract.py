@@ -38,7 +38,16 @@ def ts_literal(value: datetime) -> str:
     return f"TIMESTAMP '{value.strftime('%Y-%m-%d %H:%M:%S.%f')}'"
 
 
-def source_sql(config: JobConfig, project: Path) -> str:
+# The run's cut-off inside SQL: every connection of a run sets it (``pipeline.NightlyRun._connect``);
+# elsewhere (``batchml check``) it is unset and nothing is cut off. Feature SQL may read it too.
+CUTOFF = "coalesce(getvariable('batchml_as_of'), 'infinity'::TIMESTAMP)"
+
+
+def set_cutoff(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
+    con.execute(f"SET VARIABLE batchml_as_of = {ts_literal(as_of)}")
+
+
+def source_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> str:
     """SELECT over the raw source (table or Parquet glob), with the job's feature SQL applied."""
     if config.source.table:
         raw = f"SELECT * FROM {quote_table(config.source.table)}"
@@ -49,10 +58,26 @@ def source_sql(config: JobConfig, project: Path) -> str:
     derived = feature_sql(project, config)
     if derived is None:
         return raw
-    # the user's SELECT reads a relation called `source`; a nested query may carry its own WITH
-    sql = f"WITH source AS ({raw}) SELECT * FROM (\n{derived}\n)"  # own lines: a trailing -- comment ends there
+    # the user's SELECT reads a relation called `source`; a nested query may carry its own WITH.
+    # Own lines: a trailing -- comment ends there.
+    sql = f"WITH source AS ({_as_of_cutoff(con, config, raw)}) SELECT * FROM (\n{derived}\n)"
     _one_select(sql, config)
     return sql
+
+
+def _as_of_cutoff(con: duckdb.DuckDBPyConnection, config: JobConfig, raw: str) -> str:
+    """``raw`` as the run's cut-off saw it: rows landed before it, labels known before it. Feature
+    SQL aggregates over ``source`` (windows, target encodings): without this it would read rows and
+    labels from after the cut-off, and a replay would score differently from the night itself."""
+    try:
+        columns = {row[0] for row in con.execute(f"DESCRIBE {raw}").fetchall()}
+    except duckdb.Error as exc:
+        raise DataError(_source_error(config, exc)) from exc
+    wm, label, known = config.source.watermark, config.label.column, config.label.available_at
+    where = f" WHERE try_cast({quote_ident(wm)} AS TIMESTAMP) < {CUTOFF}" if wm in columns else ""
+    masked = (f" REPLACE (CASE WHEN try_cast({quote_ident(known)} AS TIMESTAMP) < {CUTOFF} THEN {quote_ident(label)} END "
+              f"AS {quote_ident(label)})" if label in columns and known in columns else "")
+    return f"SELECT *{masked} FROM ({raw}){where}"
 
 
 def _one_select(sql: str, config: JobConfig) -> None:
@@ -80,8 +105,8 @@ def required_columns(config: JobConfig) -> list[str]:
 def describe_source(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> dict[str, str]:
     """Column name -> DuckDB type of the source; a missing required column, or a time or label
     column of the wrong type, is a clear error."""
-    sql = source_sql(config, project)
     try:
+        sql = source_sql(con, config, project)
         described = con.execute(f"DESCRIBE {sql}").fetchall()
     except duckdb.Error as exc:
         raise DataError(_source_error(config, exc)) from exc
@@ -170,7 +195,8 @@ def quote_source_column(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def normalised_sql(config: JobConfig, project: Path, where: str, columns: dict[str, str] | None = None, dedupe: bool = True) -> str:
+def normalised_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str,
+                   columns: dict[str, str] | None = None, dedupe: bool = True) -> str:
     """The source under batchml's column names, filtered by ``where`` (on raw columns), with the
     contract's verdict per row and the raw record (JSON of ``columns``) of every rejected row; the
     record is built only for rejected rows (a struct of every row would cost as much as the pull).
@@ -199,7 +225,7 @@ def normalised_sql(config: JobConfig, project: Path, where: str, columns: dict[s
             FROM pulled p WHERE EXISTS (SELECT 1 FROM dups d WHERE d.__id = p.{entity})"""
     dups = f"dups AS (SELECT {entity} AS __id FROM pulled WHERE {entity} IS NOT NULL GROUP BY 1 HAVING count(*) > 1)," if dedupe else ""
     return f"""
-        WITH src AS ({source_sql(config, project)}),
+        WITH src AS ({source_sql(con, config, project)}),
         pulled AS (SELECT * FROM src WHERE {where}),
         {dups}
         ranked AS ({ranked}),
@@ -251,7 +277,7 @@ def labeled(config: JobConfig) -> str:
 def odd_labels(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str) -> tuple[int, list[float]]:
     """(rows matching ``where`` whose label is present but not 0/1, a few of those values)."""
     label = quote_ident(config.label.column)
-    sql = (f"SELECT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(config, project)}) "
+    sql = (f"SELECT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(con, config, project)}) "
            f"WHERE {where} AND {label} IS NOT NULL AND NOT coalesce({labeled(config)}, false)")
     count, values = con.execute(f"SELECT count(*), list(DISTINCT v ORDER BY v)[:5] FROM ({sql})").fetchone()
     return int(count), list(values or [])
@@ -287,7 +313,7 @@ def count_rows(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path,
     common, duplicate-free batch the ranking query, which costs more than the rest of the pull
     (1.5 s vs 0.6 s at 2M rows)."""
     entity = quote_ident(config.source.entity_id)
-    batch = f"(SELECT * FROM ({source_sql(config, project)}) WHERE {where})"
+    batch = f"(SELECT * FROM ({source_sql(con, config, project)}) WHERE {where})"
     try:  # fetch to the end: an unfinished result blocks the connection
         rows = con.execute(f"SELECT count(*) FROM {batch}").fetchall()[0][0]
         repeated = con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY {entity} HAVING count(*) > 1 LIMIT 1").fetchall()
@@ -314,7 +340,7 @@ def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where
     columns = describe_source(con, config, project)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, repeated = count_rows(con, config, project, where)
-    sql = normalised_sql(config, project, where, columns, dedupe=repeated)
+    sql = normalised_sql(con, config, project, where, columns, dedupe=repeated)
     summary = _Summary(config)
     try:
         with _streaming(con, config, repeated) if valid_rows is not None else nullcontext():

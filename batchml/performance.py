@@ -41,7 +41,7 @@ def count_new_labels(con, config: JobConfig, project: Path, as_of: datetime) -> 
     since = con.execute("SELECT max(created_at) FROM batchml.models WHERE job = ?", [config.job]).fetchone()[0]
     if since is None:
         return 0
-    sql = normalised_sql(config, project, labels_between(config, since, as_of))
+    sql = normalised_sql(con, config, project, labels_between(config, since, as_of))
     return int(con.execute(f"SELECT count(*) FROM ({sql}) WHERE {RULE} IS NULL").fetchone()[0])
 
 
@@ -55,7 +55,7 @@ def realised(con, config: JobConfig, project: Path, as_of: datetime) -> list[dic
         "SELECT max(as_of) FROM batchml.runs WHERE job = ? AND status = 'succeeded' AND kind IN ('nightly', 'replay') AND as_of <= ?",
         [config.job, as_of],
     ).fetchone()[0]
-    labeled = normalised_sql(config, project, labels_between(config, previous, as_of))
+    labeled = normalised_sql(con, config, project, labels_between(config, previous, as_of))
     entity = quote_ident(config.source.entity_id)
     rows = con.execute(f"""
         WITH labeled AS ({labeled}),

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from batchml.extract import (
     PullResult,
     batch_filter,
     odd_labels,
+    set_cutoff,
     pull,
     read_run_file,
     run_file_batches,
@@ -166,8 +168,11 @@ class NightlyRun:
         with self.run.step("commit"):
             self._commit()
 
-    def _connect(self):
-        return self.project.connect()
+    @contextmanager
+    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.project.connect() as con:
+            set_cutoff(con, self.run.as_of)  # feature SQL sees the source as of the cut-off
+            yield con
 
     def _warn(self, message: str) -> None:
         log.warning("%s: %s", self.config.job, message)

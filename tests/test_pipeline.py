@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import duckdb
 import lightgbm as lgb
 import numpy as np
-import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from batchml import demo_data
 from batchml.errors import DataError, ModelError, RejectedError
 from batchml.pipeline import run_job
-from conftest import day, job_config, load_source
+from conftest import DemoProject, day, job_config, load_source
 
 
 def valid_landed(p, start, end) -> int:
@@ -161,6 +163,31 @@ def test_a_feature_missing_too_often_rejects_the_batch_whether_null_or_nan(demo_
     with pytest.raises(RejectedError, match="epss"):
         run_job(demo_project.project, "vuln_risk", as_of=day(65), notify=False)
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+
+
+def test_feature_sql_sees_the_source_as_of_the_cutoff(demo_project, tmp_path):
+    """A target encoding over `source` in features.sql: the night must score as it would have with
+    only the rows landed, and the labels known, by its cut-off (else a replay scores differently)."""
+    then = DemoProject(tmp_path / "then", demo_project.findings)
+    for p in (demo_project, then):
+        (p.root / "jobs").mkdir(parents=True, exist_ok=True)
+        (p.root / "jobs" / "encoded.sql").write_text(
+            "SELECT *, avg(exploited_30d) OVER (PARTITION BY ecosystem, severity) AS group_rate,\n"
+            "       count(*) OVER (PARTITION BY ecosystem) AS group_rows FROM source")
+        config = job_config()
+        config["features"] |= {"sql": "jobs/encoded.sql", "numeric": [*config["features"]["numeric"], "group_rate", "group_rows"]}
+        p.write_config(config)
+    load_source(demo_project.warehouse, demo_project.findings)  # everything, as the warehouse holds it today
+    landed = demo_project.findings.filter(pc.less(demo_project.findings.column("ingested_at"), pa.scalar(day(60), pa.timestamp("us"))))
+    known = pc.less(landed.column("label_at"), pa.scalar(day(60), pa.timestamp("us")))
+    label = pc.if_else(known, landed.column("exploited_30d"), pa.scalar(None, landed.schema.field("exploited_30d").type))
+    load_source(then.warehouse, landed.set_column(landed.schema.get_field_index("exploited_30d"), "exploited_30d", label))
+
+    today, at_the_time = (run_job(p.project, "vuln_risk", as_of=day(60), notify=False) for p in (demo_project, then))
+
+    assert today.rows_scored == at_the_time.rows_scored > 0
+    scores = "SELECT finding_id, score FROM scores.vuln_risk ORDER BY finding_id"
+    assert demo_project.query(scores) == then.query(scores)
 
 
 def test_duplicate_ids_in_a_batch_keep_the_latest_row(demo_project):
