@@ -26,7 +26,7 @@ from pyarrow import ipc
 
 from batchml.config import JobConfig, feature_sql
 from batchml.errors import ConfigError, DataError
-from batchml.validate import reason_sql
+from batchml.validate import reason_sql, utc_timestamp
 from batchml.warehouse import quote_ident, quote_literal, quote_table, setting, size_bytes
 
 ENTITY, EVENT_TIME, WATERMARK, LABEL, LABEL_AT = "__entity", "__event_time", "__watermark", "__label", "__label_at"
@@ -239,7 +239,7 @@ def normalised_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: P
             FROM checked
         )
         SELECT {entity} AS {ENTITY},
-               try_cast({quote_ident(src.event_time)} AS TIMESTAMP) AS {EVENT_TIME},
+               {utc_timestamp(src.event_time)} AS {EVENT_TIME},
                {watermark} AS {WATERMARK},
                try_cast({quote_ident(label.column)} AS INTEGER) AS {LABEL},
                try_cast({quote_ident(label.available_at)} AS TIMESTAMP) AS {LABEL_AT},
@@ -263,7 +263,7 @@ def batch_filter(config: JobConfig, watermark_from: datetime | None, as_of: date
 
 def event_range_filter(config: JobConfig, start: datetime, end: datetime, as_of: datetime) -> str:
     """Rows whose event time is in ``[start, end)`` and that had landed before ``as_of``."""
-    event = f"try_cast({quote_ident(config.source.event_time)} AS TIMESTAMP)"
+    event = utc_timestamp(config.source.event_time)
     wm = f"try_cast({quote_ident(config.source.watermark)} AS TIMESTAMP)"
     return f"{event} >= {ts_literal(start)} AND {event} < {ts_literal(end)} AND {wm} < {ts_literal(as_of)}"
 
@@ -291,7 +291,7 @@ def training_filter(config: JobConfig, as_of: datetime, *, labeled_only: bool = 
     return (
         f"try_cast({quote_ident(src.watermark)} AS TIMESTAMP) < {ts_literal(as_of)}"
         f" AND try_cast({quote_ident(label.available_at)} AS TIMESTAMP) < {ts_literal(as_of)}"
-        f" AND try_cast({quote_ident(src.event_time)} AS TIMESTAMP) >= {ts_literal(start)}"
+        f" AND {utc_timestamp(src.event_time)} >= {ts_literal(start)}"
         + (f" AND {labeled(config)}" if labeled_only else "")
     )
 

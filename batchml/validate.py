@@ -32,6 +32,15 @@ from batchml.warehouse import quote_ident
 RULES = ("null_entity_id", "null_event_time", "bad_type", "non_finite", "out_of_range", "duplicate")
 
 
+def utc_timestamp(column: str) -> str:
+    """``column`` as a TIMESTAMP in UTC (connections run with TimeZone UTC). Text with an offset or a
+    zone name (``...+09:00``) goes through TIMESTAMPTZ, which keeps the offset where a plain cast
+    drops it; DuckDB folds the type test away, so a TIMESTAMP column costs nothing more."""
+    quoted = quote_ident(column)
+    return (f"CASE WHEN typeof({quoted}) = 'VARCHAR' THEN try_cast(try_cast({quoted} AS TIMESTAMPTZ) AS TIMESTAMP) "
+            f"ELSE try_cast({quoted} AS TIMESTAMP) END")
+
+
 def _as_double(column: str) -> str:
     return f"try_cast({quote_ident(column)} AS DOUBLE)"
 
@@ -73,7 +82,7 @@ def rule_cases(config: JobConfig, types: dict[str, str] | None = None) -> list[t
     if not _always_timestamp(types.get(src.event_time, "")):
         cases.append((
             "bad_type",
-            f"try_cast({event} AS TIMESTAMP) IS NULL",
+            f"{utc_timestamp(src.event_time)} IS NULL",
             f"'{src.event_time}=' || {_show(src.event_time)} || ' is not a timestamp'",
         ))
     for name in config.features.numeric:

@@ -190,6 +190,22 @@ def test_feature_sql_sees_the_source_as_of_the_cutoff(demo_project, tmp_path):
     assert demo_project.query(scores) == then.query(scores)
 
 
+def test_a_text_event_time_with_an_offset_is_stored_in_utc(demo_project):
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("ALTER TABLE raw.vuln_findings ALTER found_at TYPE VARCHAR")
+    con.execute("UPDATE raw.vuln_findings SET found_at = strftime(CAST(found_at AS TIMESTAMP) + INTERVAL 9 HOUR, "
+                "'%Y-%m-%dT%H:%M:%S.%f') || '+09:00' WHERE finding_id % 2 = 0")
+    con.close()
+
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+
+    stored = dict(demo_project.query("SELECT finding_id, event_time FROM scores.vuln_risk"))
+    truth = dict(zip(demo_project.findings.column("finding_id").to_pylist(), demo_project.findings.column("found_at").to_pylist()))
+    assert run.rows_scored == len(stored) > 0
+    assert all(stored[i] == truth[i] for i in stored), "an event time moved"
+    assert sum(i % 2 == 0 for i in stored) > 0
+
+
 def test_duplicate_ids_in_a_batch_keep_the_latest_row(demo_project):
     import pyarrow as pa
     import pyarrow.compute as pc
