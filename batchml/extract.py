@@ -184,9 +184,17 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
     return f"cannot read source {source_label(config)}{through} for job {config.job}: {first}{fix}"
 
 
-def record_json(columns: list[str]) -> str:
-    """JSON of a raw source row from its columns (names come from the source, so quote them all)."""
-    fields = ", ".join(f"{quote_literal(c)}: {quote_source_column(c)}" for c in columns)
+def record_json(columns: dict[str, str]) -> str:
+    """JSON of a raw source row from its columns (name -> DuckDB type; names come from the source,
+    so quote them all). Strict JSON: a non-finite float is written as a string ("inf", "nan"), where
+    DuckDB would write the bare tokens Infinity / NaN that jq or Postgres refuse."""
+    def value(name: str, kind: str) -> str:
+        column = quote_source_column(name)
+        if kind.upper() in ("DOUBLE", "FLOAT", "REAL"):
+            return f"CASE WHEN isfinite({column}) OR {column} IS NULL THEN to_json({column}) ELSE to_json(CAST({column} AS VARCHAR)) END"
+        return column
+
+    fields = ", ".join(f"{quote_literal(name)}: {value(name, kind)}" for name, kind in columns.items())
     return f"to_json({{{fields}}})"
 
 
@@ -245,7 +253,7 @@ def normalised_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: P
                try_cast({quote_ident(label.available_at)} AS TIMESTAMP) AS {LABEL_AT},
                {", ".join(features)},
                {RULE}, {REASON},
-               CASE WHEN {RULE} IS NOT NULL THEN {record_json(list(columns or required_columns(config)))} END AS {RECORD}
+               CASE WHEN {RULE} IS NOT NULL THEN {record_json(columns or dict.fromkeys(required_columns(config), ""))} END AS {RECORD}
         FROM verdict
     """
 
