@@ -66,7 +66,8 @@ def realised(con, config: JobConfig, project: Path, as_of: datetime) -> list[dic
             QUALIFY row_number() OVER (PARTITION BY sc.{entity} ORDER BY sc.scored_at DESC) = 1
         )
         SELECT l.{LABEL}, s.score, CAST(l.{EVENT_TIME} AS DATE), s.model_version
-        FROM labeled l JOIN s ON s.e = l.{ENTITY} WHERE l.{RULE} IS NULL
+        FROM labeled l JOIN s ON CAST(s.e AS VARCHAR) = CAST(l.{ENTITY} AS VARCHAR)  -- ids may have changed type since
+        WHERE l.{RULE} IS NULL
     """).fetchall()
     return metric_rows(config.promotion.metric, rows)
 

@@ -570,12 +570,25 @@ def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str =
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name.split('.')[0])}")
     with registered(con, "__scores", schema.empty_table()):
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
+        _same_entity_type(con, config, table)
     entity = quote_ident(config.source.entity_id)
     con.execute(
         f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS SELECT * FROM {table} "
         f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
     )
     return table
+
+
+def _same_entity_type(con, config: JobConfig, table: str) -> None:
+    """The scores table keeps the entity id type of its first run; a source whose id type changed
+    since (BIGINT -> VARCHAR) would fail the insert with a bare conversion error."""
+    entity = config.source.entity_id
+    kinds = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM {table}").fetchall()}
+    now = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM __scores").fetchall()}
+    if kinds[entity] != now[entity]:
+        raise DataError(f"{table}.{entity} is {kinds[entity]} but the source's {entity} is now {now[entity]}; change the "
+                        f"table to match (ALTER TABLE {table} ALTER {quote_ident(entity)} TYPE {now[entity]}, and the same "
+                        f"for its _shadow table if any), then rerun")
 
 
 def scores_schema(batch_schema: pa.Schema, config: JobConfig) -> pa.Schema:

@@ -273,6 +273,23 @@ def test_a_moved_project_uses_its_own_model_artifacts(demo_project, tmp_path):
     assert run.status == "succeeded" and run.rows_scored > 0 and run.champion_version == 1
 
 
+def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo_project):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("ALTER TABLE raw.vuln_findings ALTER finding_id TYPE VARCHAR USING 'GHSA-' || finding_id")
+    con.close()
+
+    with pytest.raises(DataError, match="is BIGINT but the source's finding_id is now VARCHAR") as failed:
+        run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+    fix = str(failed.value).split("(", 1)[1].split(", and the same")[0]
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute(fix)  # the statement the message gives
+    con.close()
+    rerun = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    assert rerun.status == "succeeded" and rerun.rows_scored == valid_landed(demo_project, day(60), day(61))
+
+
 def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(demo_project):
     import duckdb
 
