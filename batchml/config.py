@@ -195,6 +195,7 @@ class PromotionConfig(Strict):
     min_holdout_rows: int = Field(200, ge=1, description="Fewer holdout rows than this: no decision.")
     guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics.")
     max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring time / champion's must not exceed this.")
+    latency_floor_us: float = Field(10.0, ge=0, description="A challenger scoring a row in fewer microseconds than this (one thread) passes the latency test whatever its ratio: below it, time cannot matter to a batch job (0: always apply the ratio).")
     shadow: bool = Field(False, description="The latest challenger also scores new rows into scores.<job>_shadow.")
 
     @field_validator("guard")

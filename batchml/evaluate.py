@@ -386,13 +386,16 @@ def decide(
     champion_seconds: float,
     challenger_seconds: float,
     seed: int = 42,
+    timed_rows: int | None = None,
 ) -> GateDecision:
     """Compare champion and challenger on the same holdout and apply the promotion gate.
 
     Promotes only when every check passes: the primary metric improves by at least
     ``min_improvement``; with ``require_significance``, the bootstrap lower bound is above 0; no
     guard metric worsens by more than its allowance; the latency ratio is within
-    ``max_latency_ratio``. A holdout with fewer than ``min_holdout_rows`` rows or a single class
+    ``max_latency_ratio`` (or, given ``timed_rows``, the challenger's time per row is under
+    ``latency_floor_us``: an early-stopped champion of a few trees must not lock out every larger
+    model over milliseconds). A holdout with fewer than ``min_holdout_rows`` rows or a single class
     gives ``no_decision``. The reason names the first failing check; all are in ``checks``.
     """
     y, p_champion, p_challenger = _paired(y, p_champion, p_challenger)
@@ -411,7 +414,8 @@ def decide(
         return GateDecision("no_decision", reason, config.metric, champion, challenger, None, ratio, checks)
     champion, challenger = compute_metrics(y, p_champion), compute_metrics(y, p_challenger)
     boot = paired_bootstrap(y, p_champion, p_challenger, config.metric, config.bootstrap_resamples, seed)
-    checks, failures = _gate_checks(config, champion, challenger, boot, ratio)
+    per_row_us = challenger_seconds / timed_rows * 1e6 if timed_rows else None
+    checks, failures = _gate_checks(config, champion, challenger, boot, ratio, per_row_us)
     outcome: Outcome = "rejected" if failures else "promoted"
     reason = failures[0] if failures else _promotion_reason(config, boot, ratio)
     return GateDecision(outcome, reason, config.metric, champion, challenger, boot, ratio, checks)
@@ -441,6 +445,7 @@ def _gate_checks(
     challenger: dict[str, float],
     boot: BootstrapResult,
     ratio: float | None,
+    per_row_us: float | None = None,
 ) -> tuple[dict[str, bool], list[str]]:
     """Every check (name -> passed) and the failure reasons, in the order the gate applies them."""
     metric = config.metric
@@ -464,21 +469,26 @@ def _gate_checks(
             f"guard {name} worsened by {worsening:.4f} > allowance {allowance:g} "
             f"(champion {champion[name]:.4f}, challenger {challenger[name]:.4f})",
         ))
-    gate.append(_latency_check(ratio, config.max_latency_ratio))
+    gate.append(_latency_check(ratio, config, per_row_us))
     checks = {"min_holdout_rows": True, "both_classes": True} | {name: bool(passed) for name, passed, _ in gate}
     return checks, [failure for _, passed, failure in gate if not passed]
 
 
-def _latency_check(ratio: float | None, limit: float) -> tuple[str, bool, str]:
+def _latency_check(ratio: float | None, config: PromotionConfig, per_row_us: float | None) -> tuple[str, bool, str]:
+    if per_row_us is not None and per_row_us < config.latency_floor_us:
+        return "latency", True, ""
     if ratio is None:
         return "latency", False, "the champion's scoring time was 0 s, so the latency ratio cannot be checked"
-    return "latency", ratio <= limit, f"challenger scoring takes {ratio:.2f}x the champion's time > max_latency_ratio {limit:g}"
+    return "latency", ratio <= config.max_latency_ratio, (
+        f"challenger scoring takes {ratio:.2f}x the champion's time > max_latency_ratio {config.max_latency_ratio:g}"
+        + (f" ({per_row_us:.1f} µs a row, above latency_floor_us {config.latency_floor_us:g})" if per_row_us is not None else ""))
 
 
 def _promotion_reason(config: PromotionConfig, boot: BootstrapResult, ratio: float) -> str:
     return (
         f"{config.metric} improved by {boot.diff:+.4f} (bootstrap interval [{boot.low:+.4f}, {boot.high:+.4f}]) "
-        f">= min_improvement {config.min_improvement:g}, guards held and latency ratio is {ratio:.2f}"
+        f">= min_improvement {config.min_improvement:g}, guards held and latency ratio is "
+        + (f"{ratio:.2f}" if ratio is not None else "n/a")
     )
 
 

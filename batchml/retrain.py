@@ -152,12 +152,16 @@ def check_golden(model: registry.LoadedModel, tolerance: float = 1e-12) -> tuple
     return len(scores), worst
 
 
+def timed_rows(holdout: pa.Table) -> int:
+    return max(LATENCY_ROWS, holdout.num_rows)
+
+
 def timed_predict(model_booster, spec, holdout: pa.Table, repeats: int = 3) -> float:
-    """Best-of-``repeats`` seconds to score ``LATENCY_ROWS`` rows built from the holdout."""
+    """Best-of-``repeats`` seconds to score ``timed_rows(holdout)`` rows built from the holdout, on one thread."""
     matrix = to_matrix(holdout, spec)
     if len(matrix) == 0:
         return 0.0
-    matrix = np.ascontiguousarray(np.resize(matrix, (max(LATENCY_ROWS, len(matrix)), matrix.shape[1])))
+    matrix = np.ascontiguousarray(np.resize(matrix, (timed_rows(holdout), matrix.shape[1])))
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -173,6 +177,5 @@ def gate(candidate: Candidate, champion: registry.LoadedModel, config: JobConfig
     p_champion = predict(champion.booster, holdout, champion.spec)
     champion_seconds = timed_predict(champion.booster, champion.spec, holdout)
     challenger_seconds = timed_predict(candidate.trained.booster, candidate.trained.spec, holdout)
-    return evaluate.decide(
-        y, p_champion, candidate.holdout_scores, config.promotion, champion_seconds, challenger_seconds, seed=config.training.seed
-    )
+    return evaluate.decide(y, p_champion, candidate.holdout_scores, config.promotion, champion_seconds, challenger_seconds,
+                           seed=config.training.seed, timed_rows=timed_rows(holdout))
