@@ -5,8 +5,9 @@ even read-only. So after each commit the run's new rows are written to Parquet u
 ``<warehouse dir>/published/`` and analysts open ``catalog.duckdb`` — a small file of views over
 those Parquet files — with ``duckdb -readonly warehouse/catalog.duckdb``. Many readers may hold it
 for as long as they like; the run only writes new Parquet files (atomically: temp file + rename,
-one file per run id, so publishing twice is harmless) and never needs the catalog's lock unless a
-new view has to be added.
+one file per run id, so publishing twice is harmless). When a view has to be added, the new catalog
+is built in a temp file and renamed over the old one: open sessions keep reading the old file, new
+ones see the new views.
 
     published/scores/<job>/<run_id>.parquet        append-only, one file per run
     published/batchml/<table>/<run_id>.parquet     drift, quarantine, performance: per run
@@ -16,8 +17,12 @@ new view has to be added.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -105,22 +110,52 @@ def catalog_views(project: Project, configs: list[JobConfig]) -> dict[str, str]:
 
 
 def ensure_catalog(project: Project, configs: list[JobConfig]) -> None:
-    """Create any missing view in ``catalog.duckdb``; if analysts hold it open, try again next run."""
+    """Add any missing view to ``catalog.duckdb``.
+
+    DuckDB cannot write a file that readers hold open, so the catalog is never changed in place: a
+    copy is changed and renamed over it. Open sessions keep the old file (the old views still work:
+    they read the published Parquet); a crash mid-way leaves the old catalog as it was.
+    """
     views = catalog_views(project, configs)
     if _catalog_has(project, views):
         return
+    with _catalog_lock(project):
+        if _catalog_has(project, views):  # another run built it while we waited
+            return
+        _rebuild_catalog(project, views)
+
+
+@contextmanager
+def _catalog_lock(project: Project) -> Iterator[None]:
+    """One catalog build at a time: two jobs renaming their copies would lose one's views."""
+    project.locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(project.locks / "catalog.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        con = open_connection(project.catalog, lock_timeout=2.0)
-    except Exception as exc:  # held by a reader: the views appear after a later run
-        log.warning("catalog %s is in use; new views will be added by a later run (%s)", project.catalog, exc)
-        return
-    try:
-        for name, sql in views.items():
-            schema = name.split(".")[0]
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-            con.execute(f"CREATE OR REPLACE VIEW {quote_table(name)} AS {sql}")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or when the process dies
+        yield
     finally:
-        con.close()
+        os.close(fd)
+
+
+def _rebuild_catalog(project: Project, views: dict[str, str]) -> None:
+    temp = project.catalog.with_name(f".{project.catalog.name}.{os.getpid()}.tmp")
+    try:
+        if project.catalog.exists():
+            # a copy keeps the other jobs' views and the file's storage version (readable by the duckdb CLI)
+            shutil.copyfile(project.catalog, temp)
+        con = open_connection(temp, lock_timeout=0)  # a new file gets batchml's storage compatibility
+        try:
+            for name, sql in views.items():
+                schema = name.split(".")[0]
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+                con.execute(f"CREATE OR REPLACE VIEW {quote_table(name)} AS {sql}")
+            con.execute("CHECKPOINT")  # everything in the file itself, nothing left in a .wal beside it
+        finally:
+            con.close()
+        os.replace(temp, project.catalog)
+    finally:
+        for leftover in (temp, temp.with_name(temp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
 
 
 def _catalog_has(project: Project, views: dict[str, str]) -> bool:

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from batchml.pipeline import run_job
-from conftest import day
+from conftest import day, job_config
 
 DUCKDB_CLI = Path(sys.executable).parent / "duckdb"  # the `duckdb-cli` package of the dev extra
 
@@ -87,3 +88,30 @@ def test_a_copied_project_s_catalog_reads_its_own_files(demo_project, tmp_path):
         catalog.close()
     assert definitions and all(str(copy) in sql for sql in definitions)
     assert runs == 2  # the copy's own two runs, not the original's one
+
+
+def catalog_rows(p, sql: str) -> list[tuple]:
+    catalog = duckdb.connect(str(p.root / "warehouse" / "catalog.duckdb"), read_only=True)
+    try:
+        return catalog.execute(sql).fetchall()
+    finally:
+        catalog.close()
+
+
+def test_a_catalog_build_that_fails_midway_leaves_the_old_catalog_as_it_was(demo_project, monkeypatch):
+    from batchml import publish
+
+    p = demo_project
+    run_job(p.project, "vuln_risk", as_of=day(60), notify=False)
+    home = p.root / "warehouse"
+    before = (home / "catalog.duckdb").read_bytes()
+    views = publish.catalog_views
+    broken = {"scores.broken": "SELECT * FROM no_such_table"}  # fails after the other views were created
+    monkeypatch.setattr(publish, "catalog_views", lambda project, configs: {**views(project, configs), **broken})
+
+    with pytest.raises(duckdb.Error):
+        publish.ensure_catalog(p.project, [p.project.job("vuln_risk")])
+
+    assert (home / "catalog.duckdb").read_bytes() == before
+    assert sorted(f.name for f in home.iterdir() if "catalog" in f.name) == ["catalog.duckdb"]  # no temp file left
+    assert int(cli_query(home / "catalog.duckdb", "SELECT count(*) FROM batchml.runs").split()[-1]) == 1

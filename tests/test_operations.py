@@ -413,3 +413,25 @@ def test_drift_only_writes_the_drift_rows_of_a_drift_run_and_nothing_else(demo_p
     after = [p.query(sql.replace("batchml.drift", f"batchml.drift WHERE run_id <> '{measured['run_id']}'")) for sql in untouched]
     assert after == before
     assert not list((p.root / "warehouse" / "reports").rglob(f"{measured['run_id']}*"))  # no report written for it
+
+
+def test_a_new_job_s_views_reach_the_catalog_while_an_analyst_holds_it_open(demo_project, children):
+    from test_analysts import cli_query
+
+    p = demo_project
+    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+    catalog = p.warehouse.parent / "catalog.duckdb"
+    analyst, stop = reader(p, children, catalog, "scores.vuln_risk")
+    p.write_config(job_config(job="vuln_second", scoring={"table": "scores.vuln_second"}), job="vuln_second")
+
+    night = p.cli("run", "vuln_second", "--as-of", AS_OF, "--no-notify", timeout=180)
+
+    assert night.returncode == 0, night.stderr
+    assert "in use" not in night.stderr
+    second = int(cli_query(catalog, "SELECT count(*) FROM scores.vuln_second_latest").split()[-1])  # the duckdb CLI reads the new file
+    assert second == p.scalar("SELECT count(*) FROM scores.vuln_second_latest") > 0
+    assert int(cli_query(catalog, "SELECT count(*) FROM scores.vuln_risk").split()[-1]) == p.scalar(
+        "SELECT count(*) FROM scores.vuln_risk")  # the first job's views were kept
+    stop.touch()
+    assert analyst.proc.wait(timeout=30) == 0
+    assert len(counts(analyst)) >= 1  # the open session went on reading, without errors
