@@ -10,8 +10,12 @@ from batchml import registry
 from batchml.errors import ConfigError, ModelError
 from batchml.locks import job_lock
 from batchml.project import Project
+from batchml.publish import publish_change
 from batchml.score import prepare_engine
 from batchml.warehouse import migrate, transaction
+
+# what a change of champion touches: the analysts' catalog reads champion_history from model_events
+REGISTRY_TABLES = ("models", "model_events")
 
 
 def list_models(project: Project, job: str) -> list[dict]:
@@ -38,6 +42,7 @@ def promote(project: Project, job: str, version: int, reason: str) -> int | None
         registry.verify(row)
         with transaction(con):
             previous = registry.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
+        publish_change(con, project, job, REGISTRY_TABLES)
     prepare_engine(registry.load(row), project.job(job).scoring.engine)
     return previous
 
@@ -57,6 +62,7 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
         registry.verify(restored)
         with transaction(con):
             registry.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
+        publish_change(con, project, job, REGISTRY_TABLES)
     prepare_engine(registry.load(restored), project.job(job).scoring.engine)
     return previous, current["version"]
 

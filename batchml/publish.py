@@ -28,6 +28,7 @@ from pathlib import Path
 import duckdb
 
 from batchml.config import JobConfig
+from batchml.errors import BatchMLError
 from batchml.project import Project
 from batchml.warehouse import open_connection, quote_ident, quote_literal, quote_table, table_exists
 
@@ -63,10 +64,25 @@ def publish_pending(project: Project, config: JobConfig) -> int:
             if not _marker(project, config, run_id).exists():
                 _publish_run_files(con, project, config, run_id)
                 done += 1
-        for table in SNAPSHOTS:
-            _copy(con, f"SELECT * FROM batchml.{table}", project.published / "batchml" / f"{table}.parquet")
+        publish_snapshots(con, project)
     ensure_catalog(project, [config])
     return done
+
+
+def publish_snapshots(con: duckdb.DuckDBPyConnection, project: Project, tables: tuple[str, ...] = SNAPSHOTS) -> None:
+    """Replace the published copies of the small whole tables (``runs``, ``models``, ...) with their rows now."""
+    for table in tables:
+        _copy(con, f"SELECT * FROM batchml.{table}", project.published / "batchml" / f"{table}.parquet")
+
+
+def publish_change(con: duckdb.DuckDBPyConnection, project: Project, job: str, tables: tuple[str, ...]) -> None:
+    """After a change made outside a run's publishing step (a promotion or rollback by hand, a
+    report mail recorded after the run published), refresh the snapshots it touched, so analysts
+    see it now rather than after the next run. Never raises: the change itself is committed."""
+    try:
+        publish_snapshots(con, project, tables)
+    except (BatchMLError, duckdb.Error, OSError) as exc:
+        log.warning("%s: publishing for analysts failed (the change itself is committed): %s", job, exc)
 
 
 def _marker(project: Project, config: JobConfig, run_id: str) -> Path:

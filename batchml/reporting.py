@@ -14,6 +14,7 @@ from batchml import registry
 from batchml.config import JobConfig
 from batchml.errors import ConfigError, NotifyError
 from batchml.project import Project
+from batchml.publish import publish_change
 from batchml.report import ReportData, build_report, should_notify, write_report
 from batchml.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
 
@@ -120,6 +121,8 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
             "INSERT INTO batchml.notifications VALUES (?, ?, ?, ?, ?, ?, ?)",
             [data.run_id, config.job, ", ".join(delivery.recipients or config.notify.email), delivery.status, delivery.error, delivery.attempts, registry.utcnow()],
         )
+        # a run publishes before its report is mailed: without this the catalog lags a notification behind
+        publish_change(con, project, config.job, ("notifications",))
     if force_send and delivery.status != "sent":
         error = ConfigError if delivery.status == "skipped" else NotifyError
         raise error(f"report written to {path} but not mailed: {delivery.error}")

@@ -98,6 +98,39 @@ def catalog_rows(p, sql: str) -> list[tuple]:
         catalog.close()
 
 
+def test_a_promotion_or_rollback_by_hand_reaches_the_catalog_at_once(demo_project):
+    from batchml import manage
+
+    p = demo_project
+    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+    run_job(p.project, "vuln_risk", as_of=day(66), force_retrain=True, notify=False)  # v2: promoted or not
+    champion = p.scalar("SELECT version FROM batchml.models WHERE status = 'champion'")
+    other = 3 - champion
+    now = "SELECT version FROM batchml.champion_history WHERE job = 'vuln_risk' AND champion_until IS NULL"
+
+    manage.promote(p.project, "vuln_risk", other, "catalog test")
+    assert catalog_rows(p, now) == [(other,)]
+    assert catalog_rows(p, "SELECT version FROM batchml.models WHERE status = 'champion'") == [(other,)]
+    manage.rollback(p.project, "vuln_risk", "catalog test: undo")
+    assert catalog_rows(p, now) == [(champion,)]
+
+
+def test_a_run_s_notification_and_a_report_sent_by_hand_reach_the_catalog(demo_project, monkeypatch):
+    from batchml.errors import ConfigError
+    from batchml.reporting import report_and_notify
+
+    monkeypatch.delenv("BATCHML_SMTP_HOST", raising=False)  # no server: the mail is recorded as skipped
+    p = demo_project
+    p.write_config(job_config(notify={"email": ["secops@example.com"], "on": ["always"]}))
+    run = run_job(p.project, "vuln_risk", as_of=day(60))
+    notifications = "SELECT run_id, status FROM batchml.notifications"
+    assert catalog_rows(p, notifications) == p.query(notifications) == [(run.run_id, "skipped")]
+
+    with pytest.raises(ConfigError):  # `batchml report --send` with nothing set up to send it
+        report_and_notify(p.project, p.project.job("vuln_risk"), run.run_id, send=True, force_send=True)
+    assert catalog_rows(p, notifications) == [(run.run_id, "skipped")] * 2
+
+
 def test_a_catalog_build_that_fails_midway_leaves_the_old_catalog_as_it_was(demo_project, monkeypatch):
     from batchml import publish
 
