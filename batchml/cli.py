@@ -27,7 +27,7 @@ app.add_typer(models_app, name="models")
 
 # cron and CI read our output from files: wide enough that paths and tables are not wrapped
 console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
-state = {"debug": False, "project": None, "warehouse": None, "warehouse_given": False}
+state = {"debug": False, "log_format": "auto", "project": None, "warehouse": None, "warehouse_given": False}
 log = logging.getLogger("batchml")
 
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", envvar="BATCHML_PROJECT", help="Project directory (default: current).")]
@@ -66,7 +66,7 @@ def main_options(
     log_format: Annotated[str, typer.Option("--log-format", help="auto | plain | rich | json")] = "auto",
 ) -> None:
     source = ctx.get_parameter_source("warehouse")
-    state.update(debug=debug, project=project, warehouse=warehouse,
+    state.update(debug=debug, log_format=log_format, project=project, warehouse=warehouse,
                  warehouse_given=warehouse is not None and getattr(source, "name", "") == "COMMANDLINE")
     if log_format not in ("auto", "plain", "rich", "json"):
         raise typer.BadParameter("--log-format must be auto, plain, rich or json")
@@ -211,7 +211,9 @@ def schedule(jobs: Annotated[Optional[list[str]], typer.Argument(help="Jobs to s
     """Run each job on its schedule.cron in the foreground until SIGTERM/SIGINT."""
     from batchml.scheduler import serve
 
-    serve(open_project(), jobs or [])
+    # the runs are child processes: they log the way the daemon does, so one stream has one format
+    options = ["--log-format", state["log_format"]] + (["--debug"] if state["debug"] else [])
+    serve(open_project(), jobs or [], child_options=options)
 
 
 @app.command()

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -218,9 +218,11 @@ class Children:
                     pass
 
 
-def child_command(project: Project, job: str) -> list[str]:
-    """The command line of one run: the same interpreter and project, ``batchml run JOB``."""
-    return [sys.executable, "-m", "batchml.cli", "--project", str(project.root), "--warehouse", str(project.warehouse), "run", job]
+def child_command(project: Project, job: str, options: Sequence[str] = ()) -> list[str]:
+    """The command line of one run: the same interpreter, project and ``options`` (the daemon's
+    ``--log-format`` and ``--debug``, so the runs' lines match the daemon's), ``batchml run JOB``."""
+    return [sys.executable, "-m", "batchml.cli", "--project", str(project.root), "--warehouse", str(project.warehouse), *options,
+            "run", job]
 
 
 def describe_exit(code: int, *, stopping: bool = False) -> str:
@@ -233,11 +235,11 @@ def describe_exit(code: int, *, stopping: bool = False) -> str:
     return f"killed by {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
 
 
-def run_scheduled(children: Children, project: Project, job: str) -> None:
-    """One fire of a job: run it in a child process and log how it ended. Never raises."""
+def run_scheduled(children: Children, project: Project, job: str, options: Sequence[str] = ()) -> None:
+    """One fire of a job: run it in a child process (see :func:`child_command`) and log how it ended. Never raises."""
     started = time.monotonic()
     try:
-        code = children.run(job, child_command(project, job))
+        code = children.run(job, child_command(project, job, options))
     except OSError as exc:
         log.error("%s: cannot start the run: %s", job, exc)
         return
@@ -253,12 +255,13 @@ def run_scheduled(children: Children, project: Project, job: str) -> None:
 # --- the scheduler ---------------------------------------------------------------------------------
 
 
-def build_scheduler(project: Project, jobs: list[str], *, children: Children | None = None,
-                    fire_now: bool = False) -> tuple[BackgroundScheduler, list[str]]:
+def build_scheduler(project: Project, jobs: list[str], *, children: Children | None = None, fire_now: bool = False,
+                    child_options: Sequence[str] = ()) -> tuple[BackgroundScheduler, list[str]]:
     """A configured, not yet started scheduler with one cron job per batchml job, and the job names.
 
     Every config is loaded and every trigger validated here, so a bad cron expression or time zone
-    stops the daemon before anything runs. ``fire_now`` makes each job fire once at start.
+    stops the daemon before anything runs. ``fire_now`` makes each job fire once at start;
+    ``child_options`` go on each run's command line (:func:`child_command`).
     """
     names = resolve_jobs(project, jobs)
     triggers = {name: job_trigger(project.job(name)) for name in names}
@@ -267,7 +270,7 @@ def build_scheduler(project: Project, jobs: list[str], *, children: Children | N
     scheduler = BackgroundScheduler(timezone=timezone.utc, executors={"default": ThreadPoolExecutor(max_workers=len(names))})
     for name, trigger in triggers.items():
         when = {"next_run_time": datetime.now(timezone.utc)} if fire_now else {}
-        scheduler.add_job(run_scheduled, trigger, args=(children, project, name), id=name, name=name, max_instances=1,
+        scheduler.add_job(run_scheduled, trigger, args=(children, project, name, tuple(child_options)), id=name, name=name, max_instances=1,
                           coalesce=True, misfire_grace_time=MISFIRE_GRACE_TIME, **when)
     return scheduler, names
 
@@ -325,18 +328,19 @@ def stop_signals(stop: threading.Event, received: list[str]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def serve(project: Project, jobs: list[str], *, fire_now: bool | None = None) -> None:
+def serve(project: Project, jobs: list[str], *, fire_now: bool | None = None, child_options: Sequence[str] = ()) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT, then stop cleanly and return.
 
     ``jobs`` empty means every job of the project. ``fire_now`` (default: env
     ``BATCHML_SCHEDULE_FIRE_NOW=1``) runs everything once now, then follows the schedule.
+    ``child_options`` (e.g. ``["--log-format", "json"]``) are passed to every run.
     Must be called from the main thread (it installs signal handlers).
     """
     if fire_now is None:
         fire_now = os.environ.get(FIRE_NOW_ENV, "") in ("1", "true", "yes")
     grace = shutdown_grace()
     children = Children()
-    scheduler, names = build_scheduler(project, jobs, children=children, fire_now=fire_now)
+    scheduler, names = build_scheduler(project, jobs, children=children, fire_now=fire_now, child_options=child_options)
     _share_log_handlers()
 
     def after_run(event: JobExecutionEvent) -> None:

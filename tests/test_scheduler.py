@@ -182,7 +182,7 @@ def test_stop_escalates_to_sigkill_for_a_child_ignoring_sigterm(tmp_path):
 class Daemon:
     """``batchml schedule`` in a subprocess, its stderr in a file."""
 
-    def __init__(self, root: Path, jobs: list[str], **env: str) -> None:
+    def __init__(self, root: Path, jobs: list[str], *options: str, **env: str) -> None:
         site = root / "site"
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -191,8 +191,8 @@ class Daemon:
         full_env = {**os.environ, "PYTHONPATH": str(site), "BATCHML_SCHEDULE_FIRE_NOW": "1", "TEST_CHILD_MARKER": str(self.marker),
                     "BATCHML_SMTP_HOST": "smtp.invalid", **env}
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "batchml.cli", "--project", str(root), "--log-format", "plain",
-                                          "schedule", *jobs], stdout=out, stderr=subprocess.STDOUT, env=full_env)
+            self.proc = subprocess.Popen([sys.executable, "-m", "batchml.cli", "--project", str(root),
+                                          *(options or ("--log-format", "plain")), "schedule", *jobs], stdout=out, stderr=subprocess.STDOUT, env=full_env)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -238,6 +238,18 @@ def test_daemon_runs_jobs_in_children_logs_exits_and_keeps_going(tmp_path, daemo
     assert daemon.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 5
     assert "received SIGTERM: no new runs" in daemon.text() and "scheduler stopped" in daemon.text()
+
+
+def test_runs_log_in_the_daemon_s_format_and_get_its_debug_flag(tmp_path, daemons):
+    project_with(tmp_path, failing=("0 2 * * *", "UTC"))
+    daemon = daemons(tmp_path, ["failing"], "--log-format", "json", "--debug")
+    daemon.wait_for(r"failing: exit \d+")
+    assert daemon.stop(signal.SIGTERM) == 0
+
+    assert daemon.child()["argv"][-5:] == ["--log-format", "json", "--debug", "run", "failing"]
+    text = daemon.text()
+    assert not re.search(r"^\d{4}-\d\d-\d\dT[\d:]+ (INFO|WARNING|ERROR) ", text, re.MULTILINE), text  # no plain log line
+    assert [json.loads(line) for line in text.splitlines() if line.startswith("{") and "failing: run failing-" in line], text
 
 
 def test_stop_lets_a_running_child_finish_within_the_grace(tmp_path, daemons):
