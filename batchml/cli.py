@@ -309,6 +309,12 @@ def usage_error(exc: Exception) -> tuple[str, int] | None:
     return (f"{message} (see `{command} --help`)" if command and message else message), exc.exit_code
 
 
+def print_error(message: str) -> None:
+    """The one line a command ends in on error: never wrapped by the console's width and its
+    message's own line breaks (DuckDB's errors have several) folded, so logs and greps get one line."""
+    Console(stderr=True).print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
@@ -319,7 +325,7 @@ def main() -> None:
     except BatchMLError as exc:
         if state["debug"]:
             traceback.print_exc()
-        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        print_error(str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -332,11 +338,11 @@ def main() -> None:
         usage = usage_error(exc)
         if usage is not None:
             if usage[0]:  # empty when the command's help was shown instead (a group without its command)
-                Console(stderr=True).print(f"error: {usage[0]}", highlight=False, markup=False, soft_wrap=True)
+                print_error(usage[0])
             sys.exit(usage[1])
         if state["debug"]:
             raise
-        Console(stderr=True).print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False, markup=False)
+        print_error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         sys.exit(1)
 
 

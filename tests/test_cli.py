@@ -10,8 +10,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
+from batchml.errors import ConfigError
 from conftest import REPO, job_config, run_cli
 
 
@@ -347,3 +349,24 @@ def test_check_finds_rows_that_no_batch_will_ever_pull(demo_project):
 
     assert result.returncode == 1
     assert "FAIL vuln_risk: source: 2 source row(s) have a null ingested_at (source.watermark) and are never pulled" in result.stdout
+
+
+@pytest.mark.parametrize(("error", "code", "start"), [
+    (RuntimeError, 1, "error: RuntimeError: a bug that explains itself at length"),
+    (ConfigError, 2, "error: a bug that explains itself at length"),
+])
+def test_an_error_ends_in_one_line_however_long(monkeypatch, capsys, error, code, start):
+    from batchml import cli
+
+    def fail(**_):
+        raise error("a bug that explains itself at length, " * 5 + "\n\nLINE 1: and adds a second line")
+
+    monkeypatch.setenv("COLUMNS", "80")  # what rich assumes when stderr is a file
+    monkeypatch.setattr(cli, "app", fail)
+    monkeypatch.setitem(cli.state, "debug", False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+
+    err = capsys.readouterr().err
+    assert exited.value.code == code
+    assert err.count("\n") == 1 and err.startswith(start) and "length, a bug" in err and "and adds a second line" in err, err
