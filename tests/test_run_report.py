@@ -65,3 +65,14 @@ def test_a_failed_run_mails_its_error(demo_project, smtp_server):  # noqa: F811
     message = email.message_from_bytes(handler.envelopes[-1].content, policy=default_policy)
     assert "FAILED" in message["Subject"]
     assert "gone_column" in message.get_body(("plain",)).get_content()
+
+
+def test_a_mail_due_without_an_smtp_server_is_one_warning_naming_the_setting(demo_project):
+    demo_project.write_config(job_config(notify={"email": ["secops@example.com"], "on": ["promotion"]}))
+
+    result = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", env={"BATCHML_SMTP_HOST": ""})  # first champion: a promotion
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "BATCHML_SMTP_HOST" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0] and "not mailed" in warnings[0], result.stderr
+    assert demo_project.query("SELECT status FROM batchml.notifications") == [("skipped",)]
