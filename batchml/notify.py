@@ -167,22 +167,29 @@ def describe_error(exc: BaseException, settings: Settings) -> str:
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9+/]{8,}={0,2}")
+MIN_USER = 3
+"""A shorter SMTP user name is not scrubbed: removing ``u`` everywhere garbles the message ("s***pported")
+and hides nothing."""
 
 
 def _scrub(text: str, settings: Settings) -> str:
-    """``text`` without the SMTP user and password, plain or base64-encoded as AUTH sends them
-    (a server may echo ``AUTH PLAIN`` credentials back in its refusal)."""
-    secrets = [value for value in (settings.smtp_password.get_secret_value() if settings.smtp_password else "",
-                                   settings.smtp_user or "") if value]
-    for secret in secrets:
-        text = text.replace(secret, "***")
+    """``text`` without the SMTP password and user name, plain or base64-encoded as AUTH sends them
+    (a server may echo ``AUTH PLAIN`` credentials back in its refusal). The password goes wherever
+    it appears; the user name only as a whole word, and only when it is long enough to mean something."""
+    password = settings.smtp_password.get_secret_value() if settings.smtp_password else ""
+    user = settings.smtp_user if settings.smtp_user and len(settings.smtp_user) >= MIN_USER else ""
+    if password:
+        text = text.replace(password, "***")
+    if user:
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(user)}(?![A-Za-z0-9])", "***", text)
+    secrets = [secret.encode() for secret in (password, user) if secret]
 
     def encoded(match: re.Match) -> str:
         try:
             decoded = base64.b64decode(match[0] + "=" * (-len(match[0]) % 4), validate=True)
         except (binascii.Error, ValueError):
             return match[0]
-        return "***" if any(secret.encode() in decoded for secret in secrets) else match[0]
+        return "***" if any(secret in decoded for secret in secrets) else match[0]
 
     return _TOKEN.sub(encoded, text) if secrets else text
 
@@ -199,6 +206,9 @@ def _explain(exc: BaseException, settings: Settings) -> str:
         return f"every recipient was refused ({', '.join(sorted(exc.recipients))}); check notify.email"
     if isinstance(exc, smtplib.SMTPSenderRefused):
         return f"sender {settings.smtp_from!r} refused ({_reply(exc)}); check BATCHML_SMTP_FROM"
+    if isinstance(exc, smtplib.SMTPNotSupportedError) and "AUTH" in str(exc):  # a user is set, the server offers no login
+        return (f"{exc}; unset BATCHML_SMTP_USER if the server takes mail without a login, or set BATCHML_SMTP_STARTTLS "
+                f"if it offers login only over TLS")
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return f"{exc}; check BATCHML_SMTP_STARTTLS / BATCHML_SMTP_SSL against what the server offers"
     if isinstance(exc, smtplib.SMTPResponseException):

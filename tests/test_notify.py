@@ -252,3 +252,26 @@ def test_credentials_echoed_back_base64_encoded_are_scrubbed_too() -> None:
 
     assert echoed not in line and USER not in line and PASSWORD not in line
     assert "login refused (535 5.7.8 bad credentials for PLAIN *** (***))" in line
+
+
+def test_a_user_name_against_a_server_without_auth_leaves_the_reply_readable_and_names_the_fix(smtp_server, report: Report) -> None:
+    controller, handler = smtp_server  # offers no AUTH
+    settings = settings_for(controller.port, smtp_user="u", smtp_password="pw-of-u")
+
+    delivery = send_report(report, ["secops@example.com"], settings, backoff=0.01)
+
+    assert delivery.status == "failed" and delivery.attempts == 1 and handler.envelopes == []
+    assert "SMTP AUTH extension not supported" in delivery.error and "unset BATCHML_SMTP_USER" in delivery.error
+
+
+def test_the_user_name_is_scrubbed_as_a_whole_word_the_password_everywhere() -> None:
+    import smtplib
+
+    from batchml.notify import describe_error
+
+    settings = settings_for(25, smtp_user="ops", smtp_password="pw")
+    refusal = smtplib.SMTPAuthenticationError(535, b"5.7.8 user ops (ops@example.com) stops: operations need pwpw")
+
+    line = describe_error(refusal, settings)
+
+    assert "user *** (***@example.com) stops: operations need ******" in line
