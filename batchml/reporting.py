@@ -24,12 +24,16 @@ TREND_RUNS = 30
 
 def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
     """Everything the report shows about one run (the latest one when ``run_id`` is None)."""
+    if not table_exists(con, "batchml.runs"):  # nothing has run in this warehouse yet
+        raise _no_runs(config)
     if run_id is None:
         row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? ORDER BY started_at DESC LIMIT 1", [config.job])
+        if row is None:
+            raise _no_runs(config)
     else:
         row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? AND run_id = ?", [config.job, run_id])
     if row is None:
-        raise ConfigError(f"no run {run_id or ''} of job {config.job} in the warehouse; list runs with: SELECT * FROM batchml.runs")
+        raise ConfigError(f"no run {run_id} of job {config.job} in the warehouse; list runs with: SELECT * FROM batchml.runs")
     run_id = row["run_id"]
     gate = _gate(con, run_id)
     return ReportData(
@@ -45,6 +49,10 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
         drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=gate,
         performance=_trend(con, config), band_counts=_bands(con, config, run_id), triggers=json.loads(row["triggers"] or "[]"),
     )
+
+
+def _no_runs(config: JobConfig) -> ConfigError:
+    return ConfigError(f"no runs of job {config.job} yet; run `batchml run {config.job}` first")
 
 
 def _with_note(row: dict) -> str | None:
@@ -100,6 +108,8 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
     send it), after the report is written and the attempt recorded; otherwise a warning."""
     from batchml.notify import send_report
 
+    if not project.warehouse.exists():  # connecting would create an empty warehouse file
+        raise _no_runs(config)
     with project.connect() as con:
         data = load_report_data(con, config, run_id)
     report = build_report(data)

@@ -370,3 +370,19 @@ def test_an_error_ends_in_one_line_however_long(monkeypatch, capsys, error, code
     err = capsys.readouterr().err
     assert exited.value.code == code
     assert err.count("\n") == 1 and err.startswith(start) and "length, a bug" in err and "and adds a second line" in err, err
+
+
+def test_report_before_any_run_says_to_run_the_job_first_and_creates_no_file(demo_project, tmp_path, findings):
+    from conftest import DemoProject
+
+    fresh = DemoProject(tmp_path / "fresh", findings)
+    fresh.write_config(job_config())
+    no_warehouse = fresh.cli("report", "vuln_risk")
+    no_schema = demo_project.cli("report", "vuln_risk")  # a warehouse holding only the source
+    demo_project.cli("models", "list", "vuln_risk", check=True)  # creates the batchml schema
+    no_run = demo_project.cli("report", "vuln_risk")
+
+    for result in (no_warehouse, no_schema, no_run):
+        assert result.returncode == 2, result.stderr
+        assert_one_line_error(result, "no runs of job vuln_risk yet; run `batchml run vuln_risk` first")
+    assert not fresh.warehouse.exists()
