@@ -57,6 +57,14 @@ def setup_logging(log_format: str) -> None:
     log.propagate = False
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"batchml {version('batchml')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -64,6 +72,7 @@ def main_options(
     warehouse: WarehouseOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     log_format: Annotated[str, typer.Option("--log-format", help="auto | plain | rich | json")] = "auto",
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     source = ctx.get_parameter_source("warehouse")
     state.update(debug=debug, log_format=log_format, project=project, warehouse=warehouse,

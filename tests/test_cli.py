@@ -386,3 +386,10 @@ def test_report_before_any_run_says_to_run_the_job_first_and_creates_no_file(dem
         assert result.returncode == 2, result.stderr
         assert_one_line_error(result, "no runs of job vuln_risk yet; run `batchml run vuln_risk` first")
     assert not fresh.warehouse.exists()
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    result = run_cli("--version", check=True)
+    assert result.stdout.strip() == f"batchml {version('batchml')}"
