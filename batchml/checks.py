@@ -114,5 +114,13 @@ def _checks(project: Project, name: str):
         job_trigger(cfg)
         return f"{cfg.schedule.cron!r} in {cfg.schedule.timezone}"
 
+    def mail():  # a note, not a failure: a machine without SMTP may be meant to mail nothing
+        cfg, settings = state["config"], project.settings
+        if not cfg.notify.email:
+            return "no recipients (notify.email): reports are written, not mailed"
+        if not settings.smtp_host:
+            return "notify.email is set but BATCHML_SMTP_HOST is not: reports will NOT be mailed from here"
+        return f"reports go to {', '.join(cfg.notify.email)} through {settings.smtp_host}:{settings.smtp_port}"
+
     return [("config", config), ("scores table", lambda: _shared_scores_table(project, state["config"])),
-            ("schedule", schedule), ("source", source), ("champion", champion)]
+            ("schedule", schedule), ("source", source), ("champion", champion), ("mail", mail)]

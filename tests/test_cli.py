@@ -29,6 +29,10 @@ def test_run_then_check_then_models_list(demo_project):
     demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
     check = demo_project.cli("check", "vuln_risk", check=True)
     assert "golden set" in check.stdout and "FAIL" not in check.stdout
+    assert "ok   vuln_risk: mail (no recipients (notify.email)" in check.stdout
+    demo_project.write_config(job_config(notify={"email": ["team@example.com"], "on": ["failure"]}))
+    unsent = demo_project.cli("check", "vuln_risk", check=True, env={"BATCHML_SMTP_HOST": ""})
+    assert "BATCHML_SMTP_HOST is not: reports will NOT be mailed from here" in unsent.stdout
     listing = demo_project.cli("models", "list", "vuln_risk", check=True)
     assert "v1" in listing.stdout and "champion" in listing.stdout
 
