@@ -133,8 +133,7 @@ class NightlyRun:
             self._load_champion()  # a missing or tampered artifact fails the run: recorded, mailed
             self._steps()
         except BaseException as exc:
-            if not self._committed():
-                self._record_failure(exc)
+            if self._record_failure(exc):
                 raise
             # the error struck after COMMIT (e.g. an interrupt while the connection closed): the run
             # stands as committed; only an interrupt stops what follows (publishing, the report)
@@ -463,35 +462,36 @@ class NightlyRun:
 
     # -- failure and aftermath -------------------------------------------------------------------
 
-    def _committed(self) -> bool:
-        """Whether this run's commit transaction went through (its row says succeeded only then)."""
+    def _record_failure(self, exc: BaseException) -> bool:
+        """Record the run as failed (or rejected), publish and mail that; False, recording nothing,
+        when its commit had gone through after all (the error struck after COMMIT: its row says
+        succeeded only then)."""
+        run = self.run
         try:
             with self._connect() as con:
-                return runlog.status(con, self.run.run_id) == "succeeded"
-        except (BatchMLError, duckdb.Error):
-            return False  # cannot tell: record the failure, which says what went wrong
+                if runlog.status(con, run.run_id) == "succeeded":
+                    return False
+                self._mark_failed(exc)
+                with transaction(con):
+                    if run.status == "rejected":
+                        self._write_quarantine(con)  # kept for diagnosis; the batch itself is not consumed
+                    runlog.update_run(con, run)
+        except (BatchMLError, duckdb.Error) as secondary:
+            self._mark_failed(exc)
+            log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
+        if not isinstance(exc, KeyboardInterrupt):
+            self._publish()  # analysts see failed and rejected runs too, not only at the next success
+            if self.notify:
+                self._report_and_notify()
+        return True
 
-    def _record_failure(self, exc: BaseException) -> None:
+    def _mark_failed(self, exc: BaseException) -> None:
         run = self.run
         run.status = "rejected" if isinstance(exc, RejectedError) else "failed"
         run.error = str(exc) if isinstance(exc, BatchMLError) else f"{type(exc).__name__}: {exc}"
         run.finished_at = registry.utcnow()
         # nothing of the run was committed: no scores, no promotion, the watermark where it was
-        run.rows_scored, run.watermark_to = 0, run.watermark_from
-        if run.promoted:
-            run.promoted = False
-        try:
-            with self._connect() as con, transaction(con):
-                if run.status == "rejected":
-                    self._write_quarantine(con)  # kept for diagnosis; the batch itself is not consumed
-                runlog.update_run(con, run)
-        except BatchMLError as secondary:
-            log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
-        if isinstance(exc, KeyboardInterrupt):
-            return
-        self._publish()  # analysts see failed and rejected runs too, not only at the next success
-        if self.notify:
-            self._report_and_notify()
+        run.rows_scored, run.watermark_to, run.promoted = 0, run.watermark_from, False
 
     def _record_commit_time(self) -> None:
         try:
