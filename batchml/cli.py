@@ -117,7 +117,7 @@ def summarise_run(run) -> None:
         parts.append("dataset drift")
     console.print(", ".join(parts), highlight=False)
     if run.note:
-        console.print(f"note: {run.note}", highlight=False)
+        console.print(f"note: {run.note}", highlight=False, markup=False)
 
 
 @app.command()
@@ -188,7 +188,7 @@ def drift(
     console.print(table)
     console.print(f"dataset drift: {'yes' if result.dataset_drift else 'no'}")
     if result.note:
-        console.print(f"note: {result.note}", highlight=False)
+        console.print(f"note: {result.note}", highlight=False, markup=False)
 
 
 @app.command()
@@ -210,7 +210,7 @@ def check(job: Annotated[Optional[str], typer.Argument(help="One job (default: e
     """Validate configs, feature SQL, source columns and warehouse access, running nothing."""
     from batchml.checks import check_project, summary_error
 
-    problems = check_project(open_project(), job, echo=lambda line: console.print(line, highlight=False))
+    problems = check_project(open_project(), job, echo=lambda line: console.print(line, highlight=False, markup=False))
     if problems:
         raise summary_error(problems)
 
