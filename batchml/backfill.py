@@ -54,6 +54,7 @@ class BackfillRun(NightlyRun):
                 self._extract()
             with self.run.step("validate"):
                 self._validate()
+            self._require_fed()
             self.run.note = f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}"
             log.info("%s: %s", self.config.job, self.run.note)
             self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
@@ -81,9 +82,19 @@ class BackfillRun(NightlyRun):
                 self._score_champion(batches, rows, loading.result())
 
             with self._connect() as con:
-                self.batch = pull(con, self.config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
+                config = self._pull_config(con)
+                self._require_fed()
+                self.batch = pull(con, config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
                                   valid_rows=score)
         self._pulled()
+
+    @property
+    def _model_role(self) -> str:
+        return "model" if self.version is not None else "champion"
+
+    def _unfed_fix(self) -> str:
+        return (f"backfill with a model trained on the current features (--model-version N, see "
+                f"`batchml models list {self.config.job}`)")
 
     def _write_quarantine(self, con) -> None:
         if not self.dry_run:

@@ -12,7 +12,7 @@ from batchml.config import job_names, load_job_config
 from batchml.errors import BatchMLError, ConfigError, DataError
 from batchml.extract import describe_source, source_sql
 from batchml.project import Project
-from batchml.retrain import check_golden
+from batchml.retrain import check_golden, describe_change
 from batchml.validate import require_binary_labels
 from batchml.warehouse import memory_connection, quote_ident, table_exists
 
@@ -64,8 +64,9 @@ def _shared_scores_table(project: Project, config) -> str:
     return f"scores go to {config.scores_table}"
 
 
-def _source_report(con, config, project: Project) -> str:
+def _source_report(con, config, project: Project, state: dict) -> str:
     columns = describe_source(con, config, project.root)
+    state["columns"] = columns  # the champion check asks whether it can still be fed
     watermark = config.source.watermark
     sql = f"SELECT count(*) FROM ({source_sql(con, config, project.root)}) WHERE {quote_ident(watermark)} IS NULL"
     unpulled = con.execute(sql).fetchone()[0]
@@ -79,6 +80,17 @@ def _source_report(con, config, project: Project) -> str:
     return f"{len(columns)} source columns, all required ones present"
 
 
+def _champion_fed(model: registry.LoadedModel, config, columns: dict[str, str] | None) -> None:
+    """Fail when the champion needs a column the source (through features.sql) no longer has: every
+    run would fail at scoring. ``columns`` is None when the source check failed (it says why)."""
+    missing = [name for name in model.spec.features if columns is not None and name not in columns]
+    if missing:
+        job = config.job
+        raise DataError(f"champion v{model.version} needs {', '.join(missing)}, which the source no longer has, so runs fail "
+                        f"until a model without them is champion: train one with `batchml run {job} --force-retrain` and, "
+                        f"if the gate cannot compare them, promote it by hand with `batchml models promote {job} N`")
+
+
 def _checks(project: Project, name: str):
     state: dict = {}
 
@@ -90,11 +102,11 @@ def _checks(project: Project, name: str):
         cfg = state["config"]
         if cfg.source.parquet:
             with memory_connection() as con:
-                return _source_report(con, cfg, project)
+                return _source_report(con, cfg, project, state)
         if not project.warehouse.exists():
             raise ConfigError(f"warehouse {project.warehouse} does not exist; load {cfg.source.table} into it first")
         with project.connect(read_only=True, lock_timeout=5.0) as con:
-            return _source_report(con, cfg, project)
+            return _source_report(con, cfg, project, state)
 
     def champion():
         cfg = state["config"]
@@ -104,8 +116,12 @@ def _checks(project: Project, name: str):
             row = registry.champion(con, cfg.job) if table_exists(con, "batchml.models") else None
         if row is None:
             return "no champion yet"
-        rows, worst = check_golden(registry.load(row))
-        return f"v{row['version']} hashes match; golden set of {rows} rows re-scored, largest difference {worst:.1e}"
+        model = registry.load(row)
+        rows, worst = check_golden(model)
+        _champion_fed(model, cfg, state.get("columns"))
+        detail = f"v{row['version']} hashes match; golden set of {rows} rows re-scored, largest difference {worst:.1e}"
+        change = describe_change(cfg, model.spec, model.version)
+        return f"{detail}; {change}: the next run trains a challenger" if change else detail
 
     def schedule():
         from batchml.scheduler import job_trigger  # APScheduler is imported only here

@@ -162,6 +162,12 @@ class ReferenceProfile:
                 "categorical": {name: p.to_dict() for name, p in self.categorical.items()},
                 "score": None if self.score is None else self.score.to_dict()}
 
+    def restricted(self, numeric: list[str], categorical: list[str]) -> ReferenceProfile:
+        """The profile of only those of ``numeric`` and ``categorical`` it holds (scores kept): after
+        a change of the feature list, drift is measured on the features both sides have."""
+        return ReferenceProfile({n: self.numeric[n] for n in numeric if n in self.numeric},
+                                {n: self.categorical[n] for n in categorical if n in self.categorical}, self.score)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReferenceProfile:
         """Inverse of :meth:`to_dict`; a malformed dict raises :class:`ModelError`."""

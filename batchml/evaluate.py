@@ -54,6 +54,7 @@ __all__ = [
     "log_loss",
     "paired_bootstrap",
     "roc_auc",
+    "undecided",
 ]
 
 HIGHER_IS_BETTER = {
@@ -419,6 +420,11 @@ def decide(
     outcome: Outcome = "rejected" if failures else "promoted"
     reason = failures[0] if failures else _promotion_reason(config, boot, ratio)
     return GateDecision(outcome, reason, config.metric, champion, challenger, boot, ratio, checks)
+
+
+def undecided(config: PromotionConfig, reason: str) -> GateDecision:
+    """``no_decision`` without a comparison: the champion could not be scored on the holdout."""
+    return GateDecision("no_decision", reason, config.metric, {}, {}, None, None, {"champion_scorable": False})
 
 
 def _latency_ratio(champion_seconds: float, challenger_seconds: float) -> float | None:

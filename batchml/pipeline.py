@@ -34,12 +34,13 @@ import pyarrow as pa
 
 from batchml import drift, evaluate, performance, registry, retrain, runlog
 from batchml.config import JobConfig
-from batchml.errors import BatchMLError, ConfigError, DataError, RejectedError
+from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError
 from batchml.extract import (
     ENTITY,
     RULE,
     PullResult,
     batch_filter,
+    describe_source,
     odd_labels,
     set_cutoff,
     pull,
@@ -50,7 +51,7 @@ from batchml.extract import (
     training_filter,
     write_run_file,
 )
-from batchml.features import categorical_values, numeric_values
+from batchml.features import FeatureSpec, categorical_values, numeric_values
 from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
@@ -113,6 +114,9 @@ class NightlyRun:
         self.champion_row: dict | None = None
         self.champion: registry.LoadedModel | None = None
         self.batch: PullResult | None = None
+        self.pull_config = config  # the config's features plus the champion's (see _pull_config)
+        self.champion_missing: list[str] = []  # champion features the source no longer has
+        self.keep_challenger = False  # commit this run's challenger even though the run fails
         self.drift_report: drift.DriftReport | None = None
         self.decision: evaluate.GateDecision | None = None
         self.new_labels = 0
@@ -208,10 +212,21 @@ class NightlyRun:
     def _batch_filter(self) -> str:
         return batch_filter(self.config, self.run.watermark_from, self.run.as_of)
 
+    def _pull_config(self, con) -> JobConfig:
+        """The job's config with the champion's features added to its pull: until a model trained on a
+        changed feature list is promoted, the champion scores and the gate compares on its columns.
+        Those the source no longer has are left out and remembered: scoring then fails, naming them."""
+        if self.champion is None:
+            return self.config
+        columns = describe_source(con, self.config, self.project.root)
+        self.champion_missing = [name for name in self.champion.spec.features if name not in columns]
+        self.pull_config = with_model_features(self.config, self.champion.spec, leave_out=self.champion_missing)
+        return self.pull_config
+
     def _extract(self) -> None:
         where = self._batch_filter()
         with self._connect() as con:
-            self.batch = pull(con, self.config, self.project.root, where, self.scratch / "batch.arrow")
+            self.batch = pull(con, self._pull_config(con), self.project.root, where, self.scratch / "batch.arrow")
             if self.run.kind in ("nightly", "replay"):
                 self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
                 self.last_trained = registry.last_trained(con, self.config.job)
@@ -233,14 +248,27 @@ class NightlyRun:
     def _drift(self) -> None:
         if self.champion is None or self.valid_rows == 0:
             return
-        profile = load_profile(self.champion)
+        profile = self._drift_reference()
         accumulator = drift.CurrentAccumulator(profile)
         for batch in run_file_batches(self.batch.path):
-            accumulator.update(**feature_arrays(batch, self.config))
+            accumulator.update(**feature_arrays(batch, profile))
         self.drift_report = drift.compute_drift(profile, accumulator, self.config.drift)
         self.run.dataset_drift = self.drift_report.dataset_drift
         log.info("%s: drift in %d/%d features%s", self.config.job, self.drift_report.drifted_count,
                  self.drift_report.feature_count, " (dataset drift)" if self.drift_report.dataset_drift else "")
+
+    def _drift_reference(self) -> drift.ReferenceProfile:
+        """The champion's profile of the features the config still has: a feature on one side only
+        has nothing to be compared with, so it is skipped (and named) rather than failing the run."""
+        features = self.config.features
+        profile = load_profile(self.champion).restricted(features.numeric, features.categorical)
+        measured = {*profile.numeric, *profile.categorical}
+        champion_only = [name for name in self.champion.spec.features if name not in measured]
+        config_only = [name for name in features.all if name not in measured]
+        if champion_only or config_only:
+            log.info("%s: drift skips features only one side has: champion v%d only [%s], config only [%s]", self.config.job,
+                     self.champion.version, ", ".join(champion_only), ", ".join(config_only))
+        return profile
 
     @property
     def valid_rows(self) -> int:
@@ -251,6 +279,7 @@ class NightlyRun:
         self.run.triggers = retrain.due_triggers(
             self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
             dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
+            champion_spec=self.champion.spec if self.champion is not None else None,
         )
         if not self.run.triggers or self._before_champion() or self._trained_already():
             return None
@@ -290,6 +319,9 @@ class NightlyRun:
         seen = self.last_trained
         if seen is None or seen["created_at"] < self.run.as_of or {"forced", "no_champion"} & set(self.run.triggers):
             return False
+        spec = registry.manifest_spec(seen)
+        if spec is not None and any(retrain.feature_change(self.config, spec)):
+            return False  # trained on another feature list: the config's would make a different challenger
         self._add_note(f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained at cut-off "
                        f"{seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger (--force-retrain trains one anyway)")
         return True
@@ -297,7 +329,8 @@ class NightlyRun:
     def _train_candidate(self) -> retrain.Candidate:
         path = self.scratch / "train.arrow"
         with self._connect() as con:
-            pull(con, self.config, self.project.root, training_filter(self.config, self.run.as_of), path)
+            # the pull config: the holdout must hold the champion's columns too, for the gate
+            pull(con, self.pull_config, self.project.root, training_filter(self.config, self.run.as_of), path)
             version = registry.next_version(con, self.config.job)
             odd, values = odd_labels(con, self.config, self.project.root, training_filter(self.config, self.run.as_of, labeled_only=False))
         if odd:
@@ -352,9 +385,40 @@ class NightlyRun:
         if self.champion is None:
             self._wait_for_model()
             return
+        self._require_fed()
         self._score_champion(run_file_batches(self.batch.path), self.valid_rows)
         if self.config.promotion.shadow:
             self._score_shadow()
+
+    def _require_fed(self) -> None:
+        """Refuse to score with a champion that needs columns the source lost, naming them and the way
+        out; a challenger this run trained on the current features is that way out, so it is kept."""
+        if not self.champion_missing:
+            return
+        self.keep_challenger = self.run.challenger_version is not None
+        raise ModelError(f"{self._model_role} v{self.champion.version} of {self.config.job} cannot score: it needs "
+                         f"{', '.join(self.champion_missing)}, which the source no longer has; {self._unfed_fix()}")
+
+    _model_role = "champion"  # what scores the rows; a backfill may name another version
+
+    def _unfed_fix(self) -> str:
+        job, challenger = self.config.job, self._challenger_on_current_features()
+        if challenger is not None:
+            return (f"challenger v{challenger}, trained on the current features, is registered but the gate cannot compare it "
+                    f"with the champion: promote it by hand with `batchml models promote {job} {challenger}` (the rows wait, "
+                    f"watermark unchanged)")
+        return (f"train a challenger on the current features with `batchml run {job} --force-retrain`, and if the gate "
+                f"cannot compare them, promote it by hand with `batchml models promote {job} N` (the rows wait, watermark unchanged)")
+
+    def _challenger_on_current_features(self) -> int | None:
+        """This run's challenger, else the latest model trained on the config's features (a rerun does not train it again)."""
+        if self.run.challenger_version is not None:
+            return self.run.challenger_version
+        seen = self.last_trained
+        if seen is None or seen["status"] == registry.CHAMPION:
+            return None
+        spec = registry.manifest_spec(seen)
+        return seen["version"] if spec is not None and not any(retrain.feature_change(self.config, spec)) else None
 
     def _score_champion(self, batches: Iterator[pa.RecordBatch], rows: int, predictor: Predictor | None = None) -> None:
         """Stream ``batches`` (at most ``rows`` rows) through the champion into the scores run file,
@@ -407,6 +471,10 @@ class NightlyRun:
             if row is None:
                 return
             challenger = registry.load(row)
+        missing = [name for name in challenger.spec.features if name not in run_file_schema(self.batch.path).names]
+        if missing:  # a challenger from before a change of the feature list
+            self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
+            return
         self.shadow_path = self.scratch / "shadow.arrow"
         self._score_with(challenger, run_file_batches(self.batch.path), self.valid_rows, self.shadow_path, ScoreSummary())
 
@@ -475,6 +543,9 @@ class NightlyRun:
                 with transaction(con):
                     if run.status == "rejected":
                         self._write_quarantine(con)  # kept for diagnosis; the batch itself is not consumed
+                    if self.keep_challenger:
+                        for write in self.pending:  # the challenger the failure message tells the user to promote
+                            write(con)
                     runlog.update_run(con, run)
         except (BatchMLError, duckdb.Error) as secondary:
             self._mark_failed(exc)
@@ -524,11 +595,23 @@ class NightlyRun:
             log.warning("%s: report not delivered: %s", self.config.job, exc)
 
 
-def feature_arrays(batch: pa.RecordBatch, config: JobConfig) -> dict:
+def feature_arrays(batch: pa.RecordBatch, profile: drift.ReferenceProfile) -> dict:
+    """The batch's columns of the features ``profile`` holds, for the drift accumulator."""
     return {
-        "numeric": {n: numeric_values(batch, n) for n in config.features.numeric},
-        "categorical": {n: categorical_values(batch, n) for n in config.features.categorical},
+        "numeric": {n: numeric_values(batch, n) for n in profile.numeric},
+        "categorical": {n: categorical_values(batch, n) for n in profile.categorical},
     }
+
+
+def with_model_features(config: JobConfig, spec: FeatureSpec, leave_out: tuple[str, ...] | list[str] = ()) -> JobConfig:
+    """``config`` pulling a model's features too (except ``leave_out``); a name the config already
+    has keeps the config's kind. Training still reads the features of ``config`` itself."""
+    extra = [name for name in spec.features if name not in config.features.all and name not in leave_out]
+    features = config.features.model_copy(update={
+        "numeric": [*config.features.numeric, *(n for n in extra if n in spec.numeric)],
+        "categorical": [*config.features.categorical, *(n for n in extra if n in spec.categorical)],
+    })
+    return config.model_copy(update={"features": features})
 
 
 def load_profile(model: registry.LoadedModel) -> drift.ReferenceProfile:

@@ -158,8 +158,17 @@ def newest_challenger(con: duckdb.DuckDBPyConnection, job: str, after: int) -> d
 
 def last_trained(con: duckdb.DuckDBPyConnection, job: str) -> dict | None:
     """The model trained at the latest cut-off (``created_at`` is the as_of of its training run)."""
-    return fetch_one(con, "SELECT version, created_at, status FROM batchml.models WHERE job = ? "
-                          "ORDER BY created_at DESC, version DESC LIMIT 1", [job])
+    return _located(con, fetch_one(con, "SELECT job, version, created_at, status, artifact_path FROM batchml.models "
+                                        "WHERE job = ? ORDER BY created_at DESC, version DESC LIMIT 1", [job]))
+
+
+def manifest_spec(row: dict) -> FeatureSpec | None:
+    """The features a registered model eats, read from its manifest (unverified: for decisions that
+    need no scores, such as whether a retrain would repeat it); None when unreadable."""
+    try:
+        return FeatureSpec.from_dict(json.loads((Path(row["artifact_path"]) / MANIFEST_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from batchml import drift, evaluate, registry
 from batchml.config import JobConfig
 from batchml.errors import ModelError
-from batchml.features import categorical_values, numeric_values, to_matrix
+from batchml.features import FeatureSpec, categorical_values, numeric_values, to_matrix
 from batchml.train import Split, TrainedModel, fit, labels, predict, split_by_time
 
 PROFILE_FILE = "profile.json"
@@ -61,8 +61,10 @@ def due_triggers(
     dataset_drift: bool | None,
     new_labels: int,
     realised: float | None,
+    champion_spec: FeatureSpec | None = None,
 ) -> list[str]:
-    """The retrain triggers that fire for this run, in a fixed order."""
+    """The retrain triggers that fire for this run, in a fixed order (``champion_spec``: what the
+    champion eats, for ``features_changed``)."""
     rules = config.training.retrain
     fired = []
     if champion is None:
@@ -81,7 +83,26 @@ def due_triggers(
             decay = evaluate.improvement(config.promotion.metric, realised, holdout)
             if decay > rules.max_decay:
                 fired.append("decay")
+        if champion_spec is not None and any(feature_change(config, champion_spec)):
+            fired.append("features_changed")
     return fired
+
+
+def feature_change(config: JobConfig, spec: FeatureSpec) -> tuple[list[str], list[str]]:
+    """(features the config adds, features it drops) compared with a model's ``spec``; a feature
+    that changed kind (numeric <-> categorical) is in both."""
+    ours = [*((n, "numeric") for n in config.features.numeric), *((n, "categorical") for n in config.features.categorical)]
+    theirs = [*((n, "numeric") for n in spec.numeric), *((n, "categorical") for n in spec.categorical)]
+    return [n for n, kind in ours if (n, kind) not in theirs], [n for n, kind in theirs if (n, kind) not in ours]
+
+
+def describe_change(config: JobConfig, spec: FeatureSpec, version: int) -> str | None:
+    """``config adds [a], drops [b] vs champion v3``, or None when the feature sets are the same."""
+    added, dropped = feature_change(config, spec)
+    if not added and not dropped:
+        return None
+    parts = [f"adds [{', '.join(added)}]" if added else "", f"drops [{', '.join(dropped)}]" if dropped else ""]
+    return f"config {', '.join(p for p in parts if p)} vs champion v{version}"
 
 
 def _holdout_metric(champion: dict, metric: str) -> float | None:
@@ -173,6 +194,11 @@ def timed_predict(model_booster, spec, holdout: pa.Table, repeats: int = 3) -> f
 def gate(candidate: Candidate, champion: registry.LoadedModel, config: JobConfig) -> evaluate.GateDecision:
     """Champion and challenger on the challenger's holdout rows: the same rows for both."""
     holdout = candidate.split.holdout
+    missing = [name for name in champion.spec.features if name not in holdout.column_names]
+    if missing:  # the source lost a column the champion needs: only a person can weigh the two
+        return evaluate.undecided(config.promotion, f"champion v{champion.version} cannot be scored on the holdout: the source "
+                                  f"no longer has {', '.join(missing)}; promote challenger v{candidate.version} by hand "
+                                  f"(`batchml models promote {config.job} {candidate.version}`)")
     y = labels(holdout)
     p_champion = predict(champion.booster, holdout, champion.spec)
     champion_seconds = timed_predict(champion.booster, champion.spec, holdout)

@@ -397,3 +397,47 @@ def test_version_prints_the_package_version():
 
     result = run_cli("--version", check=True)
     assert result.stdout.strip() == f"batchml {version('batchml')}"
+
+
+def test_a_champion_the_source_can_no_longer_feed_is_replaced_by_hand(demo_project):
+    from batchml.pipeline import run_job
+    from conftest import day
+
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    con = duckdb.connect(str(demo_project.warehouse))
+    con.execute("ALTER TABLE raw.vuln_findings DROP COLUMN n_references")
+    con.close()
+    config = job_config()
+    config["features"]["numeric"].remove("n_references")
+    demo_project.write_config(config)
+
+    check = demo_project.cli("check", "vuln_risk")
+    assert check.returncode == 1 and "FAIL vuln_risk: champion: champion v1 needs n_references" in check.stdout, check.stdout
+    forced = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-03", "--no-notify", "--force-retrain")
+    assert forced.returncode == 1
+    assert_one_line_error(forced, "champion v1 of vuln_risk cannot score", "n_references", "batchml models promote vuln_risk 2")
+    assert demo_project.query("SELECT version, status FROM batchml.models ORDER BY version") == [(1, "champion"), (2, "challenger")]
+    event, reason = demo_project.query("SELECT event, reason FROM batchml.model_events WHERE version = 2")[0]
+    assert event == "no_decision" and "no longer has n_references" in reason
+    rerun = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-03", "--no-notify")  # trains nothing new
+    assert_one_line_error(rerun, "champion v1", "batchml models promote vuln_risk 2")
+    backfill = demo_project.cli("backfill", "vuln_risk", "--start", "2026-02-01", "--end", "2026-02-02")
+    assert backfill.returncode == 1
+    assert_one_line_error(backfill, "champion v1 of vuln_risk cannot score", "n_references", "--model-version")
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
+
+    demo_project.cli("models", "promote", "vuln_risk", "2", check=True)
+    run = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-03", "--no-notify", check=True)
+    scored = demo_project.query("SELECT DISTINCT model_version FROM scores.vuln_risk WHERE scored_at > "
+                                "(SELECT max(promoted_at) FROM batchml.models WHERE version = 1)")
+    assert (2,) in scored and "FAIL" not in demo_project.cli("check", "vuln_risk").stdout, run.stdout
+    assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(61)
+
+
+def test_check_names_a_changed_feature_list(demo_project):
+    demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
+    config = job_config()
+    config["features"]["categorical"].remove("severity")
+    demo_project.write_config(config)
+    check = demo_project.cli("check", "vuln_risk", check=True)
+    assert "config drops [severity] vs champion v1: the next run trains a challenger" in check.stdout

@@ -15,6 +15,8 @@ import duckdb
 import pytest
 
 from batchml import retrain
+from batchml.backfill import measure_drift
+from batchml.features import FeatureSpec
 from batchml.pipeline import run_job
 from conftest import day, job_config
 
@@ -22,6 +24,9 @@ from conftest import day, job_config
 # tests/test_evaluate.py; here it would only hide what the gate decides on quality
 RELAXED_LATENCY = {"metric": "roc_auc", "min_improvement": 0.002, "guard": {"log_loss": 0.01},
                    "max_latency_ratio": 50, "bootstrap_resamples": 500}
+
+
+UNPASSABLE = {**RELAXED_LATENCY, "min_improvement": 0.5}  # the champion stays
 
 
 def events(p) -> list[tuple]:
@@ -121,6 +126,13 @@ def test_triggers_fire_for_each_reason():
     assert retrain.due_triggers(config, **{**quiet, "dataset_drift": True}) == ["drift"]
     assert retrain.due_triggers(config, **{**quiet, "new_labels": 100}) == ["new_labels"]
     assert retrain.due_triggers(config, **{**quiet, "realised": 0.79}) == ["decay"]
+    features = config.features
+    same = FeatureSpec(list(reversed(features.numeric)), features.categorical)  # order alone is no change
+    assert retrain.due_triggers(config, **quiet, champion_spec=same) == []
+    added = FeatureSpec(features.numeric[1:], features.categorical)
+    switched = FeatureSpec(features.numeric[1:], [*features.categorical, features.numeric[0]])
+    assert retrain.due_triggers(config, **quiet, champion_spec=added) == ["features_changed"]
+    assert retrain.due_triggers(config, **quiet, champion_spec=switched) == ["features_changed"]
 
 
 def test_triggers_and_realised_performance_are_recorded(demo_project):
@@ -184,3 +196,83 @@ def test_shadow_mode_scores_the_same_rows_with_the_latest_challenger(demo_projec
         "SELECT count(*) FROM scores.vuln_risk s JOIN scores.vuln_risk_shadow h USING (finding_id, run_id) WHERE s.run_id = ?",
         [rejected.run_id])
     assert same_rows == rejected.rows_scored > 0
+
+
+# -- a change of the feature list ------------------------------------------------------------------
+
+
+def with_exploit_pressure(demo_project, **overrides) -> dict:
+    """The test config plus a feature derived in features.sql, which champions trained before lack."""
+    (demo_project.root / "jobs").mkdir(exist_ok=True)
+    (demo_project.root / "jobs" / "pressure.sql").write_text("SELECT *, epss * cvss_base / 10 AS exploit_pressure FROM source")
+    config = job_config(**overrides)
+    config["features"] = {**config["features"], "numeric": [*config["features"]["numeric"], "exploit_pressure"],
+                          "sql": "jobs/pressure.sql"}
+    return config
+
+
+def model_features(demo_project, version: int) -> list[str]:
+    path = demo_project.scalar("SELECT artifact_path FROM batchml.models WHERE version = ?", [version])
+    return json.loads((Path(path) / "model.json").read_text())["features"]
+
+
+def test_an_added_feature_trains_a_challenger_while_the_champion_keeps_scoring(demo_project, caplog):
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project.write_config(with_exploit_pressure(demo_project))
+    with caplog.at_level("INFO", logger="batchml"):
+        run = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert run.status == "succeeded" and "features_changed" in run.triggers and run.challenger_version == 2
+    assert "exploit_pressure" in model_features(demo_project, 2) and "exploit_pressure" not in model_features(demo_project, 1)
+    # the champion was compared on the same holdout (its columns were pulled too) and scored the batch
+    event = demo_project.query("SELECT event, reason FROM batchml.model_events WHERE version = 2")[0]
+    assert event[0] in ("promoted", "rejected"), event
+    scored_by = demo_project.query("SELECT DISTINCT model_version FROM scores.vuln_risk WHERE run_id = ?", [run.run_id])
+    assert run.rows_scored > 0 and scored_by == [(2,) if run.promoted else (1,)]
+    # drift is measured on the features both have; the new one is named in the log, not an error
+    drifted = {r[0] for r in demo_project.query("SELECT feature FROM batchml.drift WHERE run_id = ? AND kind = 'feature'", [run.run_id])}
+    assert "epss" in drifted and "exploit_pressure" not in drifted
+    assert "drift skips features only one side has: champion v1 only [], config only [exploit_pressure]" in caplog.text
+    assert measure_drift(demo_project.project, "vuln_risk", as_of=day(62)).status == "succeeded"
+
+
+def test_a_dropped_feature_is_still_pulled_for_the_champion(demo_project):
+    demo_project.write_config(job_config(promotion=UNPASSABLE))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    config = job_config(promotion=UNPASSABLE)
+    config["features"]["numeric"].remove("n_references")
+    demo_project.write_config(config)
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert run.status == "succeeded" and "features_changed" in run.triggers and not run.promoted
+    assert "n_references" in model_features(demo_project, 1) and "n_references" not in model_features(demo_project, 2)
+    assert demo_project.query("SELECT DISTINCT model_version FROM scores.vuln_risk WHERE run_id = ?", [run.run_id]) == [(1,)]
+    assert demo_project.scalar("SELECT event FROM batchml.model_events WHERE version = 2") == "rejected"
+
+
+def test_a_rerun_after_a_feature_change_trains_only_when_the_feature_list_differs(demo_project):
+    demo_project.write_config(job_config(promotion=UNPASSABLE))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project.write_config(with_exploit_pressure(demo_project, promotion=UNPASSABLE))
+    first = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    again = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    config = with_exploit_pressure(demo_project, promotion=UNPASSABLE)
+    config["features"]["categorical"].remove("severity")
+    demo_project.write_config(config)
+    changed = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert first.challenger_version == 2
+    assert again.challenger_version is None and "features_changed" in again.triggers and "v2 was trained at cut-off" in again.note
+    assert changed.challenger_version == 3  # v2 was trained on another feature list: not the same challenger
+
+
+def test_shadow_scores_skip_a_challenger_that_needs_a_column_no_longer_pulled(demo_project):
+    demo_project.write_config(job_config(promotion={**UNPASSABLE, "shadow": True}))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project.write_config(with_exploit_pressure(demo_project, promotion={**UNPASSABLE, "shadow": True}))
+    assert run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False).challenger_version == 2
+    demo_project.write_config(job_config(promotion={**UNPASSABLE, "shadow": True}))  # back to v1's features
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(62), notify=False)
+
+    assert run.status == "succeeded" and run.rows_scored > 0
+    assert demo_project.scalar("SELECT count(*) FROM scores.vuln_risk_shadow WHERE run_id = ?", [run.run_id]) == 0
