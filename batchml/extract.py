@@ -174,6 +174,10 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
     elif isinstance(exc, duckdb.CatalogException):
         fix = (f"; fix the SQL in {config.features.sql} (it reads the source as `source`)" if config.features.sql
                else f"; create it in the warehouse, or fix source.table in configs/{config.job}.yaml")
+    elif isinstance(exc, (duckdb.BinderException, duckdb.ConversionException)):
+        where = f"the SQL in {config.features.sql}" if config.features.sql else f"configs/{config.job}.yaml"
+        fix = (f"; a source column no longer fits {where} (renamed, or its type changed, e.g. text where a number "
+               f"was{', in some Parquet files' if config.source.parquet else ''}): compare DESCRIBE of the source with it")
     elif config.source.parquet and "No files found" in first:
         fix = f"; fix source.parquet in configs/{config.job}.yaml (a relative pattern starts at the project directory)"
     elif config.source.parquet and isinstance(exc, duckdb.InvalidInputException):

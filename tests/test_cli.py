@@ -247,6 +247,11 @@ def test_feature_sql_mistakes_point_at_the_sql_file(demo_project):
     assert broken.returncode == 1
     assert_one_line_error(broken, "through jobs/vuln_risk/features.sql", "fix the SQL in jobs/vuln_risk/features.sql")
 
+    sql.write_text("SELECT *, cvss_base / severity AS ratio FROM source")  # as after a column turned into text
+    mistyped = demo_project.cli("run", "vuln_risk", "--no-notify")
+    assert_one_line_error(mistyped, "through jobs/vuln_risk/features.sql", "a source column no longer fits the SQL in "
+                          "jobs/vuln_risk/features.sql (renamed, or its type changed")
+
     sql.write_text("SELECT finding_id, found_at, ingested_at, exploited_30d, label_at FROM source")
     narrow = demo_project.cli("run", "vuln_risk", "--no-notify")
     assert_one_line_error(narrow, "the SELECT in jobs/vuln_risk/features.sql", "has no column cvss_base")
