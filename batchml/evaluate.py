@@ -485,9 +485,10 @@ def _latency_check(ratio: float | None, config: PromotionConfig, per_row_us: flo
         return "latency", True, ""
     if ratio is None:
         return "latency", False, "the champion's scoring time was 0 s, so the latency ratio cannot be checked"
-    return "latency", ratio <= config.max_latency_ratio, (
-        f"challenger scoring takes {ratio:.2f}x the champion's time > max_latency_ratio {config.max_latency_ratio:g}"
-        + (f" ({per_row_us:.1f} µs a row, above latency_floor_us {config.latency_floor_us:g})" if per_row_us is not None else ""))
+    reason = f"challenger scoring takes {ratio:.2f}x the champion's time > max_latency_ratio {config.max_latency_ratio:g}"
+    if per_row_us is not None:  # the time itself: a few µs a row may not matter to the job, which latency_floor_us can say
+        reason += f" ({per_row_us:.1f} µs a row on one thread; promotion.latency_floor_us {config.latency_floor_us:g})"
+    return "latency", ratio <= config.max_latency_ratio, reason
 
 
 def _promotion_reason(config: PromotionConfig, boot: BootstrapResult, ratio: float) -> str:

@@ -281,9 +281,11 @@ def test_labels_other_than_0_or_1_are_left_out_and_named(demo_project):
 
 
 def test_a_memory_limit_duckdb_cannot_take_is_named_with_its_variable(demo_project):
-    result = demo_project.cli("run", "vuln_risk", "--no-notify", env={"BATCHML_MEMORY_LIMIT": "lots"})
-    assert result.returncode == 2
-    assert_one_line_error(result, "BATCHML_MEMORY_LIMIT", "'lots' is not a size DuckDB takes")
+    for wrong in ("lots", "4000000000"):  # no number; a number without a unit
+        result = demo_project.cli("check", "vuln_risk", env={"BATCHML_MEMORY_LIMIT": wrong})
+        assert result.returncode == 2
+        assert_one_line_error(result, "BATCHML_MEMORY_LIMIT", f"'{wrong}' is not a size DuckDB takes")
+    assert demo_project.cli("check", "vuln_risk", env={"BATCHML_MEMORY_LIMIT": "1G"}).returncode == 0  # DuckDB's own shorthand
 
 
 def test_time_and_label_columns_of_the_wrong_type_are_refused_up_front(demo_project):
