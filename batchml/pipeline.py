@@ -548,8 +548,10 @@ class NightlyRun:
                             write(con)
                     runlog.update_run(con, run)
         except (BatchMLError, duckdb.Error) as secondary:
+            # the warehouse is out of reach (locked, say): publishing and the report would wait for it in vain
             self._mark_failed(exc)
             log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
+            return True
         if not isinstance(exc, KeyboardInterrupt):
             self._publish()  # analysts see failed and rejected runs too, not only at the next success
             if self.notify:
@@ -583,7 +585,7 @@ class NightlyRun:
         try:
             # this run and any an earlier process committed but died before publishing
             publish.publish_pending(self.project, self.config)
-        except BatchMLError as exc:
+        except (BatchMLError, OSError) as exc:  # e.g. a full disk under published/
             log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
 
     def _report_and_notify(self) -> None:
