@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
 from batchml import registry
 from batchml.config import job_names, load_job_config
 from batchml.errors import BatchMLError, ConfigError, DataError
-from batchml.extract import describe_source, source_sql
+from batchml.extract import describe_source, odd_labels, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.retrain import check_golden, describe_change
-from batchml.validate import require_binary_labels
 from batchml.warehouse import memory_connection, quote_ident, table_exists
 
 
@@ -73,11 +70,16 @@ def _source_report(con, config, project: Project, state: dict) -> str:
     if unpulled:  # a batch is a watermark interval: such rows are in none, neither scored nor quarantined
         raise DataError(f"{unpulled} source row(s) have a null {watermark} (source.watermark) and are never pulled; "
                         f"fill it in the source (when the row was loaded)")
-    label = quote_ident(config.label.column)
-    odd = con.execute(f"SELECT DISTINCT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(con, config, project.root)}) "
-                      f"WHERE {label} IS NOT NULL AND try_cast({label} AS DOUBLE) NOT IN (0, 1) ORDER BY v LIMIT 6").fetchall()
-    require_binary_labels(np.array([row[0] for row in odd], dtype=np.float64), config)
-    return f"{len(columns)} source columns, all required ones present"
+    detail = f"{len(columns)} source columns, all required ones present"
+    uncut = uncut_columns(con, config, project.root)
+    if uncut:  # the SQL derives them: batchml cannot hide later rows and labels from its aggregates
+        detail += (f"; WARNING: {config.features.sql} derives {', '.join(uncut)}, so `source` is not cut off at a run's "
+                   f"cut-off by them: compare them with getvariable('batchml_as_of') in the SQL (see jobs/README.md)")
+    odd, values = odd_labels(con, config, project.root, "true")
+    if odd:  # as a run does: left out as unlabeled, which is worth knowing, not a reason to stop
+        detail += (f"; WARNING: {odd} row(s) have a {config.label.column} (label.column) other than 0/1 "
+                   f"({', '.join(f'{v:g}' for v in values)}): runs leave them out as unlabeled; map the label to 0/1")
+    return detail
 
 
 def _champion_fed(model: registry.LoadedModel, config, columns: dict[str, str] | None) -> None:

@@ -47,14 +47,18 @@ def set_cutoff(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
     con.execute(f"SET VARIABLE batchml_as_of = {ts_literal(as_of)}")
 
 
+def raw_sql(config: JobConfig, project: Path) -> str:
+    """SELECT * over the job's source itself: its table, or its Parquet files."""
+    if config.source.table:
+        return f"SELECT * FROM {quote_table(config.source.table)}"
+    pattern = Path(config.source.parquet)
+    pattern = pattern if pattern.is_absolute() else project / pattern
+    return f"SELECT * FROM read_parquet({quote_literal(str(pattern))}, union_by_name = true)"
+
+
 def source_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> str:
     """SELECT over the raw source (table or Parquet glob), with the job's feature SQL applied."""
-    if config.source.table:
-        raw = f"SELECT * FROM {quote_table(config.source.table)}"
-    else:
-        pattern = Path(config.source.parquet)
-        pattern = pattern if pattern.is_absolute() else project / pattern
-        raw = f"SELECT * FROM read_parquet({quote_literal(str(pattern))}, union_by_name = true)"
+    raw = raw_sql(config, project)
     derived = feature_sql(project, config)
     if derived is None:
         return raw
@@ -69,15 +73,29 @@ def _as_of_cutoff(con: duckdb.DuckDBPyConnection, config: JobConfig, raw: str) -
     """``raw`` as the run's cut-off saw it: rows landed before it, labels known before it. Feature
     SQL aggregates over ``source`` (windows, target encodings): without this it would read rows and
     labels from after the cut-off, and a replay would score differently from the night itself."""
-    try:
-        columns = {row[0] for row in con.execute(f"DESCRIBE {raw}").fetchall()}
-    except duckdb.Error as exc:
-        raise DataError(_source_error(config, exc)) from exc
+    columns = _raw_columns(con, config, raw)
     wm, label, known = config.source.watermark, config.label.column, config.label.available_at
     where = f" WHERE try_cast({quote_ident(wm)} AS TIMESTAMP) < {CUTOFF}" if wm in columns else ""
     masked = (f" REPLACE (CASE WHEN try_cast({quote_ident(known)} AS TIMESTAMP) < {CUTOFF} THEN {quote_ident(label)} END "
               f"AS {quote_ident(label)})" if label in columns and known in columns else "")
     return f"SELECT *{masked} FROM ({raw}){where}"
+
+
+def _raw_columns(con: duckdb.DuckDBPyConnection, config: JobConfig, raw: str) -> set[str]:
+    try:
+        return {row[0] for row in con.execute(f"DESCRIBE {raw}").fetchall()}
+    except duckdb.Error as exc:
+        raise DataError(_source_error(config, exc)) from exc
+
+
+def uncut_columns(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> list[str]:
+    """The watermark / label / available_at columns that feature SQL derives rather than reads from
+    the source: ``source`` cannot be cut off at the run's cut-off by them (see :func:`_as_of_cutoff`)."""
+    if config.features.sql is None:
+        return []
+    columns = _raw_columns(con, config, raw_sql(config, project))
+    wanted = (config.source.watermark, config.label.column, config.label.available_at)
+    return [name for name in wanted if name not in columns]
 
 
 def _one_select(sql: str, config: JobConfig) -> None:

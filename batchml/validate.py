@@ -23,10 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from batchml.config import JobConfig
-from batchml.errors import DataError
 from batchml.warehouse import quote_ident
 
 RULES = ("null_entity_id", "null_event_time", "bad_type", "non_finite", "out_of_range", "duplicate")
@@ -149,13 +146,3 @@ def check_batch(config: JobConfig, rows: int, by_rule: dict[str, int], null_frac
             check.problems.append(f"{name} is null in {share:.1%} of valid rows (> max_null_fraction {limit:.1%})")
     return check
 
-
-def require_binary_labels(values: np.ndarray, config: JobConfig) -> None:
-    """batchml trains and judges binary classifiers: a label other than 0/1 (or true/false) is a
-    mistake in the job, not in a row, so it stops the run with what was found and the fix."""
-    values = np.asarray(values, dtype=np.float64)
-    odd = np.unique(values[~np.isnan(values) & (values != 0) & (values != 1)])
-    if len(odd):
-        shown = ", ".join(f"{v:g}" for v in odd[:5]) + (", ..." if len(odd) > 5 else "")
-        raise DataError(f"label.column {config.label.column} holds values other than 0/1 ({shown}); batchml scores binary "
-                        f"outcomes: map the label to 0/1 in the source or in features.sql")
