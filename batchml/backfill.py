@@ -88,7 +88,6 @@ class BackfillRun(NightlyRun):
                                   valid_rows=score)
         self._pulled()
 
-    @property
     def _model_role(self) -> str:
         return "model" if self.version is not None else "champion"
 

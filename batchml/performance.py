@@ -55,10 +55,10 @@ def realised(con, config: JobConfig, project: Path, as_of: datetime) -> list[dic
         "SELECT max(as_of) FROM batchml.runs WHERE job = ? AND status = 'succeeded' AND kind IN ('nightly', 'replay') AND as_of <= ?",
         [config.job, as_of],
     ).fetchone()[0]
-    labeled = normalised_sql(con, config, project, labels_between(config, previous, as_of))
+    arrived = normalised_sql(con, config, project, labels_between(config, previous, as_of))
     entity = quote_ident(config.source.entity_id)
     rows = con.execute(f"""
-        WITH labeled AS ({labeled}),
+        WITH labeled AS ({arrived}),
         s AS (
             SELECT sc.{entity} AS e, sc.score, sc.model_version FROM {quote_table(table)} sc
             JOIN batchml.runs r ON r.run_id = sc.run_id

@@ -319,8 +319,7 @@ class NightlyRun:
         seen = self.last_trained
         if seen is None or seen["created_at"] < self.run.as_of or {"forced", "no_champion"} & set(self.run.triggers):
             return False
-        spec = registry.manifest_spec(seen)
-        if spec is not None and any(retrain.feature_change(self.config, spec)):
+        if self._on_current_features(seen) is False:
             return False  # trained on another feature list: the config's would make a different challenger
         self._add_note(f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained at cut-off "
                        f"{seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger (--force-retrain trains one anyway)")
@@ -396,10 +395,11 @@ class NightlyRun:
         if not self.champion_missing:
             return
         self.keep_challenger = self.run.challenger_version is not None
-        raise ModelError(f"{self._model_role} v{self.champion.version} of {self.config.job} cannot score: it needs "
+        raise ModelError(f"{self._model_role()} v{self.champion.version} of {self.config.job} cannot score: it needs "
                          f"{', '.join(self.champion_missing)}, which the source no longer has; {self._unfed_fix()}")
 
-    _model_role = "champion"  # what scores the rows; a backfill may name another version
+    def _model_role(self) -> str:
+        return "champion"  # what scores the rows; a backfill may name another version
 
     def _unfed_fix(self) -> str:
         job, challenger = self.config.job, self._challenger_on_current_features()
@@ -417,8 +417,12 @@ class NightlyRun:
         seen = self.last_trained
         if seen is None or seen["status"] == registry.CHAMPION:
             return None
-        spec = registry.manifest_spec(seen)
-        return seen["version"] if spec is not None and not any(retrain.feature_change(self.config, spec)) else None
+        return seen["version"] if self._on_current_features(seen) else None
+
+    def _on_current_features(self, row: dict) -> bool | None:
+        """Whether registered model ``row`` was trained on the config's feature list (None: its manifest is unreadable)."""
+        spec = registry.manifest_spec(row)
+        return None if spec is None else not any(retrain.feature_change(self.config, spec))
 
     def _score_champion(self, batches: Iterator[pa.RecordBatch], rows: int, predictor: Predictor | None = None) -> None:
         """Stream ``batches`` (at most ``rows`` rows) through the champion into the scores run file,
