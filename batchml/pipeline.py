@@ -42,12 +42,11 @@ from batchml.extract import (
     batch_filter,
     describe_source,
     odd_labels,
-    set_cutoff,
     pull,
     read_run_file,
     run_file_batches,
-    run_file_reader,
     run_file_schema,
+    set_cutoff,
     training_filter,
     write_run_file,
 )
@@ -56,10 +55,10 @@ from batchml.locks import job_lock
 from batchml.progress import track
 from batchml.project import Project
 from batchml.runlog import Run
-from batchml.reasons import REASON_TYPE
-from batchml.score import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches, score_rows
+from batchml.score import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
 from batchml.validate import check_batch
-from batchml.warehouse import migrate, quote_ident, quote_table, registered, setting, transaction
+from batchml.warehouse import migrate, registered, transaction
+from batchml.writeback import ensure_scores_table, scores_schema, write_drift_rows, write_scores
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -631,56 +630,3 @@ def prediction_drift(profile: drift.ReferenceProfile, accumulator: drift.Current
     """The drift row of the model's own scores (current vs its holdout scores)."""
     report = drift.compute_drift(profile, accumulator, config.drift)
     return [row for row in report.to_rows() if row["kind"] == "prediction"]
-
-
-def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list[dict]) -> None:
-    now = registry.utcnow()
-    for row in rows:
-        con.execute(
-            "INSERT INTO batchml.drift VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, job, row["feature"], row["method"], row["kind"], row["statistic"], row["p_value"], row["threshold"],
-             row["drifted"], row["n_reference"], row["n_current"], row["error"], row["histogram"], version, now],
-        )
-
-
-def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
-    """Append a run's scores (from its run file) and keep the ``_latest`` view in place."""
-    table = ensure_scores_table(con, config, run_file_schema(path), suffix)
-    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory;
-    # in whatever order its threads finish them (2M rows: 0.3 s instead of 0.5 s; readers sort anyway)
-    with registered(con, "__scores", run_file_reader(path)), setting(con, "preserve_insertion_order", False):
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
-
-
-def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str = "") -> str:
-    """The scores table (quoted) and its ``_latest`` view, created from ``schema`` if missing."""
-    name = config.scores_table + suffix
-    table = quote_table(name)
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name.split('.')[0])}")
-    with registered(con, "__scores", schema.empty_table()):
-        con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
-        _same_entity_type(con, config, table)
-    entity = quote_ident(config.source.entity_id)
-    con.execute(
-        f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS SELECT * FROM {table} "
-        f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
-    )
-    return table
-
-
-def _same_entity_type(con, config: JobConfig, table: str) -> None:
-    """The scores table keeps the entity id type of its first run; a source whose id type changed
-    since (BIGINT -> VARCHAR) would fail the insert with a bare conversion error."""
-    entity = config.source.entity_id
-    kinds = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM {table}").fetchall()}
-    now = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM __scores").fetchall()}
-    if kinds[entity] != now[entity]:
-        raise DataError(f"{table}.{entity} is {kinds[entity]} but the source's {entity} is now {now[entity]}; change the "
-                        f"table to match (ALTER TABLE {table} ALTER {quote_ident(entity)} TYPE {now[entity]}, and the same "
-                        f"for its _shadow table if any), then rerun")
-
-
-def scores_schema(batch_schema: pa.Schema, config: JobConfig) -> pa.Schema:
-    """What a scores run file holds for batches of ``batch_schema`` (a pull's normalised rows)."""
-    empty = pa.RecordBatch.from_pylist([], schema=batch_schema)
-    return score_rows(empty, np.empty(0), pa.array([], pa.string()), pa.nulls(0, REASON_TYPE), config, 0, "", datetime(1970, 1, 1)).schema
