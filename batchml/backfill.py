@@ -85,7 +85,7 @@ class BackfillRun(NightlyRun):
                 config = self._pull_config(con)
                 self._require_fed()
                 self.batch = pull(con, config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
-                                  valid_rows=score)
+                                  valid_rows=score, columns=self.source_columns)
         self._pulled()
 
     def _model_role(self) -> str:

@@ -356,7 +356,7 @@ ValidRows = Callable[[Iterator[pa.RecordBatch], int], None]  # (valid batches, r
 
 
 def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str, path: Path,
-         valid_rows: ValidRows | None = None) -> PullResult:
+         valid_rows: ValidRows | None = None, columns: dict[str, str] | None = None) -> PullResult:
     """Write the checked rows matching ``where`` to the run file ``path`` and summarise them.
 
     With ``valid_rows``, the run file keeps only the rejected rows (for the quarantine) and the
@@ -366,8 +366,8 @@ def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where
 
     Run files are Arrow IPC: read back once or twice within minutes by this process, so they are
     stored as they are held in memory (writing lz4 Parquet took 2 s more at 2M rows, reading it
-    back 0.6 s more per pass)."""
-    columns = describe_source(con, config, project)
+    back 0.6 s more per pass). ``columns``: the source's, when the caller has just described it."""
+    columns = columns or describe_source(con, config, project)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, repeated = count_rows(con, config, project, where)
     sql = normalised_sql(con, config, project, where, columns, dedupe=repeated)

@@ -115,6 +115,7 @@ class NightlyRun:
         self.batch: PullResult | None = None
         self.pull_config = config  # the config's features plus the champion's (see _pull_config)
         self.champion_missing: list[str] = []  # champion features the source no longer has
+        self.source_columns: dict[str, str] | None = None  # described by _pull_config, for the pulls that follow
         self.keep_challenger = False  # commit this run's challenger even though the run fails
         self.drift_report: drift.DriftReport | None = None
         self.decision: evaluate.GateDecision | None = None
@@ -217,7 +218,7 @@ class NightlyRun:
         Those the source no longer has are left out and remembered: scoring then fails, naming them."""
         if self.champion is None:
             return self.config
-        columns = describe_source(con, self.config, self.project.root)
+        self.source_columns = columns = describe_source(con, self.config, self.project.root)
         self.champion_missing = [name for name in self.champion.spec.features if name not in columns]
         self.pull_config = with_model_features(self.config, self.champion.spec, leave_out=self.champion_missing)
         return self.pull_config
@@ -225,7 +226,8 @@ class NightlyRun:
     def _extract(self) -> None:
         where = self._batch_filter()
         with self._connect() as con:
-            self.batch = pull(con, self._pull_config(con), self.project.root, where, self.scratch / "batch.arrow")
+            self.batch = pull(con, self._pull_config(con), self.project.root, where, self.scratch / "batch.arrow",
+                              columns=self.source_columns)
             if self.run.kind in ("nightly", "replay"):
                 self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
                 self.last_trained = registry.last_trained(con, self.config.job)
@@ -328,7 +330,8 @@ class NightlyRun:
         path = self.scratch / "train.arrow"
         with self._connect() as con:
             # the pull config: the holdout must hold the champion's columns too, for the gate
-            pull(con, self.pull_config, self.project.root, training_filter(self.config, self.run.as_of), path)
+            pull(con, self.pull_config, self.project.root, training_filter(self.config, self.run.as_of), path,
+                 columns=self.source_columns)
             version = registry.next_version(con, self.config.job)
             odd, values = odd_labels(con, self.config, self.project.root, training_filter(self.config, self.run.as_of, labeled_only=False))
         if odd:
