@@ -30,6 +30,11 @@ console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.
 state = {"debug": False, "log_format": "auto", "project": None, "warehouse": None, "warehouse_given": False}
 log = logging.getLogger("batchml")
 
+
+def flag(*names: str, **kwargs):
+    """A boolean option shown without typer's ``<bool>`` type: it takes no value (``--debug``, not ``--debug true``)."""
+    return typer.Option(*names, metavar="", **kwargs)
+
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", envvar="BATCHML_PROJECT", help="Project directory (default: current).")]
 WarehouseOpt = Annotated[Optional[Path], typer.Option("--warehouse", envvar="BATCHML_WAREHOUSE", help="Warehouse file.")]
 
@@ -70,9 +75,9 @@ def main_options(
     ctx: typer.Context,
     project: ProjectOpt = None,
     warehouse: WarehouseOpt = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, flag("--debug", help="Show tracebacks.")] = False,
     log_format: Annotated[str, typer.Option("--log-format", help="auto | plain | rich | json")] = "auto",
-    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, flag("--version", callback=show_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     source = ctx.get_parameter_source("warehouse")
     state.update(debug=debug, log_format=log_format, project=project, warehouse=warehouse,
@@ -124,8 +129,8 @@ def summarise_run(run) -> None:
 def run(
     job: str,
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off (date = 00:00 UTC); default now.")] = None,
-    force_retrain: Annotated[bool, typer.Option("--force-retrain", help="Train a challenger even if no trigger fires.")] = False,
-    no_notify: Annotated[bool, typer.Option("--no-notify", help="Do not mail the report.")] = False,
+    force_retrain: Annotated[bool, flag("--force-retrain", help="Train a challenger even if no trigger fires.")] = False,
+    no_notify: Annotated[bool, flag("--no-notify", help="Do not mail the report.")] = False,
 ) -> None:
     """One nightly run of JOB.  Example: batchml run vuln_risk --as-of 2026-11-28"""
     from batchml.locks import job_lock
@@ -146,8 +151,8 @@ def backfill(
     start: Annotated[str, typer.Option("--start", help="First event day (YYYY-MM-DD).")],
     end: Annotated[str, typer.Option("--end", help="Last event day, inclusive.")],
     model_version: Annotated[Optional[int], typer.Option("--model-version", help="Score with this version (default: champion).")] = None,
-    replay: Annotated[bool, typer.Option("--replay", help="Replay the nightly run for each day, point-in-time.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be scored; write no scores.")] = False,
+    replay: Annotated[bool, flag("--replay", help="Replay the nightly run for each day, point-in-time.")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Count what would be scored; write no scores.")] = False,
 ) -> None:
     """Re-score rows whose event time is in [START, END], or --replay the nights of that range.
 
@@ -195,7 +200,7 @@ def drift(
 def report(
     job: str,
     run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest run).")] = None,
-    send: Annotated[bool, typer.Option("--send", help="Also mail it to notify.email.")] = False,
+    send: Annotated[bool, flag("--send", help="Also mail it to notify.email.")] = False,
 ) -> None:
     """Write (and with --send, mail) the HTML report of a run."""
     from batchml.reporting import report_and_notify

@@ -320,6 +320,12 @@ def test_a_date_watermark_is_refused_for_the_rows_it_would_lose(demo_project):
     assert_one_line_error(result, "ingested_at (source.watermark) is DATE, not a TIMESTAMP (a DATE loses the rows landing after a run")
 
 
+def test_flags_are_shown_as_taking_no_value(demo_project):
+    help_text = demo_project.cli("run", "--help", check=True).stdout
+    line = next(line for line in help_text.splitlines() if "--force-retrain" in line)
+    assert "<bool>" not in line and "Train a challenger" in line
+
+
 def test_usage_mistakes_are_one_line_and_exit_2(demo_project):
     for args, fragment in [(["run"], "Missing argument"), (["bogus"], "No such command"),
                            (["run", "vuln_risk", "--bogus"], "No such option: --bogus"),
