@@ -88,7 +88,13 @@ def main_options(
 
 
 def open_project() -> Project:
-    return Project.open(state["project"], state["warehouse"])
+    project = Project.open(state["project"], state["warehouse"])
+    # the default folder is made on first use; a warehouse elsewhere in a missing folder is a typo
+    default = (project.root / "warehouse" / "warehouse.duckdb").resolve()
+    if project.warehouse != default and not project.warehouse.parent.is_dir():
+        raise ConfigError(f"the folder of warehouse {project.warehouse} does not exist; create it, or fix --warehouse "
+                          f"(or BATCHML_WAREHOUSE)")
+    return project
 
 
 def parse_as_of(value: str | None) -> datetime | None:

@@ -320,6 +320,14 @@ def test_a_date_watermark_is_refused_for_the_rows_it_would_lose(demo_project):
     assert_one_line_error(result, "ingested_at (source.watermark) is DATE, not a TIMESTAMP (a DATE loses the rows landing after a run")
 
 
+def test_a_warehouse_in_a_missing_folder_is_a_typo_not_a_new_warehouse(demo_project, tmp_path):
+    missing = tmp_path / "no" / "such" / "warehouse.duckdb"
+    result = demo_project.cli("--warehouse", str(missing), "run", "vuln_risk", "--no-notify")
+    assert result.returncode == 2
+    assert_one_line_error(result, f"the folder of warehouse {missing} does not exist")
+    assert not (tmp_path / "no").exists()
+
+
 def test_flags_are_shown_as_taking_no_value(demo_project):
     help_text = demo_project.cli("run", "--help", check=True).stdout
     line = next(line for line in help_text.splitlines() if "--force-retrain" in line)
