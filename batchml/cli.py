@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchml.errors import BatchMLError, ConfigError
+from batchml.errors import BatchMLError, ConfigError, interrupted
 from batchml.project import Project
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
@@ -343,6 +343,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except BatchMLError as exc:
+        if interrupted(exc):
+            sys.exit(130)
         if state["debug"]:
             traceback.print_exc()
         print_error(str(exc))
@@ -355,6 +357,8 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # a usage error or a bug
+        if interrupted(exc):  # Ctrl-C inside a DuckDB query, which DuckDB reports as its own error
+            sys.exit(130)
         usage = usage_error(exc)
         if usage is not None:
             if usage[0]:  # empty when the command's help was shown instead (a group without its command)

@@ -54,3 +54,13 @@ class LockError(BatchMLError):
     """Another run of the same job is in progress."""
 
     exit_code = 75
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is Ctrl-C: Python's KeyboardInterrupt, or the error DuckDB raises instead when
+    the signal lands inside a query (``RuntimeError: Query interrupted``), also when wrapped."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, RuntimeError) and str(exc) == "Query interrupted"):
+            return True
+        exc = exc.__cause__
+    return False

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from batchml import drift, evaluate, performance, registry, retrain, runlog
 from batchml.config import JobConfig
-from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError
+from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, interrupted
 from batchml.extract import (
     ENTITY,
     RULE,
@@ -136,15 +136,19 @@ class NightlyRun:
         try:
             self._load_champion()  # a missing or tampered artifact fails the run: recorded, mailed
             self._steps()
-        except BaseException as exc:
-            if self._record_failure(exc):
-                raise
-            # the error struck after COMMIT (e.g. an interrupt while the connection closed): the run
-            # stands as committed; only an interrupt stops what follows (publishing, the report)
-            log.warning("%s: run %s was committed before %s; it stays succeeded", self.config.job, self.run.run_id,
-                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException as caught:
+            # Ctrl-C inside a DuckDB query arrives as DuckDB's own error: an interrupt all the same
+            exc = KeyboardInterrupt() if interrupted(caught) and not isinstance(caught, KeyboardInterrupt) else caught
+            committed = not self._record_failure(exc)
+            if committed:
+                # the error struck after COMMIT (e.g. an interrupt while the connection closed): the run
+                # stands as committed; only an interrupt stops what follows (publishing, the report)
+                log.warning("%s: run %s was committed before %s; it stays succeeded", self.config.job, self.run.run_id,
+                            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            if not committed or not isinstance(exc, Exception):
+                if exc is caught:
+                    raise
+                raise exc from caught
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self._record_commit_time()

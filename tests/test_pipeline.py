@@ -290,6 +290,28 @@ def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo
     assert rerun.status == "succeeded" and rerun.rows_scored == valid_landed(demo_project, day(60), day(61))
 
 
+def test_ctrl_c_inside_a_duckdb_query_ends_the_run_as_an_interrupt(demo_project, monkeypatch):
+    """DuckDB reports SIGINT during a query as `RuntimeError: Query interrupted` (its own signal
+    handling decides when: not reproducible on demand, so the error is raised where a query runs)."""
+    from batchml import errors, pipeline
+
+    def interrupted_query(self):
+        raise RuntimeError("Query interrupted")
+
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    monkeypatch.setattr(pipeline.NightlyRun, "_drift", interrupted_query)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=True)
+
+    status, error = demo_project.query("SELECT status, error FROM batchml.runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert status == "failed" and error.startswith("KeyboardInterrupt")
+    assert demo_project.scalar("SELECT count(*) FROM batchml.notifications") == 0  # no failure mail for Ctrl-C
+    assert errors.interrupted(caught.value) and not errors.interrupted(errors.DataError("Query interrupted"))
+    wrapped = errors.WarehouseError("cannot read")
+    wrapped.__cause__ = RuntimeError("Query interrupted")
+    assert errors.interrupted(wrapped)
+
+
 def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(demo_project):
     import duckdb
 
