@@ -111,10 +111,10 @@ class DriftRun(NightlyRun):
         super().__init__(project, config, as_of, "drift", False, False)
 
     def _steps(self) -> None:
+        if self.champion is None:  # before pulling every row for nothing
+            raise ModelError(f"job {self.config.job} has no champion yet, so there is no reference to measure drift against")
         with self.run.step("extract"):
             self._extract()
-        if self.champion is None:
-            raise ModelError(f"job {self.config.job} has no champion yet, so there is no reference to measure drift against")
         with self.run.step("drift"):
             self._drift()
         self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed

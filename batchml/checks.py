@@ -11,7 +11,7 @@ from batchml.errors import BatchMLError, ConfigError, DataError
 from batchml.extract import describe_source, odd_labels, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.retrain import check_golden, describe_change
-from batchml.warehouse import memory_connection, quote_ident, table_exists
+from batchml.warehouse import memory_connection, quote_ident, quote_table, table_exists
 
 
 def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> list[BatchMLError]:
@@ -74,7 +74,7 @@ def _source_report(con, config, project: Project, state: dict) -> str:
     uncut = uncut_columns(con, config, project.root)
     if uncut:  # the SQL derives them: batchml cannot hide later rows and labels from its aggregates
         detail += (f"; WARNING: {config.features.sql} derives {', '.join(uncut)}, so `source` is not cut off at a run's "
-                   f"cut-off by them: compare them with getvariable('batchml_as_of') in the SQL (see jobs/README.md)")
+                   f"cut-off by them: compare them with getvariable('batchml_as_of') in the SQL (see batchml's jobs/README.md)")
     odd, values = odd_labels(con, config, project.root, "true")
     if odd:  # as a run does: left out as unlabeled, which is worth knowing, not a reason to stop
         detail += (f"; WARNING: {odd} row(s) have a {config.label.column} (label.column) other than 0/1 "
@@ -91,6 +91,18 @@ def _champion_fed(model: registry.LoadedModel, config, columns: dict[str, str] |
         raise DataError(f"champion v{model.version} needs {', '.join(missing)}, which the source no longer has, so runs fail "
                         f"until a model without them is champion: train one with `batchml run {job} --force-retrain` and, "
                         f"if the gate cannot compare them, promote it by hand with `batchml models promote {job} N`")
+
+
+def _scores_take_the_ids(con, config, columns: dict[str, str] | None) -> None:
+    """Fail when the scores table's entity id type is no longer the source's: every run would fail
+    at its commit (``writeback.ensure_scores_table`` names the same fix)."""
+    entity, table = config.source.entity_id, config.scores_table
+    if columns is None or entity not in columns or not table_exists(con, table):
+        return
+    stored = con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM {quote_table(table)}").fetchone()[1]
+    if stored != columns[entity]:
+        raise DataError(f"{table}.{entity} is {stored} but the source's {entity} is now {columns[entity]}; change the table "
+                        f"to match (ALTER TABLE {quote_table(table)} ALTER {quote_ident(entity)} TYPE {columns[entity]}), then rerun")
 
 
 def _checks(project: Project, name: str):
@@ -116,6 +128,7 @@ def _checks(project: Project, name: str):
             return "no warehouse yet"
         with project.connect(read_only=True, lock_timeout=5.0) as con:
             row = registry.champion(con, cfg.job) if table_exists(con, "batchml.models") else None
+            _scores_take_the_ids(con, cfg, state.get("columns"))
         if row is None:
             return "no champion yet"
         model = registry.load(row)

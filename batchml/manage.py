@@ -20,6 +20,8 @@ REGISTRY_TABLES = ("models", "model_events")
 
 def list_models(project: Project, job: str) -> list[dict]:
     project.job(job)
+    if not project.warehouse.exists():  # nothing has run yet; connecting would create an empty warehouse
+        return []
     with project.connect() as con:
         migrate(con)
         rows = registry.list_models(con, job)

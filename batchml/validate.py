@@ -143,6 +143,6 @@ def check_batch(config: JobConfig, rows: int, by_rule: dict[str, int], null_frac
     for name, limit in config.validation.max_null_fraction.items():
         share = null_fractions.get(name, 0.0)
         if share > limit:
-            check.problems.append(f"{name} is null in {share:.1%} of valid rows (> max_null_fraction {limit:.1%})")
+            check.problems.append(f"{name} is missing (null or NaN) in {share:.1%} of valid rows (> max_null_fraction {limit:.1%})")
     return check
 

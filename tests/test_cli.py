@@ -328,6 +328,19 @@ def test_a_warehouse_in_a_missing_folder_is_a_typo_not_a_new_warehouse(demo_proj
     assert not (tmp_path / "no").exists()
 
 
+def test_before_the_first_champion_drift_says_so_and_models_list_creates_nothing(tmp_path, demo_project):
+    empty = tmp_path / "empty"
+    (empty / "configs").mkdir(parents=True)
+    (empty / "configs" / "vuln_risk.yaml").write_text((demo_project.root / "configs" / "vuln_risk.yaml").read_text())
+    listing = run_cli("--project", str(empty), "models", "list", "vuln_risk")
+    assert listing.returncode == 0 and not (empty / "warehouse" / "warehouse.duckdb").exists()
+
+    drift = demo_project.cli("drift", "vuln_risk")
+    assert drift.returncode == 1
+    assert_one_line_error(drift, "no champion yet, so there is no reference to measure drift against")
+    assert demo_project.query("SELECT rows_extracted FROM batchml.runs WHERE kind = 'drift'") == [(0,)]  # nothing pulled
+
+
 def test_flags_are_shown_as_taking_no_value(demo_project):
     help_text = demo_project.cli("run", "--help", check=True).stdout
     line = next(line for line in help_text.splitlines() if "--force-retrain" in line)

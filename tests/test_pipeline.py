@@ -279,6 +279,8 @@ def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo
     con.execute("ALTER TABLE raw.vuln_findings ALTER finding_id TYPE VARCHAR USING 'GHSA-' || finding_id")
     con.close()
 
+    check = demo_project.cli("check", "vuln_risk")  # says so before any run trains and scores for nothing
+    assert check.returncode == 1 and "scores.vuln_risk.finding_id is BIGINT but the source's finding_id is now VARCHAR" in check.stdout
     with pytest.raises(DataError, match="is BIGINT but the source's finding_id is now VARCHAR") as failed:
         run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
