@@ -10,8 +10,9 @@ from batchml.config import job_names, load_job_config
 from batchml.errors import BatchMLError, ConfigError, DataError
 from batchml.extract import describe_source, odd_labels, source_sql, uncut_columns
 from batchml.project import Project
-from batchml.retrain import check_golden, describe_change
-from batchml.warehouse import memory_connection, quote_ident, quote_table, table_exists
+from batchml.retrain import check_golden, describe_change, retrain_then_promote
+from batchml.warehouse import memory_connection, quote_ident, table_exists
+from batchml.writeback import require_entity_type
 
 
 def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> list[BatchMLError]:
@@ -87,22 +88,15 @@ def _champion_fed(model: registry.LoadedModel, config, columns: dict[str, str] |
     run would fail at scoring. ``columns`` is None when the source check failed (it says why)."""
     missing = [name for name in model.spec.features if columns is not None and name not in columns]
     if missing:
-        job = config.job
         raise DataError(f"champion v{model.version} needs {', '.join(missing)}, which the source no longer has, so runs fail "
-                        f"until a model without them is champion: train one with `batchml run {job} --force-retrain` and, "
-                        f"if the gate cannot compare them, promote it by hand with `batchml models promote {job} N`")
+                        f"until a model without them is champion: {retrain_then_promote(config.job)}")
 
 
 def _scores_take_the_ids(con, config, columns: dict[str, str] | None) -> None:
-    """Fail when the scores table's entity id type is no longer the source's: every run would fail
-    at its commit (``writeback.ensure_scores_table`` names the same fix)."""
-    entity, table = config.source.entity_id, config.scores_table
-    if columns is None or entity not in columns or not table_exists(con, table):
-        return
-    stored = con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM {quote_table(table)}").fetchone()[1]
-    if stored != columns[entity]:
-        raise DataError(f"{table}.{entity} is {stored} but the source's {entity} is now {columns[entity]}; change the table "
-                        f"to match (ALTER TABLE {quote_table(table)} ALTER {quote_ident(entity)} TYPE {columns[entity]}), then rerun")
+    """Fail when the scores table's entity id type is no longer the source's: every run would fail at its commit."""
+    entity = config.source.entity_id
+    if columns is not None and entity in columns and table_exists(con, config.scores_table):
+        require_entity_type(con, config, config.scores_table, columns[entity])
 
 
 def _checks(project: Project, name: str):

@@ -413,8 +413,7 @@ class NightlyRun:
             return (f"challenger v{challenger}, trained on the current features, is registered but the gate cannot compare it "
                     f"with the champion: promote it by hand with `batchml models promote {job} {challenger}` (the rows wait, "
                     f"watermark unchanged)")
-        return (f"train a challenger on the current features with `batchml run {job} --force-retrain`, and if the gate "
-                f"cannot compare them, promote it by hand with `batchml models promote {job} N` (the rows wait, watermark unchanged)")
+        return f"{retrain.retrain_then_promote(job)} (the rows wait, watermark unchanged)"
 
     def _challenger_on_current_features(self) -> int | None:
         """This run's challenger, else the latest model trained on the config's features (a rerun does not train it again)."""

@@ -105,6 +105,12 @@ def describe_change(config: JobConfig, spec: FeatureSpec, version: int) -> str |
     return f"config {', '.join(p for p in parts if p)} vs champion v{version}"
 
 
+def retrain_then_promote(job: str) -> str:
+    """The way out when the champion needs columns the source lost (said by runs and by ``check``)."""
+    return (f"train a challenger on the current features with `batchml run {job} --force-retrain` and, if the gate cannot "
+            f"compare them, promote it by hand with `batchml models promote {job} N`")
+
+
 def _holdout_metric(champion: dict, metric: str) -> float | None:
     metrics = champion.get("metrics")
     metrics = json.loads(metrics) if isinstance(metrics, str) else (metrics or {})

@@ -145,4 +145,3 @@ def check_batch(config: JobConfig, rows: int, by_rule: dict[str, int], null_frac
         if share > limit:
             check.problems.append(f"{name} is missing (null or NaN) in {share:.1%} of valid rows (> max_null_fraction {limit:.1%})")
     return check
-

@@ -40,12 +40,11 @@ def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
 def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str = "") -> str:
     """The scores table (quoted) and its ``_latest`` view, created from ``schema`` if missing."""
     name = config.scores_table + suffix
-    table = quote_table(name)
+    table, entity = quote_table(name), quote_ident(config.source.entity_id)
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name.split('.')[0])}")
     with registered(con, "__scores", schema.empty_table()):
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
-        _same_entity_type(con, config, table)
-    entity = quote_ident(config.source.entity_id)
+        require_entity_type(con, config, name, con.execute(f"DESCRIBE SELECT {entity} FROM __scores").fetchall()[0][1])
     con.execute(
         f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS SELECT * FROM {table} "
         f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
@@ -53,15 +52,15 @@ def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str =
     return table
 
 
-def _same_entity_type(con, config: JobConfig, table: str) -> None:
-    """The scores table keeps the entity id type of its first run; a source whose id type changed
-    since (BIGINT -> VARCHAR) would fail the insert with a bare conversion error."""
+def require_entity_type(con, config: JobConfig, name: str, source_type: str) -> None:
+    """Scores table ``name`` keeps the entity id type of its first run; a source whose id type
+    changed since (BIGINT -> VARCHAR) would fail the insert with a bare conversion error. Also run
+    by ``batchml check``, before a run trains and scores for nothing."""
     entity = config.source.entity_id
-    kinds = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM {table}").fetchall()}
-    now = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM __scores").fetchall()}
-    if kinds[entity] != now[entity]:
-        raise DataError(f"{table}.{entity} is {kinds[entity]} but the source's {entity} is now {now[entity]}; change the "
-                        f"table to match (ALTER TABLE {table} ALTER {quote_ident(entity)} TYPE {now[entity]}, and the same "
+    stored = con.execute(f"DESCRIBE SELECT {quote_ident(entity)} FROM {quote_table(name)}").fetchall()[0][1]
+    if stored != source_type:
+        raise DataError(f"{name}.{entity} is {stored} but the source's {entity} is now {source_type}; change the table to "
+                        f"match (ALTER TABLE {quote_table(name)} ALTER {quote_ident(entity)} TYPE {source_type}, and the same "
                         f"for its _shadow table if any), then rerun")
 
 
