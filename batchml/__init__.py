@@ -1,0 +1,35 @@
+"""batchml: scheduled batch scoring with continuous training, in one embedded DuckDB warehouse.
+
+The public API is what the ``batchml`` command calls, one function per command::
+
+    import batchml
+
+    run = batchml.run("vuln_risk", project="/srv/batchml")          # batchml run vuln_risk
+    batchml.backfill("vuln_risk", "2026-10-01", "2026-10-31")        # batchml backfill ...
+    batchml.replay("vuln_risk", "2026-11-01", "2026-11-07")          # ... --replay
+    batchml.drift("vuln_risk")                                       # batchml drift
+    batchml.list_models("vuln_risk"); batchml.promote("vuln_risk", 3, reason="...")
+    batchml.rollback("vuln_risk", reason="..."); batchml.report("vuln_risk")
+    batchml.check("vuln_risk")                                       # batchml check
+
+Each raises a :class:`BatchMLError` subclass on failure; its ``exit_code`` is the command's.
+"""
+
+from batchml.api import backfill, check, cutoff, drift, list_models, open_project, promote, replay, report, rollback, run
+from batchml.errors import (
+    BatchMLError,
+    ConfigError,
+    DataError,
+    LockError,
+    ModelError,
+    NotifyError,
+    RejectedError,
+    WarehouseError,
+)
+from batchml.project import Project
+
+__all__ = [
+    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "check",
+    "open_project", "cutoff", "Project",
+    "BatchMLError", "ConfigError", "DataError", "RejectedError", "WarehouseError", "ModelError", "NotifyError", "LockError",
+]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from batchml import registry
+from batchml.models import registry
 from batchml.config import job_names, load_job_config
 from batchml.errors import BatchMLError, ConfigError, DataError
-from batchml.extract import describe_source, odd_labels, source_sql, uncut_columns
+from batchml.data.extract import describe_source, odd_labels, source_sql, uncut_columns
 from batchml.project import Project
-from batchml.retrain import check_golden, describe_change, retrain_then_promote
-from batchml.warehouse import memory_connection, quote_ident, table_exists
-from batchml.writeback import require_entity_type
+from batchml.models.retrain import check_golden, describe_change, retrain_then_promote
+from batchml.storage.warehouse import memory_connection, quote_ident, table_exists
+from batchml.storage.writeback import require_entity_type
 
 
 def check_project(project: Project, job: str | None, echo: Callable[[str], None]) -> list[BatchMLError]:
@@ -133,7 +133,7 @@ def _checks(project: Project, name: str):
         return f"{detail}; {change}: the next run trains a challenger" if change else detail
 
     def schedule():
-        from batchml.scheduler import job_trigger  # APScheduler is imported only here
+        from batchml.pipeline.scheduler import job_trigger  # APScheduler is imported only here
 
         cfg = state["config"]
         job_trigger(cfg)

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from batchml import api
 from batchml.errors import BatchMLError, ConfigError, interrupted
 from batchml.project import Project
 
@@ -88,33 +89,16 @@ def main_options(
 
 
 def open_project() -> Project:
-    project = Project.open(state["project"], state["warehouse"])
-    # the default folder is made on first use; a warehouse elsewhere in a missing folder is a typo
-    default = (project.root / "warehouse" / "warehouse.duckdb").resolve()
-    if project.warehouse != default and not project.warehouse.parent.is_dir():
-        raise ConfigError(f"the folder of warehouse {project.warehouse} does not exist; create it, or fix --warehouse "
-                          f"(or BATCHML_WAREHOUSE)")
-    return project
+    return api.open_project(state["project"], state["warehouse"])
 
 
 def parse_as_of(value: str | None) -> datetime | None:
     """A bare date is 00:00 UTC of that day; a time with an offset is converted to UTC."""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"--as-of {value!r} is not a date or time; use e.g. 2026-11-28 or 2026-11-28T02:00:00Z") from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed
+    return api.cutoff(value, "--as-of")
 
 
 def parse_day(value: str, option: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"{option} {value!r} is not a date; use YYYY-MM-DD") from None
+    return api.day(value, option)
 
 
 def summarise_run(run) -> None:
@@ -139,13 +123,13 @@ def run(
     no_notify: Annotated[bool, flag("--no-notify", help="Do not mail the report.")] = False,
 ) -> None:
     """One nightly run of JOB.  Example: batchml run vuln_risk --as-of 2026-11-28"""
-    from batchml.locks import job_lock
+    from batchml.pipeline.locks import job_lock
 
     project = open_project()
     project.job(job)
     with job_lock(project.locks, job):  # a run in progress: exit 75 now, not after seconds of imports
         pass
-    from batchml.pipeline import run_job
+    from batchml.pipeline.nightly import run_job
 
     result = run_job(project, job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify)
     summarise_run(result)
@@ -164,7 +148,7 @@ def backfill(
 
     Example: batchml backfill vuln_risk --start 2026-10-01 --end 2026-10-31
     """
-    from batchml import backfill as bf
+    from batchml.pipeline import backfill as bf
 
     project = open_project()
     first, last = parse_day(start, "--start"), parse_day(end, "--end")
@@ -183,8 +167,8 @@ def drift(
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off; default now.")] = None,
 ) -> None:
     """Measure drift of the rows a nightly run would pull now; writes only a 'drift' run's rows."""
-    from batchml.backfill import measure_drift
-    from batchml.warehouse import fetch_dicts
+    from batchml.pipeline.backfill import measure_drift
+    from batchml.storage.warehouse import fetch_dicts
 
     project = open_project()
     result = measure_drift(project, job, parse_as_of(as_of))
@@ -209,7 +193,7 @@ def report(
     send: Annotated[bool, flag("--send", help="Also mail it to notify.email.")] = False,
 ) -> None:
     """Write (and with --send, mail) the HTML report of a run."""
-    from batchml.reporting import report_and_notify
+    from batchml.reports.deliver import report_and_notify
 
     project = open_project()
     path = report_and_notify(project, project.job(job), run_id, send=send, force_send=send)
@@ -229,7 +213,7 @@ def check(job: Annotated[Optional[str], typer.Argument(help="One job (default: e
 @app.command()
 def schedule(jobs: Annotated[Optional[list[str]], typer.Argument(help="Jobs to schedule (default: all).")] = None) -> None:
     """Run each job on its schedule.cron in the foreground until SIGTERM/SIGINT."""
-    from batchml.scheduler import serve
+    from batchml.pipeline.scheduler import serve
 
     # the runs are child processes: they log the way the daemon does, so one stream has one format
     options = ["--log-format", state["log_format"]] + (["--debug"] if state["debug"] else [])
@@ -243,7 +227,7 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic data.")] = 7,
 ) -> None:
     """Build a demo project with synthetic vulnerability findings and replay DAYS nights on it."""
-    from batchml.demo import run_demo
+    from batchml.demo.build import run_demo
 
     root = dir or state["project"] or Path.cwd()
     # --dir means a project of its own: its warehouse sits inside it, whatever BATCHML_WAREHOUSE says
@@ -254,7 +238,7 @@ def demo(
 @models_app.command("list")
 def models_list(job: str) -> None:
     """Every version of JOB: status, trained window, rows, holdout metrics."""
-    from batchml.manage import list_models
+    from batchml.models.manage import list_models
 
     rows = list_models(open_project(), job)
     table = Table("version", "status", "trained on", "rows", "holdout auc", "created", "promoted", title=f"models of {job}")
@@ -269,7 +253,7 @@ def models_list(job: str) -> None:
 @models_app.command("promote")
 def models_promote(job: str, version: int, reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "manual promotion") -> None:
     """Make VERSION the champion of JOB."""
-    from batchml.manage import promote
+    from batchml.models.manage import promote
 
     previous = promote(open_project(), job, version, reason)
     console.print(f"{job}: v{version} is champion" + (f" (was v{previous})" if previous else ""))
@@ -278,7 +262,7 @@ def models_promote(job: str, version: int, reason: Annotated[str, typer.Option("
 @models_app.command("rollback")
 def models_rollback(job: str, reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "manual rollback") -> None:
     """Restore the champion that the current one replaced."""
-    from batchml.manage import rollback
+    from batchml.models.manage import rollback
 
     restored, retired = rollback(open_project(), job, reason)
     console.print(f"{job}: v{restored} is champion again (v{retired} archived)")
@@ -287,7 +271,7 @@ def models_rollback(job: str, reason: Annotated[str, typer.Option("--reason", he
 @models_app.command("compile")
 def models_compile(job: str) -> None:
     """Compile and verify JOB's champion now, as a promotion does (after upgrading batchml, lleaves or the CPU)."""
-    from batchml.manage import compile_champion
+    from batchml.models.manage import compile_champion
 
     model, ready, warnings = compile_champion(open_project(), job)
     for kind, path in ready.items():

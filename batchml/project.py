@@ -58,7 +58,7 @@ class Project:
 
     def connect(self, **kwargs):
         """A short-lived warehouse connection with this project's memory limit and lock timeout."""
-        from batchml.warehouse import connect
+        from batchml.storage.warehouse import connect
 
         options = {"memory_limit": self.settings.memory_limit, "lock_timeout": self.settings.lock_timeout, **kwargs}
         return connect(self.warehouse, **options)

@@ -100,7 +100,7 @@ def worker_batchml(rows: int) -> dict[str, Any]:
     import pyarrow as pa
 
     from batchml.config import DriftConfig
-    from batchml.drift import CurrentAccumulator, build_profile, compute_drift, ks_2sample, wasserstein_normed
+    from batchml.monitoring.drift import CurrentAccumulator, build_profile, compute_drift, ks_2sample, wasserstein_normed
 
     (ref_num, ref_cat), (cur_num, cur_cat) = make_side(rows, False), make_side(rows, True)
     table = pa.table({**cur_num, **cur_cat})  # the Arrow data a scoring run streams

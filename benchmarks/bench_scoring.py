@@ -82,17 +82,17 @@ def worker_e2e(root: Path, kind: str = "nightly") -> dict:
     logger = logging.getLogger("batchml")
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
-    from batchml.backfill import BackfillRun
-    from batchml.locks import job_lock
-    from batchml.pipeline import NightlyRun
+    from batchml.pipeline.backfill import BackfillRun
+    from batchml.pipeline.locks import job_lock
+    from batchml.pipeline.nightly import NightlyRun
     from batchml.project import Project
 
     if kind == "backfill-nopredict":
-        import batchml.backfill
+        import batchml.pipeline.backfill
 
-        real = batchml.backfill.load_for_scoring  # still loads the leaves library and path tables for the reasons
+        real = batchml.pipeline.backfill.load_for_scoring  # still loads the leaves library and path tables for the reasons
         share = float(os.environ["BENCH_HIGH_SHARE"])
-        batchml.backfill.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
+        batchml.pipeline.backfill.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
     import_rss = common.peak_rss_mb()
     started, cpu = time.perf_counter(), time.process_time()
     project = Project.open(root)
@@ -160,7 +160,7 @@ def source_matrix(db: Path, model) -> tuple[np.ndarray, np.ndarray]:
     """Entity ids and the float64 matrix of the rows a run as of ``AS_OF`` sees, ordered by id."""
     import duckdb
 
-    from batchml.features import to_matrix
+    from batchml.data.features import to_matrix
 
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -221,8 +221,8 @@ def naive_pandas(template_path: Path, model) -> float:
 def reason_costs(model, matrix: np.ndarray, scores: np.ndarray, sizes: Sizes) -> dict:
     """Seconds for predict, path reasons and TreeSHAP on a sample; extrapolated per row."""
     from batchml.config import thread_count
-    from batchml.compiled import compiled_leaves
-    from batchml.reasons import PathExplainer, leaf_indices, shap_contributions
+    from batchml.models.compiled import compiled_leaves
+    from batchml.models.reasons import PathExplainer, leaf_indices, shap_contributions
 
     sample = np.ascontiguousarray(matrix[: sizes.contrib_rows])
     threads = thread_count(len(matrix))
@@ -250,9 +250,9 @@ def run(quick: bool = False) -> str:
 
 def measure(quick: bool = False) -> dict:
     """Every figure of sections 1 and 2 (seconds, MB), measured in this invocation."""
-    from batchml import compiled
+    from batchml.models import compiled
     from batchml.config import thread_count
-    from batchml.score import make_predictor
+    from batchml.models.scoring import make_predictor
 
     sizes = Sizes.of(quick)
     shutil.rmtree(E2E, ignore_errors=True)

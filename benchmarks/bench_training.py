@@ -34,8 +34,8 @@ def _bare(config, split) -> tuple[float, int]:
     import lightgbm as lgb
 
     from batchml.config import thread_count
-    from batchml.features import fit_spec, to_matrix
-    from batchml.train import labels, lightgbm_params
+    from batchml.data.features import fit_spec, to_matrix
+    from batchml.models.train import labels, lightgbm_params
 
     spec = fit_spec(split.fit, config.features.numeric, config.features.categorical)
     params, rounds, early = lightgbm_params(config)
@@ -50,7 +50,7 @@ def _bare(config, split) -> tuple[float, int]:
 
 
 def _batchml(config, table, folder: Path) -> dict:
-    from batchml import retrain
+    from batchml.models import retrain
 
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
@@ -60,7 +60,7 @@ def _batchml(config, table, folder: Path) -> dict:
 
 
 def measure(quick: bool = False) -> dict:
-    from batchml.train import split_by_time
+    from batchml.models.train import split_by_time
 
     sizes = Sizes.of(quick)
     config_dict = common.job_config(sizes)

@@ -118,7 +118,7 @@ def add_columns(table: pa.Table, seed: int) -> pa.Table:
 
 def make_rows(n: int, seed: int, start: dt.datetime, first_id: int = 1) -> pa.Table:
     """``n`` findings with all 35 features, ids from ``first_id``, found over 30 days from ``start``."""
-    from batchml import demo_data
+    from batchml.demo import data as demo_data
 
     table = add_columns(demo_data.generate_rows(n, seed=seed, start=start), seed)
     ids = pa.array(np.arange(first_id, first_id + n, dtype=np.int64))
@@ -181,7 +181,7 @@ def normalised_rows(config: dict, source_rows: pa.Table, scratch: Path) -> pa.Ta
     """``source_rows`` as a run sees them: pulled through batchml's extract (normalised, checked)."""
     import duckdb
 
-    from batchml.extract import pull, read_run_file
+    from batchml.data.extract import pull, read_run_file
 
     scratch.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
@@ -202,7 +202,7 @@ def normalised_rows(config: dict, source_rows: pa.Table, scratch: Path) -> pa.Ta
 
 def scoring_model(sizes: Sizes, seed: int = 3) -> dict:
     """The registry row of a ``trees`` x ``leaves`` champion trained by batchml (cached on disk)."""
-    from batchml import retrain
+    from batchml.models import retrain
 
     folder = DATA / "models" / f"v{DATA_VERSION}-{sizes.trees}x{sizes.leaves}-{sizes.train_rows}-s{seed}"
     row_file = folder / "registry_row.json"
@@ -226,15 +226,15 @@ def _read_row(path: Path) -> dict:
 
 
 def loaded_model(row: dict):
-    from batchml import registry
+    from batchml.models import registry
 
     return registry.load(row)
 
 
 def build_warehouse(path: Path, chunks: list[Path], row: dict, memory_limit: str = "4GB") -> None:
     """A warehouse holding the new rows in ``raw.findings`` and ``row`` registered as champion."""
-    from batchml import registry
-    from batchml.warehouse import migrate, open_connection, transaction
+    from batchml.models import registry
+    from batchml.storage.warehouse import migrate, open_connection, transaction
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(path.name + "*"):

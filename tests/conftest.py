@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from batchml import demo_data
+from batchml.demo import data as demo_data
 from batchml.project import Project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
 
 
 def load_source(warehouse: Path, table: pa.Table, name: str = "raw.vuln_findings") -> None:
-    from batchml.warehouse import open_connection
+    from batchml.storage.warehouse import open_connection
 
     con = open_connection(warehouse)  # as batchml creates files: readable by the DuckDB 1.5 CLI
     try:

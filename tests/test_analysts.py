@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from batchml.pipeline import run_job
+from batchml.pipeline.nightly import run_job
 from conftest import day, job_config
 
 DUCKDB_CLI = Path(sys.executable).parent / "duckdb"  # the `duckdb-cli` package of the dev extra
@@ -40,7 +40,7 @@ def test_the_pypi_duckdb_cli_opens_the_catalog_and_the_warehouse(demo_project):
 
 
 def test_published_files_match_the_warehouse_and_publishing_twice_is_harmless(demo_project):
-    from batchml import publish
+    from batchml.storage import publish
 
     run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
     files = sorted((demo_project.root / "warehouse" / "published").rglob("*.parquet"))
@@ -57,7 +57,7 @@ def test_published_files_match_the_warehouse_and_publishing_twice_is_harmless(de
 
 
 def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project, monkeypatch):
-    from batchml import publish
+    from batchml.storage import publish
 
     monkeypatch.setattr(publish, "publish_pending", lambda project, config: 0)  # as if killed right after the commit
     first = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
@@ -99,7 +99,7 @@ def catalog_rows(p, sql: str) -> list[tuple]:
 
 
 def test_a_promotion_or_rollback_by_hand_reaches_the_catalog_at_once(demo_project):
-    from batchml import manage
+    from batchml.models import manage
 
     p = demo_project
     run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
@@ -117,7 +117,7 @@ def test_a_promotion_or_rollback_by_hand_reaches_the_catalog_at_once(demo_projec
 
 def test_a_run_s_notification_and_a_report_sent_by_hand_reach_the_catalog(demo_project, monkeypatch):
     from batchml.errors import ConfigError
-    from batchml.reporting import report_and_notify
+    from batchml.reports.deliver import report_and_notify
 
     monkeypatch.delenv("BATCHML_SMTP_HOST", raising=False)  # no server: the mail is recorded as skipped
     p = demo_project
@@ -132,7 +132,7 @@ def test_a_run_s_notification_and_a_report_sent_by_hand_reach_the_catalog(demo_p
 
 
 def test_a_catalog_build_that_fails_midway_leaves_the_old_catalog_as_it_was(demo_project, monkeypatch):
-    from batchml import publish
+    from batchml.storage import publish
 
     p = demo_project
     run_job(p.project, "vuln_risk", as_of=day(60), notify=False)

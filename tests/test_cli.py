@@ -163,7 +163,7 @@ def test_demo_builds_a_project_and_refuses_a_foreign_warehouse(tmp_path):
 
 def test_shipped_config_is_the_demo_template():
     shipped = (REPO / "configs" / "vuln_risk.yaml").read_text()
-    template = (REPO / "batchml" / "demo_project" / "configs" / "vuln_risk.yaml").read_text()
+    template = (REPO / "batchml" / "demo" / "project" / "configs" / "vuln_risk.yaml").read_text()
     assert shipped == template
 
 
@@ -201,7 +201,7 @@ def test_common_options_work_before_or_after_the_command(demo_project):
 def test_models_compile_rebuilds_what_a_promotion_builds(demo_project):
     import shutil
 
-    from batchml import compiled
+    from batchml.models import compiled
 
     demo_project.write_config(job_config(**{"scoring.engine": "compiled"}))
     demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
@@ -443,7 +443,7 @@ def test_version_prints_the_package_version():
 
 
 def test_a_champion_the_source_can_no_longer_feed_is_replaced_by_hand(demo_project):
-    from batchml.pipeline import run_job
+    from batchml.pipeline.nightly import run_job
     from conftest import day
 
     run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)

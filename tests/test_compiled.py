@@ -20,11 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import job_config
 
-from batchml import compiled, demo_data, score
+from batchml.models import compiled
+from batchml.demo import data as demo_data
+from batchml.models import scoring as score
 from batchml.config import JobConfig
-from batchml.features import fit_spec, to_matrix
-from batchml.registry import LoadedModel, write_artifact
-from batchml.score import LightGBMPredictor, make_predictor, reason_codes
+from batchml.data.features import fit_spec, to_matrix
+from batchml.models.registry import LoadedModel, write_artifact
+from batchml.models.scoring import LightGBMPredictor, make_predictor, reason_codes
 
 HAVE_LLEAVES = compiled.available()
 START = dt.datetime(2026, 1, 1)

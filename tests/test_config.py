@@ -10,7 +10,7 @@ import yaml
 
 from batchml.config import JobConfig, load_job_config, parse_job_config, read_yaml, reference_markdown
 from batchml.errors import ConfigError
-from batchml.warehouse import quote_ident, quote_table
+from batchml.storage.warehouse import quote_ident, quote_table
 from conftest import REPO, job_config
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from batchml import retrain
-from batchml.backfill import measure_drift
-from batchml.features import FeatureSpec
-from batchml.pipeline import run_job
+from batchml.models import retrain
+from batchml.pipeline.backfill import measure_drift
+from batchml.data.features import FeatureSpec
+from batchml.pipeline.nightly import run_job
 from conftest import day, job_config
 
 # the champion of day 60 has few trees, a day-135 challenger many: the speed test is exercised in

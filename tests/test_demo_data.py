@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from scipy.stats import rankdata
 
-from batchml.demo_data import (
+from batchml.demo.data import (
     CATEGORICAL,
     CATEGORY_LEVELS,
     LABEL,

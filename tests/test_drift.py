@@ -25,7 +25,7 @@ from scipy import stats
 from scipy.spatial import distance
 
 from batchml.config import DriftConfig
-from batchml.drift import (
+from batchml.monitoring.drift import (
     MISSING_LABEL,
     SCORE_FEATURE,
     UNSEEN_LABEL,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
-from batchml import evaluate
+from batchml.models import evaluate
 from batchml.config import PromotionConfig
-from batchml.evaluate import (
+from batchml.models.evaluate import (
     METRICS,
     compute_metrics,
     decide,

@@ -16,8 +16,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from batchml.config import Settings
-from batchml.notify import Delivery, send_report
-from batchml.report import Report, ReportData, build_report
+from batchml.reports.mail import Delivery, send_report
+from batchml.reports.run_report import Report, ReportData, build_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SCRIPT = "<script>alert(1)</script>"
@@ -242,7 +242,7 @@ def test_credentials_echoed_back_base64_encoded_are_scrubbed_too() -> None:
     import base64
     import smtplib
 
-    from batchml.notify import describe_error
+    from batchml.reports.mail import describe_error
 
     settings = settings_for(25, smtp_user=USER, smtp_password=PASSWORD)
     echoed = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
@@ -267,7 +267,7 @@ def test_a_user_name_against_a_server_without_auth_leaves_the_reply_readable_and
 def test_the_user_name_is_scrubbed_as_a_whole_word_the_password_everywhere() -> None:
     import smtplib
 
-    from batchml.notify import describe_error
+    from batchml.reports.mail import describe_error
 
     settings = settings_for(25, smtp_user="ops", smtp_password="pw")
     refusal = smtplib.SMTPAuthenticationError(535, b"5.7.8 user ops (ops@example.com) stops: operations need pwpw")

@@ -21,8 +21,9 @@ import pytest
 from conftest import DemoProject, day, job_config
 from test_pipeline import valid_landed
 
-from batchml import manage, registry
-from batchml.pipeline import run_job
+from batchml.models import manage
+from batchml.models import registry
+from batchml.pipeline.nightly import run_job
 
 AS_OF = "2026-03-01"  # day(59): the first run trains v1 on labels known before then
 LATER = "2026-03-03"  # day(61)
@@ -322,9 +323,9 @@ def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(demo
 def test_a_backfill_scores_or_quarantines_every_row_it_pulls_in_one_pass(demo_project):
     """A backfill streams the pulled rows straight into scoring; the rejected ones still reach the
     quarantine, and a batch over the quarantine limit commits nothing."""
-    from batchml.backfill import backfill
+    from batchml.pipeline.backfill import backfill
     from batchml.errors import RejectedError
-    from batchml.warehouse import open_connection
+    from batchml.storage.warehouse import open_connection
 
     p = demo_project
     run_job(p.project, "vuln_risk", as_of=day(59), notify=False)

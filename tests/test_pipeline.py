@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from batchml import demo_data
+from batchml.demo import data as demo_data
 from batchml.errors import DataError, ModelError, RejectedError
-from batchml.pipeline import run_job
+from batchml.pipeline.nightly import run_job
 from conftest import DemoProject, day, job_config, load_source
 
 
@@ -295,7 +295,8 @@ def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo
 def test_ctrl_c_inside_a_duckdb_query_ends_the_run_as_an_interrupt(demo_project, monkeypatch):
     """DuckDB reports SIGINT during a query as `RuntimeError: Query interrupted` (its own signal
     handling decides when: not reproducible on demand, so the error is raised where a query runs)."""
-    from batchml import errors, pipeline
+    from batchml import errors
+    from batchml.pipeline import nightly as pipeline
 
     def interrupted_query(self):
         raise RuntimeError("Query interrupted")

@@ -9,8 +9,8 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from batchml import reasons
-from batchml.reasons import PathExplainer, leaf_indices, shap_contributions, top_reasons
+from batchml.models import reasons
+from batchml.models.reasons import PathExplainer, leaf_indices, shap_contributions, top_reasons
 
 
 def model_and_data(seed: int = 0):

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchml import report as report_module
-from batchml.charts import MAX_BARS, OTHER_LABEL, cap_bars, distribution_chart, trend_chart
+from batchml.reports import run_report as report_module
+from batchml.reports.charts import MAX_BARS, OTHER_LABEL, cap_bars, distribution_chart, trend_chart
 from batchml.errors import BatchMLError
-from batchml.report import (
+from batchml.reports.run_report import (
     MAX_FEATURE_CHARTS, Report, ReportData, build_report, should_notify, sorted_drift, subject_line, write_report,
 )
 

@@ -25,9 +25,9 @@ import yaml
 
 from batchml.config import read_yaml
 from batchml.errors import ConfigError
-from batchml.locks import job_lock
+from batchml.pipeline.locks import job_lock
 from batchml.project import Project
-from batchml.scheduler import MISFIRE_GRACE_TIME, Children, build_scheduler, crontab_weekdays, describe_exit
+from batchml.pipeline.scheduler import MISFIRE_GRACE_TIME, Children, build_scheduler, crontab_weekdays, describe_exit
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_JOB = REPO / "cron" / "run-job"

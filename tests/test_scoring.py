@@ -14,14 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from batchml import demo_data
+from batchml.demo import data as demo_data
 from batchml.config import parse_job_config
 from batchml.errors import DataError
-from batchml.extract import ENTITY, EVENT_TIME, count_rows, pull, read_run_file, run_file_batches
-from batchml.features import FeatureSpec, to_matrix
-from batchml.warehouse import size_bytes
-from batchml.registry import LoadedModel
-from batchml.score import LightGBMPredictor, ScoreSummary, band_codes, score_batches
+from batchml.data.extract import ENTITY, EVENT_TIME, count_rows, pull, read_run_file, run_file_batches
+from batchml.data.features import FeatureSpec, to_matrix
+from batchml.storage.warehouse import size_bytes
+from batchml.models.registry import LoadedModel
+from batchml.models.scoring import LightGBMPredictor, ScoreSummary, band_codes, score_batches
 from conftest import job_config
 
 ALL_ROWS = "TRUE"
@@ -90,7 +90,7 @@ def test_a_streamed_pull_hands_over_the_valid_rows_and_keeps_only_rejected_ones(
 
 
 def test_checks_follow_the_source_types_and_text_columns_are_still_checked(tmp_path):
-    from batchml.validate import rule_cases
+    from batchml.data.validate import rule_cases
 
     cfg = config()
     typed = {name: "DOUBLE" for name in cfg.features.numeric} | {"dependency_depth": "INTEGER", cfg.source.event_time: "TIMESTAMP"}

@@ -26,7 +26,7 @@ from email.utils import formatdate, make_msgid
 from typing import Literal
 
 from batchml.config import Settings
-from batchml.report import Report
+from batchml.reports.run_report import Report
 
 __all__ = ["Delivery", "build_message", "send_report", "DEFAULT_TIMEOUT"]
 

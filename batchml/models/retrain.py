@@ -17,11 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchml import drift, evaluate, registry
+from batchml.monitoring import drift
+from batchml.models import evaluate
+from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import ModelError
-from batchml.features import FeatureSpec, categorical_values, numeric_values, to_matrix
-from batchml.train import Split, TrainedModel, fit, labels, predict, split_by_time
+from batchml.data.features import FeatureSpec, categorical_values, numeric_values, to_matrix
+from batchml.models.train import Split, TrainedModel, fit, labels, predict, split_by_time
 
 PROFILE_FILE = "profile.json"
 GOLDEN_FILE = registry.GOLDEN_FILE

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from batchml import evaluate
+from batchml.models import evaluate
 from batchml.config import JobConfig
-from batchml.extract import ENTITY, EVENT_TIME, LABEL, RULE, labeled, normalised_sql, ts_literal
-from batchml.registry import LoadedModel
-from batchml.warehouse import quote_ident, quote_table, table_exists
+from batchml.data.extract import ENTITY, EVENT_TIME, LABEL, RULE, labeled, normalised_sql, ts_literal
+from batchml.models.registry import LoadedModel
+from batchml.storage.warehouse import quote_ident, quote_table, table_exists
 
 CBPE_MAX_ECE = 0.05  # above this holdout calibration error, estimated performance is not trusted
 

@@ -30,7 +30,7 @@ import duckdb
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError
 from batchml.project import Project
-from batchml.warehouse import open_connection, quote_ident, quote_literal, quote_table, table_exists
+from batchml.storage.warehouse import open_connection, quote_ident, quote_literal, quote_table, table_exists
 
 log = logging.getLogger("batchml")
 

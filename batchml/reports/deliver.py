@@ -10,13 +10,13 @@ import json
 import logging
 from pathlib import Path
 
-from batchml import registry
+from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import ConfigError, NotifyError
 from batchml.project import Project
-from batchml.publish import publish_change
-from batchml.report import ReportData, build_report, should_notify, write_report
-from batchml.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
+from batchml.storage.publish import publish_change
+from batchml.reports.run_report import ReportData, build_report, should_notify, write_report
+from batchml.storage.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
 
 log = logging.getLogger("batchml")
 TREND_RUNS = 30
@@ -106,7 +106,7 @@ def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *
     With ``force_send`` (``batchml report --send``: the user asked for the mail) a mail that cannot
     go out is an error (:class:`NotifyError`, or :class:`ConfigError` when nothing is set up to
     send it), after the report is written and the attempt recorded; otherwise a warning."""
-    from batchml.notify import send_report
+    from batchml.reports.mail import send_report
 
     if not project.warehouse.exists():  # connecting would create an empty warehouse file
         raise _no_runs(config)

@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 from batchml.config import JobConfig, thread_count
-from batchml.extract import ENTITY, EVENT_TIME
-from batchml.features import to_matrix
-from batchml.reasons import REASON_TYPE, PathExplainer, leaf_indices, shap_contributions, top_reasons
-from batchml.registry import MODEL_FILE, LoadedModel
+from batchml.data.extract import ENTITY, EVENT_TIME
+from batchml.data.features import to_matrix
+from batchml.models.reasons import REASON_TYPE, PathExplainer, leaf_indices, shap_contributions, top_reasons
+from batchml.models.registry import MODEL_FILE, LoadedModel
 
 
 
@@ -57,7 +57,7 @@ def make_predictor(model: LoadedModel, engine: str = "auto", warn: Callable[[str
     """The fastest predictor available for ``engine`` (compiled trees fall back to LightGBM)."""
     if engine in ("auto", "compiled"):
         try:
-            from batchml.compiled import compiled_predictor
+            from batchml.models.compiled import compiled_predictor
         except ImportError:
             compiled_predictor = None
         if compiled_predictor is not None:
@@ -86,7 +86,7 @@ def prepare_engine(model: LoadedModel, engine: str, warn: Callable[[str], None] 
     if engine == "lightgbm":
         return
     try:
-        from batchml.compiled import precompile
+        from batchml.models.compiled import precompile
     except ImportError:
         return
     precompile(model, force=engine == "compiled", warn=warn)
@@ -128,7 +128,7 @@ def _compiled_leaves(model: LoadedModel, config: JobConfig):
     """The model's verified leaves library when ``scoring.engine`` allows compiled trees, else None."""
     if config.scoring.engine not in ("auto", "compiled"):
         return None
-    from batchml.compiled import compiled_leaves
+    from batchml.models.compiled import compiled_leaves
 
     return compiled_leaves(model, required=config.scoring.engine == "compiled")
 

@@ -2,8 +2,8 @@
 
 Each function compares a reference side with a current side and raises ``ValueError`` when the
 comparison is undefined (no values, mismatched bins, a constant reference, …);
-:mod:`batchml.drift` turns that into a report row's ``error``. The module docstring of
-:mod:`batchml.drift` defines the methods and their thresholds.
+:mod:`batchml.monitoring.drift` turns that into a report row's ``error``. The module docstring of
+:mod:`batchml.monitoring.drift` defines the methods and their thresholds.
 """
 
 from __future__ import annotations

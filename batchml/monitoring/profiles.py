@@ -2,7 +2,7 @@
 
 :func:`build_profile` summarises training data into a JSON-serialisable :class:`ReferenceProfile`;
 :class:`CurrentAccumulator` tallies new rows against it batch by batch in bounded memory.
-:func:`batchml.drift.compute_drift` compares the two (see :mod:`batchml.drift` for the binning).
+:func:`batchml.monitoring.drift.compute_drift` compares the two (see :mod:`batchml.monitoring.drift` for the binning).
 """
 
 from __future__ import annotations

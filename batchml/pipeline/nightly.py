@@ -32,10 +32,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from batchml import drift, evaluate, performance, registry, retrain, runlog
+from batchml.monitoring import drift
+from batchml.models import evaluate
+from batchml.monitoring import performance
+from batchml.models import registry
+from batchml.models import retrain
+from batchml.storage import runlog
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, interrupted
-from batchml.extract import (
+from batchml.data.extract import (
     ENTITY,
     RULE,
     PullResult,
@@ -50,15 +55,15 @@ from batchml.extract import (
     training_filter,
     write_run_file,
 )
-from batchml.features import FeatureSpec, categorical_values, numeric_values
-from batchml.locks import job_lock
-from batchml.progress import track
+from batchml.data.features import FeatureSpec, categorical_values, numeric_values
+from batchml.pipeline.locks import job_lock
+from batchml.pipeline.progress import track
 from batchml.project import Project
-from batchml.runlog import Run
-from batchml.score import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
-from batchml.validate import check_batch
-from batchml.warehouse import migrate, registered, transaction
-from batchml.writeback import ensure_scores_table, scores_schema, write_drift_rows, write_scores
+from batchml.storage.runlog import Run
+from batchml.models.scoring import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
+from batchml.data.validate import check_batch
+from batchml.storage.warehouse import migrate, registered, transaction
+from batchml.storage.writeback import ensure_scores_table, scores_schema, write_drift_rows, write_scores
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -589,7 +594,7 @@ class NightlyRun:
         self._report_and_notify()
 
     def _publish(self) -> None:
-        from batchml import publish
+        from batchml.storage import publish
 
         try:
             # this run and any an earlier process committed but died before publishing
@@ -598,7 +603,7 @@ class NightlyRun:
             log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
 
     def _report_and_notify(self) -> None:
-        from batchml import reporting  # matplotlib is imported only when a report is written
+        from batchml.reports import deliver as reporting  # matplotlib is imported only when a report is written
 
         try:
             reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)

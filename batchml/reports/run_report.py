@@ -1,7 +1,7 @@
 """Run reports: a subject line, a plain-text summary and an HTML page with PNG charts.
 
 The pipeline fills a :class:`ReportData` from the warehouse; :func:`build_report` turns it into a
-:class:`Report`, which :mod:`batchml.notify` mails (charts as inline ``cid:`` images) and
+:class:`Report`, which :mod:`batchml.reports.mail` mails (charts as inline ``cid:`` images) and
 :func:`write_report` stores as one self-contained HTML file (charts as ``data:`` URIs).
 
     data = ReportData(job="vuln_risk", run_id="r1", kind="nightly", status="succeeded",
@@ -10,7 +10,7 @@ The pipeline fills a :class:`ReportData` from the warehouse; :func:`build_report
     write_report(report, Path("warehouse/reports/vuln_risk"))
 
 Everything that comes from data is HTML-escaped when it is written into the page: only the
-:class:`~batchml.report_html.Markup` that this module and :mod:`batchml.report_html` (the HTML
+:class:`~batchml.reports.html.Markup` that this module and :mod:`batchml.reports.html` (the HTML
 building blocks) build themselves goes in raw. Styles are inline because several mail clients drop
 ``<style>`` blocks; there is no JavaScript.
 """
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from batchml.charts import trend_chart
+from batchml.reports.charts import trend_chart
 from batchml.errors import BatchMLError
-from batchml.report_html import (
+from batchml.reports.html import (
     DRIFT_RED,
     STATUS_COLORS,
     Markup,

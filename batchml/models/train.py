@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 
 from batchml.config import JobConfig, thread_count
 from batchml.errors import DataError
-from batchml.extract import EVENT_TIME, LABEL
-from batchml.features import FeatureSpec, fit_spec, to_matrix
+from batchml.data.extract import EVENT_TIME, LABEL
+from batchml.data.features import FeatureSpec, fit_spec, to_matrix
 
 ROUND_KEYS = ("num_boost_round", "early_stopping_rounds")
 

@@ -6,16 +6,16 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
-from batchml import registry
+from batchml.models import registry
 from batchml.errors import ConfigError, ModelError
-from batchml.extract import event_range_filter, pull
-from batchml.locks import job_lock
-from batchml.pipeline import NightlyRun, load_profile, refuse_future_cutoff, run_job
-from batchml.progress import track
+from batchml.data.extract import event_range_filter, pull
+from batchml.pipeline.locks import job_lock
+from batchml.pipeline.nightly import NightlyRun, load_profile, refuse_future_cutoff, run_job
+from batchml.pipeline.progress import track
 from batchml.project import Project
-from batchml.runlog import Run
-from batchml.score import load_for_scoring
-from batchml.warehouse import fetch_one, migrate
+from batchml.storage.runlog import Run
+from batchml.models.scoring import load_for_scoring
+from batchml.storage.warehouse import fetch_one, migrate
 
 log = logging.getLogger("batchml")
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchml import registry
+from batchml.models import registry
 from batchml.errors import ConfigError, ModelError
-from batchml.locks import job_lock
+from batchml.pipeline.locks import job_lock
 from batchml.project import Project
-from batchml.publish import publish_change
-from batchml.score import prepare_engine
-from batchml.warehouse import migrate, transaction
+from batchml.storage.publish import publish_change
+from batchml.models.scoring import prepare_engine
+from batchml.storage.warehouse import migrate, transaction
 
 # what a change of champion touches: the analysts' catalog reads champion_history from model_events
 REGISTRY_TABLES = ("models", "model_events")
@@ -75,7 +75,7 @@ def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, 
     a move to another CPU or installing the ``compiled`` extra — each gives libraries a new key,
     and nightly runs in ``auto`` never compile. Returns the model, the verified libraries by kind
     and the warnings (why a library is missing)."""
-    from batchml import compiled
+    from batchml.models import compiled
 
     config = project.job(job)
     with project.connect() as con:

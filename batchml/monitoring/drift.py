@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from batchml.config import DriftConfig
-from batchml.drift_profile import (
+from batchml.monitoring.profiles import (
     CURRENT_SAMPLE_SIZE,  # noqa: F401 (re-exported: the docstring above documents it)
     REFERENCE_SAMPLE_SIZE,  # noqa: F401 (re-exported, as above)
     SCORE_FEATURE,
@@ -83,7 +83,7 @@ from batchml.drift_profile import (
     _check_names,
     build_profile,
 )
-from batchml.drift_stats import (
+from batchml.monitoring.statistics import (
     PSI_EPS,  # noqa: F401 (re-exported, as above)
     chi2_two_sample,
     domain_classifier_auc,

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batchml import registry
+from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import DataError
-from batchml.extract import run_file_reader, run_file_schema
-from batchml.reasons import REASON_TYPE
-from batchml.score import score_rows
-from batchml.warehouse import quote_ident, quote_table, registered, setting
+from batchml.data.extract import run_file_reader, run_file_schema
+from batchml.models.reasons import REASON_TYPE
+from batchml.models.scoring import score_rows
+from batchml.storage.warehouse import quote_ident, quote_table, registered, setting
 
 
 def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list[dict]) -> None:

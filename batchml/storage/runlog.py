@@ -14,7 +14,7 @@ from datetime import datetime
 
 import duckdb
 
-from batchml.registry import actor, utcnow
+from batchml.models.registry import actor, utcnow
 
 STEP_COLUMNS = ("extract", "validate", "drift", "train", "evaluate", "score", "commit")
 

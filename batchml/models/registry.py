@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from batchml.errors import ModelError
-from batchml.features import FeatureSpec, to_matrix
-from batchml.warehouse import fetch_dicts, fetch_one
+from batchml.data.features import FeatureSpec, to_matrix
+from batchml.storage.warehouse import fetch_dicts, fetch_one
 
 MODEL_FILE, MANIFEST_FILE = "model.txt", "model.json"
 GOLDEN_FILE = "golden.parquet"  # golden-set inputs and their scores (retrain.write_golden)

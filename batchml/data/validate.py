@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from batchml.config import JobConfig
-from batchml.warehouse import quote_ident
+from batchml.storage.warehouse import quote_ident
 
 RULES = ("null_entity_id", "null_event_time", "bad_type", "non_finite", "out_of_range", "duplicate")
 

@@ -26,8 +26,8 @@ from pyarrow import ipc
 
 from batchml.config import JobConfig, feature_sql
 from batchml.errors import ConfigError, DataError
-from batchml.validate import reason_sql, utc_timestamp
-from batchml.warehouse import quote_ident, quote_literal, quote_table, setting, size_bytes
+from batchml.data.validate import reason_sql, utc_timestamp
+from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, setting, size_bytes
 
 ENTITY, EVENT_TIME, WATERMARK, LABEL, LABEL_AT = "__entity", "__event_time", "__watermark", "__label", "__label_at"
 RULE, REASON, RECORD = "__rule", "__reason", "__record"

@@ -16,10 +16,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from batchml import demo_data
+from batchml.demo import data as demo_data
 from batchml.errors import ConfigError
 from batchml.project import Project
-from batchml.warehouse import migrate
+from batchml.storage.warehouse import migrate
 
 JOB = "vuln_risk"
 SOURCE = "raw.vuln_findings"
@@ -30,7 +30,7 @@ FIRST_NIGHT = SHIFT_DAY + 31
 DEMO_START = date(2026, 7, 16)
 BAD_ROW_FRACTION = 0.004
 DEMO_TABLES = {("raw", "vuln_findings"), ("raw", "demo_info")}
-TEMPLATE = Path(__file__).parent / "demo_project"
+TEMPLATE = Path(__file__).parent / "project"
 
 SQL_TO_TRY = """\
 -- newest score per finding, riskiest first
@@ -89,7 +89,7 @@ def load_findings(project: Project, start: date, days: int, seed: int) -> int:
 def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | None = None, warehouse: Path | None = None) -> list:
     """Build the demo in ``root`` (warehouse: ``warehouse``, else the settings') and replay ``days``
     nights; returns the runs."""
-    from batchml.backfill import replay
+    from batchml.pipeline.backfill import replay
 
     console = console or Console()
     if days < 1:

@@ -1,6 +1,6 @@
 """HTML building blocks for run reports: escaping, value formatting, tables, sections, badges, charts.
 
-Nothing here reads a run's data; :mod:`batchml.report` assembles these blocks into a report.
+Nothing here reads a run's data; :mod:`batchml.reports.run_report` assembles these blocks into a report.
 Everything that comes from data is HTML-escaped by :func:`_h`; only :class:`Markup`, the HTML these
 blocks build themselves, goes in raw. Styles are inline because several mail clients drop
 ``<style>`` blocks.
@@ -13,13 +13,13 @@ import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
-from batchml.charts import distribution_chart
+from batchml.reports.charts import distribution_chart
 
 # --------------------------------------------------------------------------- formatting helpers
 
 
 class Markup(str):
-    """HTML that batchml wrote itself (these blocks, :mod:`batchml.report`); everything else is escaped by :func:`_h`."""
+    """HTML that batchml wrote itself (these blocks, :mod:`batchml.reports.run_report`); everything else is escaped by :func:`_h`."""
 
 
 def _h(value: object) -> str:

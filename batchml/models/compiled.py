@@ -64,8 +64,8 @@ from pathlib import Path
 import numpy as np
 
 from batchml.config import thread_count
-from batchml.reasons import leaf_indices
-from batchml.registry import MODEL_FILE, LoadedModel, golden_matrix, sha256_file, utcnow
+from batchml.models.reasons import leaf_indices
+from batchml.models.registry import MODEL_FILE, LoadedModel, golden_matrix, sha256_file, utcnow
 
 __all__ = ["AUTO_MIN_LEAVES", "LEAVES", "SCORES", "CompiledPredictor", "Kind", "LeafPredictor", "as_lightgbm_reads", "available",
            "cache_key", "compiled_leaves", "compiled_predictor", "leaf_model_text", "precompile", "verification_matrix"]

@@ -1,0 +1,3 @@
+"""Storage: every statement against the warehouse. Connections, migrations, transactions and
+identifier quoting (``warehouse``), the run log and watermarks (``runlog``), the rows a run commits
+(``writeback``), and the analysts' Parquet copies and catalog (``publish``)."""
