@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from batchml import registry
-from batchml.config import job_names, load_job_config
+from batchml.config import job_names, load_job_config, require_own_scores_table
 from batchml.errors import BatchMLError, ConfigError, DataError
 from batchml.extract import describe_source, odd_labels, source_sql, uncut_columns
 from batchml.project import Project
@@ -48,18 +48,8 @@ def _check_job(project: Project, name: str, echo: Callable[[str], None]) -> list
 
 
 def _shared_scores_table(project: Project, config) -> str:
-    """Refuse a scores table another job writes too: its ``_latest`` view would mix the jobs' rows."""
-    for other in job_names(project.root):
-        if other == config.job:
-            continue
-        try:
-            theirs = load_job_config(project.root / "configs" / f"{other}.yaml")
-        except BatchMLError:
-            continue  # its own check reports it
-        if theirs.scores_table.lower() == config.scores_table.lower():
-            raise ConfigError(f"jobs {config.job} and {other} both write scores to {config.scores_table}; "
-                              f"give each its own scoring.table in configs/{config.job}.yaml or configs/{other}.yaml")
-    return f"scores go to {config.scores_table}"
+    """Refuse a scores table another job writes too, or a source table (as every command does)."""
+    return f"scores go to {require_own_scores_table(project.root, config)}"
 
 
 def _source_report(con, config, project: Project, state: dict) -> str:

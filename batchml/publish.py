@@ -182,10 +182,11 @@ def _catalog_has(project: Project, views: dict[str, str]) -> bool:
     except duckdb.Error:
         return True  # someone holds it for writing; leave it
     try:
-        present = {f"{s}.{n}": sql for s, n, sql in con.execute(
+        present = {f"{s}.{n}".lower(): sql for s, n, sql in con.execute(
             "SELECT schema_name, view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()}
     finally:
         con.close()
     # a view over another directory's files (the project was copied or moved) counts as missing
     home = str(project.published)
-    return all(name in present and (home not in sql or home in present[name]) for name, sql in views.items())
+    # names compared as DuckDB resolves them: case-insensitively (scoring.table Scores.Toy_Mixed)
+    return all(name.lower() in present and (home not in sql or home in present[name.lower()]) for name, sql in views.items())

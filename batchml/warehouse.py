@@ -261,7 +261,8 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
 def table_exists(con: duckdb.DuckDBPyConnection, qualified: str) -> bool:
     schema, _, table = qualified.rpartition(".")
     row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+        # DuckDB resolves names case-insensitively: so must this (Scores.Toy_Mixed is scores.toy_mixed)
+        "SELECT count(*) FROM information_schema.tables WHERE lower(table_schema) = lower(?) AND lower(table_name) = lower(?)",
         [schema or "main", table],
     ).fetchone()
     return bool(row[0])
