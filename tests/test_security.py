@@ -1,0 +1,96 @@
+"""Hardening (issue #15): a job reaches only its own data, runs only registered code, and fails in words.
+
+Each test makes the attempt a semi-trusted job author (YAML and feature SQL) or a shared warehouse
+folder could make, on real DuckDB files, real LightGBM and the real CLI, and checks it is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from batchml.config import JobConfig, load_job
+from batchml.errors import ConfigError
+from batchml.pipeline import run_job
+from conftest import day, job_config
+
+
+def one_line_error(result) -> str:
+    """The CLI's error: exactly one line on stderr, no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+# -- 3. training.params ------------------------------------------------------------------------
+
+
+def test_network_training_params_are_refused_in_one_line(demo_project):
+    params = {"num_leaves": 15, "tree_learner": "data", "num_machines": 2,
+              "machines": "127.0.0.1:12400,10.255.255.1:12401", "num_boost_round": 20}
+    demo_project.write_config(job_config(training={"params": params}))
+    result = demo_project.cli("run", "vuln_risk", "--as-of", day(60).date().isoformat(), "--no-notify", timeout=60)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "training.params" in line and "machines, num_machines, tree_learner" in line
+    # nothing ran: no run row, no model
+    assert not demo_project.scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'batchml'")
+
+
+@pytest.mark.parametrize("name", ["output_model", "num_threads", "objective", "local_listen_port", "device_type"])
+def test_only_tree_growing_params_are_allowed(name):
+    base = job_config()
+    with pytest.raises(ValueError, match=name):
+        JobConfig.model_validate({**base, "training": {"params": {"num_leaves": 7, name: 1}}})
+    allowed = {"num_leaves": 7, "min_data_in_leaf": 5, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0}
+    assert JobConfig.model_validate({**base, "training": {"params": allowed}}).training.params == allowed
+
+
+# -- 4. scoring.table --------------------------------------------------------------------------
+
+
+def test_run_refuses_another_jobs_scores_table_the_batchml_schema_and_a_source(demo_project):
+    demo_project.write_config(job_config(job="toy", scoring={"table": "scores.toy"}), job="toy")
+    cases = {
+        "scores.toy": "both write scores to scores.toy",
+        "Scores.TOY_latest": "both write scores to",
+        "batchml.evil": "batchml schema",
+        "BatchML.runs": "batchml schema",
+        "raw.vuln_findings": "source table of job",
+    }
+    for table, expected in cases.items():
+        demo_project.write_config(job_config(job="evil", scoring={"table": table}), job="evil")
+        with pytest.raises(ConfigError, match=expected):
+            load_job(demo_project.root, "evil")
+    result = demo_project.cli("run", "evil", "--as-of", day(60).date().isoformat(), "--no-notify", timeout=60)
+    assert result.returncode == 2 and "source table of job" in one_line_error(result)
+    # nothing was written into toy's table or the source
+    assert demo_project.scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'scores'") == 0
+
+
+# -- 6. names ----------------------------------------------------------------------------------
+
+
+def test_a_mixed_case_scores_table_is_published_and_reported(demo_project):
+    demo_project.write_config(job_config(scoring={"table": "Scores.Toy_Mixed"}))
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert run.status == "succeeded" and run.rows_scored > 0
+    published = list((demo_project.warehouse.parent / "published" / "scores" / "vuln_risk").glob("*.parquet"))
+    assert len(published) == 1
+    report = next((demo_project.warehouse.parent / "reports" / "vuln_risk").glob("*.html")).read_text()
+    assert "Risk bands of the rows scored" in report
+
+
+def test_drift_thresholds_must_name_features():
+    with pytest.raises(ValueError, match=r"drift.thresholds names \['cvss_bse'\]"):
+        JobConfig.model_validate(job_config(drift={"thresholds": {"cvss_bse": 0.3}}))
+    assert JobConfig.model_validate(job_config(drift={"thresholds": {"cvss_base": 0.3, "__score__": 0.5}}))
+
+
+@pytest.mark.parametrize("address", ["a@x.com, evil@y.com", "a@x.com evil@y.com", "Team <a@x.com>", "a@x.com\nBcc: e@y.com", "nobody"])
+def test_notify_email_takes_single_addresses(address):
+    with pytest.raises(ValueError, match="not one mail address"):
+        JobConfig.model_validate(job_config(notify={"email": [address]}))
+    assert JobConfig.model_validate(job_config(notify={"email": ["a@x.com", "sec-ops+risk@y.example.org"]}))
