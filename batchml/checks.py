@@ -8,7 +8,7 @@ from collections.abc import Callable
 from batchml import registry
 from batchml.config import job_names, load_job_config, require_own_scores_table
 from batchml.errors import BatchMLError, ConfigError, DataError
-from batchml.extract import describe_source, odd_labels, source_sql, uncut_columns
+from batchml.extract import describe_source, odd_labels, restrict, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.retrain import check_golden, describe_change, retrain_then_promote
 from batchml.warehouse import memory_connection, quote_ident, table_exists
@@ -53,6 +53,7 @@ def _shared_scores_table(project: Project, config) -> str:
 
 
 def _source_report(con, config, project: Project, state: dict) -> str:
+    restrict(con, config, project.root)  # as a run reads it: the job's SQL reaches no other file
     columns = describe_source(con, config, project.root)
     state["columns"] = columns  # the champion check asks whether it can still be fed
     watermark = config.source.watermark

@@ -557,14 +557,38 @@ def feature_sql(project: Path, config: JobConfig) -> str | None:
     """The job's feature SELECT, read from its file, or None when the job uses raw columns."""
     if config.features.sql is None:
         return None
-    path = project / config.features.sql
+    path = _feature_sql_file(project, config)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            data = fh.read(FEATURE_SQL_MAX_BYTES + 1)
+        text = data.decode("utf-8")
     except OSError as exc:
-        raise ConfigError(f"features.sql: cannot read {path} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
+        raise ConfigError(f"features.sql: cannot read {config.features.sql} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"features.sql: {path} is not UTF-8 text; save it as UTF-8") from None
+        raise ConfigError(f"features.sql: {config.features.sql} is not UTF-8 text; save it as UTF-8") from None
+    if len(data) > FEATURE_SQL_MAX_BYTES:
+        raise ConfigError(f"features.sql: {config.features.sql} is larger than {FEATURE_SQL_MAX_BYTES // 1024} KiB; "
+                          f"a feature SELECT is far smaller: check the path in configs/{config.job}.yaml")
     return _without_trailing_end(text)
+
+
+FEATURE_SQL_MAX_BYTES = 1 << 20
+
+
+def _feature_sql_file(project: Path, config: JobConfig) -> Path:
+    """The feature SQL file: a regular file inside the project (symlinks resolved). Messages name the
+    configured path only, never what the file holds."""
+    named = config.features.sql
+    root = Path(project).resolve()
+    path = (root / named).resolve()
+    fix = f"keep the SQL in a file under the project, e.g. jobs/{config.job}/features.sql, and name it in configs/{config.job}.yaml"
+    if not path.is_relative_to(root):
+        raise ConfigError(f"features.sql: {named} is outside the project {root}; {fix}")
+    if not path.exists():
+        raise ConfigError(f"features.sql: cannot read {named} (No such file or directory); fix the path in configs/{config.job}.yaml")
+    if not path.is_file():  # a device (/dev/zero), a fifo or a folder: never read
+        raise ConfigError(f"features.sql: {named} is not a regular file; {fix}")
+    return path
 
 
 def _without_trailing_end(sql: str) -> str:

@@ -44,6 +44,7 @@ from batchml.extract import (
     odd_labels,
     pull,
     read_run_file,
+    restrict,
     run_file_batches,
     run_file_schema,
     set_cutoff,
@@ -179,6 +180,7 @@ class NightlyRun:
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.project.connect() as con:
             set_cutoff(con, self.run.as_of)  # feature SQL sees the source as of the cut-off
+            restrict(con, self.config, self.project.root)  # ... and no file but the source's
             yield con
 
     def _warn(self, message: str) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from batchml.config import JobConfig, load_job
-from batchml.errors import ConfigError
+from batchml.errors import BatchMLError, ConfigError
 from batchml.pipeline import run_job
-from conftest import day, job_config
+from conftest import day, job_config, load_source
 
 
 def one_line_error(result) -> str:
@@ -94,3 +96,79 @@ def test_notify_email_takes_single_addresses(address):
     with pytest.raises(ValueError, match="not one mail address"):
         JobConfig.model_validate(job_config(notify={"email": [address]}))
     assert JobConfig.model_validate(job_config(notify={"email": ["a@x.com", "sec-ops+risk@y.example.org"]}))
+
+
+# -- 2. feature SQL reaches only the job's source ---------------------------------------------
+
+
+def feature_job(demo_project, select: str, **overrides) -> None:
+    """vuln_risk with ``select`` as its feature SQL (the source's own columns plus whatever it adds)."""
+    sql = demo_project.root / "jobs" / "vuln_risk" / "features.sql"
+    sql.parent.mkdir(parents=True, exist_ok=True)
+    sql.write_text(select)
+    config = job_config(**overrides)
+    config["features"]["sql"] = "jobs/vuln_risk/features.sql"
+    demo_project.write_config(config)
+
+
+READS = {
+    "machine file": "SELECT s.*, (SELECT content FROM read_text('/etc/hostname')) AS leak FROM source s",
+    "process environment": "SELECT s.*, (SELECT content FROM read_text('/proc/self/environ')) AS leak FROM source s",
+    "download": "SELECT s.*, (SELECT count(*) FROM read_csv('https://example.com/a.csv')) AS leak FROM source s",
+    "batchml.runs": "SELECT s.*, (SELECT count(*) FROM batchml.runs) AS leak FROM source s",
+    "catalog-qualified batchml": "SELECT s.*, (SELECT count(*) FROM warehouse.BatchML.runs) AS leak FROM source s",
+    "another job's scores": "SELECT s.* FROM source s WHERE s.finding_id NOT IN (SELECT finding_id FROM scores.toy)",
+    "query as text": "SELECT s.*, (SELECT count(*) FROM query('SELECT * FROM batchml.runs')) AS leak FROM source s",
+}
+
+
+@pytest.mark.parametrize("what", list(READS))
+def test_feature_sql_cannot_read_the_machine_nor_batchml_nor_other_scores(demo_project, what, monkeypatch):
+    monkeypatch.setenv("BATCHML_SMTP_PASSWORD", "s3cret-in-env")
+    load_source(demo_project.warehouse, pa.table({"finding_id": ["x"], "score": [0.5]}), "scores.toy")
+    feature_job(demo_project, READS[what])
+    with pytest.raises(BatchMLError) as caught:
+        run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert "s3cret" not in str(caught.value)
+    assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine") == 0
+    assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine WHERE record LIKE '%s3cret%'") == 0
+    assert demo_project.scalar("SELECT status FROM batchml.runs") == "failed"
+
+
+def test_feature_sql_still_reads_its_parquet_source_and_other_source_tables(demo_project, tmp_path):
+    """What a job may do: its Parquet files through `source`, and a lookup table of the warehouse."""
+    landing = demo_project.root / "landing"
+    landing.mkdir()
+    pq.write_table(demo_project.findings, landing / "part-0.parquet")
+    load_source(demo_project.warehouse, pa.table({"ecosystem": ["npm", "pypi"], "weight": [1.0, 2.0]}), "raw.weights")
+    select = ("SELECT s.*, coalesce(w.weight, 0) AS eco_weight FROM source s LEFT JOIN raw.weights w USING (ecosystem)")
+    config = job_config(source={**job_config()["source"], "table": None, "parquet": "landing/*.parquet"})
+    del config["source"]["table"]
+    config["features"]["numeric"] = [*config["features"]["numeric"], "eco_weight"]
+    demo_project.write_config(config)
+    feature_job(demo_project, select, source=config["source"], features=config["features"])
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert run.status == "succeeded" and run.rows_scored > 0
+
+
+@pytest.mark.parametrize("path, expected", [("../../etc/passwd", "is outside the project"), ("/etc/passwd", "is outside the project"),
+                                            ("jobs/link.sql", "is outside the project"), ("jobs/zero.sql", "is outside the project"),
+                                            ("jobs/fifo.sql", "is not a regular file"),
+                                            ("jobs/huge.sql", "larger than 1024 KiB")])
+def test_features_sql_is_a_bounded_regular_file_inside_the_project(demo_project, path, expected):
+    jobs = demo_project.root / "jobs"
+    jobs.mkdir(exist_ok=True)
+    (jobs / "link.sql").symlink_to("/etc/passwd")
+    (jobs / "zero.sql").symlink_to("/dev/zero")
+    os.mkfifo(jobs / "fifo.sql")  # reading it would wait for a writer for ever
+    (jobs / "huge.sql").write_text("SELECT * FROM source -- " + "x" * (1 << 20))
+    config = job_config()
+    config["features"]["sql"] = path
+    demo_project.write_config(config)
+    result = demo_project.cli("check", "vuln_risk", timeout=60)
+    assert result.returncode != 0
+    assert expected in result.stdout
+    assert "root:" not in result.stdout + result.stderr  # nothing of /etc/passwd echoed
+    with pytest.raises(ConfigError, match=expected):
+        run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert "root:" not in demo_project.scalar("SELECT coalesce(max(error), '') FROM batchml.runs")
