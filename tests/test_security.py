@@ -111,14 +111,17 @@ def feature_job(demo_project, select: str, **overrides) -> None:
     demo_project.write_config(config)
 
 
-READS = {
-    "machine file": "SELECT s.*, (SELECT content FROM read_text('/etc/hostname')) AS leak FROM source s",
-    "process environment": "SELECT s.*, (SELECT content FROM read_text('/proc/self/environ')) AS leak FROM source s",
-    "download": "SELECT s.*, (SELECT count(*) FROM read_csv('https://example.com/a.csv')) AS leak FROM source s",
-    "batchml.runs": "SELECT s.*, (SELECT count(*) FROM batchml.runs) AS leak FROM source s",
-    "catalog-qualified batchml": "SELECT s.*, (SELECT count(*) FROM warehouse.BatchML.runs) AS leak FROM source s",
-    "another job's scores": "SELECT s.* FROM source s WHERE s.finding_id NOT IN (SELECT finding_id FROM scores.toy)",
-    "query as text": "SELECT s.*, (SELECT count(*) FROM query('SELECT * FROM batchml.runs')) AS leak FROM source s",
+OFF = "file system operations are disabled by configuration"
+NOT_YOURS = "a job's SQL may not read batchml's own tables or scores tables"
+READS = {  # what the SQL tries -> (the SQL, what the one-line error says)
+    "machine file": ("SELECT s.*, (SELECT content FROM read_text('/etc/hostname')) AS leak FROM source s", OFF),
+    "process environment": ("SELECT s.*, (SELECT content FROM read_text('/proc/self/environ')) AS leak FROM source s", OFF),
+    "download": ("SELECT s.*, (SELECT count(*) FROM read_csv('https://example.com/a.csv')) AS leak FROM source s", OFF),
+    "batchml.runs": ("SELECT s.*, (SELECT count(*) FROM batchml.runs) AS leak FROM source s", NOT_YOURS),
+    "catalog-qualified batchml": ("SELECT s.*, (SELECT count(*) FROM warehouse.BatchML.runs) AS leak FROM source s", NOT_YOURS),
+    "another job's scores": ("SELECT s.*, (SELECT count(*) FROM scores.toy) AS leak FROM source s", NOT_YOURS),
+    "query as text": ("SELECT s.*, (SELECT count(*) FROM query('SELECT * FROM batchml.runs')) AS leak FROM source s",
+                      "a query given as text cannot be checked"),
 }
 
 
@@ -126,8 +129,9 @@ READS = {
 def test_feature_sql_cannot_read_the_machine_nor_batchml_nor_other_scores(demo_project, what, monkeypatch):
     monkeypatch.setenv("BATCHML_SMTP_PASSWORD", "s3cret-in-env")
     load_source(demo_project.warehouse, pa.table({"finding_id": ["x"], "score": [0.5]}), "scores.toy")
-    feature_job(demo_project, READS[what])
-    with pytest.raises(BatchMLError) as caught:
+    sql, expected = READS[what]
+    feature_job(demo_project, sql)
+    with pytest.raises(BatchMLError, match=expected) as caught:
         run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
     assert "s3cret" not in str(caught.value)
     assert demo_project.scalar("SELECT count(*) FROM batchml.quarantine") == 0
