@@ -27,7 +27,7 @@ from pyarrow import ipc
 
 from batchml.config import BATCHML_SCHEMA, SCORE_SUFFIXES, JobConfig, config_dir, feature_sql, job_names, load_job_config
 from batchml.errors import ConfigError, DataError, WarehouseError
-from batchml.validate import reason_sql, utc_timestamp
+from batchml.validate import CUTOFF, reason_sql, utc_timestamp
 from batchml.warehouse import is_restricted, quote_ident, quote_literal, quote_table, restrict_external_access, setting, size_bytes
 
 ENTITY, EVENT_TIME, WATERMARK, LABEL, LABEL_AT = "__entity", "__event_time", "__watermark", "__label", "__label_at"
@@ -39,9 +39,6 @@ def ts_literal(value: datetime) -> str:
     return f"TIMESTAMP '{value.strftime('%Y-%m-%d %H:%M:%S.%f')}'"
 
 
-# The run's cut-off inside SQL: every connection of a run sets it (``pipeline.NightlyRun._connect``);
-# elsewhere (``batchml check``) it is unset and nothing is cut off. Feature SQL may read it too.
-CUTOFF = "coalesce(getvariable('batchml_as_of'), 'infinity'::TIMESTAMP)"
 
 
 def set_cutoff(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
@@ -405,6 +402,7 @@ def training_filter(config: JobConfig, as_of: datetime, *, labeled_only: bool = 
         f"try_cast({quote_ident(src.watermark)} AS TIMESTAMP) < {ts_literal(as_of)}"
         f" AND try_cast({quote_ident(label.available_at)} AS TIMESTAMP) < {ts_literal(as_of)}"
         f" AND {utc_timestamp(src.event_time)} >= {ts_literal(start)}"
+        f" AND {utc_timestamp(src.event_time)} <= {ts_literal(as_of)}"  # a later one is quarantined, never trained on
         + (f" AND {labeled(config)}" if labeled_only else "")
     )
 

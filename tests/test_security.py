@@ -7,6 +7,7 @@ folder could make, on real DuckDB files, real LightGBM and the real CLI, and che
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -176,3 +177,28 @@ def test_features_sql_is_a_bounded_regular_file_inside_the_project(demo_project,
     with pytest.raises(ConfigError, match=expected):
         run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
     assert "root:" not in demo_project.scalar("SELECT coalesce(max(error), '') FROM batchml.runs")
+
+
+# -- 5. event times after the cut-off ----------------------------------------------------------
+
+
+def test_a_far_future_event_time_is_quarantined_and_never_trained_on(demo_project):
+    findings = demo_project.findings
+    found = findings.column("found_at").to_pylist()
+    found[10] = datetime(9999, 12, 31)  # landed and labeled on day 0, a typo in its event time
+    load_source(demo_project.warehouse, findings.set_column(1, "found_at", pa.array(found, pa.timestamp("us"))))
+    future_id = findings.column("finding_id")[10].as_py()
+
+    first = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert first.status == "succeeded" and first.promoted
+    assert demo_project.query("SELECT entity_id, rule FROM batchml.quarantine WHERE rule = 'future_event_time'") == [
+        (str(future_id), "future_event_time")]
+    assert first.rows_extracted == first.rows_scored + first.rows_quarantined
+    # the training window ends at the cut-off: the model was trained up to then, not up to 9999
+    assert demo_project.scalar("SELECT max(train_end) FROM batchml.models") <= day(60)
+
+    again = run_job(demo_project.project, "vuln_risk", as_of=day(100), force_retrain=True, notify=False)
+    assert again.status == "succeeded"
+    holdout = demo_project.scalar("SELECT holdout_rows FROM batchml.models WHERE version = 2")
+    assert holdout >= 200  # 14 days of labeled rows, not the one row at 9999-12-31
+    assert demo_project.scalar("SELECT count(*) FROM batchml.model_events WHERE event = 'no_decision'") == 0
