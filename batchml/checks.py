@@ -3,11 +3,12 @@ golden set — validated without running anything or writing to the warehouse.""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from batchml import registry
 from batchml.config import job_names, load_job_config, require_own_scores_table
-from batchml.errors import BatchMLError, ConfigError, DataError
+from batchml.errors import BatchMLError, ConfigError, DataError, WarehouseError
 from batchml.extract import describe_source, odd_labels, restrict, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.retrain import check_golden, describe_change, retrain_then_promote
@@ -90,6 +91,23 @@ def _scores_take_the_ids(con, config, columns: dict[str, str] | None) -> None:
         require_entity_type(con, config, config.scores_table, columns[entity])
 
 
+def _runs_can_write(project: Project) -> str:
+    """Fail when a run could not write what it writes (the warehouse, its .wal, locks, run files,
+    models, reports, published files): ``check`` opens the warehouse read-only, so it would pass."""
+    home = project.home
+    existing = home
+    while not existing.exists() and existing != existing.parent:  # a first run creates the folders
+        existing = existing.parent
+    places = [project.warehouse, home, project.locks, project.scratch, project.models, project.reports, project.published]
+    blocked = [str(place) for place in places if place.exists() and not os.access(place, os.W_OK)]
+    if not home.exists() and not os.access(existing, os.W_OK):
+        blocked.append(str(existing))
+    if blocked:
+        raise WarehouseError(f"runs cannot write: {', '.join(blocked)} read-only for user {registry.actor()}; let that user "
+                             f"write there (or move the warehouse: --warehouse / BATCHML_WAREHOUSE), then check again")
+    return f"runs can write {home}"
+
+
 def _checks(project: Project, name: str):
     state: dict = {}
 
@@ -139,4 +157,5 @@ def _checks(project: Project, name: str):
         return f"reports go to {', '.join(cfg.notify.email)} through {settings.smtp_host}:{settings.smtp_port}"
 
     return [("config", config), ("scores table", lambda: _shared_scores_table(project, state["config"])),
-            ("schedule", schedule), ("source", source), ("champion", champion), ("mail", mail)]
+            ("schedule", schedule), ("warehouse", lambda: _runs_can_write(project)), ("source", source), ("champion", champion),
+            ("mail", mail)]

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from batchml.config import BATCHML_SCHEMA, SCORE_SUFFIXES, JobConfig, config_dir, feature_sql, job_names, load_job_config
-from batchml.errors import ConfigError, DataError, WarehouseError
+from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
 from batchml.validate import CUTOFF, reason_sql, utc_timestamp
 from batchml.warehouse import is_restricted, quote_ident, quote_literal, quote_table, restrict_external_access, setting, size_bytes
 
@@ -272,7 +272,7 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
     elif isinstance(exc, duckdb.CatalogException):
         fix = (f"; fix the SQL in {config.features.sql} (it reads the source as `source`)" if config.features.sql
                else f"; create it in the warehouse, or fix source.table in configs/{config.job}.yaml")
-    elif isinstance(exc, (duckdb.BinderException, duckdb.ConversionException)):
+    elif isinstance(exc, (duckdb.BinderException, duckdb.ConversionException)) or first.startswith(("Conversion Error", "Binder Error")):
         where = f"the SQL in {config.features.sql}" if config.features.sql else f"configs/{config.job}.yaml"
         fix = (f"; a source column no longer fits {where} (renamed, or its type changed, e.g. text where a number "
                f"was{', in some Parquet files' if config.source.parquet else ''}): compare DESCRIBE of the source with it")
@@ -464,6 +464,11 @@ def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where
                 else:
                     valid_rows(_valid_part(reader, writer, summary), rows)
     except duckdb.Error as exc:
+        raise DataError(_source_error(config, exc)) from exc
+    except OSError as exc:
+        if os_errno(exc) is not None:  # writing the run file: a full disk, a read-only tmp/
+            raise file_error(exc) from exc
+        # DuckDB's own error, raised while Arrow's reader pulls the next batch: it arrives as an OSError
         raise DataError(_source_error(config, exc)) from exc
     return summary.result(path)
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from batchml import drift, evaluate, performance, registry, retrain, runlog
 from batchml.config import JobConfig
-from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, interrupted
+from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, file_error, interrupted
 from batchml.extract import (
     ENTITY,
     RULE,
@@ -140,6 +140,8 @@ class NightlyRun:
         except BaseException as caught:
             # Ctrl-C inside a DuckDB query arrives as DuckDB's own error: an interrupt all the same
             exc = KeyboardInterrupt() if interrupted(caught) and not isinstance(caught, KeyboardInterrupt) else caught
+            if isinstance(exc, OSError):  # a full disk or a read-only folder: recorded and raised as one line with the fix
+                exc = file_error(exc)
             committed = not self._record_failure(exc)
             if committed:
                 # the error struck after COMMIT (e.g. an interrupt while the connection closed): the run
@@ -597,7 +599,9 @@ class NightlyRun:
             # this run and any an earlier process committed but died before publishing
             publish.publish_pending(self.project, self.config)
         except (BatchMLError, OSError) as exc:  # e.g. a full disk under published/
-            log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
+            message = file_error(exc) if isinstance(exc, OSError) else exc
+            recorded = "the run itself is committed" if self.run.status == "succeeded" else f"the run is recorded as {self.run.status}"
+            log.warning("%s: publishing for analysts failed (%s): %s", self.config.job, recorded, message)
 
     def _report_and_notify(self) -> None:
         from batchml import reporting  # matplotlib is imported only when a report is written

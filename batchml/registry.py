@@ -94,7 +94,13 @@ def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[
 
 
 def clear_orphan(folder: Path) -> None:
-    """Remove a folder left by a run that crashed before registering it (never a registered one)."""
+    """Remove a folder left by a run that crashed before registering it (never a registered one).
+
+    A symbolic link there is refused, never followed: removing what it points at could delete
+    anything the link's author chose, and writing through it would put the model elsewhere."""
+    if folder.is_symlink():
+        raise ModelError(f"{folder} is a symbolic link (to {os.readlink(folder)}); batchml creates its model folders "
+                         f"itself: remove the link, then rerun")
     if folder.exists():
         shutil.rmtree(folder)
 

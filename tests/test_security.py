@@ -6,7 +6,10 @@ folder could make, on real DuckDB files, real LightGBM and the real CLI, and che
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -15,14 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchml.config import JobConfig, load_job
-from batchml.errors import BatchMLError, ConfigError
+from batchml.errors import BatchMLError, ConfigError, DataError
 from batchml.pipeline import run_job
 from conftest import day, job_config, load_source
 
 
 def one_line_error(result) -> str:
-    """The CLI's error: exactly one line on stderr, no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    """The CLI's error: exactly one error line on stderr (after the run's log lines), no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
 
@@ -202,3 +205,83 @@ def test_a_far_future_event_time_is_quarantined_and_never_trained_on(demo_projec
     holdout = demo_project.scalar("SELECT holdout_rows FROM batchml.models WHERE version = 2")
     assert holdout >= 200  # 14 days of labeled rows, not the one row at 9999-12-31
     assert demo_project.scalar("SELECT count(*) FROM batchml.model_events WHERE event = 'no_decision'") == 0
+
+
+# -- 7. failures in one line with a fix --------------------------------------------------------
+
+
+@contextmanager
+def immutable(path: Path):
+    """``path`` unchangeable even for root (the tests run as root, for whom chmod changes nothing)."""
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_locks_folder_is_one_line_with_the_fix(demo_project):
+    locks = demo_project.warehouse.parent / "locks"
+    locks.mkdir()
+    with immutable(locks):
+        result = demo_project.cli("run", "vuln_risk", "--as-of", day(60).date().isoformat(), "--no-notify", timeout=120)
+    assert result.returncode == 1
+    line = one_line_error(result)
+    assert f"cannot create the lock file {locks / 'vuln_risk.lock'}: Operation not permitted" in line
+    assert "let the user running batchml write there" in line and "PermissionError" not in line
+
+
+def test_a_full_disk_is_named_with_the_file_and_the_fix(tmp_path):
+    from batchml.errors import file_error
+
+    with pytest.raises(OSError) as caught, open("/dev/full", "wb", buffering=0) as full:
+        full.write(b"x")  # the kernel's own ENOSPC
+    assert caught.value.errno == errno.ENOSPC
+    caught.value.filename = str(tmp_path / "reports" / "r.html")
+    message = str(file_error(caught.value))
+    assert message == (f"cannot write {tmp_path / 'reports' / 'r.html'}: No space left on device; free space on that disk "
+                       f"(or move the warehouse to one with room: --warehouse / BATCHML_WAREHOUSE), then rerun")
+    # pyarrow's OSErrors carry the errno in their text only
+    assert "No space left on device; free space" in str(file_error(OSError("[Errno 28] No space left on device")))
+
+
+def test_a_duckdb_error_while_streaming_a_pull_is_a_source_error(demo_project):
+    late = demo_project.scalar("SELECT max(finding_id) FROM raw.vuln_findings WHERE ingested_at < ?", [day(60)])
+    feature_job(demo_project, f"SELECT *, CAST(CASE WHEN finding_id = {late} THEN 'x' ELSE '1' END AS INTEGER) AS boom FROM source",
+                scoring={**job_config()["scoring"], "batch_size": 1000})
+    with pytest.raises(DataError, match="Conversion Error") as caught:
+        run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    assert "cannot read source raw.vuln_findings through jobs/vuln_risk/features.sql" in str(caught.value)
+    assert "a source column no longer fits the SQL in jobs/vuln_risk/features.sql" in str(caught.value)
+
+
+def test_a_symlinked_model_folder_is_refused_not_followed(demo_project, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not batchml's")
+    models = demo_project.warehouse.parent / "models" / "vuln_risk"
+    models.mkdir(parents=True)
+    (models / "v1").symlink_to(elsewhere)
+    result = demo_project.cli("run", "vuln_risk", "--as-of", day(60).date().isoformat(), "--no-notify", timeout=120)
+    assert result.returncode == 1
+    assert f"{models / 'v1'} is a symbolic link (to {elsewhere}); batchml creates its model folders itself" in one_line_error(result)
+    assert (elsewhere / "keep.txt").read_text() == "not batchml's"
+
+
+def test_check_says_runs_cannot_write_a_read_only_warehouse(demo_project):
+    with immutable(demo_project.warehouse):
+        result = demo_project.cli("check", "vuln_risk", timeout=120)
+    assert result.returncode == 1
+    assert f"FAIL vuln_risk: warehouse: runs cannot write: {demo_project.warehouse} read-only" in result.stdout
+    assert "ok   vuln_risk: warehouse (runs can write" in demo_project.cli("check", "vuln_risk", timeout=120).stdout
+
+
+def test_a_failed_run_does_not_claim_to_be_committed_when_publishing_fails(demo_project):
+    published = demo_project.warehouse.parent / "published"
+    published.mkdir()
+    feature_job(demo_project, "SELECT *, CAST('x' AS INTEGER) AS boom FROM source")  # fails every run
+    with immutable(published):
+        result = demo_project.cli("run", "vuln_risk", "--as-of", day(60).date().isoformat(), "--no-notify", timeout=120)
+    assert result.returncode == 1
+    assert "publishing for analysts failed (the run is recorded as failed)" in result.stderr
+    assert "the run itself is committed" not in result.stderr
