@@ -145,7 +145,7 @@ def ensure_catalog(project: Project, configs: list[JobConfig]) -> None:
 def _catalog_lock(project: Project) -> Iterator[None]:
     """One catalog build at a time: two jobs renaming their copies would lose one's views."""
     project.locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(project.locks / "catalog.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(project.locks / "catalog.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # mode: the umask's
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or when the process dies
         yield

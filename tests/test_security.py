@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -285,3 +286,44 @@ def test_a_failed_run_does_not_claim_to_be_committed_when_publishing_fails(demo_
     assert result.returncode == 1
     assert "publishing for analysts failed (the run is recorded as failed)" in result.stderr
     assert "the run itself is committed" not in result.stderr
+
+
+# -- 8. files ----------------------------------------------------------------------------------
+
+
+def cli_with_umask(demo_project, umask: str, *args: str) -> subprocess.CompletedProcess:
+    command = " ".join(["umask", umask, ";", "exec", sys.executable, "-m", "batchml.cli", "--project", str(demo_project.root), *args])
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BATCHML_THREADS": "1"})
+
+
+def test_files_follow_the_umask(demo_project):
+    home = demo_project.warehouse.parent
+    before = set(home.rglob("*"))
+    run = cli_with_umask(demo_project, "027", "run", "vuln_risk", "--as-of", day(60).date().isoformat(), "--no-notify")
+    assert run.returncode == 0, run.stderr
+    created = [path for path in home.rglob("*") if path.is_file() and path not in before]
+    kinds = {path.relative_to(home).parts[0] for path in created}
+    assert {"reports", "published", "models", "locks", "catalog.duckdb"} <= kinds
+    too_open = {str(path.relative_to(home)): oct(path.stat().st_mode & 0o777) for path in created if path.stat().st_mode & 0o007}
+    assert too_open == {}
+    report = cli_with_umask(demo_project, "002", "report", "vuln_risk")
+    assert report.returncode == 0, report.stderr
+    path = Path(report.stdout.strip().splitlines()[-1].split()[-1])
+    assert path.suffix == ".html" and path.stat().st_mode & 0o777 == 0o664
+
+
+def test_a_huge_category_value_is_stored_cut_in_drift_histograms(demo_project):
+    findings = demo_project.findings
+    ecosystem = findings.column("ecosystem").to_pylist()
+    ingested = findings.column("ingested_at").to_pylist()
+    late = max(i for i, at in enumerate(ingested) if at < day(100))
+    ecosystem[late] = "x" * 2_000_000  # an unseen level, 2 MB long
+    load_source(demo_project.warehouse, findings.set_column(findings.schema.get_field_index("ecosystem"), "ecosystem",
+                                                            pa.array(ecosystem)))
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(100), notify=False)
+    assert run.status == "succeeded"
+    longest, marked = demo_project.query("SELECT max(length(histogram)), bool_or(histogram LIKE '%(+1999800 chars)%') "
+                                         "FROM batchml.drift WHERE feature = 'ecosystem'")[0]
+    assert marked and longest < 5_000
