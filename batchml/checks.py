@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from batchml import registry
 from batchml.config import job_names, load_job_config, require_own_scores_table
-from batchml.errors import BatchMLError, ConfigError, DataError, WarehouseError
+from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, WarehouseError
 from batchml.extract import describe_source, odd_labels, restrict, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.retrain import check_golden, describe_change, retrain_then_promote
@@ -108,6 +108,25 @@ def _runs_can_write(project: Project) -> str:
     return f"runs can write {home}"
 
 
+def _registered_libraries(model: registry.LoadedModel) -> str:
+    """Fail when a compiled library beside the champion is not the one registered in the warehouse:
+    runs refuse it (and score with LightGBM); someone or something replaced it."""
+    from batchml import compiled
+
+    found = []
+    for kind in (compiled.SCORES, compiled.LEAVES):
+        library = compiled.CachePaths.of(model, kind).library
+        if not library.exists():
+            continue
+        digest = registry.sha256_file(library)
+        if model.libraries.get(library.name) != digest:
+            raise ModelError(f"compiled library {library} (sha256 {digest[:12]}) is not the one registered for v{model.version} "
+                             f"in batchml.compiled_libraries; runs refuse it and score with LightGBM: remove it and run "
+                             f"`batchml models compile {model.job}`")
+        found.append(kind.name)
+    return f"; compiled libraries registered ({', '.join(found)})" if found else ""
+
+
 def _checks(project: Project, name: str):
     state: dict = {}
 
@@ -138,6 +157,7 @@ def _checks(project: Project, name: str):
         rows, worst = check_golden(model)
         _champion_fed(model, cfg, state.get("columns"))
         detail = f"v{row['version']} hashes match; golden set of {rows} rows re-scored, largest difference {worst:.1e}"
+        detail += _registered_libraries(model)
         change = describe_change(cfg, model.spec, model.version)
         return f"{detail}; {change}: the next run trains a challenger" if change else detail
 

@@ -509,6 +509,9 @@ class NightlyRun:
                     ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
                 if self.shadow_path is not None and self.shadow_path.exists():
                     write_scores(con, self.config, self.shadow_path, suffix="_shadow")
+                for model in (self.champion, self.shadow_model):  # libraries compiled on first use in this run
+                    if model is not None:
+                        registry.register_libraries(con, model)
                 self._write_performance(con)
                 if advance:
                     runlog.set_watermark(con, job, run.watermark_to, run.run_id)
@@ -589,8 +592,20 @@ class NightlyRun:
     def _after_commit(self) -> None:
         if self.run.promoted:
             prepare_engine(self.champion, self.config.scoring.engine, warn=self._warn)
+            self._register_libraries()
         self._publish()
         self._report_and_notify()
+
+    def _register_libraries(self) -> None:
+        """The new champion's compiled libraries into the warehouse: unregistered, no run would load them."""
+        if not self.champion.unregistered:
+            return
+        try:
+            with self._connect() as con:
+                registry.register_libraries(con, self.champion)
+        except BatchMLError as exc:  # the run is committed; the libraries are refused until rebuilt
+            self._warn(f"compiled libraries of v{self.champion.version} not registered ({exc}); runs score with LightGBM "
+                       f"until `batchml models compile {self.config.job}` builds and registers them")
 
     def _publish(self) -> None:
         from batchml import publish

@@ -262,6 +262,17 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    3,
+    """
+    -- the sha256 of every compiled library (native code) built for a model: only these are ever loaded
+    CREATE TABLE batchml.compiled_libraries (
+        job VARCHAR NOT NULL, version INTEGER NOT NULL, kind VARCHAR NOT NULL, file VARCHAR NOT NULL,
+        sha256 VARCHAR NOT NULL, registered_at TIMESTAMP
+    );
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
