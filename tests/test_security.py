@@ -327,3 +327,57 @@ def test_a_huge_category_value_is_stored_cut_in_drift_histograms(demo_project):
     longest, marked = demo_project.query("SELECT max(length(histogram)), bool_or(histogram LIKE '%(+1999800 chars)%') "
                                          "FROM batchml.drift WHERE feature = 'ecosystem'")[0]
     assert marked and longest < 5_000
+
+
+# -- 1. compiled libraries ---------------------------------------------------------------------
+
+
+def test_a_planted_compiled_library_is_never_loaded(demo_project, monkeypatch, tmp_path):
+    lleaves = pytest.importorskip("lleaves")
+    from batchml import compiled, registry
+
+    demo_project.write_config(job_config(scoring={**job_config()["scoring"], "engine": "compiled"}))
+    first = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)  # compiles at promotion
+    assert first.promoted
+    folder = demo_project.warehouse.parent / "models" / "vuln_risk" / "v1" / "compiled"
+    registered = dict(demo_project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE job = 'vuln_risk' AND version = 1"))
+    assert registered == {path.name: registry.sha256_file(path) for path in folder.glob("*.so")} and len(registered) == 2
+    library = next(folder / name for name in registered if "-" not in name)  # the scores library
+
+    # the attack: other native code under the library's name, that even scores like the genuine one
+    # (here: the same trees compiled with other options, so any check of its output would pass)
+    planted = tmp_path / "planted.so"
+    genuine = lleaves.Model(model_file=str(library.parent.parent / "model.txt"))
+    genuine.compile(cache=str(planted), **{**compiled.COMPILE_OPTIONS, "fblocksize": 3})
+    assert registry.sha256_file(planted) != registered[library.name]
+    library.write_bytes(planted.read_bytes())
+
+    check = demo_project.cli("check", "vuln_risk", timeout=120)
+    assert check.returncode == 1 and f"compiled library {library} (sha256" in check.stdout
+    assert "is not the one registered for v1 in batchml.compiled_libraries" in check.stdout
+
+    loaded: list[str] = []  # every library lleaves is asked to load, in this process or a child
+    real_compile, real_run = lleaves.Model.compile, subprocess.run
+
+    def spy_compile(self, *args, cache=None, **kwargs):
+        loaded.append(str(cache))
+        return real_compile(self, *args, cache=cache, **kwargs)
+
+    def spy_run(args, *rest, **kwargs):
+        loaded.extend(str(arg) for arg in args if str(arg).endswith(".so"))
+        return real_run(args, *rest, **kwargs)
+
+    monkeypatch.setattr(lleaves.Model, "compile", spy_compile)
+    monkeypatch.setattr(subprocess, "run", spy_run)
+    warnings: list[str] = []
+    monkeypatch.setattr(compiled.log, "warning", lambda message, *args: warnings.append(message % args if args else message))
+    # engine auto, as nightly runs use it (a small model counts as large here): use a cached library, never compile
+    demo_project.write_config(job_config(scoring={**job_config()["scoring"], "engine": "auto"}))
+    monkeypatch.setattr(compiled, "AUTO_MIN_LEAVES", 0)
+    second = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert second.status == "succeeded" and second.rows_scored > 0
+    assert str(library) not in loaded and not any(path.endswith(library.name) for path in loaded)
+    assert not library.exists() and library.with_name(library.name + ".rejected").read_bytes() == planted.read_bytes()
+    assert any("is not the library registered for this model" in w and "scoring with LightGBM" in w for w in warnings)
+    assert demo_project.scalar("SELECT count(*) FROM batchml.compiled_libraries") == 2  # nothing new vouched for
