@@ -241,6 +241,23 @@ def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, model
     assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 
+def test_a_registered_library_that_does_not_reproduce_the_golden_rows_is_refused(model, models, any_size):
+    """Registered is not proof against every mistake (a registry row pointing at another model's
+    library): every load still re-checks the golden rows."""
+    if not HAVE_LLEAVES:
+        return
+    library = compiled.precompile(model, force=True)
+    shutil.copy(compiled.precompile(reload(models[1]), force=True), library)
+    model.libraries[library.name] = compiled.sha256_file(library)  # as if the warehouse vouched for it
+    warnings: list[str] = []
+
+    predictor = make_predictor(reload(model), "auto", warn=warnings.append)
+
+    assert_lightgbm_scores(predictor, model)
+    assert len(warnings) == 1 and "golden rows although it is registered" in warnings[0]
+    assert not library.exists() and library.with_name(library.name + ".rejected").exists()
+
+
 def test_the_verification_rows_cover_thresholds_categories_and_missing_values(model):
     matrix = compiled.verification_matrix(model)
 
