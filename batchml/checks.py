@@ -3,12 +3,13 @@ golden set — validated without running anything or writing to the warehouse.""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from batchml.models import registry
-from batchml.config import job_names, load_job_config
-from batchml.errors import BatchMLError, ConfigError, DataError
-from batchml.data.extract import describe_source, odd_labels, source_sql, uncut_columns
+from batchml.config import job_names, load_job_config, require_own_scores_table
+from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, WarehouseError
+from batchml.data.extract import describe_source, odd_labels, restrict, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.models.retrain import check_golden, describe_change, retrain_then_promote
 from batchml.storage.warehouse import memory_connection, quote_ident, table_exists
@@ -48,21 +49,12 @@ def _check_job(project: Project, name: str, echo: Callable[[str], None]) -> list
 
 
 def _shared_scores_table(project: Project, config) -> str:
-    """Refuse a scores table another job writes too: its ``_latest`` view would mix the jobs' rows."""
-    for other in job_names(project.root):
-        if other == config.job:
-            continue
-        try:
-            theirs = load_job_config(project.root / "configs" / f"{other}.yaml")
-        except BatchMLError:
-            continue  # its own check reports it
-        if theirs.scores_table.lower() == config.scores_table.lower():
-            raise ConfigError(f"jobs {config.job} and {other} both write scores to {config.scores_table}; "
-                              f"give each its own scoring.table in configs/{config.job}.yaml or configs/{other}.yaml")
-    return f"scores go to {config.scores_table}"
+    """Refuse a scores table another job writes too, or a source table (as every command does)."""
+    return f"scores go to {require_own_scores_table(project.root, config)}"
 
 
 def _source_report(con, config, project: Project, state: dict) -> str:
+    restrict(con, config, project.root)  # as a run reads it: the job's SQL reaches no other file
     columns = describe_source(con, config, project.root)
     state["columns"] = columns  # the champion check asks whether it can still be fed
     watermark = config.source.watermark
@@ -99,6 +91,42 @@ def _scores_take_the_ids(con, config, columns: dict[str, str] | None) -> None:
         require_entity_type(con, config, config.scores_table, columns[entity])
 
 
+def _runs_can_write(project: Project) -> str:
+    """Fail when a run could not write what it writes (the warehouse, its .wal, locks, run files,
+    models, reports, published files): ``check`` opens the warehouse read-only, so it would pass."""
+    home = project.home
+    existing = home
+    while not existing.exists() and existing != existing.parent:  # a first run creates the folders
+        existing = existing.parent
+    places = [project.warehouse, home, project.locks, project.scratch, project.models, project.reports, project.published]
+    blocked = [str(place) for place in places if place.exists() and not os.access(place, os.W_OK)]
+    if not home.exists() and not os.access(existing, os.W_OK):
+        blocked.append(str(existing))
+    if blocked:
+        raise WarehouseError(f"runs cannot write: {', '.join(blocked)} read-only for user {registry.actor()}; let that user "
+                             f"write there (or move the warehouse: --warehouse / BATCHML_WAREHOUSE), then check again")
+    return f"runs can write {home}"
+
+
+def _registered_libraries(model: registry.LoadedModel) -> str:
+    """Fail when a compiled library beside the champion is not the one registered in the warehouse:
+    runs refuse it (and score with LightGBM); someone or something replaced it."""
+    from batchml.models import compiled
+
+    found = []
+    for kind in (compiled.SCORES, compiled.LEAVES):
+        library = compiled.CachePaths.of(model, kind).library
+        if not library.exists():
+            continue
+        digest = registry.sha256_file(library)
+        if model.libraries.get(library.name) != digest:
+            raise ModelError(f"compiled library {library} (sha256 {digest[:12]}) is not the one registered for v{model.version} "
+                             f"in batchml.compiled_libraries; runs refuse it and score with LightGBM: remove it and run "
+                             f"`batchml models compile {model.job}`")
+        found.append(kind.name)
+    return f"; compiled libraries registered ({', '.join(found)})" if found else ""
+
+
 def _checks(project: Project, name: str):
     state: dict = {}
 
@@ -129,6 +157,7 @@ def _checks(project: Project, name: str):
         rows, worst = check_golden(model)
         _champion_fed(model, cfg, state.get("columns"))
         detail = f"v{row['version']} hashes match; golden set of {rows} rows re-scored, largest difference {worst:.1e}"
+        detail += _registered_libraries(model)
         change = describe_change(cfg, model.spec, model.version)
         return f"{detail}; {change}: the next run trains a challenger" if change else detail
 
@@ -148,4 +177,5 @@ def _checks(project: Project, name: str):
         return f"reports go to {', '.join(cfg.notify.email)} through {settings.smtp_host}:{settings.smtp_port}"
 
     return [("config", config), ("scores table", lambda: _shared_scores_table(project, state["config"])),
-            ("schedule", schedule), ("source", source), ("champion", champion), ("mail", mail)]
+            ("schedule", schedule), ("warehouse", lambda: _runs_can_write(project)), ("source", source), ("champion", champion),
+            ("mail", mail)]

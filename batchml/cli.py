@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchml import api
-from batchml.errors import BatchMLError, ConfigError, interrupted
+from batchml.errors import BatchMLError, ConfigError, file_error, interrupted
 from batchml.project import Project
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
@@ -340,6 +340,13 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:  # a full disk or a read-only folder wherever batchml writes: the file, why, the fix
+        if interrupted(exc):
+            sys.exit(130)
+        if state["debug"]:
+            traceback.print_exc()
+        print_error(str(file_error(exc, "use")))
+        sys.exit(1)
     except Exception as exc:  # a usage error or a bug
         if interrupted(exc):  # Ctrl-C inside a DuckDB query, which DuckDB reports as its own error
             sys.exit(130)

@@ -42,6 +42,18 @@ def check_qualified(name: str, what: str = "table") -> str:
     return name
 
 
+# batchml's own tables (runs, models, quarantine, ...): no job reads or writes them by name
+BATCHML_SCHEMA = "batchml"
+
+
+def outside_batchml(name: str, what: str) -> str:
+    """``name`` unless it is in the ``batchml`` schema (DuckDB names are case-insensitive)."""
+    if "." in name and name.split(".")[0].lower() == BATCHML_SCHEMA:
+        raise ValueError(f"{name} is in the {BATCHML_SCHEMA} schema, which holds batchml's own tables; "
+                         f"use another schema, e.g. scores.<job> for scores or raw.<table> for a source")
+    return name
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,7 +70,7 @@ class SourceConfig(Strict):
     @field_validator("table")
     @classmethod
     def _table(cls, v: str | None) -> str | None:
-        return None if v is None else check_qualified(v, "source.table")
+        return None if v is None else outside_batchml(check_qualified(v, "source.table"), "source.table")
 
     @field_validator("entity_id", "event_time", "watermark")
     @classmethod
@@ -145,6 +157,10 @@ class ValidationConfig(Strict):
         return v
 
 
+# drift rows that are not features but take a drift.thresholds override (see batchml.drift)
+DRIFT_ROWS = ("__score__", "__multivariate__")
+
+
 class DriftConfig(Strict):
     """How drift is measured against the champion's reference profile."""
 
@@ -168,6 +184,26 @@ class RetrainConfig(Strict):
     max_decay: float | None = Field(0.05, gt=0, description="Retrain when the champion's realised metric falls this far below its holdout figure.")
 
 
+# The LightGBM parameters a job may set: how the trees grow, never where LightGBM runs or what it
+# reads and writes. Left out on purpose: network and distributed settings (tree_learner,
+# num_machines, machines, local_listen_port, time_out: they make a run bind a port and wait for
+# peers while it holds the job's lock), file inputs and outputs (input_model, output_model,
+# forcedsplits_filename, ...), threads (BATCHML_THREADS), the objective and metric (batchml's
+# own), the seed (training.seed) and devices (gpu_*). Canonical names and their common aliases.
+TRAINING_PARAMS = frozenset({
+    "num_boost_round", "early_stopping_rounds",
+    "boosting", "boosting_type", "learning_rate", "eta", "num_leaves", "max_leaves", "max_depth",
+    "min_data_in_leaf", "min_child_samples", "min_sum_hessian_in_leaf", "min_child_weight",
+    "bagging_fraction", "subsample", "bagging_freq", "subsample_freq", "pos_bagging_fraction", "neg_bagging_fraction",
+    "feature_fraction", "colsample_bytree", "feature_fraction_bynode", "colsample_bynode", "extra_trees",
+    "lambda_l1", "reg_alpha", "lambda_l2", "reg_lambda", "min_gain_to_split", "min_split_gain",
+    "drop_rate", "max_drop", "skip_drop", "xgboost_dart_mode", "uniform_drop", "top_rate", "other_rate",
+    "path_smooth", "max_bin", "min_data_in_bin", "max_cat_to_onehot", "max_cat_threshold", "cat_l2", "cat_smooth",
+    "min_data_per_group", "is_unbalance", "scale_pos_weight", "linear_tree", "linear_lambda", "use_missing",
+    "zero_as_missing", "max_delta_step",
+})
+
+
 class TrainingConfig(Strict):
     """How models are trained (point-in-time: only labels known before the cut-off)."""
 
@@ -181,6 +217,15 @@ class TrainingConfig(Strict):
         description="LightGBM parameters; num_boost_round and early_stopping_rounds are taken out for lightgbm.train.",
     )
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict) -> dict:
+        refused = sorted(set(v) - TRAINING_PARAMS)
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: not a parameter a job may set (allowed: the tree-growing parameters "
+                             f"listed in README.md, e.g. num_leaves, learning_rate, min_data_in_leaf); remove it")
+        return v
 
 
 METRIC_NAMES = ("roc_auc", "average_precision", "log_loss", "brier", "ece", "ks")
@@ -222,7 +267,7 @@ class ScoringConfig(Strict):
     @field_validator("table")
     @classmethod
     def _table(cls, v: str | None) -> str | None:
-        return None if v is None else check_qualified(v, "scoring.table")
+        return None if v is None else outside_batchml(check_qualified(v, "scoring.table"), "scoring.table")
 
     @field_validator("bands")
     @classmethod
@@ -235,6 +280,10 @@ class ScoringConfig(Strict):
         return v
 
 
+# one bare address: a comma, a space, a display name or a line break would put a second recipient
+# (or a header) into the To line that the SMTP envelope does not have
+EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
 NotifyEvent = Literal["drift", "promotion", "rejection", "failure", "always"]
 
 
@@ -243,6 +292,15 @@ class NotifyConfig(Strict):
 
     email: list[str] = Field(default_factory=list, description="Recipients.")
     on: list[NotifyEvent] = Field(default_factory=lambda: ["drift", "promotion", "rejection", "failure"], description="Events that send a mail.")
+
+    @field_validator("email")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for address in v:
+            if not EMAIL.fullmatch(address):
+                raise ValueError(f"{address!r} is not one mail address (user@host, no name, comma or space); "
+                                 f"list each recipient as its own item")
+        return v
 
 
 class ScheduleConfig(Strict):
@@ -282,6 +340,10 @@ class JobConfig(Strict):
             unknown = sorted(set(names) - known)
             if unknown:
                 raise ValueError(f"{section} names {unknown}, which are not features")
+        unknown = sorted(set(self.drift.thresholds) - known - set(DRIFT_ROWS))
+        if unknown:
+            raise ValueError(f"drift.thresholds names {unknown}, which are not features (nor {', '.join(DRIFT_ROWS)}); "
+                             f"fix the key or add the feature")
         unknown_ranges = sorted(set(self.validation.ranges) - set(self.features.numeric))
         if unknown_ranges:
             raise ValueError(f"validation.ranges applies to numeric features only, not {unknown_ranges}")
@@ -451,26 +513,82 @@ def job_names(project: Path) -> list[str]:
 
 
 def load_job(project: Path, job: str) -> JobConfig:
-    """Load ``<project>/configs/<job>.yaml``; an unknown job lists the ones that exist."""
+    """Load ``<project>/configs/<job>.yaml``; an unknown job lists the ones that exist. A scores
+    table that is another job's (or a source table) is refused here, so every command refuses it."""
     path = config_dir(project) / f"{job}.yaml"
     if not path.exists():
         known = ", ".join(job_names(project)) or "none"
         raise ConfigError(f"no config for job {job!r} at {path} (jobs found: {known})")
-    return load_job_config(path)
+    config = load_job_config(path)
+    require_own_scores_table(project, config)
+    return config
+
+
+def require_own_scores_table(project: Path, config: JobConfig) -> str:
+    """Refuse a ``scoring.table`` that another job writes (its ``_latest`` view would mix the jobs'
+    rows, and the rows of one would be published as the other's) or that a job reads as its source
+    (scores would be appended to raw data). Compared case-insensitively, as DuckDB resolves names."""
+    mine = config.scores_table.lower()
+    for other in job_names(project):
+        try:
+            theirs = config if other == config.job else load_job_config(config_dir(project) / f"{other}.yaml")
+        except ConfigError:
+            continue  # its own check reports it
+        if theirs.source.table and _qualified(theirs.source.table).lower() in {mine, *(mine + s for s in SCORE_SUFFIXES)}:
+            raise ConfigError(f"configs/{config.job}.yaml: scoring.table {config.scores_table} is the source table of job "
+                              f"{theirs.job}; give {config.job} its own scoring.table (e.g. scores.{config.job})")
+        if other == config.job:
+            continue
+        taken = {theirs.scores_table.lower() + suffix for suffix in ("", *SCORE_SUFFIXES)}
+        if mine in taken or any(mine + suffix in taken for suffix in SCORE_SUFFIXES):
+            raise ConfigError(f"jobs {config.job} and {other} both write scores to {config.scores_table}; "
+                              f"give each its own scoring.table in configs/{config.job}.yaml or configs/{other}.yaml")
+    return config.scores_table
+
+
+SCORE_SUFFIXES = ("_latest", "_shadow", "_shadow_latest")
+
+
+def _qualified(table: str) -> str:
+    return table if "." in table else f"main.{table}"
 
 
 def feature_sql(project: Path, config: JobConfig) -> str | None:
     """The job's feature SELECT, read from its file, or None when the job uses raw columns."""
     if config.features.sql is None:
         return None
-    path = project / config.features.sql
+    path = _feature_sql_file(project, config)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            data = fh.read(FEATURE_SQL_MAX_BYTES + 1)
+        text = data.decode("utf-8")
     except OSError as exc:
-        raise ConfigError(f"features.sql: cannot read {path} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
+        raise ConfigError(f"features.sql: cannot read {config.features.sql} ({exc.strerror}); fix the path in configs/{config.job}.yaml") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"features.sql: {path} is not UTF-8 text; save it as UTF-8") from None
+        raise ConfigError(f"features.sql: {config.features.sql} is not UTF-8 text; save it as UTF-8") from None
+    if len(data) > FEATURE_SQL_MAX_BYTES:
+        raise ConfigError(f"features.sql: {config.features.sql} is larger than {FEATURE_SQL_MAX_BYTES // 1024} KiB; "
+                          f"a feature SELECT is far smaller: check the path in configs/{config.job}.yaml")
     return _without_trailing_end(text)
+
+
+FEATURE_SQL_MAX_BYTES = 1 << 20
+
+
+def _feature_sql_file(project: Path, config: JobConfig) -> Path:
+    """The feature SQL file: a regular file inside the project (symlinks resolved). Messages name the
+    configured path only, never what the file holds."""
+    named = config.features.sql
+    root = Path(project).resolve()
+    path = (root / named).resolve()
+    fix = f"keep the SQL in a file under the project, e.g. jobs/{config.job}/features.sql, and name it in configs/{config.job}.yaml"
+    if not path.is_relative_to(root):
+        raise ConfigError(f"features.sql: {named} is outside the project {root}; {fix}")
+    if not path.exists():
+        raise ConfigError(f"features.sql: cannot read {named} (No such file or directory); fix the path in configs/{config.job}.yaml")
+    if not path.is_file():  # a device (/dev/zero), a fifo or a folder: never read
+        raise ConfigError(f"features.sql: {named} is not a regular file; {fix}")
+    return path
 
 
 def _without_trailing_end(sql: str) -> str:

@@ -15,6 +15,9 @@ CLI only has to print ``str(error)``; every message names the thing involved and
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class BatchMLError(Exception):
     """Base of every error batchml raises on purpose."""
@@ -64,3 +67,34 @@ def interrupted(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__
     return False
+
+
+def os_errno(exc: OSError) -> int | None:
+    """The errno of ``exc``; pyarrow's OSErrors carry it only in their text ("[errno 28] ...")."""
+    if exc.errno is not None:
+        return exc.errno
+    found = re.search(r"\[errno (\d+)\]", str(exc), flags=re.IGNORECASE)
+    return int(found[1]) if found else None
+
+
+_FILE_FIXES = {
+    errno.ENOSPC: "free space on that disk (or move the warehouse to one with room: --warehouse / BATCHML_WAREHOUSE), then rerun",
+    errno.EDQUOT: "free space within the user's disk quota (or move the warehouse: --warehouse / BATCHML_WAREHOUSE), then rerun",
+    errno.EACCES: "let the user running batchml write there (or move the warehouse: --warehouse / BATCHML_WAREHOUSE), then rerun",
+    errno.EPERM: "let the user running batchml write there (or move the warehouse: --warehouse / BATCHML_WAREHOUSE), then rerun",
+    errno.EROFS: "the file system is read-only: move the warehouse to a writable one (--warehouse / BATCHML_WAREHOUSE), then rerun",
+    errno.ELOOP: "it is a symbolic link where batchml keeps a file of its own: remove the link, then rerun",
+}
+
+
+def file_error(exc: OSError, doing: str = "write") -> BatchMLError:
+    """One line for a file the operating system refused: which file, why, and the fix.
+
+    >>> str(file_error(PermissionError(13, "Permission denied", "/w/locks/toy.lock")))
+    'cannot write /w/locks/toy.lock: Permission denied; let the user running batchml write there (...)'
+    """
+    code = os_errno(exc)
+    where = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or re.sub(r"^.*\[errno \d+\]\s*", "", str(exc), flags=re.IGNORECASE) or type(exc).__name__
+    fix = _FILE_FIXES.get(code, "check the path, its permissions and the free space, then rerun")
+    return BatchMLError(f"cannot {doing}{where}: {reason}; {fix}")

@@ -51,7 +51,9 @@ def train_model(folder: Path, seed: int, version: int = 1, trees: int = 20) -> L
 def reload(model: LoadedModel) -> LoadedModel:
     """The same artifact as a later run sees it: a fresh booster and an empty per-process cache."""
     booster = lgb.Booster(model_file=str(model.path / "model.txt"))
-    return LoadedModel(model.job, model.version, booster, model.spec, model.manifest, model.path, model.sha256)
+    # the registry's record of its compiled libraries goes with it, as batchml.compiled_libraries would
+    return LoadedModel(model.job, model.version, booster, model.spec, model.manifest, model.path, model.sha256,
+                       libraries=model.libraries)
 
 
 def scoring_rows(model: LoadedModel, n: int = 3000) -> np.ndarray:
@@ -138,14 +140,14 @@ def test_a_compile_failure_falls_back_to_lightgbm_with_a_warning(model, monkeypa
 def test_a_corrupt_cached_library_is_refused_without_crashing(model, any_size):
     library = compiled.CachePaths.of(model).library
     library.parent.mkdir(parents=True)
-    library.write_bytes(os.urandom(4096))  # LLVM aborts the process on this: it is only ever loaded in a child
+    library.write_bytes(os.urandom(4096))  # LLVM aborts the process on this: unregistered, it is never loaded
     warnings: list[str] = []
 
     predictor = make_predictor(model, "auto", warn=warnings.append)
 
     assert_lightgbm_scores(predictor, model)
     if HAVE_LLEAVES:
-        assert len(warnings) == 1 and "toy v1" in warnings[0] and "cannot be loaded" in warnings[0]
+        assert len(warnings) == 1 and "toy v1" in warnings[0] and "is not the library registered for this model" in warnings[0]
         assert not library.exists() and library.with_name(library.name + ".rejected").exists()
     else:
         assert warnings == []  # auto without lleaves: silently LightGBM
@@ -164,7 +166,7 @@ def test_a_library_compiled_from_another_model_is_refused(model, models, any_siz
 
     assert_lightgbm_scores(predictor, model)
     if HAVE_LLEAVES:
-        assert len(warnings) == 1 and "scores differ from LightGBM" in warnings[0] and "toy v1" in warnings[0]
+        assert len(warnings) == 1 and "is not the library registered for this model" in warnings[0] and "toy v1" in warnings[0]
         # engine: compiled builds a correct library in place of the refused one
         rebuilt = make_predictor(reload(model), "compiled", warn=warnings.append)
         matrix = scoring_rows(model)
@@ -202,7 +204,6 @@ def test_a_small_model_compiles_matches_lightgbm_and_reuses_its_cache(model, mon
         raise AssertionError("compiled again although the cache holds a verified library")
 
     monkeypatch.setattr(compiled, "_build", no_compile)
-    monkeypatch.setattr(compiled, "_verify_in_child", no_compile)  # the record vouches for the file
     again = make_predictor(reload(model), "compiled", warn=warnings.append)
     assert again.name == "compiled" and warnings == [] and paths.library.stat().st_mtime_ns == mtime
     assert np.array_equal(again.predict(matrix), predictor.predict(matrix))
@@ -219,11 +220,11 @@ def test_a_changed_library_is_verified_again(model, models, any_size):
     warnings: list[str] = []
 
     assert make_predictor(reload(model), "auto", warn=warnings.append).name == "lightgbm"
-    assert "scores differ" in warnings[0]
+    assert "is not the library registered for this model" in warnings[0]
 
 
 def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, models, any_size):
-    """The record beside a library is not proof: every load spot-checks the golden rows."""
+    """The record beside a library is not proof: only the sha256 registered in the warehouse is."""
     if not HAVE_LLEAVES:
         assert compiled.precompile(model, force=True) is None
         return
@@ -238,7 +239,24 @@ def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, model
     predictor = make_predictor(reload(model), "auto", warn=warnings.append)
 
     assert_lightgbm_scores(predictor, model)
-    assert len(warnings) == 1 and "golden rows although its record vouches for it" in warnings[0]
+    assert len(warnings) == 1 and "is not the library registered for this model" in warnings[0]
+    assert not library.exists() and library.with_name(library.name + ".rejected").exists()
+
+
+def test_a_registered_library_that_does_not_reproduce_the_golden_rows_is_refused(model, models, any_size):
+    """Registered is not proof against every mistake (a registry row pointing at another model's
+    library): every load still re-checks the golden rows."""
+    if not HAVE_LLEAVES:
+        return
+    library = compiled.precompile(model, force=True)
+    shutil.copy(compiled.precompile(reload(models[1]), force=True), library)
+    model.libraries[library.name] = compiled.sha256_file(library)  # as if the warehouse vouched for it
+    warnings: list[str] = []
+
+    predictor = make_predictor(reload(model), "auto", warn=warnings.append)
+
+    assert_lightgbm_scores(predictor, model)
+    assert len(warnings) == 1 and "golden rows although it is registered" in warnings[0]
     assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 
@@ -299,7 +317,6 @@ def test_precompile_builds_a_leaves_library_that_gives_exactly_pred_leaf(model, 
     assert library.exists() and paths.library.exists() and library != paths.library
     assert record["status"] == "verified" and record["kind"] == "leaves" and record["max_difference"] == 0.0
     monkeypatch.setattr(compiled, "_build", lambda *args: pytest.fail("compiled again although a verified library is cached"))
-    monkeypatch.setattr(compiled, "_verify_in_child", lambda *args: pytest.fail("the record vouches for the file"))
     leaves = compiled.compiled_leaves(reload(model), required=False)
     matrix = scoring_rows(model)
     assert np.isnan(matrix[:, model.spec.categorical_indices]).any() and np.isnan(matrix[:, 0]).any()
@@ -385,7 +402,7 @@ def test_a_damaged_leaves_library_is_refused_and_reasons_use_pred_leaf(model, mo
     if HAVE_LLEAVES:
         warning = next(r.getMessage() for r in caplog.records if "leaf indices not used" in r.getMessage())
         assert "toy v1" in warning and "pred_leaf" in warning
-        assert ("cannot be loaded" if damage == "corrupt" else "leaf indices differ from LightGBM") in warning
+        assert "is not the library registered for this model" in warning
         assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 

@@ -12,6 +12,7 @@ their own names (numeric as DOUBLE, categorical as VARCHAR), ``__rule``, ``__rea
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -24,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
-from batchml.config import JobConfig, feature_sql
-from batchml.errors import ConfigError, DataError
-from batchml.data.validate import reason_sql, utc_timestamp
-from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, setting, size_bytes
+from batchml.config import BATCHML_SCHEMA, SCORE_SUFFIXES, JobConfig, config_dir, feature_sql, job_names, load_job_config
+from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
+from batchml.data.validate import CUTOFF, reason_sql, utc_timestamp
+from batchml.storage.warehouse import is_restricted, quote_ident, quote_literal, quote_table, restrict_external_access, setting, size_bytes
 
 ENTITY, EVENT_TIME, WATERMARK, LABEL, LABEL_AT = "__entity", "__event_time", "__watermark", "__label", "__label_at"
 RULE, REASON, RECORD = "__rule", "__reason", "__record"
@@ -38,9 +39,6 @@ def ts_literal(value: datetime) -> str:
     return f"TIMESTAMP '{value.strftime('%Y-%m-%d %H:%M:%S.%f')}'"
 
 
-# The run's cut-off inside SQL: every connection of a run sets it (``pipeline.NightlyRun._connect``);
-# elsewhere (``batchml check``) it is unset and nothing is cut off. Feature SQL may read it too.
-CUTOFF = "coalesce(getvariable('batchml_as_of'), 'infinity'::TIMESTAMP)"
 
 
 def set_cutoff(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
@@ -56,12 +54,94 @@ def raw_sql(config: JobConfig, project: Path) -> str:
     return f"SELECT * FROM read_parquet({quote_literal(str(pattern))}, union_by_name = true)"
 
 
+def job_directories(config: JobConfig, project: Path) -> list[Path]:
+    """The folders a job's queries may read: that of ``source.parquet`` up to its first wildcard
+    (none for a table source). Everything else on the machine is out of reach (:func:`restrict`)."""
+    if not config.source.parquet:
+        return []
+    pattern = Path(config.source.parquet)
+    pattern = pattern if pattern.is_absolute() else project / pattern
+    fixed = []
+    for part in pattern.parts:
+        if any(char in part for char in "*?[{"):
+            break
+        fixed.append(part)
+    base = Path(*fixed)
+    return [base if base != pattern else pattern.parent]
+
+
+def restrict(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> None:
+    """Restrict ``con`` for the job's SQL: no file outside the job's source folder, no download."""
+    restrict_external_access(con, job_directories(config, project))
+
+
+# Table functions that run a query given as text: its tables cannot be checked before it runs
+TEXT_QUERY_FUNCTIONS = frozenset({"query", "query_table"})
+
+
+def _reached_tables(con: duckdb.DuckDBPyConnection, sql: str, config: JobConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """((schema, table) of every table ``sql`` names, the table functions it calls), from DuckDB's parse tree."""
+    parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    if parsed.get("error"):
+        raise ConfigError(f"{config.features.sql}: DuckDB cannot check this SQL ({parsed.get('error_message', 'unknown error')}); "
+                          f"write it as one SELECT over `source`")
+    tables, functions = [], []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "BASE_TABLE":
+                tables.append((str(node.get("schema_name") or ""), str(node.get("table_name") or "")))
+            elif node.get("type") == "TABLE_FUNCTION" and isinstance(node.get("function"), dict):
+                functions.append(str(node["function"].get("function_name") or ""))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(parsed["statements"])
+    return tables, functions
+
+
+def _refuse_protected_tables(con: duckdb.DuckDBPyConnection, sql: str, config: JobConfig, project: Path) -> None:
+    """Feature SQL may join other warehouse tables, but not batchml's own (runs, quarantine, ...) nor
+    any job's scores: those are not inputs, and reading them would leak one job's results into another."""
+    protected = {config_scores.lower() for config_scores in _scores_tables(config, project)}
+    tables, functions = _reached_tables(con, sql, config)
+    for schema, table in tables:
+        name = f"{schema}.{table}".lower()
+        if schema.lower() in (BATCHML_SCHEMA, "scores") or name in protected:
+            raise ConfigError(f"{config.features.sql} reads {schema}.{table}: a job's SQL may not read batchml's own tables "
+                              f"or scores tables; read the source as `source` (and other source tables) instead")
+    for function in functions:
+        if function.lower() in TEXT_QUERY_FUNCTIONS:
+            raise ConfigError(f"{config.features.sql} calls {function}(): a query given as text cannot be checked; "
+                              f"write the tables into the SELECT itself")
+
+
+def _scores_tables(config: JobConfig, project: Path) -> set[str]:
+    """Every scores table of the project's jobs (and their views), this job's own included."""
+    names = {config.scores_table}
+    for job in job_names(project):
+        try:
+            names.add(load_job_config(config_dir(project) / f"{job}.yaml").scores_table)
+        except ConfigError:
+            continue
+    return {name + suffix for name in names for suffix in ("", *SCORE_SUFFIXES)}
+
+
 def source_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> str:
-    """SELECT over the raw source (table or Parquet glob), with the job's feature SQL applied."""
+    """SELECT over the raw source (table or Parquet glob), with the job's feature SQL applied.
+
+    The job's SQL runs only on a connection restricted by :func:`restrict`, and only when it names
+    none of batchml's tables nor any scores table."""
     raw = raw_sql(config, project)
     derived = feature_sql(project, config)
     if derived is None:
         return raw
+    if not is_restricted(con):  # a programming error, not the user's: every caller restricts first
+        raise WarehouseError(f"internal error: {config.features.sql} would run with access to every file; please report it")
+    _refuse_protected_tables(con, derived, config, project)
     # the user's SELECT reads a relation called `source`; a nested query may carry its own WITH.
     # Own lines: a trailing -- comment ends there.
     sql = f"WITH source AS ({_as_of_cutoff(con, config, raw)}) SELECT * FROM (\n{derived}\n)"
@@ -192,7 +272,7 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
     elif isinstance(exc, duckdb.CatalogException):
         fix = (f"; fix the SQL in {config.features.sql} (it reads the source as `source`)" if config.features.sql
                else f"; create it in the warehouse, or fix source.table in configs/{config.job}.yaml")
-    elif isinstance(exc, (duckdb.BinderException, duckdb.ConversionException)):
+    elif isinstance(exc, (duckdb.BinderException, duckdb.ConversionException)) or first.startswith(("Conversion Error", "Binder Error")):
         where = f"the SQL in {config.features.sql}" if config.features.sql else f"configs/{config.job}.yaml"
         fix = (f"; a source column no longer fits {where} (renamed, or its type changed, e.g. text where a number "
                f"was{', in some Parquet files' if config.source.parquet else ''}): compare DESCRIBE of the source with it")
@@ -322,6 +402,7 @@ def training_filter(config: JobConfig, as_of: datetime, *, labeled_only: bool = 
         f"try_cast({quote_ident(src.watermark)} AS TIMESTAMP) < {ts_literal(as_of)}"
         f" AND try_cast({quote_ident(label.available_at)} AS TIMESTAMP) < {ts_literal(as_of)}"
         f" AND {utc_timestamp(src.event_time)} >= {ts_literal(start)}"
+        f" AND {utc_timestamp(src.event_time)} <= {ts_literal(as_of)}"  # a later one is quarantined, never trained on
         + (f" AND {labeled(config)}" if labeled_only else "")
     )
 
@@ -383,6 +464,11 @@ def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where
                 else:
                     valid_rows(_valid_part(reader, writer, summary), rows)
     except duckdb.Error as exc:
+        raise DataError(_source_error(config, exc)) from exc
+    except OSError as exc:
+        if os_errno(exc) is not None:  # writing the run file: a full disk, a read-only tmp/
+            raise file_error(exc) from exc
+        # DuckDB's own error, raised while Arrow's reader pulls the next batch: it arrives as an OSError
         raise DataError(_source_error(config, exc)) from exc
     return summary.result(path)
 

@@ -9,6 +9,9 @@ null_entity_id     the entity id is null
 null_event_time    the event time is null
 bad_type           a value is present but cannot be cast (event time to TIMESTAMP,
                    a numeric feature to DOUBLE)
+future_event_time  the event time is after the run's cut-off (``as_of``): a clock or
+                   typing error (9999-12-31) that would otherwise stay the newest row of
+                   every training window and shrink the holdout to itself
 non_finite         a numeric feature is +inf or -inf
 out_of_range       a numeric feature is outside ``validation.ranges`` (inclusive)
 duplicate          the entity id appears again in the batch with a later watermark
@@ -26,7 +29,11 @@ from dataclasses import dataclass, field
 from batchml.config import JobConfig
 from batchml.storage.warehouse import quote_ident
 
-RULES = ("null_entity_id", "null_event_time", "bad_type", "non_finite", "out_of_range", "duplicate")
+RULES = ("null_entity_id", "null_event_time", "bad_type", "future_event_time", "non_finite", "out_of_range", "duplicate")
+
+# The run's cut-off inside SQL: every connection of a run sets it (``pipeline.NightlyRun._connect``);
+# elsewhere (``batchml check``) it is unset and nothing is cut off. Feature SQL may read it too.
+CUTOFF = "coalesce(getvariable('batchml_as_of'), 'infinity'::TIMESTAMP)"
 
 
 def utc_timestamp(column: str) -> str:
@@ -82,6 +89,11 @@ def rule_cases(config: JobConfig, types: dict[str, str] | None = None) -> list[t
             f"{utc_timestamp(src.event_time)} IS NULL",
             f"'{src.event_time}=' || {_show(src.event_time)} || ' is not a timestamp'",
         ))
+    cases.append((
+        "future_event_time",
+        f"{utc_timestamp(src.event_time)} > {CUTOFF}",
+        f"'{src.event_time}=' || {_show(src.event_time)} || ' is after the cut-off ' || CAST({CUTOFF} AS VARCHAR)",
+    ))
     for name in config.features.numeric:
         value = _as_double(name)
         if not _always_double(types.get(name, "")):

@@ -19,17 +19,20 @@ scores (:func:`leaf_model_text`, :class:`LeafPacking`). Measured on a 300-tree x
 74,000 rows on one thread: 0.06-0.09 s + 0.05 s to unpack, where ``pred_leaf`` takes 0.9 s and one
 class per tree took 1.0 s; compiling it took 40 s (scores: 31-40 s).
 
-**Verified before use.** A library is used only after its output matched LightGBM's (scores to
-``TOLERANCE``, leaf indices exactly) on ``VERIFY_ROWS`` rows (:func:`verification_matrix`: the
-golden set, the golden set with NaNs, and rows mixing every split threshold, its float neighbours,
-every categorical level, 0 and NaN). The record remembers a passed verification together with the
-library's sha256, so a run re-verifies only when the file changed. The record is no proof (it is a
-file beside the library), so every load also spot-checks the golden rows, in milliseconds. LLVM
-aborts the whole process on an invalid object file, so a library the record does not vouch for is
-loaded and checked in a child process first; a library that fails is moved aside
-(``<key>.so.rejected``) and the run falls back to LightGBM. A model that does not compile, or
-compiles to a different output, is recorded as failed and not retried by nightly runs (a new
-toolchain means a new key; :func:`precompile` retries).
+**Registered, then verified.** A library is native code: loading it runs whatever it holds. So a
+library is built only by batchml, verified in memory before it is written (its output matched
+LightGBM's — scores to ``TOLERANCE``, leaf indices exactly — on ``VERIFY_ROWS`` rows,
+:func:`verification_matrix`: the golden set, the golden set with NaNs, and rows mixing every split
+threshold, its float neighbours, every categorical level, 0 and NaN), and its sha256 is registered
+in the warehouse (``batchml.compiled_libraries``, via ``LoadedModel.unregistered`` and
+``registry.register_libraries``): the folder beside it may be writable by more people than the
+warehouse. A library whose sha256 is not registered for the model is never loaded — not even in a
+child process — but moved aside (``<key>.so.rejected``); the run falls back to LightGBM with a
+warning, and ``batchml models compile JOB`` builds and registers a new one. Every load of a
+registered library also spot-checks the golden rows, in milliseconds. A model that does not
+compile, or compiles to a different output, is recorded as failed (``<key>.json``, a note for the
+next run, not a proof of anything) and not retried by nightly runs (a new toolchain means a new
+key; :func:`precompile` retries).
 
 **Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
 given, so :class:`CompiledPredictor` zeroes such tiny values first (:func:`as_lightgbm_reads`).
@@ -52,8 +55,6 @@ import os
 import platform
 import re
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -90,26 +91,10 @@ CACHE_FORMAT = 2  # bump when the layout, the compile options below or the input
 # Changing an option changes every cache key: `batchml models compile JOB` rebuilds.
 COMPILE_OPTIONS = {"use_fp64": True, "raw_score": False, "fblocksize": 16, "fcodemodel": "large", "finline": True}
 LEAF_OPTIONS = {**COMPILE_OPTIONS, "raw_score": True, "fblocksize": 32}
-CHILD_TIMEOUT = 300.0
 # LightGBM's kZeroThreshold (1e-35f): turning a dense row into (feature, value) pairs, LightGBM
 # drops every |x| at or below it, so the trees read it as 0.0. lleaves reads the value as it is,
 # which sends e.g. x = -1e-35 the other way at a split on -1e-35 (found by verification: 4e-05).
 ZERO_THRESHOLD = float(np.float32(1e-35))
-
-# Loads a library the record does not vouch for, in a separate process (LLVM aborts on a bad
-# object file). The input sits in a buffer 8x its size: a library compiled for a wider model reads
-# past the rows it is given, and must read our padding rather than foreign memory.
-_CHILD = """
-import json, sys, numpy as np, lleaves
-library, model_file, given, out = sys.argv[1:5]
-matrix = np.load(given)
-buffer = np.full((len(matrix) * 8, matrix.shape[1]), np.nan)
-buffer[: len(matrix)] = matrix
-model = lleaves.Model(model_file=model_file)
-model.compile(cache=library, **json.loads(sys.argv[5]))
-np.save(out, model.predict(buffer[: len(matrix)], n_jobs=1))
-"""
-
 
 class CompileError(Exception):
     """Compiled trees cannot be used for a model; the message says why (the caller falls back)."""
@@ -504,24 +489,6 @@ def _spot_rows(model: LoadedModel) -> np.ndarray:
     return golden if len(golden) else verification_matrix(model, rows=200)
 
 
-def _verify_in_child(model: LoadedModel, kind: Kind, library: Path) -> tuple[float, int]:
-    """Load ``library`` and run the verification rows in a child process; raises CompileError if it dies."""
-    matrix = verification_matrix(model)
-    with tempfile.TemporaryDirectory(prefix="batchml-verify-") as scratch, _model_file(model, kind) as source:
-        given, out = Path(scratch) / "given.npy", Path(scratch) / "out.npy"
-        np.save(given, as_lightgbm_reads(matrix))
-        args = [sys.executable, "-c", _CHILD, str(library), str(source), str(given), str(out), json.dumps(kind.options)]
-        try:
-            done = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise CompileError(f"loading {library.name} did not finish within {CHILD_TIMEOUT:.0f} s") from exc
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            raise CompileError(f"{library.name} cannot be loaded ({last}; exit status {done.returncode})")
-        got = np.load(out)
-    return _compare(kind.expected(model.booster, matrix), got), len(matrix)
-
-
 def _load(model: LoadedModel, kind: Kind, library: Path):
     try:
         return _lleaves_compile(model, kind, str(library))
@@ -540,29 +507,22 @@ def _reject(library: Path) -> str:
 
 
 def _use_cached(model: LoadedModel, kind: Kind, paths: CachePaths):
-    """The cached library, loaded; verified first (in a child process) unless its record vouches for it."""
-    record = _read_record(paths.record)
+    """The cached library, loaded, if its sha256 is the one registered for the model in the
+    warehouse; anything else is refused before it is loaded (native code runs as it loads)."""
     digest = sha256_file(paths.library)
-    if record.get("status") == "verified" and record.get("library_sha256") == digest and record.get("model_sha256") == model.sha256:
-        compiled = _load(model, kind, paths.library)
-        # the record is a file beside the library, not proof: a library of another model with a
-        # record to match would load fine, so it must still reproduce this model on its golden rows
-        worst, rows = _verify(model, kind, compiled, _spot_rows(model))
-        if worst > kind.tolerance:
-            raise CompileError(f"cached library {paths.library.name} {kind.what} differ from LightGBM by up to {worst:.3g} "
-                               f"on {rows} golden rows although its record vouches for it; {_reject(paths.library)}")
-        return compiled
-    try:
-        worst, rows = _verify_in_child(model, kind, paths.library)
-    except CompileError as exc:
-        raise CompileError(f"cached {exc}; {_reject(paths.library)}") from exc
+    registered = model.libraries.get(paths.library.name)
+    if registered != digest:
+        why = "none is registered for it" if registered is None else f"the registered one is {registered[:12]}"
+        raise CompileError(f"cached library {paths.library.name} (sha256 {digest[:12]}) is not the library registered for this "
+                           f"model in batchml.compiled_libraries ({why}); not loaded, {_reject(paths.library)}; "
+                           f"`batchml models compile {model.job}` builds and registers a new one")
+    compiled = _load(model, kind, paths.library)
+    # registered is not proof against every mistake: it must still reproduce this model on its golden rows
+    worst, rows = _verify(model, kind, compiled, _spot_rows(model))
     if worst > kind.tolerance:
-        raise CompileError(f"cached library {paths.library.name} {kind.what} differ from LightGBM by up to {worst:.3g}; "
-                           f"{_reject(paths.library)}")
-    if sha256_file(paths.library) != digest:  # replaced while the child checked it: what we verified is gone
-        raise CompileError(f"cached library {paths.library.name} changed while it was being verified")
-    _write_record(model, kind, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows)
-    return _load(model, kind, paths.library)
+        raise CompileError(f"cached library {paths.library.name} {kind.what} differ from LightGBM by up to {worst:.3g} "
+                           f"on {rows} golden rows although it is registered; {_reject(paths.library)}")
+    return compiled
 
 
 def _build(model: LoadedModel, kind: Kind, paths: CachePaths):
@@ -590,6 +550,7 @@ def _build(model: LoadedModel, kind: Kind, paths: CachePaths):
         if cache is not None and temp.exists():
             digest = sha256_file(temp)
             os.replace(temp, paths.library)
+            _register(model, kind, paths.library.name, digest)
             _write_record(model, kind, paths, "verified", library_sha256=digest, max_difference=worst, rows=rows,
                           compile_seconds=round(seconds, 2), leaves=total_leaves(model))
         log.info("model %s v%d: compiled %d leaves (%s library) in %.1f s (max difference %.2g)",
@@ -597,6 +558,14 @@ def _build(model: LoadedModel, kind: Kind, paths: CachePaths):
         return compiled
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _register(model: LoadedModel, kind: Kind, name: str, digest: str) -> None:
+    """Vouch for a library this process built and verified: at once for this model object, and in the
+    warehouse once the caller writes ``model.unregistered`` (``registry.register_libraries``)."""
+    model.libraries[name] = digest
+    model.unregistered = [entry for entry in model.unregistered if entry["file"] != name]
+    model.unregistered.append({"kind": kind.name, "file": name, "sha256": digest})
 
 
 def _known_failure(model: LoadedModel, paths: CachePaths) -> str | None:

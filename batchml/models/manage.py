@@ -45,7 +45,7 @@ def promote(project: Project, job: str, version: int, reason: str) -> int | None
         with transaction(con):
             previous = registry.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
         publish_change(con, project, job, REGISTRY_TABLES)
-    prepare_engine(registry.load(row), project.job(job).scoring.engine)
+    compile_and_register(project, registry.load(row), project.job(job).scoring.engine)
     return previous
 
 
@@ -65,8 +65,17 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
         with transaction(con):
             registry.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
         publish_change(con, project, job, REGISTRY_TABLES)
-    prepare_engine(registry.load(restored), project.job(job).scoring.engine)
+    compile_and_register(project, registry.load(restored), project.job(job).scoring.engine)
     return previous, current["version"]
+
+
+def compile_and_register(project: Project, model: registry.LoadedModel, engine: str, warn=None) -> None:
+    """What a promotion builds for ``model`` (its compiled libraries), with their sha256 registered in
+    the warehouse: a library is loaded later only if it is the one registered."""
+    prepare_engine(model, engine, warn=warn)
+    if model.unregistered:
+        with project.connect() as con:
+            registry.register_libraries(con, model)
 
 
 def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, dict[str, Path], list[str]]:
@@ -85,6 +94,6 @@ def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, 
         raise ModelError(f"job {job} has no champion yet; run it once first")
     model = registry.load(row)
     warnings: list[str] = []
-    prepare_engine(model, config.scoring.engine, warn=warnings.append)
+    compile_and_register(project, model, config.scoring.engine, warn=warnings.append)
     ready = {kind.name: path for kind in (compiled.SCORES, compiled.LEAVES) if (path := compiled.CachePaths.of(model, kind).library).exists()}
     return model, ready, warnings

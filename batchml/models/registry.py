@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from batchml.errors import ModelError
 from batchml.data.features import FeatureSpec, to_matrix
-from batchml.storage.warehouse import fetch_dicts, fetch_one
+from batchml.storage.warehouse import fetch_dicts, fetch_one, table_exists
 
 MODEL_FILE, MANIFEST_FILE = "model.txt", "model.json"
 GOLDEN_FILE = "golden.parquet"  # golden-set inputs and their scores (retrain.write_golden)
@@ -71,6 +71,11 @@ class LoadedModel:
     path: Path
     sha256: str
     cache: dict = field(default_factory=dict)  # per-process helpers derived from the model (explainer, compiled predictor)
+    # compiled libraries registered in batchml.compiled_libraries: file name -> sha256. Only these are
+    # ever loaded; ``compiled`` adds the ones it builds here and to ``unregistered`` until
+    # :func:`register_libraries` writes them to the warehouse.
+    libraries: dict[str, str] = field(default_factory=dict)
+    unregistered: list[dict] = field(default_factory=list)
 
 
 def golden_matrix(model: LoadedModel) -> np.ndarray:
@@ -94,7 +99,13 @@ def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[
 
 
 def clear_orphan(folder: Path) -> None:
-    """Remove a folder left by a run that crashed before registering it (never a registered one)."""
+    """Remove a folder left by a run that crashed before registering it (never a registered one).
+
+    A symbolic link there is refused, never followed: removing what it points at could delete
+    anything the link's author chose, and writing through it would put the model elsewhere."""
+    if folder.is_symlink():
+        raise ModelError(f"{folder} is a symbolic link (to {os.readlink(folder)}); batchml creates its model folders "
+                         f"itself: remove the link, then rerun")
     if folder.exists():
         shutil.rmtree(folder)
 
@@ -128,7 +139,32 @@ def load(row: dict) -> LoadedModel:
         booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
     except lgb.basic.LightGBMError as exc:
         raise ModelError(f"model {row['job']} v{row['version']}: LightGBM cannot load {folder / MODEL_FILE}: {exc}") from exc
-    return LoadedModel(row["job"], row["version"], booster, FeatureSpec.from_dict(manifest), manifest, folder, row["sha256"])
+    return LoadedModel(row["job"], row["version"], booster, FeatureSpec.from_dict(manifest), manifest, folder, row["sha256"],
+                       libraries=dict(row.get(LIBRARIES) or {}))
+
+
+LIBRARIES = "compiled_libraries"  # the key under which a registry row carries its registered libraries
+
+
+def libraries(con: duckdb.DuckDBPyConnection, job: str, version: int) -> dict[str, str]:
+    """The compiled libraries registered for a model: file name -> sha256 (none before the table exists)."""
+    if not table_exists(con, "batchml.compiled_libraries"):
+        return {}
+    rows = con.execute("SELECT file, sha256 FROM batchml.compiled_libraries WHERE job = ? AND version = ? ORDER BY registered_at",
+                       [job, version]).fetchall()
+    return dict(rows)
+
+
+def register_libraries(con: duckdb.DuckDBPyConnection, model: LoadedModel) -> int:
+    """Record the libraries built for ``model`` since it was loaded (their sha256, as built and
+    verified in this process); returns how many. The file name is the key: a rebuild replaces its row."""
+    pending, model.unregistered = model.unregistered, []
+    for library in pending:
+        con.execute("DELETE FROM batchml.compiled_libraries WHERE job = ? AND version = ? AND file = ?",
+                    [model.job, model.version, library["file"]])
+        con.execute("INSERT INTO batchml.compiled_libraries VALUES (?, ?, ?, ?, ?, ?)",
+                    [model.job, model.version, library["kind"], library["file"], library["sha256"], utcnow()])
+    return len(pending)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +214,9 @@ def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
 
 
 def _located(con: duckdb.DuckDBPyConnection, row: dict | None) -> dict | None:
-    return None if row is None else _beside(_home(con), row)
+    if row is None:
+        return None
+    return {**_beside(_home(con), row), LIBRARIES: libraries(con, row["job"], row["version"])}
 
 
 def _home(con: duckdb.DuckDBPyConnection) -> Path | None:

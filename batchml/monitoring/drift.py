@@ -137,8 +137,22 @@ class DriftResult:
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
-        row["histogram"] = None if self.histogram is None else json.dumps(self.histogram)
+        row["histogram"] = None if self.histogram is None else json.dumps(
+            {**self.histogram, "labels": [stored_label(label) for label in self.histogram["labels"]]})
         return {key: row[key] for key in ROW_COLUMNS}
+
+
+# A level name is stored with every run's drift rows: a 10 MB category value (a stack trace in a
+# "category" column) must not be copied into batchml.drift night after night
+MAX_LABEL_CHARS = 200
+
+
+def stored_label(label: str) -> str:
+    """``label`` as stored in ``batchml.monitoring.drift.histogram``: cut to ``MAX_LABEL_CHARS`` with a marker saying how much was cut."""
+    label = str(label)
+    if len(label) <= MAX_LABEL_CHARS:
+        return label
+    return f"{label[:MAX_LABEL_CHARS]}…(+{len(label) - MAX_LABEL_CHARS} chars)"
 
 
 ROW_COLUMNS = ("feature", "method", "kind", "statistic", "p_value", "threshold", "drifted", "n_reference", "n_current", "error", "histogram")

@@ -39,7 +39,7 @@ from batchml.models import registry
 from batchml.models import retrain
 from batchml.storage import runlog
 from batchml.config import JobConfig
-from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, interrupted
+from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, file_error, interrupted
 from batchml.data.extract import (
     ENTITY,
     RULE,
@@ -49,6 +49,7 @@ from batchml.data.extract import (
     odd_labels,
     pull,
     read_run_file,
+    restrict,
     run_file_batches,
     run_file_schema,
     set_cutoff,
@@ -144,6 +145,8 @@ class NightlyRun:
         except BaseException as caught:
             # Ctrl-C inside a DuckDB query arrives as DuckDB's own error: an interrupt all the same
             exc = KeyboardInterrupt() if interrupted(caught) and not isinstance(caught, KeyboardInterrupt) else caught
+            if isinstance(exc, OSError):  # a full disk or a read-only folder: recorded and raised as one line with the fix
+                exc = file_error(exc)
             committed = not self._record_failure(exc)
             if committed:
                 # the error struck after COMMIT (e.g. an interrupt while the connection closed): the run
@@ -184,6 +187,7 @@ class NightlyRun:
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.project.connect() as con:
             set_cutoff(con, self.run.as_of)  # feature SQL sees the source as of the cut-off
+            restrict(con, self.config, self.project.root)  # ... and no file but the source's
             yield con
 
     def _warn(self, message: str) -> None:
@@ -510,6 +514,9 @@ class NightlyRun:
                     ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
                 if self.shadow_path is not None and self.shadow_path.exists():
                     write_scores(con, self.config, self.shadow_path, suffix="_shadow")
+                for model in (self.champion, self.shadow_model):  # libraries compiled on first use in this run
+                    if model is not None:
+                        registry.register_libraries(con, model)
                 self._write_performance(con)
                 if advance:
                     runlog.set_watermark(con, job, run.watermark_to, run.run_id)
@@ -590,8 +597,20 @@ class NightlyRun:
     def _after_commit(self) -> None:
         if self.run.promoted:
             prepare_engine(self.champion, self.config.scoring.engine, warn=self._warn)
+            self._register_libraries()
         self._publish()
         self._report_and_notify()
+
+    def _register_libraries(self) -> None:
+        """The new champion's compiled libraries into the warehouse: unregistered, no run would load them."""
+        if not self.champion.unregistered:
+            return
+        try:
+            with self._connect() as con:
+                registry.register_libraries(con, self.champion)
+        except BatchMLError as exc:  # the run is committed; the libraries are refused until rebuilt
+            self._warn(f"compiled libraries of v{self.champion.version} not registered ({exc}); runs score with LightGBM "
+                       f"until `batchml models compile {self.config.job}` builds and registers them")
 
     def _publish(self) -> None:
         from batchml.storage import publish
@@ -600,7 +619,9 @@ class NightlyRun:
             # this run and any an earlier process committed but died before publishing
             publish.publish_pending(self.project, self.config)
         except (BatchMLError, OSError) as exc:  # e.g. a full disk under published/
-            log.warning("%s: publishing for analysts failed (the run itself is committed): %s", self.config.job, exc)
+            message = file_error(exc) if isinstance(exc, OSError) else exc
+            recorded = "the run itself is committed" if self.run.status == "succeeded" else f"the run is recorded as {self.run.status}"
+            log.warning("%s: publishing for analysts failed (%s): %s", self.config.job, recorded, message)
 
     def _report_and_notify(self) -> None:
         from batchml.reports import deliver as reporting  # matplotlib is imported only when a report is written

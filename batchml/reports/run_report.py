@@ -456,6 +456,20 @@ def write_report(report: Report, directory: Path | str) -> Path:
     return target
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which
+    races with other threads creating files); falls back to setting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(target: Path, text: str) -> None:
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -463,7 +477,7 @@ def _atomic_write(target: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; a report is meant to be read by the team
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600: give it what any new file gets
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -145,7 +145,7 @@ def ensure_catalog(project: Project, configs: list[JobConfig]) -> None:
 def _catalog_lock(project: Project) -> Iterator[None]:
     """One catalog build at a time: two jobs renaming their copies would lose one's views."""
     project.locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(project.locks / "catalog.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(project.locks / "catalog.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # mode: the umask's
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or when the process dies
         yield
@@ -182,10 +182,11 @@ def _catalog_has(project: Project, views: dict[str, str]) -> bool:
     except duckdb.Error:
         return True  # someone holds it for writing; leave it
     try:
-        present = {f"{s}.{n}": sql for s, n, sql in con.execute(
+        present = {f"{s}.{n}".lower(): sql for s, n, sql in con.execute(
             "SELECT schema_name, view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()}
     finally:
         con.close()
     # a view over another directory's files (the project was copied or moved) counts as missing
     home = str(project.published)
-    return all(name in present and (home not in sql or home in present[name]) for name, sql in views.items())
+    # names compared as DuckDB resolves them: case-insensitively (scoring.table Scores.Toy_Mixed)
+    return all(name.lower() in present and (home not in sql or home in present[name.lower()]) for name, sql in views.items())

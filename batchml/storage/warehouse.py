@@ -65,7 +65,7 @@ def open_connection(
     if read_only and not path.exists():
         raise WarehouseError(f"warehouse {path} does not exist; run `batchml demo` or a first `batchml run` to create it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"memory_limit": memory_limit}
+    config = {"memory_limit": memory_limit, **NO_DOWNLOADS}
     if not path.exists():
         config["storage_compatibility_version"] = STORAGE_COMPATIBILITY
     deadline = time.monotonic() + lock_timeout
@@ -157,9 +157,31 @@ def size_bytes(size: str) -> int | None:
         return None
 
 
+# batchml needs only DuckDB's built-in extensions (parquet, json, icu): a query that names another
+# (read_csv('https://...') wants httpfs) fails instead of downloading and loading code
+NO_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
+def restrict_external_access(con: duckdb.DuckDBPyConnection, directories: list[Path]) -> None:
+    """From now on this database reads and writes no file outside ``directories`` (and the database
+    itself): for connections that run a job's SQL. DuckDB cannot turn external access back on while
+    the database is open, so a SELECT cannot undo it. Python replacement scans (a query naming a
+    variable of the calling Python code) are turned off too. Idempotent on one open database."""
+    if is_restricted(con):
+        return  # already restricted (the same database, opened again inside the block)
+    allowed = ", ".join(quote_literal(str(directory).rstrip("/") + "/") for directory in directories)
+    con.execute(f"SET allowed_directories = [{allowed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET python_enable_replacements = false")
+
+
+def is_restricted(con: duckdb.DuckDBPyConnection) -> bool:
+    return con.execute("SELECT current_setting('enable_external_access')").fetchone()[0] is False
+
+
 def memory_connection(memory_limit: str = "256MB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB for scratch work (reading run files) that never touches the warehouse lock."""
-    config: dict[str, object] = {"memory_limit": memory_limit}
+    config: dict[str, object] = {"memory_limit": memory_limit, **NO_DOWNLOADS}
     if threads:
         config["threads"] = threads
     con = duckdb.connect(":memory:", config=config)
@@ -240,6 +262,17 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    3,
+    """
+    -- the sha256 of every compiled library (native code) built for a model: only these are ever loaded
+    CREATE TABLE batchml.compiled_libraries (
+        job VARCHAR NOT NULL, version INTEGER NOT NULL, kind VARCHAR NOT NULL, file VARCHAR NOT NULL,
+        sha256 VARCHAR NOT NULL, registered_at TIMESTAMP
+    );
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -261,7 +294,8 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
 def table_exists(con: duckdb.DuckDBPyConnection, qualified: str) -> bool:
     schema, _, table = qualified.rpartition(".")
     row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+        # DuckDB resolves names case-insensitively: so must this (Scores.Toy_Mixed is scores.toy_mixed)
+        "SELECT count(*) FROM information_schema.tables WHERE lower(table_schema) = lower(?) AND lower(table_name) = lower(?)",
         [schema or "main", table],
     ).fetchone()
     return bool(row[0])
