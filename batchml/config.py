@@ -145,6 +145,9 @@ class ValidationConfig(Strict):
         return v
 
 
+MIN_DRIFT_ROWS = 200  # measured: benchmarks/drift_noise.py, README "Drift"
+
+
 class DriftConfig(Strict):
     """How drift is measured against the champion's reference profile."""
 
@@ -157,6 +160,9 @@ class DriftConfig(Strict):
     thresholds: dict[str, float] = Field(default_factory=dict, description="Per-feature threshold overrides.")
     dataset_drift_share: float = Field(0.3, gt=0, le=1, description="Drifted share of features that counts as dataset drift.")
     multivariate: bool = Field(False, description="Also train a domain classifier (reference vs current) and report its AUROC.")
+    min_rows: int = Field(MIN_DRIFT_ROWS, ge=1, description="A batch with fewer valid rows is measured and stored, but nothing "
+                          "is flagged: no dataset drift, no retrain, no mail (below this size the default suite false-alarms "
+                          "on stable data; see README \"Drift\").")
 
 
 class RetrainConfig(Strict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -41,6 +41,7 @@ class Candidate:
     folder: Path
     sha256: str
     manifest_sha256: str
+    dropped: dict[str, int] = field(default_factory=dict)  # rule -> labeled rows of the window left out (quarantined)
 
     def registry_row(self, job: str, run_id: str, as_of: datetime, status: str) -> dict:
         t = self.trained
@@ -49,6 +50,7 @@ class Candidate:
             "train_start": t.train_start, "train_end": t.train_end, "train_rows": t.train_rows,
             "holdout_rows": self.split.holdout.num_rows, "metrics": self.metrics, "params": t.params,
             "artifact_path": str(self.folder), "sha256": self.sha256, "manifest_sha256": self.manifest_sha256,
+            "rows_dropped": sum(self.dropped.values()), "drop_reasons": json.dumps(self.dropped) if self.dropped else None,
         }
 
 
@@ -62,9 +64,17 @@ def due_triggers(
     new_labels: int,
     realised: float | None,
     champion_spec: FeatureSpec | None = None,
+    last_trained: dict | None = None,
+    answered: frozenset[str] | set[str] = frozenset(),
 ) -> list[str]:
     """The retrain triggers that fire for this run, in a fixed order (``champion_spec``: what the
-    champion eats, for ``features_changed``)."""
+    champion eats, for ``features_changed``).
+
+    ``age`` counts from the job's last training (``last_trained``, whatever its outcome), not from
+    the champion's: a champion that keeps beating its challengers would otherwise be "too old" every
+    night. ``answered``: the triggers (``drift``, ``decay``) a challenger was already trained for under
+    this champion and not promoted; they stay silent, since retraining for them would build the same
+    challenger from nearly the same rows, until new labels (``new_labels``) or age call for one."""
     rules = config.training.retrain
     fired = []
     if champion is None:
@@ -72,14 +82,15 @@ def due_triggers(
     if force:
         fired.append("forced")
     if champion is not None:
-        if rules.every_days and as_of - champion["created_at"] >= timedelta(days=rules.every_days):
+        trained_at = max(champion["created_at"], last_trained["created_at"]) if last_trained else champion["created_at"]
+        if rules.every_days and as_of - trained_at >= timedelta(days=rules.every_days):
             fired.append("age")
-        if rules.on_drift and dataset_drift:
+        if rules.on_drift and dataset_drift and "drift" not in answered:
             fired.append("drift")
         if rules.min_new_labels and new_labels >= rules.min_new_labels:
             fired.append("new_labels")
         holdout = _holdout_metric(champion, config.promotion.metric)
-        if rules.max_decay and realised is not None and holdout is not None:
+        if rules.max_decay and realised is not None and holdout is not None and "decay" not in answered:
             decay = evaluate.improvement(config.promotion.metric, realised, holdout)
             if decay > rules.max_decay:
                 fired.append("decay")
@@ -125,8 +136,10 @@ def build_profile(split: Split, trained: TrainedModel, holdout_scores: np.ndarra
     return drift.build_profile(numeric, categorical, scores=holdout_scores if len(holdout_scores) else None, seed=seed)
 
 
-def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, version: int, as_of: datetime) -> Candidate:
-    """Train, profile and write the artifact of challenger ``version`` from the training rows."""
+def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, version: int, as_of: datetime,
+                    dropped: dict[str, int] | None = None) -> Candidate:
+    """Train, profile and write the artifact of challenger ``version`` from the training rows
+    (``dropped``: rule -> labeled rows of the window the pull quarantined, recorded with the model)."""
     split = split_by_time(table, config)
     trained = fit(split, config)
     holdout_scores = predict(trained.booster, split.holdout, trained.spec)
@@ -140,11 +153,11 @@ def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, versi
     manifest = {
         "job": config.job, "version": version, **trained.spec.to_dict(), "params": trained.params,
         "train_start": trained.train_start, "train_end": trained.train_end, "train_rows": trained.train_rows,
-        "holdout_rows": split.holdout.num_rows, "metrics": metrics, "as_of": as_of,
+        "holdout_rows": split.holdout.num_rows, "rows_dropped": dict(dropped or {}), "metrics": metrics, "as_of": as_of,
         "encoding": "categorical value -> index in categories[feature]; unseen or null -> NaN (missing); numeric as float64",
     }
     sha, manifest_sha = registry.write_artifact(folder, trained.booster, manifest)
-    return Candidate(version, trained, split, holdout_scores, metrics, folder, sha, manifest_sha)
+    return Candidate(version, trained, split, holdout_scores, metrics, folder, sha, manifest_sha, dict(dropped or {}))
 
 
 def _json(data: dict) -> str:

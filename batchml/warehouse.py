@@ -240,6 +240,15 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    3,
+    """
+    -- labeled rows of the training window a model did not learn from nor was judged on (quarantined), and why
+    ALTER TABLE batchml.models ADD COLUMN rows_dropped BIGINT DEFAULT 0;
+    ALTER TABLE batchml.models ADD COLUMN drop_reasons VARCHAR;
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
