@@ -136,12 +136,13 @@ def test_drift_below_min_rows_is_stored_but_flags_nothing(churn_project):
     assert p.scalar("SELECT count(*) FROM batchml.models") == 1
     assert p.scalar("SELECT count(*) FROM batchml.notifications") == 0
 
-    # the same night judged (min_rows at the batch size): dataset drift, a retrain
+    # the next Monday's batch of the same size, judged (min_rows at the batch size): dataset drift, a retrain
     p.write_config(churn_config(**{"drift": {"psi_threshold": 1e-9, "min_rows": 250},
                                    "training.retrain": {"every_days": None, "on_drift": True, "min_new_labels": None, "max_decay": None}}),
                    job="churn")
-    p.cli("run", "churn", "--as-of", _date(monday + timedelta(days=1)), "--no-notify", check=True)
-    assert p.query("SELECT dataset_drift, triggers FROM batchml.runs ORDER BY started_at DESC LIMIT 1") == [(True, '["drift"]')]
+    p.cli("run", "churn", "--as-of", _date(monday + WEEK + timedelta(days=1)), "--no-notify", check=True)
+    assert p.query("SELECT rows_extracted, dataset_drift, triggers FROM batchml.runs ORDER BY started_at DESC LIMIT 1") == [
+        (250, True, '["drift"]')]
 
 
 def test_age_counts_from_the_last_training_and_a_rejected_drift_challenger_is_not_retrained_next_time(churn_project):
