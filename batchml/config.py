@@ -168,7 +168,7 @@ class DriftConfig(Strict):
 class RetrainConfig(Strict):
     """When a challenger is trained."""
 
-    every_days: int | None = Field(7, ge=1, description="Retrain when the champion is this many days old (null: never by age).")
+    every_days: int | None = Field(7, ge=1, description="Retrain when the job's last training (whatever its outcome) is this many days old (null: never by age).")
     on_drift: bool = Field(True, description="Retrain when dataset drift is detected.")
     min_new_labels: int | None = Field(500, ge=1, description="Retrain when this many labels arrived since the last training.")
     max_decay: float | None = Field(0.05, gt=0, description="Retrain when the champion's realised metric falls this far below its holdout figure.")
@@ -201,7 +201,7 @@ class PromotionConfig(Strict):
     bootstrap_resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples of the holdout.")
     min_holdout_rows: int = Field(200, ge=1, description="Fewer holdout rows than this: no decision.")
     guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics.")
-    max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring time / champion's must not exceed this.")
+    max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring work / champion's (tree nodes a row walks, counted on the holdout: the same on an idle or a busy machine) must not exceed this.")
     latency_floor_us: float = Field(0.0, ge=0, description="A challenger scoring a row in fewer microseconds than this (one thread) passes the latency test whatever its ratio (0: the ratio always applies). For small models, where an early-stopped champion of a few trees would keep out every larger challenger over milliseconds.")
     shadow: bool = Field(False, description="The latest challenger also scores new rows into scores.<job>_shadow.")
 

@@ -175,3 +175,42 @@ def test_a_drift_challenger_that_lost_is_not_trained_again_for_the_same_drift(ch
                       "WHERE kind = 'replay' AND rows_extracted > 0 ORDER BY as_of")
     assert [(d, json.loads(t), c) for d, t, c, _ in mondays] == [(True, ["drift"], 2), (True, [], None)]
     assert "drift not retrained for again: challenger v2" in mondays[1][3]
+
+
+# --- the gate's speed test counts work: the same figure whatever the machine is doing -------------
+
+
+def _stumps(trees: int, seed: int = 1):
+    import lightgbm as lgb
+
+    from batchml.features import FeatureSpec
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2_000, 3))
+    y = (x[:, 0] + rng.normal(size=2_000) > 0).astype(float)
+    params = {"objective": "binary", "num_leaves": 2, "min_data_in_leaf": 1, "verbosity": -1, "seed": seed}
+    booster = lgb.train(params, lgb.Dataset(x, y), num_boost_round=trees)
+    spec = FeatureSpec(numeric=["a", "b", "c"], categorical=[], categories={})
+    table = pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2]})
+    return booster, spec, table
+
+
+def test_the_speed_test_counts_the_nodes_a_row_walks_and_is_the_same_under_load():
+    import subprocess
+    import sys
+
+    from batchml import retrain
+
+    small, spec, holdout = _stumps(20)
+    large, _, _ = _stumps(60)
+    # a stump tests one split and lands in one leaf: two nodes a tree, for every row
+    assert retrain.scoring_work(small, spec, holdout) == 2 * small.num_trees()
+    assert retrain.scoring_work(large, spec, holdout) == 2 * large.num_trees()
+    idle = retrain.scoring_work(large, spec, holdout) / retrain.scoring_work(small, spec, holdout)
+    burner = subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+    try:
+        busy = retrain.scoring_work(large, spec, holdout) / retrain.scoring_work(small, spec, holdout)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert idle == busy == large.num_trees() / small.num_trees()
