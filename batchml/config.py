@@ -159,6 +159,7 @@ class ValidationConfig(Strict):
 
 # drift rows that are not features but take a drift.thresholds override (see batchml.drift)
 DRIFT_ROWS = ("__score__", "__multivariate__")
+MIN_DRIFT_ROWS = 200  # measured: benchmarks/drift_noise.py, README "Drift"
 
 
 class DriftConfig(Strict):
@@ -173,12 +174,15 @@ class DriftConfig(Strict):
     thresholds: dict[str, float] = Field(default_factory=dict, description="Per-feature threshold overrides.")
     dataset_drift_share: float = Field(0.3, gt=0, le=1, description="Drifted share of features that counts as dataset drift.")
     multivariate: bool = Field(False, description="Also train a domain classifier (reference vs current) and report its AUROC.")
+    min_rows: int = Field(MIN_DRIFT_ROWS, ge=1, description="A batch with fewer valid rows is measured and stored, but nothing "
+                          "is flagged: no dataset drift, no retrain, no mail (below this size the default suite false-alarms "
+                          "on stable data; see README \"Drift\").")
 
 
 class RetrainConfig(Strict):
     """When a challenger is trained."""
 
-    every_days: int | None = Field(7, ge=1, description="Retrain when the champion is this many days old (null: never by age).")
+    every_days: int | None = Field(7, ge=1, description="Retrain when the job's last training (whatever its outcome) is this many days old (null: never by age).")
     on_drift: bool = Field(True, description="Retrain when dataset drift is detected.")
     min_new_labels: int | None = Field(500, ge=1, description="Retrain when this many labels arrived since the last training.")
     max_decay: float | None = Field(0.05, gt=0, description="Retrain when the champion's realised metric falls this far below its holdout figure.")
@@ -240,7 +244,7 @@ class PromotionConfig(Strict):
     bootstrap_resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples of the holdout.")
     min_holdout_rows: int = Field(200, ge=1, description="Fewer holdout rows than this: no decision.")
     guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics.")
-    max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring time / champion's must not exceed this.")
+    max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring work / champion's (tree nodes a row walks, counted on the holdout: the same on an idle or a busy machine) must not exceed this.")
     latency_floor_us: float = Field(0.0, ge=0, description="A challenger scoring a row in fewer microseconds than this (one thread) passes the latency test whatever its ratio (0: the ratio always applies). For small models, where an early-stopped champion of a few trees would keep out every larger challenger over milliseconds.")
     shadow: bool = Field(False, description="The latest challenger also scores new rows into scores.<job>_shadow.")
 

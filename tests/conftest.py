@@ -30,6 +30,9 @@ def job_config(**overrides) -> dict:
     config["notify"] = {"email": [], "on": ["failure"]}  # YAML 1.1 reads `on` as True; we write it back as a string key
     config["training"]["params"] = {"num_leaves": 15, "learning_rate": 0.1, "num_boost_round": 60, "early_stopping_rounds": 10}
     config["promotion"]["bootstrap_resamples"] = 200
+    # the test data land ~60 findings a day (the demo's 400, scaled down): judge drift on such
+    # batches as before drift.min_rows existed (tests/test_recurring.py tests the minimum itself)
+    config["drift"]["min_rows"] = 1
     for key, value in overrides.items():
         section, _, field = key.partition(".")
         if field:
@@ -113,3 +116,73 @@ def demo_project(tmp_path: Path, findings: pa.Table) -> DemoProject:
 def day(n: int) -> datetime:
     """Midnight UTC of day ``n`` of the test data."""
     return datetime(START.year, START.month, START.day) + timedelta(days=n)
+
+
+# --- a recurring-entity job: churn, one row per customer per weekly snapshot -----------------------
+
+CHURN_START = datetime(2026, 1, 5)  # a Monday: snapshots are taken every Monday at 00:00
+
+
+def churn_snapshots(customers: int = 250, weeks: int = 30, seed: int = 3) -> pa.Table:
+    """Weekly snapshots of ``customers`` integer-keyed customers over ``weeks`` weeks: one row per
+    customer per snapshot (the same customer_id every week), landed 6 hours after the snapshot, its
+    label "churned within 30 days" known 30 days after it. Seeded, ~7,500 rows: trains in a second."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = np.tile(np.arange(1, customers + 1, dtype=np.int64), weeks)
+    week = np.repeat(np.arange(weeks), customers)
+    snapshot = np.datetime64(CHURN_START, "us") + (week * 7).astype("timedelta64[D]").astype("timedelta64[us]")
+    start_week = rng.integers(-100, 0, customers)[ids - 1]
+    base_spend = rng.gamma(4.0, 15.0, customers)[ids - 1]
+    plan = np.array(["basic", "plus", "pro"], dtype=object)[rng.integers(0, 3, customers)][ids - 1]
+    tenure = (week - start_week).astype(np.float64)
+    spend = base_spend * rng.lognormal(0.0, 0.2, len(ids))
+    tickets = rng.poisson(0.3 + (plan == "basic") * 0.7, len(ids)).astype(np.float64)
+    logit = -1.5 - 0.02 * tenure + 0.6 * tickets - 0.01 * spend + 0.8 * (plan == "basic")
+    churned = (rng.random(len(ids)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    return pa.table({
+        "customer_id": ids,
+        "snapshot_at": pa.array(snapshot, pa.timestamp("us")),
+        "ingested_at": pa.array(snapshot + np.timedelta64(6, "h"), pa.timestamp("us")),
+        "tenure_weeks": tenure, "monthly_spend": spend, "support_tickets": tickets, "plan": plan.astype(str),
+        "churned_30d": churned,
+        "label_at": pa.array(snapshot + np.timedelta64(30, "D"), pa.timestamp("us")),
+    })
+
+
+def churn_config(**overrides) -> dict:
+    """A churn job over ``raw.customer_snapshots``, small and fast for tests, with ``overrides`` merged in."""
+    config = {
+        "job": "churn",
+        "source": {"table": "raw.customer_snapshots", "entity_id": "customer_id", "event_time": "snapshot_at",
+                   "watermark": "ingested_at"},
+        "features": {"numeric": ["tenure_weeks", "monthly_spend", "support_tickets"], "categorical": ["plan"]},
+        "label": {"column": "churned_30d", "available_at": "label_at"},
+        "training": {"window_days": 180, "holdout_days": 28, "min_train_rows": 200,
+                     "params": {"num_leaves": 7, "learning_rate": 0.1, "num_boost_round": 40, "early_stopping_rounds": 10},
+                     "retrain": {"every_days": 7, "on_drift": True, "min_new_labels": None, "max_decay": None}},
+        "promotion": {"bootstrap_resamples": 200},
+        "scoring": {"table": "scores.churn"},
+        "notify": {"email": [], "on": ["failure"]},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            config.setdefault(section, {})[field] = value
+        else:
+            config[key] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def snapshots() -> pa.Table:
+    return churn_snapshots()
+
+
+@pytest.fixture
+def churn_project(tmp_path: Path, snapshots: pa.Table) -> DemoProject:
+    project = DemoProject(tmp_path / "churn", snapshots)
+    project.write_config(churn_config(), job="churn")
+    load_source(project.warehouse, snapshots, name="raw.customer_snapshots")
+    return project

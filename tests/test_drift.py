@@ -190,7 +190,8 @@ def test_unseen_levels_and_missing_values_are_counted() -> None:
     levels = np.array(["npm"] * 50 + ["pypi"] * 30 + ["cargo"] * 15 + ["nuget"] * 5 + [None] * 20 + [float("nan")] * 5, dtype=object)
     epss = np.concatenate([np.linspace(0, 1, 100), [np.nan] * 20, [np.inf] * 5])
     current.update({"epss": epss}, {"ecosystem": levels})
-    rows = {(r.feature, r.kind): r for r in compute_drift(profile, current, DriftConfig()).results}
+    # 125 rows: below the default drift.min_rows, which would flag nothing; here the flags are under test
+    rows = {(r.feature, r.kind): r for r in compute_drift(profile, current, DriftConfig(min_rows=1)).results}
     unseen = rows["ecosystem", "unseen_levels"]
     assert (unseen.statistic, unseen.n_current, unseen.drifted) == (pytest.approx(0.2), 100, True)
     assert unseen.histogram["labels"] == ["cargo", "nuget"]

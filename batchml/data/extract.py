@@ -314,13 +314,15 @@ def normalised_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: P
     the checks the source's types rule out (``validate.rule_cases``); the reason text too is built
     only for rejected rows.
 
-    With ``dedupe``, duplicate entity ids are found with an aggregate over the ids alone, and only
-    the rows of duplicated ids are ranked (latest watermark first, ties broken by a hash of the
-    row): a window over every row would hold the whole batch in memory, which then grows with the
-    batch. ``dedupe=False`` is for a batch known to hold no duplicate ids (:func:`count_rows`).
+    A row is identified by (entity id, event time): the same entity at another event time (a
+    customer's weekly snapshot) is another row. With ``dedupe``, duplicate keys are found with an
+    aggregate over the keys alone, and only the rows of duplicated keys are ranked (latest watermark
+    first, ties broken by a hash of the row): a window over every row would hold the whole batch in
+    memory, which then grows with the batch. ``dedupe=False`` is for a batch known to hold no
+    duplicate keys (:func:`count_rows`).
     """
     src, label = config.source, config.label
-    entity, wm = quote_ident(src.entity_id), quote_ident(src.watermark)
+    entity, wm, event = quote_ident(src.entity_id), quote_ident(src.watermark), quote_ident(src.event_time)
     rule, reason = reason_sql(config, columns)
     features = [f"{_as_double(n)} AS {quote_ident(n)}" for n in config.features.numeric]
     features += [f"CAST({quote_ident(n)} AS VARCHAR) AS {quote_ident(n)}" for n in config.features.categorical]
@@ -328,12 +330,15 @@ def normalised_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: P
     tiebreak = f"hash({', '.join(quote_ident(c) for c in required_columns(config))})"
     ranked = "SELECT *, 1 AS __rank FROM pulled"
     if dedupe:
+        # IS NOT DISTINCT FROM: a null event time is its own rule, but two such rows are still one key
+        same_key = f"d.__id = p.{entity} AND d.__at IS NOT DISTINCT FROM p.{event}"
         ranked = f"""
-            SELECT *, 1 AS __rank FROM pulled p WHERE NOT EXISTS (SELECT 1 FROM dups d WHERE d.__id = p.{entity})
+            SELECT *, 1 AS __rank FROM pulled p WHERE NOT EXISTS (SELECT 1 FROM dups d WHERE {same_key})
             UNION ALL BY NAME
-            SELECT *, row_number() OVER (PARTITION BY {entity} ORDER BY {watermark} DESC NULLS LAST, {tiebreak}) AS __rank
-            FROM pulled p WHERE EXISTS (SELECT 1 FROM dups d WHERE d.__id = p.{entity})"""
-    dups = f"dups AS (SELECT {entity} AS __id FROM pulled WHERE {entity} IS NOT NULL GROUP BY 1 HAVING count(*) > 1)," if dedupe else ""
+            SELECT *, row_number() OVER (PARTITION BY {entity}, {event} ORDER BY {watermark} DESC NULLS LAST, {tiebreak}) AS __rank
+            FROM pulled p WHERE EXISTS (SELECT 1 FROM dups d WHERE {same_key})"""
+    dups = (f"dups AS (SELECT {entity} AS __id, {event} AS __at FROM pulled WHERE {entity} IS NOT NULL GROUP BY ALL "
+            f"HAVING count(*) > 1),") if dedupe else ""
     return f"""
         WITH src AS ({source_sql(con, config, project)}),
         pulled AS (SELECT * FROM src WHERE {where}),
@@ -344,7 +349,7 @@ def normalised_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: P
             SELECT *,
                    CASE WHEN __rule0 IS NULL AND __rank > 1 THEN 'duplicate' ELSE __rule0 END AS {RULE},
                    CASE WHEN __rule0 IS NOT NULL THEN {reason}
-                        WHEN __rank > 1 THEN 'duplicate entity id in batch; a row with a later {src.watermark} supersedes it'
+                        WHEN __rank > 1 THEN 'duplicate ({src.entity_id}, {src.event_time}) in batch; a row with a later {src.watermark} supersedes it'
                         END AS {REASON}
             FROM checked
         )
@@ -417,17 +422,18 @@ class PullResult:
 
 
 def count_rows(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str) -> tuple[int, bool]:
-    """(rows matching ``where``, whether an entity id occurs twice among them).
+    """(rows matching ``where``, whether an (entity id, event time) key occurs twice among them).
 
     An aggregate over the ids alone (0.15 s for 2M rows; a GROUP BY, which DuckDB can spill to
     disk, where count(DISTINCT) runs out of memory under a small ``memory_limit``) spares the
     common, duplicate-free batch the ranking query, which costs more than the rest of the pull
     (1.5 s vs 0.6 s at 2M rows)."""
-    entity = quote_ident(config.source.entity_id)
+    entity, event = quote_ident(config.source.entity_id), quote_ident(config.source.event_time)
     batch = f"(SELECT * FROM ({source_sql(con, config, project)}) WHERE {where})"
     try:  # fetch to the end: an unfinished result blocks the connection
         rows = con.execute(f"SELECT count(*) FROM {batch}").fetchall()[0][0]
-        repeated = con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY {entity} HAVING count(*) > 1 LIMIT 1").fetchall()
+        repeated = con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY {entity}, {event} "
+                               f"HAVING count(*) > 1 LIMIT 1").fetchall()
     except duckdb.Error as exc:
         raise DataError(_source_error(config, exc)) from exc
     return rows, bool(repeated)

@@ -14,7 +14,8 @@ future_event_time  the event time is after the run's cut-off (``as_of``): a cloc
                    every training window and shrink the holdout to itself
 non_finite         a numeric feature is +inf or -inf
 out_of_range       a numeric feature is outside ``validation.ranges`` (inclusive)
-duplicate          the entity id appears again in the batch with a later watermark
+duplicate          the same (entity id, event time) appears again in the batch with a
+                   later watermark (the same entity at another event time is another row)
 =================  ===============================================================
 
 NaN or null in a feature is a *missing value*: LightGBM handles it, so the row is scored. Unseen

@@ -26,7 +26,7 @@ SOURCE = "raw.vuln_findings"
 SHIFT_DAY = 90
 FIRST_NIGHT = SHIFT_DAY + 31
 # Each day's rows are drawn from a stream keyed by (seed, date): a fixed calendar makes every run,
-# on any day, tell the same story (with the default seed: drift on the first night, v6 promoted on night 8)
+# on any day, tell the same story (with the default seed: drift on the first night, v5 promoted on night 8)
 DEMO_START = date(2026, 7, 16)
 BAD_ROW_FRACTION = 0.004
 DEMO_TABLES = {("raw", "vuln_findings"), ("raw", "demo_info")}

@@ -370,7 +370,7 @@ class GateDecision:
     bootstrap: BootstrapResult | None
     """Paired bootstrap of the primary metric; None for no_decision."""
     latency_ratio: float | None
-    """Challenger scoring seconds / champion's; None if the champion's time was 0 (nothing timed)."""
+    """Challenger scoring work (or seconds) / champion's; None if the champion's was 0 (nothing timed)."""
     checks: dict[str, bool]
     """Every condition evaluated, in order, and whether it passed."""
 
@@ -388,6 +388,7 @@ def decide(
     challenger_seconds: float,
     seed: int = 42,
     timed_rows: int | None = None,
+    work: tuple[float, float] | None = None,
 ) -> GateDecision:
     """Compare champion and challenger on the same holdout and apply the promotion gate.
 
@@ -398,9 +399,13 @@ def decide(
     ``latency_floor_us``: an early-stopped champion of a few trees must not lock out every larger
     model over milliseconds). A holdout with fewer than ``min_holdout_rows`` rows or a single class
     gives ``no_decision``. The reason names the first failing check; all are in ``checks``.
+
+    ``work`` (champion, challenger): a measure of the scoring work per row that does not depend on
+    the machine's load (``retrain.scoring_work``); given, the latency ratio is its ratio and the
+    seconds only give the time per row.
     """
     y, p_champion, p_challenger = _paired(y, p_champion, p_challenger)
-    ratio = _latency_ratio(champion_seconds, challenger_seconds)
+    ratio = _latency_ratio(*work) if work is not None else _latency_ratio(champion_seconds, challenger_seconds)
     unknown = sorted(set(config.guard) - set(METRICS))
     if unknown:
         raise ValueError(f"promotion.guard names unknown metrics {unknown}; known: {', '.join(METRICS)}")
@@ -485,7 +490,7 @@ def _latency_check(ratio: float | None, config: PromotionConfig, per_row_us: flo
         return "latency", True, ""
     if ratio is None:
         return "latency", False, "the champion's scoring time was 0 s, so the latency ratio cannot be checked"
-    reason = f"challenger scoring takes {ratio:.2f}x the champion's time > max_latency_ratio {config.max_latency_ratio:g}"
+    reason = f"challenger scoring takes {ratio:.2f}x the champion's work > max_latency_ratio {config.max_latency_ratio:g}"
     if per_row_us is not None:  # the time itself: a few µs a row may not matter to the job, which latency_floor_us can say
         reason += f" ({per_row_us:.1f} µs a row on one thread; promotion.latency_floor_us {config.latency_floor_us:g})"
     return "latency", ratio <= config.max_latency_ratio, reason

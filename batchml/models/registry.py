@@ -194,7 +194,7 @@ def newest_challenger(con: duckdb.DuckDBPyConnection, job: str, after: int) -> d
 
 def last_trained(con: duckdb.DuckDBPyConnection, job: str) -> dict | None:
     """The model trained at the latest cut-off (``created_at`` is the as_of of its training run)."""
-    return _located(con, fetch_one(con, "SELECT job, version, created_at, status, artifact_path FROM batchml.models "
+    return _located(con, fetch_one(con, "SELECT job, version, created_at, status, artifact_path, run_id FROM batchml.models "
                                         "WHERE job = ? ORDER BY created_at DESC, version DESC LIMIT 1", [job]))
 
 

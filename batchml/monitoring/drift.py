@@ -64,7 +64,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -164,6 +164,7 @@ class DriftReport:
 
     results: list[DriftResult]
     dataset_drift_share: float = 0.3
+    too_few_rows: bool = False  # the current side is below drift.min_rows: measured and stored, never flagged
 
     @property
     def feature_results(self) -> list[DriftResult]:
@@ -180,7 +181,7 @@ class DriftReport:
 
     @property
     def dataset_drift(self) -> bool:
-        return self.feature_count > 0 and self.drifted_count / self.feature_count >= self.dataset_drift_share
+        return not self.too_few_rows and self.feature_count > 0 and self.drifted_count / self.feature_count >= self.dataset_drift_share
 
     @property
     def errors(self) -> list[DriftResult]:
@@ -245,7 +246,10 @@ def compute_drift(profile: ReferenceProfile, current: CurrentAccumulator, config
         results.append(_prediction_result(profile, current, config))
     if config.multivariate:
         results.append(_multivariate_result(profile, current, config))
-    return DriftReport(results, config.dataset_drift_share)
+    too_few = max(current.rows, current.score_rows) < config.min_rows
+    if too_few:  # on a handful of rows every statistic is noise: keep the figures, flag nothing
+        results = [replace(result, drifted=False) for result in results]
+    return DriftReport(results, config.dataset_drift_share, too_few)
 
 
 def _judge(feature: str, method: str, kind: str, threshold: float, sizes: tuple[int, int],

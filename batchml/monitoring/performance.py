@@ -60,13 +60,15 @@ def realised(con, config: JobConfig, project: Path, as_of: datetime) -> list[dic
     rows = con.execute(f"""
         WITH labeled AS ({arrived}),
         s AS (
-            SELECT sc.{entity} AS e, sc.score, sc.model_version FROM {quote_table(table)} sc
+            SELECT sc.{entity} AS e, sc.event_time AS t, sc.score, sc.model_version FROM {quote_table(table)} sc
             JOIN batchml.runs r ON r.run_id = sc.run_id
             WHERE r.kind IN ('nightly', 'replay') AND r.as_of <= {ts_literal(as_of)}
-            QUALIFY row_number() OVER (PARTITION BY sc.{entity} ORDER BY sc.scored_at DESC) = 1
+            QUALIFY row_number() OVER (PARTITION BY sc.{entity}, sc.event_time ORDER BY sc.scored_at DESC) = 1
         )
+        -- a label belongs to the score of the same row: (entity, event time), as a customer's weekly snapshots
         SELECT l.{LABEL}, s.score, CAST(l.{EVENT_TIME} AS DATE), s.model_version
         FROM labeled l JOIN s ON CAST(s.e AS VARCHAR) = CAST(l.{ENTITY} AS VARCHAR)  -- ids may have changed type since
+                              AND s.t = l.{EVENT_TIME}
         WHERE l.{RULE} IS NULL
     """).fetchall()
     return metric_rows(config.promotion.metric, rows)

@@ -127,6 +127,7 @@ class NightlyRun:
         self.decision: evaluate.GateDecision | None = None
         self.new_labels = 0
         self.last_trained: dict | None = None  # the job's most recently trained model (any status)
+        self.answered: frozenset[str] = frozenset()  # triggers its last, unpromoted challenger was trained for
         self.realised: float | None = None
         self.performance: list[dict] = []
         self.scores_path = self.scratch / "scores.arrow"
@@ -244,6 +245,7 @@ class NightlyRun:
             if self.run.kind in ("nightly", "replay"):
                 self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
                 self.last_trained = registry.last_trained(con, self.config.job)
+                self.answered = self._answered_triggers(con)
                 self.performance = performance.realised(con, self.config, self.project.root, self.run.as_of)
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
@@ -268,6 +270,9 @@ class NightlyRun:
             accumulator.update(**feature_arrays(batch, profile))
         self.drift_report = drift.compute_drift(profile, accumulator, self.config.drift)
         self.run.dataset_drift = self.drift_report.dataset_drift
+        if self.drift_report.too_few_rows:
+            self._add_note(f"drift measured on {self.valid_rows} rows but not judged (fewer than drift.min_rows "
+                           f"{self.config.drift.min_rows}): nothing flagged, no drift trigger")
         log.info("%s: drift in %d/%d features%s", self.config.job, self.drift_report.drifted_count,
                  self.drift_report.feature_count, " (dataset drift)" if self.drift_report.dataset_drift else "")
 
@@ -290,11 +295,13 @@ class NightlyRun:
 
     def _retrain(self) -> retrain.Candidate | None:
         """Train a challenger if a trigger fires; the first model is crowned at once, others are returned for the gate."""
-        self.run.triggers = retrain.due_triggers(
-            self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
-            dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
-            champion_spec=self.champion.spec if self.champion is not None else None,
-        )
+        self.run.triggers = self._due_triggers(self.answered)
+        silent = [t for t in self._due_triggers(frozenset()) if t not in self.run.triggers]
+        if silent:
+            self._add_note(f"{', '.join(silent)} not retrained for again: challenger v{self.last_trained['version']} was "
+                           f"trained for it at {self.last_trained['created_at']:%Y-%m-%d %H:%M} under champion "
+                           f"v{self.champion_row['version']} and not promoted; the next challenger waits for new labels "
+                           f"(training.retrain.min_new_labels) or age (every_days)")
         if not self.run.triggers or self._before_champion() or self._trained_already():
             return None
         log.info("%s: retraining (%s)", self.config.job, ", ".join(self.run.triggers))
@@ -310,6 +317,25 @@ class NightlyRun:
             self._crown_first(candidate)
             return None
         return candidate
+
+    def _due_triggers(self, answered: frozenset[str]) -> list[str]:
+        return retrain.due_triggers(
+            self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
+            dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
+            champion_spec=self.champion.spec if self.champion is not None else None,
+            last_trained=self.last_trained, answered=answered,
+        )
+
+    def _answered_triggers(self, con) -> frozenset[str]:
+        """Drift and decay that the job's last training already answered under the current champion
+        with a challenger that was not promoted (see ``retrain.due_triggers``)."""
+        seen, champion = self.last_trained, self.champion_row
+        if seen is None or champion is None or seen["version"] == champion["version"] or seen["created_at"] > self.run.as_of:
+            return frozenset()
+        row = con.execute("SELECT triggers, champion_version FROM batchml.runs WHERE run_id = ?", [seen.get("run_id")]).fetchone()
+        if row is None or row[1] != champion["version"]:
+            return frozenset()
+        return frozenset({"drift", "decay"} & set(json.loads(row[0] or "[]")))
 
     def _before_champion(self) -> bool:
         """A cut-off before the champion's own: a challenger trained then would be judged on a
@@ -343,15 +369,23 @@ class NightlyRun:
         path = self.scratch / "train.arrow"
         with self._connect() as con:
             # the pull config: the holdout must hold the champion's columns too, for the gate
-            pull(con, self.pull_config, self.project.root, training_filter(self.config, self.run.as_of), path,
-                 columns=self.source_columns)
+            pulled = pull(con, self.pull_config, self.project.root, training_filter(self.config, self.run.as_of), path,
+                          columns=self.source_columns)
             version = registry.next_version(con, self.config.job)
             odd, values = odd_labels(con, self.config, self.project.root, training_filter(self.config, self.run.as_of, labeled_only=False))
         if odd:
             self._warn(f"{odd} row(s) in the training window have a {self.config.label.column} (label.column) other than 0/1 "
                        f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
+        if pulled.by_rule:  # every labeled row of the window trains or judges, unless the contract rejects it
+            reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(pulled.by_rule.items()))
+            self._warn(f"{sum(pulled.by_rule.values())} of {pulled.rows} labeled row(s) in the training window left out of "
+                       f"training and holdout ({reasons}); see batchml.models.drop_reasons")
         table = read_run_file(path)
-        return retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of)
+        candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule)
+        log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
+                 self.config.job, version, pulled.rows, candidate.trained.train_rows, candidate.split.holdout.num_rows,
+                 sum(pulled.by_rule.values()))
+        return candidate
 
     def _crown_first(self, candidate: retrain.Candidate) -> None:
         job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of

@@ -31,6 +31,7 @@ from batchml.config import JobConfig
 from batchml.errors import BatchMLError
 from batchml.project import Project
 from batchml.storage.warehouse import open_connection, quote_ident, quote_literal, quote_table, table_exists
+from batchml.storage.writeback import LATEST_ORDER, latest_sql
 
 log = logging.getLogger("batchml")
 
@@ -117,11 +118,7 @@ def catalog_views(project: Project, configs: list[JobConfig]) -> dict[str, str]:
             continue
         scores = config.scores_table
         views[scores] = f"SELECT * FROM read_parquet({quote_literal(str(files / '*.parquet'))}, union_by_name = true)"
-        entity = quote_ident(config.source.entity_id)
-        views[f"{scores}_latest"] = (
-            f"SELECT * FROM {quote_table(scores)} "
-            f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
-        )
+        views[f"{scores}_latest"] = latest_sql(quote_table(scores), config)
     return views
 
 
@@ -188,5 +185,8 @@ def _catalog_has(project: Project, views: dict[str, str]) -> bool:
         con.close()
     # a view over another directory's files (the project was copied or moved) counts as missing
     home = str(project.published)
+    # a _latest view from before it ordered by event time (one row per entity's newest event) is stale
+    stale = [name for name in present if name.endswith("_latest") and LATEST_ORDER not in present[name]]
     # names compared as DuckDB resolves them: case-insensitively (scoring.table Scores.Toy_Mixed)
-    return all(name.lower() in present and (home not in sql or home in present[name.lower()]) for name, sql in views.items())
+    return not stale and all(name.lower() in present and (home not in sql or home in present[name.lower()])
+                             for name, sql in views.items())

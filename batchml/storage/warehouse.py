@@ -270,6 +270,9 @@ MIGRATIONS.append((
         job VARCHAR NOT NULL, version INTEGER NOT NULL, kind VARCHAR NOT NULL, file VARCHAR NOT NULL,
         sha256 VARCHAR NOT NULL, registered_at TIMESTAMP
     );
+    -- labeled rows of the training window a model did not learn from nor was judged on (quarantined), and why
+    ALTER TABLE batchml.models ADD COLUMN rows_dropped BIGINT DEFAULT 0;
+    ALTER TABLE batchml.models ADD COLUMN drop_reasons VARCHAR;
     """,
 ))
 

@@ -45,11 +45,19 @@ def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str =
     with registered(con, "__scores", schema.empty_table()):
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
         require_entity_type(con, config, name, con.execute(f"DESCRIBE SELECT {entity} FROM __scores").fetchall()[0][1])
-    con.execute(
-        f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS SELECT * FROM {table} "
-        f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
-    )
+    con.execute(f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS {latest_sql(table, config)}")
     return table
+
+
+# A row is (entity, event time): an entity's newest event, and of that event's scores the latest one.
+# A backfill of older events never wins; a backfill of the newest event with another model does.
+LATEST_ORDER = "event_time DESC NULLS LAST, scored_at DESC, run_id DESC"
+
+
+def latest_sql(table: str, config: JobConfig) -> str:
+    """SELECT of one row per entity from the scores ``table`` (quoted): the ``_latest`` view, here and in the catalog."""
+    entity = quote_ident(config.source.entity_id)
+    return f"SELECT * FROM {table} QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY {LATEST_ORDER}) = 1"
 
 
 def require_entity_type(con, config: JobConfig, name: str, source_type: str) -> None:
