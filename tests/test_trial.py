@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import subprocess
 import sys
@@ -223,3 +224,69 @@ def test_the_shipped_worse_candidate_is_kept_out(tmp_path, busy):
     data = json.loads(result.stdout)
     assert not next(c for c in data["conditions"] if c["name"] == "min_improvement")["passed"]
     assert data["features"]["removed"] == ["internet_exposed"]
+
+
+# -- the CI recipe ----------------------------------------------------------------------------------
+
+CI = REPO / "docs" / "ci"
+
+
+def git(root: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, env=env)
+
+
+def try_changed_jobs(p: DemoProject, base: str) -> tuple[subprocess.CompletedProcess, str]:
+    """The workflow's own step: the script, from the project directory, against the base branch."""
+    comment = p.root / "try-comment.md"
+    result = subprocess.run(
+        [str(CI / "try-changed-jobs"), base], cwd=p.root, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "BATCHML_BIN": str(Path(sys.executable).parent / "batchml"), "BATCHML_COMMENT": str(comment),
+             "BATCHML_THREADS": "1"})
+    return result, comment.read_text()
+
+
+def test_the_workflow_runs_the_tested_script():
+    workflow = yaml.safe_load((CI / "try-model-change.yml").read_text())
+    steps = [step.get("run", "") for step in workflow["jobs"]["try"]["steps"]]
+    assert any('docs/ci/try-changed-jobs "origin/${{ github.base_ref }}"' in run for run in steps)
+    assert any("gh pr comment" in run and "--body-file try-comment.md" in run for run in steps)
+    assert workflow[True]["pull_request"]["paths"] == ["configs/**", "jobs/**"]  # YAML 1.1 reads `on` as True
+
+
+def test_the_ci_script_checks_and_tries_each_changed_job_and_writes_the_comment(tmp_path, busy):
+    p = with_champion(tmp_path / "repo", busy)
+    (p.root / ".gitignore").write_text("warehouse/\ntry-comment.md\n")
+    git(p.root, "init", "-q", "-b", "main")
+    git(p.root, "add", "-A")
+    git(p.root, "commit", "-qm", "vuln_risk as it runs")
+    git(p.root, "checkout", "-qb", "add-epss")
+    before = warehouse_state(p.root / "warehouse")
+
+    untouched, comment = try_changed_jobs(p, "main")
+    assert untouched.returncode == 0, untouched.stderr
+    assert "nothing to try" in comment
+
+    p.write_config(job_config(promotion=FAST))  # the pull request: epss added
+    git(p.root, "commit", "-qam", "vuln_risk: add epss")
+    better, comment = try_changed_jobs(p, "main")
+    assert better.returncode == 0, better.stderr + comment
+    assert comment.startswith("### ✅ `batchml try vuln_risk`: the gate would PROMOTE the candidate over champion v1")
+    assert "added `epss`" in comment and "<code>batchml check vuln_risk</code>: ok" in comment
+
+    worse = without(champion_config(), "internet_exposed")
+    worse["training"]["params"]["num_leaves"] = 2
+    p.write_config(worse)
+    git(p.root, "commit", "-qam", "vuln_risk: fewer leaves, no internet_exposed")
+    rejected, comment = try_changed_jobs(p, "main")
+    assert rejected.returncode == 4, rejected.stderr + comment
+    assert comment.startswith("### ❌ `batchml try vuln_risk`: the gate would KEEP champion v1")
+    assert "| `min_improvement` | ❌ **fail** |" in comment
+
+    p.write_config({**worse, "training": {**worse["training"], "windw_days": 3}})
+    git(p.root, "commit", "-qam", "a typo")
+    broken, comment = try_changed_jobs(p, "main")
+    assert broken.returncode == 2, broken.stderr + comment
+    assert "### ❌ `batchml check vuln_risk` failed (exit 2)" in comment and "training.windw_days" in comment
+    assert warehouse_state(p.root / "warehouse") == before
