@@ -298,7 +298,8 @@ def _detail(trial: Trial, name: str) -> str:
         ours, theirs = decision.metrics_challenger.get(metric), decision.metrics_champion.get(metric)
         if ours is not None and theirs is not None:
             worse = -evaluate.improvement(metric, theirs, ours)
-            return f"{metric} {theirs:.4f} -> {ours:.4f} (worse by {worse:+.4f}), allowance {promotion.guard[metric]:g}"
+            change = f"worse by {worse:.4f}" if worse > 0 else f"better by {-worse:.4f}"
+            return f"{metric} {theirs:.4f} -> {ours:.4f} ({change}), may worsen by {promotion.guard[metric]:g}"
     if name == "latency":
         ratio = "n/a" if decision.latency_ratio is None else f"{decision.latency_ratio:.2f}x"
         floor = f", or under {promotion.latency_floor_us:g} µs a row" if promotion.latency_floor_us else ""
