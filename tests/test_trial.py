@@ -204,6 +204,7 @@ def test_without_a_champion_the_candidate_would_be_the_first(tmp_path, findings)
     data = json.loads(result.stdout)
     assert data["outcome"] == "no_champion" and data["champion"] is None and data["conditions"] == []
     assert data["candidate"]["version"] == 1 and data["golden_set"]["candidate"]["passed"]
+    assert data["features"] == {"added": [], "removed": []} and data["bootstrap"] is None
     assert warehouse_state(p.root / "warehouse") == before  # not even the batchml schema
 
 

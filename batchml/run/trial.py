@@ -16,8 +16,9 @@ lock is taken, and the candidate is trained into a temporary folder that is dele
 The default cut-off is the job's watermark, i.e. the data the last nightly run saw: the same
 warehouse gives the same answer however often CI reruns it. Example::
 
-    >>> trial = try_config(Project.open(), "vuln_risk", Path("configs/candidates/vuln_risk.better.yaml"))
-    >>> trial.would_promote, trial.reason
+    trial = try_config(Project.open(), "vuln_risk", Path("configs/candidates/vuln_risk.better.yaml"))
+    trial.would_promote, trial.reason   # (False, 'roc_auc improvement -0.0555 is below min_improvement 0.002')
+    to_dict(trial)                      # the JSON form (README: "Trying a config change")
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def try_config(project: Project, job: str, config_path: Path | None = None, as_o
 def _train_and_judge(project: Project, config: JobConfig, shown_path: str, as_of: datetime | None, scratch: Path) -> Trial:
     champion_row, champion, as_of, version = _pull(project, config, as_of, scratch / "train.arrow")
     candidate = retrain.train_candidate(config, read_run_file(scratch / "train.arrow"), scratch / "models", version, as_of)
-    added, removed = retrain.feature_change(config, champion.spec) if champion else (config.features.all, [])
+    added, removed = retrain.feature_change(config, champion.spec) if champion else ([], [])
     trial = Trial(
         job=config.job, config_path=shown_path, as_of=as_of, config=config, candidate=candidate, candidate_version=version,
         champion=champion_row, champion_trees=champion.booster.num_trees() if champion else None,
@@ -132,8 +133,7 @@ def _train_and_judge(project: Project, config: JobConfig, shown_path: str, as_of
         golden_candidate=_golden_of_candidate(candidate, config.job, as_of),
     )
     if champion is not None:
-        report = _drift_against(champion, candidate, config)
-        trial.drift, trial.dataset_drift = report
+        trial.drift, trial.dataset_drift = _drift_against(champion, candidate, config)
     return trial
 
 
