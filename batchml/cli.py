@@ -1,7 +1,7 @@
 """The ``batchml`` command: parses arguments, calls the library, turns errors into one line.
 
 Exit codes: 0 ok · 1 run failed · 2 bad usage or config · 3 data rejected by validation ·
-75 another run of the job holds the lock.
+4 (``try``) the candidate would not pass the gate · 75 another run of the job holds the lock.
 """
 
 from __future__ import annotations
@@ -208,6 +208,34 @@ def check(job: Annotated[Optional[str], typer.Argument(help="One job (default: e
     problems = check_project(open_project(), job, echo=lambda line: console.print(line, highlight=False, markup=False))
     if problems:
         raise summary_error(problems)
+
+
+@app.command("try")
+def try_(
+    job: str,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Proposed job YAML (default: configs/JOB.yaml as it is now).")] = None,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off (date = 00:00 UTC); default: the job's watermark.")] = None,
+    output: Annotated[str, typer.Option("--format", help="text | markdown | json")] = "text",
+) -> None:
+    """Train a candidate from a proposed config and put it through the nightly gate against the
+    champion, writing nothing. Exit 0: the gate would promote it; 4: it would keep the champion.
+
+    Example: batchml try vuln_risk --config configs/candidates/vuln_risk.better.yaml --format markdown
+    """
+    if output not in ("text", "markdown", "json"):
+        raise ConfigError(f"--format {output!r}: use text, markdown or json")
+    from batchml.errors import GateFailed, ModelError
+    from batchml.pipeline.trial import to_dict, try_config
+    from batchml.reports.trial import to_markdown, to_text
+
+    data = to_dict(try_config(open_project(), job, config, parse_as_of(as_of)))
+    render = {"json": lambda d: json.dumps(d, indent=2), "markdown": to_markdown, "text": to_text}[output]
+    console.print(render(data), highlight=False, markup=False, soft_wrap=True)
+    golden = [g for g in data["golden_set"].values() if g is not None and not g["passed"]]
+    if golden:  # not the candidate's doing: the environment no longer reproduces stored scores
+        raise ModelError(golden[0]["error"])
+    if not data["would_promote"]:
+        raise GateFailed(f"the candidate would not pass the gate: {data['reason']}")
 
 
 @app.command()

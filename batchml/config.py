@@ -478,8 +478,9 @@ def parse_job_config(data: object, path: Path) -> JobConfig:
         raise ConfigError(_format_validation_error(path, exc)) from None
 
 
-def load_job_config(path: Path) -> JobConfig:
-    """Read and validate one job YAML file."""
+def load_job_config(path: Path, job: str | None = None) -> JobConfig:
+    """Read and validate one job YAML file; its ``job:`` must be ``job`` (default: the file's name,
+    which a proposed config for ``batchml try``, e.g. ``vuln_risk.better.yaml``, need not share)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -493,7 +494,9 @@ def load_job_config(path: Path) -> JobConfig:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     config = parse_job_config(data, path)
-    if config.job != path.stem:
+    if job is not None and config.job != job:
+        raise ConfigError(f"{path}: job: is {config.job!r}, not {job!r}; propose a config of job {job}, or name the job it is for")
+    if job is None and config.job != path.stem:
         raise ConfigError(f"{path}: job: is {config.job!r} but the file is named {path.name}; make them match")
     return config
 

@@ -7,6 +7,7 @@
     ├── WarehouseError           exit 1  DuckDB refused (locked, corrupt, ...)
     ├── ModelError               exit 1  missing or tampered artifact
     ├── NotifyError              (never fails a run; recorded in batchml.notifications)
+    ├── GateFailed               exit 4  ``batchml try``: the candidate would not pass the gate
     └── LockError                exit 75 another run of the job holds the lock
 
 Third-party errors are translated where they enter (``raise WarehouseError(...) from exc``), so the
@@ -51,6 +52,12 @@ class ModelError(BatchMLError):
 
 class NotifyError(BatchMLError):
     """A report could not be delivered; recorded, never fatal for a run."""
+
+
+class GateFailed(BatchMLError):
+    """``batchml try``: the gate would keep the champion (the message names the failing condition)."""
+
+    exit_code = 4
 
 
 class LockError(BatchMLError):

@@ -368,18 +368,9 @@ class NightlyRun:
     def _train_candidate(self) -> retrain.Candidate:
         path = self.scratch / "train.arrow"
         with self._connect() as con:
-            # the pull config: the holdout must hold the champion's columns too, for the gate
-            pulled = pull(con, self.pull_config, self.project.root, training_filter(self.config, self.run.as_of), path,
-                          columns=self.source_columns)
+            pulled = pull_training_rows(con, self.config, self.pull_config, self.project.root, self.run.as_of, path,
+                                        columns=self.source_columns, warn=self._warn)
             version = registry.next_version(con, self.config.job)
-            odd, values = odd_labels(con, self.config, self.project.root, training_filter(self.config, self.run.as_of, labeled_only=False))
-        if odd:
-            self._warn(f"{odd} row(s) in the training window have a {self.config.label.column} (label.column) other than 0/1 "
-                       f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
-        if pulled.by_rule:  # every labeled row of the window trains or judges, unless the contract rejects it
-            reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(pulled.by_rule.items()))
-            self._warn(f"{sum(pulled.by_rule.values())} of {pulled.rows} labeled row(s) in the training window left out of "
-                       f"training and holdout ({reasons}); see batchml.models.drop_reasons")
         table = read_run_file(path)
         candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule)
         log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
@@ -664,6 +655,23 @@ class NightlyRun:
             reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)
         except BatchMLError as exc:
             log.warning("%s: report not delivered: %s", self.config.job, exc)
+
+
+def pull_training_rows(con, config: JobConfig, pull_config: JobConfig, root: Path, as_of: datetime, path: Path,
+                       columns: dict[str, str] | None = None, warn=log.warning) -> PullResult:
+    """The labeled rows a challenger trained at ``as_of`` learns from (its holdout included) into run file
+    ``path``. ``pull_config`` is ``config`` with the champion's features added (:func:`with_model_features`):
+    the holdout must hold the champion's columns too, for the gate. Used by nightly runs and ``batchml try``."""
+    pulled = pull(con, pull_config, root, training_filter(config, as_of), path, columns=columns)
+    odd, values = odd_labels(con, config, root, training_filter(config, as_of, labeled_only=False))
+    if odd:
+        warn(f"{odd} row(s) in the training window have a {config.label.column} (label.column) other than 0/1 "
+             f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
+    if pulled.by_rule:  # every labeled row of the window trains or judges, unless the contract rejects it
+        reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(pulled.by_rule.items()))
+        warn(f"{sum(pulled.by_rule.values())} of {pulled.rows} labeled row(s) in the training window left out of "
+             f"training and holdout ({reasons}); see batchml.models.drop_reasons")
+    return pulled
 
 
 def feature_arrays(batch: pa.RecordBatch, profile: drift.ReferenceProfile) -> dict:
