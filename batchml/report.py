@@ -193,6 +193,7 @@ _EVENT_TESTS = {
     "rejection": lambda d: d.status == "rejected",
     "failure": lambda d: d.status == "failed",
     "always": lambda d: True,
+    "weekly": lambda d: False,  # mails the history page, not the run's report (batchml.reporting.weekly_due)
 }
 
 

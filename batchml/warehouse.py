@@ -240,6 +240,14 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    3,
+    """
+    -- which page a mail carried: a run's report, or the job's history page (notify.on: weekly, report --history --send)
+    ALTER TABLE batchml.notifications ADD COLUMN report VARCHAR DEFAULT 'run';
+    """,
+))
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
