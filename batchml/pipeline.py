@@ -604,6 +604,8 @@ class NightlyRun:
             reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)
         except BatchMLError as exc:
             log.warning("%s: report not delivered: %s", self.config.job, exc)
+        if self.run.kind == "nightly":  # a replay refreshes the page once, after its last night
+            reporting.refresh_history(self.project, self.config, self.run.run_id, send=self.notify)
 
 
 def feature_arrays(batch: pa.RecordBatch, profile: drift.ReferenceProfile) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 from batchml.charts import distribution_chart, trend_chart
 from batchml.errors import BatchMLError
 from batchml.report_html import _as_datetime, _diff, _float, _fmt, _one_line, _pairs, _percent, _seconds, _utc, _version
+from batchml.reports import HISTORY_FILE
 from batchml.reports.templating import Cell, Chart, Charts, render
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 MAX_FEATURE_CHARTS = 12
 SCORE_FEATURE = "__score__"
 P_VALUE_METHODS = {"ks", "chi2"}
-HISTORY_FILE = "history.html"  # the job's history page, beside its run reports (batchml.reports.history)
 PAGE_WIDTH = 780
 STATUS_TONES = {"succeeded": "good", "failed": "bad", "rejected": "warn", "running": "info"}
 GATE_TONES = {"promoted": "good", "rejected": "warn"}
