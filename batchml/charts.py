@@ -222,8 +222,7 @@ def drift_heatmap(features: Sequence[str], nights: Sequence[datetime], severity:
         logged = np.log10(np.clip(ratio, 1e-3, 1e3))
     height = 1.1 + 0.19 * len(features)
     fig, ax = _figure((WIDE[0], height))
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#e5e7eb")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#e5e7eb")
     numbers = mdates.date2num(list(nights))
     step = float(np.median(np.diff(numbers))) if len(numbers) > 1 else 1.0
     extent = (numbers[0] - step / 2, numbers[-1] + step / 2, len(features) - 0.5, -0.5) if len(numbers) else None

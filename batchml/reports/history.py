@@ -277,7 +277,7 @@ def subject_line(data: HistoryData) -> str:
     problems = sum(1 for r in data.runs if r["status"] not in ("succeeded", "running"))
     changes = sum(1 for e in data.events if e["event"] in CHAMPION_CHANGES)
     drift = sum(1 for r in nights if r["dataset_drift"])
-    return (f"[batchml] {data.job} history: {len(nights)} nights {span}, {drift} with dataset drift, "
+    return (f"[batchml] {data.job} history: {len(nights)} night{'s' * (len(nights) != 1)} {span}, {drift} with dataset drift, "
             f"{changes} champion change{'s' * (changes != 1)}, {problems} failed or rejected run{'s' * (problems != 1)}")
 
 
