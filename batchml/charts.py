@@ -178,12 +178,22 @@ def trend_chart(title: str, series: dict[str, Sequence[tuple[datetime, float]]])
 # --------------------------------------------------------------------------- history charts (one point per night)
 
 
-def _dates(ax, axis: str = "x") -> None:
-    # minticks=1: a few nightly points span days, where the default (3 ticks) finds no interval and warns
+def _dates(ax) -> None:
     locator = mdates.AutoDateLocator(minticks=3, maxticks=12)
-    target = ax.xaxis if axis == "x" else ax.yaxis
-    target.set_major_locator(locator)
-    target.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
+MAX_NIGHT_BARS = 62  # beyond two months a bar per night costs more to draw (a patch each) than it shows: steps instead
+
+
+def _night_bars(ax, nights: Sequence[datetime], values: Sequence[float], bottom: Sequence[float] | None = None, **style) -> None:
+    """One bar per night, or for a long history the same as a stepped area (one polygon, drawn ~10x faster)."""
+    bottom = list(bottom) if bottom is not None else [0.0] * len(nights)
+    if len(nights) <= MAX_NIGHT_BARS:
+        ax.bar(nights, values, NIGHT_BAR, bottom=bottom, linewidth=0, **style)
+    else:
+        ax.fill_between(nights, bottom, [b + v for b, v in zip(bottom, values)], step="mid", linewidth=0, **style)
 
 
 @_drawing
@@ -193,14 +203,14 @@ def rows_chart(nights: Sequence[datetime], scored: Sequence[int], quarantined: S
     fig = Figure(figsize=(WIDE[0], 3.4), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    top.bar(nights, scored, NIGHT_BAR, color=CURRENT_COLOR, label="scored")
+    _night_bars(top, nights, scored, color=CURRENT_COLOR, label="scored")
     positive = sorted(v for v in scored if v > 0)
     if positive and positive[-1] > 20 * positive[len(positive) // 2]:  # a first night or a backlog dwarfs the rest
         top.set_yscale("log")
         top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))  # mathtext is off: no 10^4
     top.set_ylabel("rows scored")
     top.set_title("Rows scored and quarantined per night", loc="left")
-    bottom.bar(nights, quarantined, NIGHT_BAR, color=BAD_COLOR, label="quarantined")
+    _night_bars(bottom, nights, quarantined, color=BAD_COLOR, label="quarantined")
     if rejected:
         bottom.plot(list(rejected), [0] * len(rejected), "x", color="#000000", markersize=7, label="batch rejected")
         _legend_above(bottom)
@@ -306,7 +316,7 @@ def durations_chart(nights: Sequence[datetime], steps: dict[str, Sequence[float]
     fig, ax = _figure(WIDE)
     bottom = [0.0] * len(nights)
     for i, (step, seconds) in enumerate(steps.items()):
-        ax.bar(nights, seconds, NIGHT_BAR, bottom=bottom, label=step, color=STEP_COLORS[i % len(STEP_COLORS)], linewidth=0)
+        _night_bars(ax, nights, seconds, bottom, label=step, color=STEP_COLORS[i % len(STEP_COLORS)])
         bottom = [b + s for b, s in zip(bottom, seconds)]
     ax.set_ylabel("seconds")
     ax.set_title("Run time by step", loc="left")

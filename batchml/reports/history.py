@@ -31,6 +31,7 @@ __all__ = ["HistoryData", "build_history", "NIGHT_KINDS", "TOP_FEATURES", "STEPS
 
 NIGHT_KINDS = ("nightly", "replay")  # runs of the nightly logic; backfills and drift checks are listed, not charted
 TOP_FEATURES = 20
+RECENT_WEEKS = 13
 PAGE_WIDTH = 1000
 STEPS = ("extract", "validate", "drift", "train", "evaluate", "score", "commit")
 CHAMPION_CHANGES = {"promoted": "promotion", "manual_promote": "manual", "rollback": "rollback"}
@@ -111,7 +112,12 @@ def _weekly_rows(data: HistoryData) -> list[tuple]:
         else:
             week.update(failed=int(run["status"] in ("failed", "crashed")), rejected=int(run["status"] == "rejected"))
     keys = ("nights", "extracted", "quarantined", "scored", "drift", "promoted", "rejected", "failed")
-    return [(f"{start:%Y-%m-%d}", *(weeks[start][k] for k in keys)) for start in sorted(weeks, reverse=True)]
+    starts = sorted(weeks, reverse=True)
+    rows = [(f"{start:%Y-%m-%d}", *(weeks[start][k] for k in keys)) for start in starts[:RECENT_WEEKS]]
+    older = sum((weeks[start] for start in starts[RECENT_WEEKS:]), Counter())
+    if len(starts) > RECENT_WEEKS:  # a year stays one screen: the last quarter week by week, the rest in one row
+        rows.append((Cell(f"{len(starts) - RECENT_WEEKS} weeks before", bold=True), *(older[k] for k in keys)))
+    return rows
 
 
 def _rows_chart(data: HistoryData, charts: Charts):
