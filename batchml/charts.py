@@ -184,6 +184,16 @@ def _dates(ax) -> None:
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
 
 
+def _wide(height: float = WIDE[1], left: float = 0.75, right: float = 0.15, rows: int = 1, **grid) -> tuple[Figure, object]:
+    """A history chart with fixed margins (in inches): constrained layout would take half its drawing
+    time, and these charts all have the same frame (title and legend above, dates below)."""
+    fig = Figure(figsize=(WIDE[0], height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=left / WIDE[0], right=1 - right / WIDE[0], top=1 - 0.42 / height, bottom=0.38 / height, hspace=0.12)
+    axes = fig.subplots(rows, 1, sharex=True, **grid) if rows > 1 else fig.add_subplot()
+    return fig, axes
+
+
 MAX_NIGHT_BARS = 62  # beyond two months a bar per night costs more to draw (a patch each) than it shows: steps instead
 
 
@@ -200,9 +210,7 @@ def _night_bars(ax, nights: Sequence[datetime], values: Sequence[float], bottom:
 def rows_chart(nights: Sequence[datetime], scored: Sequence[int], quarantined: Sequence[int],
                rejected: Sequence[datetime] = ()) -> bytes:
     """Rows scored per night (log scale when one night dwarfs the others) above rows quarantined; rejected nights marked."""
-    fig = Figure(figsize=(WIDE[0], 3.4), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    fig, (top, bottom) = _wide(3.4, rows=2, height_ratios=[2, 1])
     _night_bars(top, nights, scored, color=CURRENT_COLOR, label="scored")
     positive = sorted(v for v in scored if v > 0)
     if positive and positive[-1] > 20 * positive[len(positive) // 2]:  # a first night or a backlog dwarfs the rest
@@ -231,7 +239,7 @@ def drift_heatmap(features: Sequence[str], nights: Sequence[datetime], severity:
     with np.errstate(divide="ignore", invalid="ignore"):
         logged = np.log10(np.clip(ratio, 1e-3, 1e3))
     height = 1.1 + 0.19 * len(features)
-    fig, ax = _figure((WIDE[0], height))
+    fig, ax = _wide(height, left=1.35, right=0.75)  # room for the colour bar's labels
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#e5e7eb")
     numbers = mdates.date2num(list(nights))
     step = float(np.median(np.diff(numbers))) if len(numbers) > 1 else 1.0
@@ -256,7 +264,7 @@ def performance_chart(metric: str, realised: Sequence[tuple[datetime, float]], e
     """The champion's realised metric by event day beside the estimated one; champion changes as vertical lines.
 
     ``changes`` are ``(when, label, kind)`` with kind ``promotion``, ``rollback`` or ``manual``."""
-    fig, ax = _figure(WIDE)
+    fig, ax = _wide()
     if realised:
         ax.plot(*zip(*sorted(realised)), marker="o", markersize=3, linewidth=1.4, color=CURRENT_COLOR, label=f"realised {metric}")
     if estimated:
@@ -277,7 +285,7 @@ def performance_chart(metric: str, realised: Sequence[tuple[datetime, float]], e
 @_drawing
 def score_chart(nights: Sequence[datetime], quantiles: Sequence[Sequence[float]]) -> bytes:
     """Score distribution per night: median line, 25-75 % and 10-90 % bands (``quantiles`` rows: p10, p25, p50, p75, p90)."""
-    fig, ax = _figure(WIDE)
+    fig, ax = _wide()
     p10, p25, p50, p75, p90 = (list(column) for column in zip(*quantiles))
     ax.fill_between(nights, p10, p90, color=CURRENT_COLOR, alpha=0.15, linewidth=0, label="10-90 %")
     ax.fill_between(nights, p25, p75, color=CURRENT_COLOR, alpha=0.3, linewidth=0, label="25-75 %")
@@ -295,7 +303,7 @@ BAND_COLORS = ["#b42318", "#f79009", "#2f6fdf", "#9aa5b1", "#7a5af8", "#067647"]
 @_drawing
 def bands_chart(nights: Sequence[datetime], shares: dict[str, Sequence[float]]) -> bytes:
     """Share of each risk band per night, stacked (bands in the order given: highest first)."""
-    fig, ax = _figure(WIDE)
+    fig, ax = _wide()
     names = list(shares)
     ax.stackplot(nights, *[shares[n] for n in names], labels=names, colors=BAND_COLORS[: len(names)], step="mid")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -313,7 +321,7 @@ STEP_COLORS = ["#2f6fdf", "#9aa5b1", "#f79009", "#7a5af8", "#067647", "#b42318",
 @_drawing
 def durations_chart(nights: Sequence[datetime], steps: dict[str, Sequence[float]]) -> bytes:
     """Seconds per step per night, stacked bars in step order."""
-    fig, ax = _figure(WIDE)
+    fig, ax = _wide()
     bottom = [0.0] * len(nights)
     for i, (step, seconds) in enumerate(steps.items()):
         _night_bars(ax, nights, seconds, bottom, label=step, color=STEP_COLORS[i % len(STEP_COLORS)])
