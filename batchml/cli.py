@@ -191,12 +191,26 @@ def report(
     job: str,
     run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest run).")] = None,
     send: Annotated[bool, flag("--send", help="Also mail it to notify.email.")] = False,
+    history: Annotated[bool, flag("--history", help="The job's history page over all its runs instead of one run's report.")] = False,
+    since: Annotated[Optional[str], typer.Option("--since", help="With --history: only runs with a cut-off from this date (YYYY-MM-DD).")] = None,
 ) -> None:
-    """Write (and with --send, mail) the HTML report of a run."""
-    from batchml.reports.deliver import report_and_notify
+    """Write (and with --send, mail) the HTML report of a run, or with --history the job's history page.
+
+    Example: batchml report vuln_risk --history --since 2026-10-01
+    """
+    from batchml.reports import deliver as reporting
 
     project = open_project()
-    path = report_and_notify(project, project.job(job), run_id, send=send, force_send=send)
+    if history:
+        if run_id is not None:
+            raise ConfigError("--history covers every run of the job; give it no RUN_ID (use --since to start later)")
+        start = None if since is None else datetime.combine(parse_day(since, "--since"), datetime.min.time())
+        path = reporting.write_history(project, project.job(job), start, send=send)
+        console.print(f"history: {path}", highlight=False)
+        return
+    if since is not None:
+        raise ConfigError("--since applies to the history page: add --history")
+    path = reporting.report_and_notify(project, project.job(job), run_id, send=send, force_send=send)
     console.print(f"report: {path}", highlight=False)
 
 

@@ -288,14 +288,14 @@ class ScoringConfig(Strict):
 # (or a header) into the To line that the SMTP envelope does not have
 EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
-NotifyEvent = Literal["drift", "promotion", "rejection", "failure", "always"]
+NotifyEvent = Literal["drift", "promotion", "rejection", "failure", "always", "weekly"]
 
 
 class NotifyConfig(Strict):
     """Who is mailed the run report, and when."""
 
     email: list[str] = Field(default_factory=list, description="Recipients.")
-    on: list[NotifyEvent] = Field(default_factory=lambda: ["drift", "promotion", "rejection", "failure"], description="Events that send a mail.")
+    on: list[NotifyEvent] = Field(default_factory=lambda: ["drift", "promotion", "rejection", "failure"], description="Events that send a mail; `weekly` also mails the job's history page after the first night of each week (in schedule.timezone).")
 
     @field_validator("email")
     @classmethod
@@ -400,6 +400,9 @@ class Settings(BaseSettings):
         "speed (benchmarks/RESULTS.md). Raise it for feature SQL with large joins or aggregations (DuckDB spills to disk beyond it).",
     )
     lock_timeout: float = Field(60.0, ge=0, description="Seconds to keep retrying while another process holds the warehouse file.")
+    report_templates: Path | None = Field(
+        None, description="A folder of the team's own report templates (theme.html, layout.html, ...), relative to the project; "
+        "a template found there replaces batchml's own of the same name.")
     smtp_host: str | None = None
     smtp_port: int = 25
     smtp_user: str | None = None
@@ -422,6 +425,10 @@ class Settings(BaseSettings):
     @property
     def warehouse_path(self) -> Path:
         return (self.warehouse or self.project / "warehouse" / "warehouse.duckdb").resolve()
+
+    @property
+    def templates_path(self) -> Path | None:
+        return None if self.report_templates is None else (self.project / self.report_templates).resolve()
 
 
 class _Loader(yaml.SafeLoader):

@@ -19,6 +19,7 @@ from rich.table import Table
 from batchml.demo import data as demo_data
 from batchml.errors import ConfigError
 from batchml.project import Project
+from batchml.reports import HISTORY_FILE
 from batchml.storage.warehouse import migrate
 
 JOB = "vuln_risk"
@@ -117,6 +118,9 @@ def run_demo(root: Path, *, days: int = 14, seed: int = 7, console: Console | No
     console.print(table)
     console.print(f"\nScores are in {project.warehouse}. Try, with duckdb -readonly {project.catalog}:\n", highlight=False)
     console.print(SQL_TO_TRY, highlight=False, markup=False)
+    history = project.reports / JOB / HISTORY_FILE
+    if history.exists():
+        console.print(f"\nThe {days} nights on one page (open it in a browser): {history}", highlight=False, markup=False)
     return runs
 
 

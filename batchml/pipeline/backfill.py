@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
 from batchml.models import registry
-from batchml.errors import ConfigError, ModelError
+from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import event_range_filter, pull
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.nightly import NightlyRun, load_profile, refuse_future_cutoff, run_job
@@ -167,7 +167,19 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
             runs.append(run)
             if on_night:
                 on_night(run)
+    if runs:
+        _refresh_history(project, job)
     return runs
+
+
+def _refresh_history(project: Project, job: str) -> None:
+    """The history page once after the replayed nights (not after each: it reads every night again)."""
+    from batchml.reports import deliver as reporting  # matplotlib is imported only when a page is written
+
+    try:
+        reporting.write_history(project, project.job(job))
+    except BatchMLError as exc:
+        log.warning("%s: history page not written: %s", job, exc)
 
 
 def _replayed(project: Project, job: str, as_of: datetime) -> bool:

@@ -655,6 +655,8 @@ class NightlyRun:
             reporting.report_and_notify(self.project, self.config, self.run.run_id, send=self.notify)
         except BatchMLError as exc:
             log.warning("%s: report not delivered: %s", self.config.job, exc)
+        if self.run.kind == "nightly":  # a replay refreshes the page once, after its last night
+            reporting.refresh_history(self.project, self.config, self.run.run_id, send=self.notify)
 
 
 def pull_training_rows(con, config: JobConfig, pull_config: JobConfig, root: Path, as_of: datetime, path: Path,

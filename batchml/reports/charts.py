@@ -24,12 +24,14 @@ import matplotlib
 import matplotlib.dates as mdates
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import FuncFormatter, PercentFormatter
 from PIL import Image  # installed with matplotlib, which uses it for image IO
 
-__all__ = ["distribution_chart", "trend_chart", "MAX_BARS"]
+__all__ = ["distribution_chart", "trend_chart", "MAX_BARS", "rows_chart", "drift_heatmap", "performance_chart",
+           "score_chart", "bands_chart", "durations_chart", "WIDE"]
 
 SIZE = (6.0, 2.8)
+WIDE = (10.5, 3.0)  # the history page's charts: 945 px wide, one column per night
 DPI = 90
 MAX_BARS = 30  # beyond this a bar chart is unreadable at 540 px; the rest are lumped together
 MAX_LABEL = 18
@@ -38,6 +40,9 @@ PALETTE_COLORS = 64
 REFERENCE_COLOR = "#9aa5b1"
 CURRENT_COLOR = "#2f6fdf"
 OTHER_LABEL = "(other)"
+GOOD_COLOR = "#067647"
+NIGHT_BAR = 0.8  # days: a bar a little narrower than its night, so a year of nights still reads as bars
+BAD_COLOR = "#b42318"
 
 # Fixed look, independent of a user's matplotlibrc; parse_math/usetex off so data labels are literal.
 _RC = {
@@ -67,8 +72,8 @@ def _drawing(func: Callable[..., bytes]) -> Callable[..., bytes]:
     return wrapper
 
 
-def _figure() -> tuple[Figure, object]:
-    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+def _figure(size: tuple[float, float] = SIZE) -> tuple[Figure, object]:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
@@ -167,4 +172,162 @@ def trend_chart(title: str, series: dict[str, Sequence[tuple[datetime, float]]])
         _legend_above(ax)
     elif series:
         ax.set_ylabel(str(next(iter(series))))
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- history charts (one point per night)
+
+
+def _dates(ax) -> None:
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=12)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
+def _wide(height: float = WIDE[1], left: float = 0.75, right: float = 0.15, rows: int = 1, **grid) -> tuple[Figure, object]:
+    """A history chart with fixed margins (in inches): constrained layout would take half its drawing
+    time, and these charts all have the same frame (title and legend above, dates below)."""
+    fig = Figure(figsize=(WIDE[0], height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=left / WIDE[0], right=1 - right / WIDE[0], top=1 - 0.42 / height, bottom=0.38 / height, hspace=0.12)
+    axes = fig.subplots(rows, 1, sharex=True, **grid) if rows > 1 else fig.add_subplot()
+    return fig, axes
+
+
+MAX_NIGHT_BARS = 62  # beyond two months a bar per night costs more to draw (a patch each) than it shows: steps instead
+
+
+def _night_bars(ax, nights: Sequence[datetime], values: Sequence[float], bottom: Sequence[float] | None = None, **style) -> None:
+    """One bar per night, or for a long history the same as a stepped area (one polygon, drawn ~10x faster)."""
+    bottom = list(bottom) if bottom is not None else [0.0] * len(nights)
+    if len(nights) <= MAX_NIGHT_BARS:
+        ax.bar(nights, values, NIGHT_BAR, bottom=bottom, linewidth=0, **style)
+    else:
+        ax.fill_between(nights, bottom, [b + v for b, v in zip(bottom, values)], step="mid", linewidth=0, **style)
+
+
+@_drawing
+def rows_chart(nights: Sequence[datetime], scored: Sequence[int], quarantined: Sequence[int],
+               rejected: Sequence[datetime] = ()) -> bytes:
+    """Rows scored per night (log scale when one night dwarfs the others) above rows quarantined; rejected nights marked."""
+    fig, (top, bottom) = _wide(3.4, rows=2, height_ratios=[2, 1])
+    _night_bars(top, nights, scored, color=CURRENT_COLOR, label="scored")
+    positive = sorted(v for v in scored if v > 0)
+    if positive and positive[-1] > 20 * positive[len(positive) // 2]:  # a first night or a backlog dwarfs the rest
+        top.set_yscale("log")
+        top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))  # mathtext is off: no 10^4
+    top.set_ylabel("rows scored")
+    top.set_title("Rows scored and quarantined per night", loc="left")
+    _night_bars(bottom, nights, quarantined, color=BAD_COLOR, label="quarantined")
+    if rejected:
+        bottom.plot(list(rejected), [0] * len(rejected), "x", color="#000000", markersize=7, label="batch rejected")
+        _legend_above(bottom)
+    bottom.set_ylabel("quarantined")
+    _dates(bottom)
+    return _png(fig)
+
+
+@_drawing
+def drift_heatmap(features: Sequence[str], nights: Sequence[datetime], severity: Sequence[Sequence[float]],
+                  drifted: Sequence[Sequence[bool]]) -> bytes:
+    """Feature x night cells coloured by statistic / threshold on a log scale (white at the threshold,
+    red beyond, blue below, grey where nothing was measured); drifted cells carry a dot."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    ratio = np.array(severity, dtype=float).reshape(len(features), len(nights))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logged = np.log10(np.clip(ratio, 1e-3, 1e3))
+    height = 1.1 + 0.19 * len(features)
+    fig, ax = _wide(height, left=1.35, right=0.75)  # room for the colour bar's labels
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#e5e7eb")
+    numbers = mdates.date2num(list(nights))
+    step = float(np.median(np.diff(numbers))) if len(numbers) > 1 else 1.0
+    extent = (numbers[0] - step / 2, numbers[-1] + step / 2, len(features) - 0.5, -0.5) if len(numbers) else None
+    image = ax.imshow(np.ma.masked_invalid(logged), aspect="auto", cmap=cmap, interpolation="nearest", extent=extent,
+                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-2.0, vmax=1.0))
+    rows, cols = np.nonzero(np.array(drifted, dtype=bool).reshape(len(features), len(nights)))
+    if len(rows):
+        ax.scatter(numbers[cols], rows, s=max(1.5, min(12.0, 700 / max(len(nights), 1))), color="#000000", marker="o", linewidths=0)
+    ax.set_yticks(range(len(features)), [_short(str(f)) for f in features])
+    ax.grid(False)
+    _dates(ax)
+    bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03, ticks=[-2, -1, 0, 1])
+    bar.ax.set_yticklabels(["1/100", "1/10", "threshold", "10x"])
+    ax.set_title("Drift by feature and night: statistic / threshold (dot: drifted)", loc="left")
+    return _png(fig)
+
+
+@_drawing
+def performance_chart(metric: str, realised: Sequence[tuple[datetime, float]], estimated: Sequence[tuple[datetime, float]],
+                      changes: Sequence[tuple[datetime, str, str]] = ()) -> bytes:
+    """The champion's realised metric by event day beside the estimated one; champion changes as vertical lines.
+
+    ``changes`` are ``(when, label, kind)`` with kind ``promotion``, ``rollback`` or ``manual``."""
+    fig, ax = _wide()
+    if realised:
+        ax.plot(*zip(*sorted(realised)), marker="o", markersize=3, linewidth=1.4, color=CURRENT_COLOR, label=f"realised {metric}")
+    if estimated:
+        ax.plot(*zip(*sorted(estimated)), marker="o", markersize=3, linewidth=1.2, linestyle="--", color=REFERENCE_COLOR,
+                label=f"estimated {metric} (before labels)")
+    colors = {"promotion": GOOD_COLOR, "rollback": BAD_COLOR, "manual": "#7a5af8"}
+    for when, label, kind in changes:
+        ax.axvline(when, color=colors.get(kind, "#475467"), linewidth=1, linestyle=":")
+        ax.annotate(_short(label), (mdates.date2num(when), 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                    ha="right", fontsize=7, color=colors.get(kind, "#475467"))
+    ax.set_ylabel(metric)
+    ax.set_title("Champion's performance by event day (dotted: champion changes)", loc="left")
+    _dates(ax)
+    _legend_above(ax)
+    return _png(fig)
+
+
+@_drawing
+def score_chart(nights: Sequence[datetime], quantiles: Sequence[Sequence[float]]) -> bytes:
+    """Score distribution per night: median line, 25-75 % and 10-90 % bands (``quantiles`` rows: p10, p25, p50, p75, p90)."""
+    fig, ax = _wide()
+    p10, p25, p50, p75, p90 = (list(column) for column in zip(*quantiles))
+    ax.fill_between(nights, p10, p90, color=CURRENT_COLOR, alpha=0.15, linewidth=0, label="10-90 %")
+    ax.fill_between(nights, p25, p75, color=CURRENT_COLOR, alpha=0.3, linewidth=0, label="25-75 %")
+    ax.plot(nights, p50, color=CURRENT_COLOR, linewidth=1.4, marker="o", markersize=2.5, label="median")
+    ax.set_ylabel("score")
+    ax.set_title("Scores of each night's rows", loc="left")
+    _dates(ax)
+    _legend_above(ax)
+    return _png(fig)
+
+
+BAND_COLORS = ["#b42318", "#f79009", "#2f6fdf", "#9aa5b1", "#7a5af8", "#067647"]
+
+
+@_drawing
+def bands_chart(nights: Sequence[datetime], shares: dict[str, Sequence[float]]) -> bytes:
+    """Share of each risk band per night, stacked (bands in the order given: highest first)."""
+    fig, ax = _wide()
+    names = list(shares)
+    ax.stackplot(nights, *[shares[n] for n in names], labels=names, colors=BAND_COLORS[: len(names)], step="mid")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of rows scored")
+    ax.set_title("Risk bands per night", loc="left")
+    _dates(ax)
+    _legend_above(ax)
+    return _png(fig)
+
+
+STEP_COLORS = ["#2f6fdf", "#9aa5b1", "#f79009", "#7a5af8", "#067647", "#b42318", "#475467", "#e478fa", "#15b79e"]
+
+
+@_drawing
+def durations_chart(nights: Sequence[datetime], steps: dict[str, Sequence[float]]) -> bytes:
+    """Seconds per step per night, stacked bars in step order."""
+    fig, ax = _wide()
+    bottom = [0.0] * len(nights)
+    for i, (step, seconds) in enumerate(steps.items()):
+        _night_bars(ax, nights, seconds, bottom, label=step, color=STEP_COLORS[i % len(STEP_COLORS)])
+        bottom = [b + s for b, s in zip(bottom, seconds)]
+    ax.set_ylabel("seconds")
+    ax.set_title("Run time by step", loc="left")
+    _dates(ax)
+    _legend_above(ax)
     return _png(fig)

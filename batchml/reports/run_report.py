@@ -9,15 +9,12 @@ The pipeline fills a :class:`ReportData` from the warehouse; :func:`build_report
     report = build_report(data)
     write_report(report, Path("warehouse/reports/vuln_risk"))
 
-Everything that comes from data is HTML-escaped when it is written into the page: only the
-:class:`~batchml.reports.html.Markup` that this module and :mod:`batchml.reports.html` (the HTML
-building blocks) build themselves goes in raw. Styles are inline because several mail clients drop
-``<style>`` blocks; there is no JavaScript.
+The HTML comes from the Jinja2 template ``run.html`` (:mod:`batchml.reports.templating`), which
+shares its layout with the history page and escapes every value from data. There is no JavaScript.
 """
 
 from __future__ import annotations
 
-import base64
 import math
 import os
 import re
@@ -27,42 +24,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from batchml.reports.charts import trend_chart
+from batchml.reports.charts import distribution_chart, trend_chart
 from batchml.errors import BatchMLError
-from batchml.reports.html import (
-    DRIFT_RED,
-    STATUS_COLORS,
-    Markup,
-    _as_datetime,
-    _badge,
-    _Charts,
-    _colored,
-    _counts_section,
-    _diff,
-    _distribution,
-    _float,
-    _fmt,
-    _h,
-    _note,
-    _one_line,
-    _page,
-    _pairs,
-    _percent,
-    _seconds,
-    _section,
-    _table,
-    _utc,
-    _version,
-)
+from batchml.reports.html import _as_datetime, _diff, _float, _fmt, _one_line, _pairs, _percent, _seconds, _utc, _version
+from batchml.reports import HISTORY_FILE
+from batchml.reports.templating import Cell, Chart, Charts, render
 
 __all__ = [
     "ReportData", "Report", "build_report", "write_report", "should_notify", "subject_line", "severity", "sorted_drift",
-    "MAX_FEATURE_CHARTS",
+    "MAX_FEATURE_CHARTS", "HISTORY_FILE", "write_page",
 ]
 
 MAX_FEATURE_CHARTS = 12
 SCORE_FEATURE = "__score__"
 P_VALUE_METHODS = {"ks", "chi2"}
+PAGE_WIDTH = 780
+STATUS_TONES = {"succeeded": "good", "failed": "bad", "rejected": "warn", "running": "info"}
+GATE_TONES = {"promoted": "good", "rejected": "warn"}
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
 
@@ -105,22 +83,19 @@ class ReportData:
 
 @dataclass(frozen=True)
 class Report:
-    """A rendered report. ``html_email`` references charts as ``cid:<name>``, keys of ``images``."""
+    """A rendered report. ``html_email`` references charts as ``cid:<name>``, keys of ``images``;
+    ``page`` is the same report with every chart embedded, for the file."""
 
     run_id: str
     subject: str
     text: str
     html_email: str
     images: dict[str, bytes] = field(repr=False)
+    page: str = field(default="", repr=False)
 
     def html_file(self) -> str:
-        """The same page with every chart embedded as a ``data:`` URI, so it opens offline."""
-        page = self.html_email
-        for name, png in self.images.items():
-            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-            # Data is escaped (quotes become &quot;), so this exact attribute only comes from _Charts.
-            page = page.replace(f'src="cid:{name}"', f'src="{uri}"')
-        return page
+        """The page with every chart embedded as a ``data:`` URI, so it opens offline."""
+        return self.page
 
 
 # --------------------------------------------------------------------------- drift ordering
@@ -218,6 +193,7 @@ _EVENT_TESTS = {
     "rejection": lambda d: d.status == "rejected",
     "failure": lambda d: d.status == "failed",
     "always": lambda d: True,
+    "weekly": lambda d: False,  # mails the history page, not the run's report (batchml.reports.deliver.weekly_due)
 }
 
 
@@ -234,15 +210,16 @@ def should_notify(data: ReportData, on: Sequence[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- sections
+# Each returns what its part of templates/run.html shows, or nothing when the run has nothing for it.
 
 
-def _summary_section(data: ReportData) -> Markup:
+def _summary_rows(data: ReportData) -> list[tuple]:
     finished = data.finished_at
     duration = _seconds((finished - data.started_at).total_seconds()) if finished else "—"
     quarantined = f"{_fmt(data.rows_quarantined)} ({_percent(data.rows_quarantined, data.rows_extracted)})"
-    rows = [
+    return [
         ("Run", f"{data.run_id} ({data.kind})"),
-        ("Status", _badge(data.status, STATUS_COLORS.get(data.status, "#475467"))),
+        ("Status", Cell(data.status, tone=STATUS_TONES.get(data.status, "neutral"), badge=True)),
         ("Cut-off (as of)", data.as_of),
         ("Started / finished", f"{_fmt(data.started_at)} / {_fmt(finished)} ({duration})"),
         ("Rows extracted", data.rows_extracted),
@@ -250,92 +227,92 @@ def _summary_section(data: ReportData) -> Markup:
         ("Rows scored", data.rows_scored),
         ("Champion / challenger", f"{_version(data.champion_version)} / {_version(data.challenger_version)}"),
     ]
-    return _section("Run summary", _table(None, rows))
 
 
-def _error_section(data: ReportData) -> Markup:
-    if not data.error:
-        return Markup("")
-    style = "white-space:pre-wrap;background:#fef3f2;border:1px solid #fecdca;padding:8px;font-size:12px"
-    return _section("Error", Markup(f'<pre style="{style}">{_h(data.error)}</pre>'))
+def _count_rows(counts: dict[str, int]) -> list[tuple]:
+    """A name -> count table with shares; used for quarantine reasons and risk bands."""
+    whole = sum(v or 0 for v in counts.values())
+    return [(name, count, _percent(count or 0, whole)) for name, count in counts.items()]
 
 
-def _timings_section(data: ReportData) -> Markup:
+def _timing_rows(data: ReportData) -> list[tuple]:
     if not data.timings:
-        return Markup("")
+        return []
     total = sum(_float(v) or 0.0 for v in data.timings.values())
-    rows = [(step, _seconds(seconds)) for step, seconds in data.timings.items()]
-    rows.append((Markup("<b>total</b>"), _seconds(total)))
-    return _section("Step timings", _table(("step", "time"), rows, numeric=(1,)))
+    return [*((step, _seconds(seconds)) for step, seconds in data.timings.items()), (Cell("total", bold=True), _seconds(total))]
 
 
-def _drift_table(rows: list[dict]) -> Markup:
-    def line(r: dict) -> tuple:
-        drifted = _colored("drifted", DRIFT_RED) if r.get("drifted") else "ok"
-        error = _colored(r["error"], DRIFT_RED) if r.get("error") else ""
-        return (_name(r), r.get("kind"), r.get("method"), _float(r.get("statistic")), _float(r.get("p_value")),
-                _float(r.get("threshold")), drifted, r.get("n_reference"), r.get("n_current"), error)
-
-    headers = ("feature", "kind", "method", "statistic", "p-value", "threshold", "drift", "n ref", "n current", "error")
-    return _table(headers, (line(r) for r in sorted_drift(rows)), numeric=(3, 4, 5, 7, 8))
+def _drift_line(r: dict) -> tuple:
+    drifted = Cell("drifted", tone="bad") if r.get("drifted") else "ok"
+    error = Cell(r["error"], tone="bad") if r.get("error") else ""
+    return (_name(r), r.get("kind"), r.get("method"), _float(r.get("statistic")), _float(r.get("p_value")),
+            _float(r.get("threshold")), drifted, r.get("n_reference"), r.get("n_current"), error)
 
 
-def _feature_charts(data: ReportData, charts: _Charts) -> Markup:
-    drifted = [(r, _histogram(r)) for r in sorted_drift(_feature_rows(data)) if r.get("drifted")]
-    drifted = [(row, hist) for row, hist in drifted if hist]
-    parts = [
-        _distribution(charts, f"drift-{i}", f"{_name(row)} ({row.get('method')}): reference vs current", hist)
-        for i, (row, hist) in enumerate(drifted[:MAX_FEATURE_CHARTS], start=1)
-    ]
-    omitted = len(drifted) - MAX_FEATURE_CHARTS
-    if omitted > 0:
-        parts.append(_note(f"Charts for {omitted} more drifted feature(s) omitted (at most {MAX_FEATURE_CHARTS} are drawn)."))
-    return Markup("".join(parts))
+def _largest_shifts(hist: dict, top: int = 3) -> str:
+    """The levels whose share moved most, e.g. ``npm 12.0% → 30.5%`` (says in words what the chart shows)."""
+    ref = [_float(v) or 0.0 for v in hist["reference"]]
+    cur = [_float(v) or 0.0 for v in hist["current"]]
+    order = sorted(range(len(ref)), key=lambda i: -abs(cur[i] - ref[i]))[:top]
+    return "; ".join(f"{hist['labels'][i]} {100 * ref[i]:.1f}% → {100 * cur[i]:.1f}%" for i in order)
 
 
-def _score_chart(data: ReportData, charts: _Charts) -> Markup:
+def _distribution(charts: Charts, name: str, title: str, hist: dict) -> tuple[Chart, str]:
+    png = distribution_chart(title, hist["labels"], hist["reference"], hist["current"])
+    shifts = _largest_shifts(hist)
+    return charts.add(name, png, f"{title}: {shifts}"), shifts
+
+
+def _drift_charts(data: ReportData, charts: Charts) -> tuple[list[tuple[Chart, str]], int]:
+    """The score's chart, then one per drifted feature (the most severe first, at most MAX_FEATURE_CHARTS)."""
+    drawn = []
     row = _score_row(data)
     hist = _histogram(row) if row else None
-    if hist is None:
-        return Markup("")
-    title = f"Score distribution: reference vs current ({'drifted' if row.get('drifted') else 'no drift'})"
-    return _distribution(charts, "score", title, hist)
+    if hist is not None:
+        title = f"Score distribution: reference vs current ({'drifted' if row.get('drifted') else 'no drift'})"
+        drawn.append(_distribution(charts, "score", title, hist))
+    drifted = [(r, _histogram(r)) for r in sorted_drift(_feature_rows(data)) if r.get("drifted")]
+    drifted = [(r, hist) for r, hist in drifted if hist]
+    for i, (r, hist) in enumerate(drifted[:MAX_FEATURE_CHARTS], start=1):
+        drawn.append(_distribution(charts, f"drift-{i}", f"{_name(r)} ({r.get('method')}): reference vs current", hist))
+    return drawn, len(drifted) - MAX_FEATURE_CHARTS
 
 
-def _drift_section(data: ReportData, charts: _Charts) -> Markup:
+def _drift_section(data: ReportData, charts: Charts) -> dict | None:
     if not data.drift:
-        return Markup("")
+        return None
     drifted, total = _drift_count(data)
-    verdicts = {True: _colored("dataset drift", DRIFT_RED), False: "no dataset drift"}
-    dataset = verdicts.get(data.dataset_drift, "dataset drift not assessed")
-    head = Markup(f"<p>{_h(drifted)} of {_h(total)} features drifted — {_h(dataset)}.</p>")
-    return _section("Drift", head, _drift_table(data.drift), _score_chart(data, charts), _feature_charts(data, charts))
+    verdicts = {True: Cell("dataset drift", tone="bad"), False: "no dataset drift"}
+    drawn, omitted = _drift_charts(data, charts)
+    headers = ("feature", "kind", "method", "statistic", "p-value", "threshold", "drift", "n ref", "n current", "error")
+    return {"drifted": drifted, "total": total, "verdict": verdicts.get(data.dataset_drift, "dataset drift not assessed"),
+            "headers": headers, "rows": [_drift_line(r) for r in sorted_drift(data.drift)], "charts": drawn,
+            "omitted": omitted, "max_charts": MAX_FEATURE_CHARTS}
 
 
-def _gate_section(data: ReportData) -> Markup:
+def _gate_section(data: ReportData) -> dict | None:
     gate = data.gate
     if not gate:
-        return Markup("")
+        return None
     champion, challenger = gate.get("metrics_champion") or {}, gate.get("metrics_challenger") or {}
     rows = [(m, _float(champion.get(m)), _float(challenger.get(m)), _diff(champion.get(m), challenger.get(m)))
             for m in dict.fromkeys([*champion, *challenger])]
     headers = ("metric", f"champion {_version(data.champion_version)}",
                f"challenger {_version(data.challenger_version)}", "difference")
     outcome = str(gate.get("outcome") or "no_decision")
-    color = {"promoted": STATUS_COLORS["succeeded"], "rejected": STATUS_COLORS["rejected"]}.get(outcome, "#475467")
-    decision = Markup(f"<p>Decision: {_badge(outcome.replace('_', ' '), color)} {_h(gate.get('reason') or '')}</p>")
-    return _section("Champion vs challenger", decision, _table(headers, rows, numeric=(1, 2, 3)), *_gate_notes(gate))
+    decision = Cell(outcome.replace("_", " "), tone=GATE_TONES.get(outcome, "neutral"), badge=True)
+    return {"decision": decision, "reason": gate.get("reason") or "", "headers": headers, "rows": rows, "notes": _gate_notes(gate)}
 
 
-def _gate_notes(gate: dict) -> list[Markup]:
+def _gate_notes(gate: dict) -> list[str]:
     notes = []
     boot = gate.get("bootstrap")
     if boot:
-        notes.append(_note(f"Paired bootstrap of the difference: {_fmt(_float(boot.get('diff')))}, "
-                           f"interval [{_fmt(_float(boot.get('low')))}, {_fmt(_float(boot.get('high')))}] "
-                           f"over {_fmt(boot.get('resamples'))} resamples."))
+        notes.append(f"Paired bootstrap of the difference: {_fmt(_float(boot.get('diff')))}, "
+                     f"interval [{_fmt(_float(boot.get('low')))}, {_fmt(_float(boot.get('high')))}] "
+                     f"over {_fmt(boot.get('resamples'))} resamples.")
     if _float(gate.get("latency_ratio")) is not None:
-        notes.append(_note(f"Scoring time, challenger / champion: {_float(gate['latency_ratio']):.2f}×."))
+        notes.append(f"Scoring time, challenger / champion: {_float(gate['latency_ratio']):.2f}×.")
     return notes
 
 
@@ -348,44 +325,31 @@ def _performance_series(data: ReportData) -> dict[str, list[tuple[datetime, floa
     return series
 
 
-def _performance_section(data: ReportData, charts: _Charts) -> Markup:
+def _performance_section(data: ReportData, charts: Charts) -> dict | None:
     series = _performance_series(data)
     if not series:
-        return Markup("")
-    parts = []
+        return None
+    chart = None
     if max(len(points) for points in series.values()) >= 2:
         png = trend_chart("Realised performance on labels that arrived", series)
-        parts.append(charts.img("performance", png, "realised performance trend"))
+        chart = charts.add("performance", png, "realised performance trend")
     latest = [p for p in data.performance if _float(p.get("value")) is not None]
     latest.sort(key=lambda p: _as_datetime(p.get("as_of")) or datetime.min, reverse=True)
     rows = [(_as_datetime(p.get("as_of")) or p.get("as_of"), p.get("metric"), _float(p.get("value")), p.get("n"), p.get("run_id"))
             for p in latest[:10]]
-    parts.append(_table(("as of", "metric", "value", "labels", "run"), rows, numeric=(2, 3)))
-    return _section("Realised performance", *parts)
+    return {"chart": chart, "rows": rows}
 
 
-def _triggers_section(data: ReportData) -> Markup:
-    if not data.triggers:
-        return Markup("")
-    items = "".join(f"<li>{_h(t)}</li>" for t in data.triggers)
-    return _section("Retrain triggers that fired", Markup(f'<ul style="margin:4px 0 12px 18px;padding:0">{items}</ul>'))
-
-
-def _html(data: ReportData, subject: str, charts: _Charts) -> str:
-    header = Markup(f'<h1 style="font-size:20px;margin:0 0 4px 0">{_h(data.job)}: {_h(data.kind)} run</h1>'
-                    + _note(subject.removeprefix("[batchml] ")))
-    return _page(subject, [
-        header,
-        _summary_section(data),
-        _error_section(data),
-        _counts_section("Quarantined rows by reason", data.quarantine_reasons),
-        _drift_section(data, charts),
-        _gate_section(data),
-        _performance_section(data, charts),
-        _counts_section("Risk bands of the rows scored", data.band_counts),
-        _triggers_section(data),
-        _timings_section(data),
-    ])
+def _page_context(data: ReportData, subject: str, charts: Charts) -> dict:
+    """What templates/run.html shows; the charts are drawn here, once for the mail and the file."""
+    return {
+        "title": subject, "width": PAGE_WIDTH, "job": data.job, "kind": data.kind,
+        "headline": subject.removeprefix("[batchml] "),
+        "summary": _summary_rows(data), "error": data.error or None,
+        "quarantine": _count_rows(data.quarantine_reasons), "drift": _drift_section(data, charts),
+        "gate": _gate_section(data), "performance": _performance_section(data, charts),
+        "bands": _count_rows(data.band_counts), "triggers": data.triggers, "timings": _timing_rows(data),
+    }
 
 
 # --------------------------------------------------------------------------- plain text
@@ -433,23 +397,35 @@ def _gate_text(data: ReportData) -> list[str]:
 # --------------------------------------------------------------------------- public API
 
 
-def build_report(data: ReportData) -> Report:
-    """Render a run's report: subject, plain text, email HTML and its PNG charts."""
+def build_report(data: ReportData, *, templates: Path | None = None, history_link: str | None = HISTORY_FILE,
+                 history_path: str | None = None) -> Report:
+    """Render a run's report: subject, plain text, email HTML and its PNG charts, and the file page.
+
+    ``templates`` is a team's template folder (``BATCHML_REPORT_TEMPLATES``). The file links to the
+    job's history page beside it (``history_link``, None: no link); the mail names it by
+    ``history_path`` instead, since a relative link in a mail leads nowhere.
+    """
     subject = subject_line(data)
-    charts = _Charts()
-    page = _html(data, subject, charts)
-    return Report(run_id=data.run_id, subject=subject, text=_text(data, subject), html_email=page, images=charts.images)
+    charts = Charts()
+    context = _page_context(data, subject, charts)
+    email = render("run.html", templates, **context, inline=False, history_href=None, history_path=history_path)
+    page = render("run.html", templates, **context, inline=True, history_href=history_link, history_path=None)
+    return Report(run_id=data.run_id, subject=subject, text=_text(data, subject), html_email=email,
+                  images=charts.images, page=page)
 
 
 def write_report(report: Report, directory: Path | str) -> Path:
     """Write ``<directory>/<run_id>.html`` atomically: a reader sees the old file or the whole new one."""
     if not _SAFE_RUN_ID.fullmatch(report.run_id):
         raise ValueError(f"run id {report.run_id!r} cannot be used as a file name")
-    directory = Path(directory)
-    target = directory / f"{report.run_id}.html"
+    return write_page(report.html_file(), Path(directory) / f"{report.run_id}.html")
+
+
+def write_page(text: str, target: Path) -> Path:
+    """Write a report page atomically, creating its folder; a failure is one line naming the file."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, report.html_file())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, text)
     except OSError as exc:
         reason = exc.strerror or exc
         raise BatchMLError(f"cannot write report {target} ({reason}); check the directory's permissions and free space") from exc

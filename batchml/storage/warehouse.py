@@ -273,6 +273,8 @@ MIGRATIONS.append((
     -- labeled rows of the training window a model did not learn from nor was judged on (quarantined), and why
     ALTER TABLE batchml.models ADD COLUMN rows_dropped BIGINT DEFAULT 0;
     ALTER TABLE batchml.models ADD COLUMN drop_reasons VARCHAR;
+    -- which page a mail carried: a run's report, or the job's history page (notify.on: weekly, report --history --send)
+    ALTER TABLE batchml.notifications ADD COLUMN report VARCHAR DEFAULT 'run';
     """,
 ))
 
