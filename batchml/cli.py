@@ -137,6 +137,7 @@ def run(
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off (date = 00:00 UTC); default now.")] = None,
     force_retrain: Annotated[bool, flag("--force-retrain", help="Train a challenger even if no trigger fires.")] = False,
     no_notify: Annotated[bool, flag("--no-notify", help="Do not mail the report.")] = False,
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Run on this Dask scheduler (tcp://host:8786); env BATCHML_DASK_SCHEDULER.")] = None,
 ) -> None:
     """One nightly run of JOB.  Example: batchml run vuln_risk --as-of 2026-11-28"""
     from batchml.locks import job_lock
@@ -147,7 +148,7 @@ def run(
         pass
     from batchml.pipeline import run_job
 
-    result = run_job(project, job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify)
+    result = run_job(project, job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify, cluster=cluster)
     summarise_run(result)
 
 

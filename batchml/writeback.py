@@ -45,11 +45,15 @@ def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str =
     with registered(con, "__scores", schema.empty_table()):
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
         require_entity_type(con, config, name, con.execute(f"DESCRIBE SELECT {entity} FROM __scores").fetchall()[0][1])
-    con.execute(
-        f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS SELECT * FROM {table} "
-        f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1"
-    )
+    con.execute(f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS {latest_view_sql(config, name)}")
     return table
+
+
+def latest_view_sql(config: JobConfig, name: str) -> str:
+    """The SELECT of the ``_latest`` view over scores table (or view) ``name``: one row per entity."""
+    entity = quote_ident(config.source.entity_id)
+    return (f"SELECT * FROM {quote_table(name)} "
+            f"QUALIFY row_number() OVER (PARTITION BY {entity} ORDER BY scored_at DESC, run_id DESC) = 1")
 
 
 def require_entity_type(con, config: JobConfig, name: str, source_type: str) -> None:
