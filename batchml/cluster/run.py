@@ -12,6 +12,7 @@ run's lake files in its one transaction. Training stays on the client.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -84,7 +85,8 @@ class DaskNightlyRun(NightlyRun):
         profile = self._drift_reference() if self.champion is not None else None
         count = worker_count(self.client)
         parts = [Partition(config, self.project.root, self.lake, self.run.run_id, self.run.as_of, where, columns, index,
-                           count, self.project.settings.memory_limit) for index in range(count)]
+                           count, self.project.settings.memory_limit, task_pause())
+                 for index in range(count)]
         futures = [self.client.submit(check_partition, part, profile, key=f"check-{self.run.run_id}-{part.index}", pure=False)
                    for part in parts]
         self.partitions = parts
@@ -152,6 +154,11 @@ class DaskNightlyRun(NightlyRun):
         now = registry.utcnow()
         lake.record_manifest(con, self.run.run_id, self.config.job, parts, now)
         lake.insert_quarantine(con, self.run.run_id, self.config.job, parts, now)
+
+
+def task_pause() -> tuple[str, float] | None:
+    step = os.environ.get("BATCHML_PAUSE_AT")
+    return (step, float(os.environ.get("BATCHML_PAUSE_SECONDS", "60"))) if step else None
 
 
 def merged(tallies: list[drift.CurrentAccumulator]) -> drift.CurrentAccumulator | None:

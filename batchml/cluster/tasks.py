@@ -8,6 +8,7 @@ the same entity, so every row of an entity must meet in one partition, however t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ class Partition:
     index: int
     count: int
     memory_limit: str = "256MB"
+    pause: tuple[str, float] | None = None  # the client's BATCHML_PAUSE_AT/_SECONDS: crash tests stop a task at a known point
 
     def filter(self) -> str:
         return f"({self.where}) AND hash({quote_ident(self.config.source.entity_id)}) % {self.count} = {self.index}"
@@ -140,6 +142,8 @@ def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: dat
     """Score the partition's valid rows with the model (its predictor chosen, compiled and verified
     on this worker as the local engine does) into a scores file in the lake."""
     config = part.config
+    if part.pause and part.pause[0] == "score_partition":
+        time.sleep(part.pause[1])
     model = _load(ref)
     predictor = make_predictor(model, config.scoring.engine)
     summary = ScoreSummary()
