@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchml import demo_data
-from batchml.errors import ClusterError
+from batchml.cluster.connect import scheduler_address
+from batchml.config import parse_job_config
+from batchml.errors import ConfigError
 from batchml.pipeline import run_job
 from batchml.project import Project
 from conftest import REPO, START, DemoProject, day, job_config
@@ -199,12 +201,18 @@ def test_an_unreachable_scheduler_fails_the_run_in_one_line_naming_it(tmp_path, 
     assert len(errors) == 1 and address in errors[0] and "dask scheduler" in errors[0], result.stderr
     assert project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
     assert project.query("SELECT status FROM batchml.runs") == [("failed",)]
-    with pytest.raises(ClusterError, match=f"{address}.*BATCHML_DASK_SCHEDULER"):
-        os.environ["BATCHML_DASK_SCHEDULER"] = address
-        try:
-            project.write_config({**job_config(), "source": {"parquet": "landing/*.parquet", "entity_id": "finding_id",
-                                                             "event_time": "found_at", "watermark": "ingested_at"},
-                                  "execution": {"engine": "dask"}})
-            run_job(project.project, "vuln_risk", as_of=day(60), notify=False)
-        finally:
-            del os.environ["BATCHML_DASK_SCHEDULER"]
+
+
+def test_the_scheduler_comes_from_the_cli_then_the_environment_then_the_config(monkeypatch):
+    config = parse_job_config({**job_config(), "source": {"parquet": "x/*.parquet", "entity_id": "finding_id", "event_time": "found_at",
+                                                          "watermark": "ingested_at"},
+                               "execution": {"engine": "dask", "scheduler": "tcp://configured:8786"}}, Path("configs/vuln_risk.yaml"))
+    assert scheduler_address(config) == "tcp://configured:8786"
+    monkeypatch.setenv("BATCHML_DASK_SCHEDULER", "tcp://from-env:8786")
+    assert scheduler_address(config) == "tcp://from-env:8786"
+    assert scheduler_address(config, "tcp://from-cli:8786") == "tcp://from-cli:8786"
+
+
+def test_the_dask_engine_refuses_a_table_source_in_the_config(tmp_path):
+    with pytest.raises(ConfigError, match="execution.engine dask reads source.parquet"):
+        parse_job_config({**job_config(), "execution": {"engine": "dask"}}, Path("configs/vuln_risk.yaml"))
