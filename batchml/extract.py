@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from batchml.config import JobConfig, feature_sql
+from batchml.data.sources import parquet_location, register_object_store
 from batchml.errors import ConfigError, DataError
 from batchml.validate import reason_sql, utc_timestamp
 from batchml.warehouse import quote_ident, quote_literal, quote_table, setting, size_bytes
@@ -51,13 +52,13 @@ def raw_sql(config: JobConfig, project: Path) -> str:
     """SELECT * over the job's source itself: its table, or its Parquet files."""
     if config.source.table:
         return f"SELECT * FROM {quote_table(config.source.table)}"
-    pattern = Path(config.source.parquet)
-    pattern = pattern if pattern.is_absolute() else project / pattern
-    return f"SELECT * FROM read_parquet({quote_literal(str(pattern))}, union_by_name = true)"
+    location = parquet_location(config.source.parquet, project)
+    return f"SELECT * FROM read_parquet({quote_literal(location)}, union_by_name = true)"
 
 
 def source_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> str:
     """SELECT over the raw source (table or Parquet glob), with the job's feature SQL applied."""
+    register_object_store(con, config.source.parquet)
     raw = raw_sql(config, project)
     derived = feature_sql(project, config)
     if derived is None:
@@ -93,6 +94,7 @@ def uncut_columns(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Pa
     the source: ``source`` cannot be cut off at the run's cut-off by them (see :func:`_as_of_cutoff`)."""
     if config.features.sql is None:
         return []
+    register_object_store(con, config.source.parquet)
     columns = _raw_columns(con, config, raw_sql(config, project))
     wanted = (config.source.watermark, config.label.column, config.label.available_at)
     return [name for name in wanted if name not in columns]

@@ -1,0 +1,1 @@
+"""The data side of a run: where source rows come from (``sources``)."""
