@@ -54,21 +54,24 @@ class SourceConfig(Strict):
     entity_id: str = Field(description="Column identifying a record; scores are keyed by it.")
     event_time: str = Field(description="When the record happened (drives training windows and backfills).")
     watermark: str = Field(description="A timestamp that increases as rows land; drives incremental pulls.")
+    watermark_partition: str | None = Field(None, description="Hive partition key of source.parquet (day=YYYY-MM-DD/ folders) holding the UTC date of each row's watermark: a night reads only the folders of its days.")
 
     @field_validator("table")
     @classmethod
     def _table(cls, v: str | None) -> str | None:
         return None if v is None else check_qualified(v, "source.table")
 
-    @field_validator("entity_id", "event_time", "watermark")
+    @field_validator("entity_id", "event_time", "watermark", "watermark_partition")
     @classmethod
-    def _column(cls, v: str) -> str:
-        return check_identifier(v, "column")
+    def _column(cls, v: str | None) -> str | None:
+        return None if v is None else check_identifier(v, "column")
 
     @model_validator(mode="after")
     def _one_source(self) -> SourceConfig:
         if (self.table is None) == (self.parquet is None):
             raise ValueError("give exactly one of source.table or source.parquet")
+        if self.watermark_partition and self.parquet is None:
+            raise ValueError("source.watermark_partition names a hive partition key of source.parquet files; a table has none")
         return self
 
 

@@ -290,7 +290,19 @@ def batch_filter(config: JobConfig, watermark_from: datetime | None, as_of: date
     """Rows that landed in ``[watermark_from, as_of)``."""
     wm = f"try_cast({quote_ident(config.source.watermark)} AS TIMESTAMP)"
     lower = f" AND {wm} >= {ts_literal(watermark_from)}" if watermark_from else ""
-    return f"{wm} < {ts_literal(as_of)}{lower}"
+    return f"{wm} < {ts_literal(as_of)}{lower}{_partition_filter(config, watermark_from, as_of)}"
+
+
+def _partition_filter(config: JobConfig, watermark_from: datetime | None, as_of: datetime) -> str:
+    """The hive folders that can hold rows landed in ``[watermark_from, as_of)`` (a folder holds one
+    UTC day of watermarks): DuckDB skips the other files without opening them. (Row groups are
+    skipped by their watermark statistics anyway: the watermark test above reaches the Parquet scan.)"""
+    key = config.source.watermark_partition
+    if key is None:
+        return ""
+    day = f"CAST({quote_ident(key)} AS DATE)"
+    lower = f" AND {day} >= DATE '{watermark_from:%Y-%m-%d}'" if watermark_from else ""
+    return f" AND {day} <= DATE '{as_of:%Y-%m-%d}'{lower}"
 
 
 def event_range_filter(config: JobConfig, start: datetime, end: datetime, as_of: datetime) -> str:
