@@ -160,6 +160,7 @@ def backfill(
     model_version: Annotated[Optional[int], typer.Option("--model-version", help="Score with this version (default: champion).")] = None,
     replay: Annotated[bool, flag("--replay", help="Replay the nightly run for each day, point-in-time.")] = False,
     dry_run: Annotated[bool, flag("--dry-run", help="Count what would be scored; write no scores.")] = False,
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Run on this Dask scheduler (tcp://host:8786); env BATCHML_DASK_SCHEDULER.")] = None,
 ) -> None:
     """Re-score rows whose event time is in [START, END], or --replay the nights of that range.
 
@@ -172,10 +173,10 @@ def backfill(
     if replay:
         if model_version is not None or dry_run:
             raise ConfigError("--replay runs the nightly logic; it takes neither --model-version nor --dry-run")
-        runs = bf.replay(project, job, first, last, on_night=summarise_run)
+        runs = bf.replay(project, job, first, last, on_night=summarise_run, cluster=cluster)
         console.print(f"replayed {len(runs)} night(s) ({(last - first).days + 1 - len(runs)} already done)")
         return
-    summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run))
+    summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run, cluster=cluster))
 
 
 @app.command()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -23,6 +24,7 @@ from batchml import demo_data
 from batchml.cluster.connect import scheduler_address
 from batchml.config import parse_job_config
 from batchml.errors import ConfigError
+from batchml.backfill import backfill
 from batchml.pipeline import run_job
 from batchml.project import Project
 from conftest import REPO, START, DemoProject, day, job_config
@@ -71,15 +73,18 @@ def parquet_project(root: Path, table: pa.Table, files: int, **execution) -> Dem
     return project
 
 
+AS_OF = "CASE WHEN kind = 'backfill' THEN NULL ELSE as_of END"  # a backfill runs as of now
+
+
 def results(project: DemoProject) -> dict:
     """What must not depend on the engine, run ids and times left out."""
     return {
         "scores": project.query("SELECT finding_id, score, risk_band, model_version, event_time, reasons FROM scores.vuln_risk ORDER BY ALL"),
         "quarantine": project.query("SELECT entity_id, rule, reason, record FROM batchml.quarantine ORDER BY ALL"),
-        "drift": project.query("SELECT r.as_of, feature, method, d.kind, statistic, p_value, drifted, n_reference, n_current, histogram "
-                               "FROM batchml.drift d JOIN batchml.runs r USING (run_id) ORDER BY ALL"),
-        "runs": project.query("SELECT as_of, status, rows_extracted, rows_quarantined, rows_scored, champion_version, promoted, "
-                              "watermark_to FROM batchml.runs ORDER BY as_of"),
+        "drift": project.query(f"SELECT {AS_OF.replace('kind', 'r.kind')}, feature, method, d.kind, statistic, p_value, drifted, n_reference, n_current, histogram "
+                               "FROM batchml.drift d JOIN batchml.runs r USING (run_id) ORDER BY ALL NULLS FIRST"),
+        "runs": project.query(f"SELECT {AS_OF}, status, rows_extracted, rows_quarantined, rows_scored, champion_version, promoted, "
+                              "watermark_to FROM batchml.runs ORDER BY ALL"),
     }
 
 
@@ -89,10 +94,16 @@ def run_nights(project: DemoProject, nights=NIGHTS, **kwargs) -> None:
         assert run.status == "succeeded", run.error
 
 
+def nights_and_backfill(project: DemoProject) -> None:
+    run_nights(project)
+    run = backfill(project.project, "vuln_risk", (START + timedelta(days=20)), (START + timedelta(days=40)))
+    assert run.status == "succeeded" and run.rows_scored > 0
+
+
 @pytest.fixture(scope="module")
 def local_results(tmp_path_factory, source) -> dict:
     project = parquet_project(tmp_path_factory.mktemp("local") / "project", source, files=3)
-    run_nights(project)
+    nights_and_backfill(project)
     return results(project)
 
 
@@ -112,13 +123,13 @@ def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp
                                                                                workers, files):
     address = (one_worker if workers == 1 else cluster).scheduler_address
     project = parquet_project(tmp_path / "project", source, files, engine="dask", scheduler=address)
-    run_nights(project)
+    nights_and_backfill(project)  # the backfill too runs on the cluster
     found = results(project)
     assert found["scores"] and found["quarantine"] and found["drift"]
     assert {rule for _, rule, _, _ in found["quarantine"]} >= {"null_entity_id", "out_of_range", "non_finite", "duplicate"}
     assert_same(found, local_results)
     files_listed = project.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'scores'")
-    assert files_listed == workers * len(NIGHTS)  # one file per partition and night, no stray attempt
+    assert files_listed == workers * (len(NIGHTS) + 1)  # one file per partition and run, no stray attempt
 
 
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):

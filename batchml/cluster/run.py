@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
 
 from batchml import drift, performance, registry
+from batchml.backfill import BackfillRun
 from batchml.cluster.connect import open_client, scheduler_address, worker_count
 from batchml.cluster.tasks import CheckedPart, ModelRef, Partition, ScoredPart, check_partition, score_partition
 from batchml.config import JobConfig, distributed_source_problem
@@ -38,7 +39,11 @@ class DaskNightlyRun(NightlyRun):
 
     def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
                  cluster: str | None = None):
-        super().__init__(project, config, as_of, kind, force_retrain, notify)
+        NightlyRun.__init__(self, project, config, as_of, kind, force_retrain, notify)
+        self._on_cluster(cluster)
+
+    def _on_cluster(self, cluster: str | None) -> None:
+        config, project = self.config, self.project
         self.address = scheduler_address(config, cluster)
         self.lake = project.home / "lake"
         self.client = None
@@ -82,7 +87,7 @@ class DaskNightlyRun(NightlyRun):
     def _pull_batch(self, con, where: str) -> PullResult:
         config = self._pull_config(con)
         columns = self.source_columns or describe_source(con, config, self.project.root)
-        profile = self._drift_reference() if self.champion is not None else None
+        profile = self._drift_reference() if self.champion is not None and self.run.kind in ("nightly", "replay") else None
         count = worker_count(self.client)
         parts = [Partition(config, self.project.root, self.lake, self.run.run_id, self.run.as_of, where, columns, index,
                            count, self.project.settings.memory_limit, task_pause())
@@ -154,6 +159,23 @@ class DaskNightlyRun(NightlyRun):
         now = registry.utcnow()
         lake.record_manifest(con, self.run.run_id, self.config.job, parts, now)
         lake.insert_quarantine(con, self.run.run_id, self.config.job, parts, now)
+
+
+class DaskBackfillRun(DaskNightlyRun, BackfillRun):
+    """A backfill on the cluster: the range's partitions pulled, checked and scored in parallel."""
+
+    def __init__(self, project: Project, config: JobConfig, start: date, end: date, version: int | None, dry_run: bool,
+                 cluster: str | None = None):
+        BackfillRun.__init__(self, project, config, start, end, version, dry_run)
+        self._on_cluster(cluster)
+
+    def _pull_and_score(self) -> None:
+        with self._connect() as con:
+            self._pull_config(con)
+            self._require_fed()
+            self.batch = self._pull_batch(con, self._batch_filter())
+        self._pulled()
+        self._score_on_cluster()
 
 
 def task_pause() -> tuple[str, float] | None:
