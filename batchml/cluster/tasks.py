@@ -8,6 +8,7 @@ the same entity, so every row of an entity must meet in one partition, however t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -127,6 +128,19 @@ def _tally(profile: drift.ReferenceProfile | None, staging: Path, index: int, va
     return accumulator
 
 
+def _threads_of_this_worker() -> None:
+    """Predict with the worker's own threads (one per core it was given), not every core of the
+    machine: two one-thread workers on two cores would otherwise run four predict threads."""
+    if "BATCHML_THREADS" in os.environ:
+        return
+    try:
+        from distributed import get_worker
+
+        os.environ["BATCHML_THREADS"] = str(max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):  # not on a Dask worker
+        pass
+
+
 _MODELS: dict[ModelRef, registry.LoadedModel] = {}  # per worker process: loaded (and compiled) once
 
 
@@ -142,6 +156,7 @@ def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: dat
     """Score the partition's valid rows with the model (its predictor chosen, compiled and verified
     on this worker as the local engine does) into a scores file in the lake."""
     config = part.config
+    _threads_of_this_worker()
     if part.pause and part.pause[0] == "score_partition":
         time.sleep(part.pause[1])
     model = _load(ref)
