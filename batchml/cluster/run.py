@@ -69,6 +69,7 @@ class DaskNightlyRun(NightlyRun):
     def _sweep(self) -> None:
         """Files of runs that died before their commit, and other attempts of retried tasks."""
         with self._connect() as con:
+            lake.refuse_local_table(con, self.config)  # before the cluster works for a commit that would fail
             removed = lake.sweep(con, self.lake, self.config.job, self.run.started_at, keep_run=self.run.run_id)
         if removed:
             log.info("%s: swept %d lake file(s) no committed run lists", self.config.job, removed)
