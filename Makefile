@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml Makefile
-	$(BIN)/python -m pip install --quiet -e '.[dev,compiled]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,compiled,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
 $(VENV)/.installed-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,compiled,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,compiled,dask,bench]'
 	touch $@
 
 bench: $(VENV)/.installed-bench

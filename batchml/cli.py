@@ -121,6 +121,7 @@ def run(
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="Cut-off (date = 00:00 UTC); default now.")] = None,
     force_retrain: Annotated[bool, flag("--force-retrain", help="Train a challenger even if no trigger fires.")] = False,
     no_notify: Annotated[bool, flag("--no-notify", help="Do not mail the report.")] = False,
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Run on this Dask scheduler (tcp://host:8786); env BATCHML_DASK_SCHEDULER.")] = None,
 ) -> None:
     """One nightly run of JOB.  Example: batchml run vuln_risk --as-of 2026-11-28"""
     from batchml.pipeline.locks import job_lock
@@ -131,7 +132,7 @@ def run(
         pass
     from batchml.pipeline.nightly import run_job
 
-    result = run_job(project, job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify)
+    result = run_job(project, job, as_of=parse_as_of(as_of), force_retrain=force_retrain, notify=not no_notify, cluster=cluster)
     summarise_run(result)
 
 
@@ -143,6 +144,7 @@ def backfill(
     model_version: Annotated[Optional[int], typer.Option("--model-version", help="Score with this version (default: champion).")] = None,
     replay: Annotated[bool, flag("--replay", help="Replay the nightly run for each day, point-in-time.")] = False,
     dry_run: Annotated[bool, flag("--dry-run", help="Count what would be scored; write no scores.")] = False,
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Run on this Dask scheduler (tcp://host:8786); env BATCHML_DASK_SCHEDULER.")] = None,
 ) -> None:
     """Re-score rows whose event time is in [START, END], or --replay the nights of that range.
 
@@ -155,10 +157,10 @@ def backfill(
     if replay:
         if model_version is not None or dry_run:
             raise ConfigError("--replay runs the nightly logic; it takes neither --model-version nor --dry-run")
-        runs = bf.replay(project, job, first, last, on_night=summarise_run)
+        runs = bf.replay(project, job, first, last, on_night=summarise_run, cluster=cluster)
         console.print(f"replayed {len(runs)} night(s) ({(last - first).days + 1 - len(runs)} already done)")
         return
-    summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run))
+    summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run, cluster=cluster))
 
 
 @app.command()

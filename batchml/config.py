@@ -66,21 +66,24 @@ class SourceConfig(Strict):
     entity_id: str = Field(description="Column identifying a record; scores are keyed by it.")
     event_time: str = Field(description="When the record happened (drives training windows and backfills).")
     watermark: str = Field(description="A timestamp that increases as rows land; drives incremental pulls.")
+    watermark_partition: str | None = Field(None, description="Hive partition key of source.parquet (day=YYYY-MM-DD/ folders) holding the UTC date of each row's watermark: a night reads only the folders of its days.")
 
     @field_validator("table")
     @classmethod
     def _table(cls, v: str | None) -> str | None:
         return None if v is None else outside_batchml(check_qualified(v, "source.table"), "source.table")
 
-    @field_validator("entity_id", "event_time", "watermark")
+    @field_validator("entity_id", "event_time", "watermark", "watermark_partition")
     @classmethod
-    def _column(cls, v: str) -> str:
-        return check_identifier(v, "column")
+    def _column(cls, v: str | None) -> str | None:
+        return None if v is None else check_identifier(v, "column")
 
     @model_validator(mode="after")
     def _one_source(self) -> SourceConfig:
         if (self.table is None) == (self.parquet is None):
             raise ValueError("give exactly one of source.table or source.parquet")
+        if self.watermark_partition and self.parquet is None:
+            raise ValueError("source.watermark_partition names a hive partition key of source.parquet files; a table has none")
         return self
 
 
@@ -314,6 +317,26 @@ class ScheduleConfig(Strict):
     timezone: str = Field("UTC", description="IANA time zone the cron expression is read in.")
 
 
+class ExecutionConfig(Strict):
+    """Where the run's pulls, checks and scoring execute (see README "Scaling out")."""
+
+    engine: Literal["local", "dask"] = Field("local", description="local: one process on this machine; dask: the partitions on a Dask cluster.")
+    scheduler: str | None = Field(None, description='Dask scheduler address, e.g. "tcp://host:8786"; null with engine dask: a LocalCluster on this machine. BATCHML_DASK_SCHEDULER and --cluster override it.')
+    workers: int | None = Field(None, ge=1, description="LocalCluster worker processes (default: one per core).")
+
+
+def distributed_source_problem(config: JobConfig) -> None:
+    """Raise ValueError when the job cannot run on the Dask engine: its workers read the source's
+    Parquet files themselves (they never open the warehouse) and split the batch by entity id, so
+    a table source or feature SQL (which may aggregate over every entity) cannot be split."""
+    if config.source.parquet is None:
+        raise ValueError("execution.engine dask reads source.parquet on its workers (they never open the warehouse): "
+                         "export the table to Parquet and set source.parquet, or use engine local")
+    if config.features.sql is not None:
+        raise ValueError("execution.engine dask does not run features.sql yet (it may aggregate across entities, "
+                         "which the workers' partitions split): derive the features into the Parquet files, or use engine local")
+
+
 class JobConfig(Strict):
     """One job: configs/<job>.yaml."""
 
@@ -329,6 +352,7 @@ class JobConfig(Strict):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @field_validator("job")
     @classmethod
@@ -372,6 +396,12 @@ class JobConfig(Strict):
         unknown = sorted(set(self.scoring.reason_bands or []) - bands)
         if unknown:
             raise ValueError(f"scoring.reason_bands names {unknown}, which are not bands (bands: {sorted(bands)})")
+        return self
+
+    @model_validator(mode="after")
+    def _dask_reads_parquet(self) -> JobConfig:
+        if self.execution.engine == "dask":
+            distributed_source_problem(self)
         return self
 
     @property

@@ -6,6 +6,7 @@
     │   └── RejectedError        exit 3  too many rows quarantined: batch rejected
     ├── WarehouseError           exit 1  DuckDB refused (locked, corrupt, ...)
     ├── ModelError               exit 1  missing or tampered artifact
+    ├── ClusterError             exit 1  the Dask scheduler unreachable, a task failed
     ├── NotifyError              (never fails a run; recorded in batchml.notifications)
     ├── GateFailed               exit 4  ``batchml try``: the candidate would not pass the gate
     └── LockError                exit 75 another run of the job holds the lock
@@ -48,6 +49,10 @@ class WarehouseError(BatchMLError):
 
 class ModelError(BatchMLError):
     """A model artifact is missing, tampered with or cannot be loaded."""
+
+
+class ClusterError(BatchMLError):
+    """The Dask scheduler cannot be reached, or the cluster failed a task for good."""
 
 
 class NotifyError(BatchMLError):

@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/run.py --quick    # small sizes (~3 min), writes .data/RESULTS-quick.md
 
 Sections: 1-2 scoring end to end and its peak RSS (``bench_scoring``), 3 drift (``bench_drift``,
-written separately), 4 training overhead (``bench_training``). A section that fails is reported
+written separately), 4 training overhead (``bench_training``), 5 the Dask engine against the local
+one (``bench_cluster``). A section that fails is reported
 in the results with its error; the others still run. All ratios compare figures measured in this
 same invocation, on this machine; generated data and models are cached in ``benchmarks/.data/``.
 """
@@ -33,6 +34,7 @@ SECTIONS = {
     "scoring": ("1-2. Scoring", "bench_scoring", True),
     "drift": ("3. Drift", "bench_drift", False),
     "training": ("4. Training overhead", "bench_training", True),
+    "cluster": ("5. Dask engine", "bench_cluster", True),
 }
 
 

@@ -181,6 +181,37 @@ def test_streaming_in_uneven_batches_equals_one_batch() -> None:
         assert compute_drift(profile, pieces, config).to_rows() == compute_drift(profile, whole, config).to_rows()
 
 
+def test_partitions_tallied_apart_and_merged_equal_one_pass() -> None:
+    """The Dask engine tallies each partition on its own worker (pickled back) and merges: counts
+    are sums, so PSI, chi² and JS equal one pass; under ``sample_size`` rows the sample holds every
+    row, so ks and wasserstein are equal too (beyond it the merged sample is a uniform one)."""
+    import pickle
+
+    rng = np.random.default_rng(6)
+    profile = build_profile(*make_frame(rng, 10_000), scores=rng.random(2_000))
+    numeric, categorical = make_frame(rng, 9_000, shift=0.1, mix=SHIFTED_MIX)
+    categorical["ecosystem"][::50] = "cargo"
+    scores = rng.random(9_000)
+    whole = CurrentAccumulator(profile)
+    whole.update(numeric, categorical, scores)
+    parts = []
+    for seed, rows in enumerate(np.array_split(rng.permutation(9_000), 3), start=1):
+        part = CurrentAccumulator(profile, seed=seed)
+        part.update({k: v[rows] for k, v in numeric.items()}, {k: v[rows] for k, v in categorical.items()}, scores[rows])
+        parts.append(pickle.loads(pickle.dumps(part)))
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.rows == whole.rows == 9_000
+    for name in numeric:
+        assert merged.numeric[name].counts.tolist() == whole.numeric[name].counts.tolist()
+        assert merged.numeric[name].std == pytest.approx(whole.numeric[name].std, rel=1e-12)
+    assert merged.categorical["ecosystem"].unseen == whole.categorical["ecosystem"].unseen == {"cargo": 180}
+    for numeric_method, categorical_method in (("psi", "chi2"), ("jensen_shannon", "psi"), ("ks", "jensen_shannon"), ("wasserstein", "chi2")):
+        config = DriftConfig(numeric_method=numeric_method, categorical_method=categorical_method)
+        for ours, theirs in zip(compute_drift(profile, merged, config).to_rows(), compute_drift(profile, whole, config).to_rows()):
+            assert (ours["feature"], ours["drifted"], ours["n_current"]) == (theirs["feature"], theirs["drifted"], theirs["n_current"])
+            assert ours["statistic"] == pytest.approx(theirs["statistic"], abs=1e-9)
+
+
 # --- unseen levels, missing values, failures --------------------------------------------------------
 
 

@@ -1,2 +1,3 @@
-"""The data side: point-in-time pulls from the source (``extract``), the data contract and its
-quarantine rules (``validate``), model matrices encoded as ``model.json`` says (``features``)."""
+"""The data side: where source rows come from (``sources``: tables, Parquet files and object
+stores), point-in-time pulls from the source (``extract``), the data contract and its quarantine
+rules (``validate``), model matrices encoded as ``model.json`` says (``features``)."""

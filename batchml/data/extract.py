@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from batchml.config import BATCHML_SCHEMA, SCORE_SUFFIXES, JobConfig, config_dir, feature_sql, job_names, load_job_config
+from batchml.data.sources import parquet_location, register_object_store
 from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
 from batchml.data.validate import CUTOFF, reason_sql, utc_timestamp
 from batchml.storage.warehouse import is_restricted, quote_ident, quote_literal, quote_table, restrict_external_access, setting, size_bytes
@@ -49,9 +50,8 @@ def raw_sql(config: JobConfig, project: Path) -> str:
     """SELECT * over the job's source itself: its table, or its Parquet files."""
     if config.source.table:
         return f"SELECT * FROM {quote_table(config.source.table)}"
-    pattern = Path(config.source.parquet)
-    pattern = pattern if pattern.is_absolute() else project / pattern
-    return f"SELECT * FROM read_parquet({quote_literal(str(pattern))}, union_by_name = true)"
+    location = parquet_location(config.source.parquet, project)
+    return f"SELECT * FROM read_parquet({quote_literal(location)}, union_by_name = true)"
 
 
 def job_directories(config: JobConfig, project: Path) -> list[Path]:
@@ -135,6 +135,7 @@ def source_sql(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path)
 
     The job's SQL runs only on a connection restricted by :func:`restrict`, and only when it names
     none of batchml's tables nor any scores table."""
+    register_object_store(con, config.source.parquet)
     raw = raw_sql(config, project)
     derived = feature_sql(project, config)
     if derived is None:
@@ -173,6 +174,7 @@ def uncut_columns(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Pa
     the source: ``source`` cannot be cut off at the run's cut-off by them (see :func:`_as_of_cutoff`)."""
     if config.features.sql is None:
         return []
+    register_object_store(con, config.source.parquet)
     columns = _raw_columns(con, config, raw_sql(config, project))
     wanted = (config.source.watermark, config.label.column, config.label.available_at)
     return [name for name in wanted if name not in columns]
@@ -373,7 +375,19 @@ def batch_filter(config: JobConfig, watermark_from: datetime | None, as_of: date
     """Rows that landed in ``[watermark_from, as_of)``."""
     wm = f"try_cast({quote_ident(config.source.watermark)} AS TIMESTAMP)"
     lower = f" AND {wm} >= {ts_literal(watermark_from)}" if watermark_from else ""
-    return f"{wm} < {ts_literal(as_of)}{lower}"
+    return f"{wm} < {ts_literal(as_of)}{lower}{_partition_filter(config, watermark_from, as_of)}"
+
+
+def _partition_filter(config: JobConfig, watermark_from: datetime | None, as_of: datetime) -> str:
+    """The hive folders that can hold rows landed in ``[watermark_from, as_of)`` (a folder holds one
+    UTC day of watermarks): DuckDB skips the other files without opening them. (Row groups are
+    skipped by their watermark statistics anyway: the watermark test above reaches the Parquet scan.)"""
+    key = config.source.watermark_partition
+    if key is None:
+        return ""
+    day = f"CAST({quote_ident(key)} AS DATE)"
+    lower = f" AND {day} >= DATE '{watermark_from:%Y-%m-%d}'" if watermark_from else ""
+    return f" AND {day} <= DATE '{as_of:%Y-%m-%d}'{lower}"
 
 
 def event_range_filter(config: JobConfig, start: datetime, end: datetime, as_of: datetime) -> str:

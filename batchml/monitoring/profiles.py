@@ -86,6 +86,23 @@ class _Reservoir:
         if self.size == self.capacity:
             self.bound = float(self._keys[: self.size].max())
 
+    def __getstate__(self) -> dict:
+        # a partition's tally travels back from a Dask worker: only the filled rows, not the spare room
+        state = dict(self.__dict__)
+        state["_keys"], state["_rows"], state["_ordered"] = self._keys[: self.size].copy(), self._rows[: self.size].copy(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        keys, rows = self._keys, self._rows
+        self._keys, self._rows = np.empty(2 * self.capacity), np.empty((2 * self.capacity, rows.shape[1]))
+        self._keys[: self.size], self._rows[: self.size] = keys, rows
+
+    def merge(self, other: _Reservoir) -> None:
+        """Add another reservoir's rows: with independently seeded keys, the bottom-k of the union
+        is a uniform sample of both streams (all rows while they hold fewer than ``capacity``)."""
+        self.offer(other._keys[: other.size], [other._rows[: other.size, j] for j in range(other._rows.shape[1])])
+
     def sample(self) -> np.ndarray:
         if self._ordered is None:  # cached: a report reads one column per feature
             self._cut()
@@ -271,11 +288,20 @@ class NumericCounts:
     def _merge_moments(self, present: np.ndarray) -> None:
         if present.size == 0:
             return
-        n_old, n_new = self.present, present.size
-        batch_mean = float(present.mean())
+        self._combine(present.size, float(present.mean()), float(np.sum((present - present.mean()) ** 2)))
+
+    def _combine(self, n_new: int, batch_mean: float, batch_m2: float) -> None:
+        n_old = self.present
         delta = batch_mean - self.mean
-        self.m2 += float(np.sum((present - batch_mean) ** 2)) + delta**2 * n_old * n_new / (n_old + n_new)
+        self.m2 += batch_m2 + delta**2 * n_old * n_new / (n_old + n_new)
         self.mean += delta * n_new / (n_old + n_new)
+
+    def merge(self, other: NumericCounts) -> None:
+        """Add the tally of another part of the same batch (same edges): counts are sums."""
+        if other.present:
+            self._combine(other.present, other.mean, other.m2)  # before the counts move
+        self.counts += other.counts
+        self.missing += other.missing
 
 
 @dataclass
@@ -315,6 +341,17 @@ class LevelCounts:
             else:
                 self.unseen_other += count
 
+    def merge(self, other: LevelCounts) -> None:
+        """Add the tally of another part of the same batch: counts are sums."""
+        self.counts += other.counts
+        self.missing += other.missing
+        self.unseen_other += other.unseen_other
+        for level, count in other.unseen.items():
+            if level in self.unseen or len(self.unseen) < MAX_UNSEEN_LEVELS:
+                self.unseen[level] = self.unseen.get(level, 0) + count
+            else:
+                self.unseen_other += count
+
 
 class CurrentAccumulator:
     """Streams the current data batch by batch against a reference profile, in bounded memory.
@@ -348,6 +385,24 @@ class CurrentAccumulator:
         if scores is not None:
             self._add_scores(np.asarray(scores, dtype=np.float64), keys)
         self.rows += keys.size
+
+    def merge(self, other: CurrentAccumulator) -> CurrentAccumulator:
+        """Add what ``other`` (another part of the batch, against the same profile) tallied: bin,
+        level and missing counts are sums, so statistics computed from them (PSI, chi², JS) equal
+        one pass over all rows; moments merge exactly up to rounding. The samples (ks,
+        wasserstein, the domain classifier) are the union's bottom-k: all rows up to
+        ``sample_size``, beyond it a uniform sample of the same size (parts need distinct seeds)."""
+        for name, counts in self.numeric.items():
+            counts.merge(other.numeric[name])
+        for name, levels in self.categorical.items():
+            levels.merge(other.categorical[name])
+        if self.score is not None and other.score is not None:
+            self.score.merge(other.score)
+            self._score_sample.merge(other._score_sample)
+        self.score_rows += other.score_rows
+        self._sample.merge(other._sample)
+        self.rows += other.rows
+        return self
 
     def _add_scores(self, scores: np.ndarray, keys: np.ndarray) -> None:
         self.score_rows += scores.size

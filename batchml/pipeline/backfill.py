@@ -129,12 +129,18 @@ class DriftRun(NightlyRun):
         self._publish()
 
 
-def backfill(project: Project, job: str, start: date, end: date, *, version: int | None = None, dry_run: bool = False) -> Run:
-    """Re-score the rows with event time in [start, end] (end inclusive as a day)."""
+def backfill(project: Project, job: str, start: date, end: date, *, version: int | None = None, dry_run: bool = False,
+             cluster: str | None = None) -> Run:
+    """Re-score the rows with event time in [start, end] (end inclusive as a day); ``cluster``: on
+    that Dask scheduler (as with ``execution.engine: dask``)."""
     if end < start:
         raise ConfigError(f"--end {end} is before --start {start}")
     config = project.job(job)
     with job_lock(project.locks, job):
+        if config.execution.engine == "dask" or cluster is not None:
+            from batchml.cluster.run import DaskBackfillRun
+
+            return DaskBackfillRun(project, config, start, end, version, dry_run, cluster).execute()
         return BackfillRun(project, config, start, end, version, dry_run).execute()
 
 
@@ -147,7 +153,7 @@ def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> 
 
 
 def replay(project: Project, job: str, start: date, end: date, *, notify: bool = False, on_night=None,
-           synthetic: bool = False) -> list[Run]:
+           synthetic: bool = False, cluster: str | None = None) -> list[Run]:
     """The nightly run for each day of [start, end] in order, as of the end of that day.
 
     Resumable: a day whose replay already succeeded (same as_of) is skipped. Nights after now are
@@ -163,7 +169,7 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
     for day in track(days, total=len(days), description=f"replaying {job}"):
         as_of = day_start(day) + timedelta(days=1)
         if not _replayed(project, job, as_of):
-            run = run_job(project, job, as_of=as_of, kind="replay", notify=notify)
+            run = run_job(project, job, as_of=as_of, kind="replay", notify=notify, cluster=cluster)
             runs.append(run)
             if on_night:
                 on_night(run)

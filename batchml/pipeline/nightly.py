@@ -98,13 +98,25 @@ def run_job(
     kind: str = "nightly",
     force_retrain: bool = False,
     notify: bool = True,
+    cluster: str | None = None,
 ) -> Run:
-    """Run ``job`` once, as of ``as_of`` (default: now, never later). Raises a :class:`BatchMLError` on failure."""
+    """Run ``job`` once, as of ``as_of`` (default: now, never later). Raises a :class:`BatchMLError` on failure.
+    ``cluster``: a Dask scheduler address (runs on the Dask engine whatever the config says)."""
     if as_of is not None and kind == "nightly":  # replay checks its whole range first
         refuse_future_cutoff(as_of, "--as-of")
     config = project.job(job)
     with job_lock(project.locks, job):
-        return NightlyRun(project, config, as_of or registry.utcnow(), kind, force_retrain, notify).execute()
+        return nightly_run(project, config, as_of or registry.utcnow(), kind, force_retrain, notify, cluster).execute()
+
+
+def nightly_run(project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
+                cluster: str | None = None) -> NightlyRun:
+    """The run of the job's execution engine: this process, or a Dask cluster (``batchml.cluster``)."""
+    if config.execution.engine == "dask" or cluster is not None:
+        from batchml.cluster.run import DaskNightlyRun
+
+        return DaskNightlyRun(project, config, as_of, kind, force_retrain, notify, cluster)
+    return NightlyRun(project, config, as_of, kind, force_retrain, notify)
 
 
 class NightlyRun:
@@ -240,8 +252,7 @@ class NightlyRun:
     def _extract(self) -> None:
         where = self._batch_filter()
         with self._connect() as con:
-            self.batch = pull(con, self._pull_config(con), self.project.root, where, self.scratch / "batch.arrow",
-                              columns=self.source_columns)
+            self.batch = self._pull_batch(con, where)
             if self.run.kind in ("nightly", "replay"):
                 self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
                 self.last_trained = registry.last_trained(con, self.config.job)
@@ -250,6 +261,10 @@ class NightlyRun:
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
         self._pulled()
+
+    def _pull_batch(self, con, where: str) -> PullResult:
+        """The batch's rows, checked against the data contract, into the run file."""
+        return pull(con, self._pull_config(con), self.project.root, where, self.scratch / "batch.arrow", columns=self.source_columns)
 
     def _pulled(self) -> None:
         self.run.rows_extracted = self.batch.rows
@@ -265,9 +280,7 @@ class NightlyRun:
         if self.champion is None or self.valid_rows == 0:
             return
         profile = self._drift_reference()
-        accumulator = drift.CurrentAccumulator(profile)
-        for batch in run_file_batches(self.batch.path):
-            accumulator.update(**feature_arrays(batch, profile))
+        accumulator = self._current_drift(profile)
         self.drift_report = drift.compute_drift(profile, accumulator, self.config.drift)
         self.run.dataset_drift = self.drift_report.dataset_drift
         if self.drift_report.too_few_rows:
@@ -275,6 +288,13 @@ class NightlyRun:
                            f"{self.config.drift.min_rows}): nothing flagged, no drift trigger")
         log.info("%s: drift in %d/%d features%s", self.config.job, self.drift_report.drifted_count,
                  self.drift_report.feature_count, " (dataset drift)" if self.drift_report.dataset_drift else "")
+
+    def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
+        """The batch's valid rows tallied against ``profile``."""
+        accumulator = drift.CurrentAccumulator(profile)
+        for batch in run_file_batches(self.batch.path):
+            accumulator.update(**feature_arrays(batch, profile))
+        return accumulator
 
     def _drift_reference(self) -> drift.ReferenceProfile:
         """The champion's profile of the features the config still has: a feature on one side only
@@ -532,11 +552,7 @@ class NightlyRun:
                 self._write_drift(con)
                 for write in self.pending:
                     write(con)
-                if run.rows_scored:
-                    write_scores(con, self.config, self.scores_path)
-                elif run.kind in ("nightly", "replay") and self.batch is not None and self.batch.path.exists():
-                    # the first runs without a champion: analysts can query the (empty) table already
-                    ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
+                self._write_scores(con)
                 if self.shadow_path is not None and self.shadow_path.exists():
                     write_scores(con, self.config, self.shadow_path, suffix="_shadow")
                 for model in (self.champion, self.shadow_model):  # libraries compiled on first use in this run
@@ -550,6 +566,13 @@ class NightlyRun:
             checkpoint("committed")  # committed; the connection not yet closed (DuckDB checkpoints on close)
 
     # -- writers (inside the commit transaction) ------------------------------------------------
+
+    def _write_scores(self, con) -> None:
+        if self.run.rows_scored:
+            write_scores(con, self.config, self.scores_path)
+        elif self.run.kind in ("nightly", "replay") and self.batch is not None and self.batch.path.exists():
+            # the first runs without a champion: analysts can query the (empty) table already
+            ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.batch.path), self.config))
 
     def _write_quarantine(self, con) -> None:
         if not self.run.rows_quarantined:

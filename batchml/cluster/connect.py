@@ -1,0 +1,50 @@
+"""Opening a Dask client: the scheduler's address, or a LocalCluster on this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from batchml.config import JobConfig
+from batchml.errors import ClusterError, ConfigError
+
+SCHEDULER_ENV = "BATCHML_DASK_SCHEDULER"
+CONNECT_TIMEOUT = "5s"  # an unreachable scheduler fails the run this fast, naming the address
+
+
+def scheduler_address(config: JobConfig, cluster: str | None = None) -> str | None:
+    """Where the cluster is: ``--cluster``, else ``BATCHML_DASK_SCHEDULER``, else ``execution.scheduler``
+    (None: start a LocalCluster)."""
+    return cluster or os.environ.get(SCHEDULER_ENV) or config.execution.scheduler
+
+
+@contextmanager
+def open_client(config: JobConfig, address: str | None) -> Iterator:
+    """A connected ``distributed.Client``, closed (with its LocalCluster, if it started one) on exit."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise ConfigError("execution.engine dask needs Dask: pip install 'batchml[dask]'") from exc
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # its connection retries are ours to report
+    if address is None:
+        workers = config.execution.workers or os.cpu_count() or 1
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} ({first}); start it (`dask scheduler`) or fix "
+                           f"--cluster / {SCHEDULER_ENV} / execution.scheduler in configs/{config.job}.yaml") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def worker_count(client) -> int:
+    return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))

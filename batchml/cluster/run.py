@@ -1,0 +1,211 @@
+"""The nightly run on the Dask engine: the same steps and decisions, the rows on the workers.
+
+Only the steps that touch every row move: the pull with the data contract and the drift tally
+(one task per partition: :func:`~batchml.cluster.tasks.check_partition`), and scoring
+(:func:`~batchml.cluster.tasks.score_partition`, after the client has trained and gated, so a
+challenger promoted tonight scores tonight's rows as it does locally). The client merges the
+counts, makes every decision exactly as :class:`~batchml.pipeline.nightly.NightlyRun` does (it *is* one),
+and commits the run row, watermark, drift, quarantine, registry changes and the manifest of the
+run's lake files in its one transaction. Training stays on the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from datetime import date, datetime
+from pathlib import Path
+
+import numpy as np
+
+from batchml.monitoring import drift
+from batchml.monitoring import performance
+from batchml.models import registry
+from batchml.pipeline.backfill import BackfillRun
+from batchml.cluster.connect import open_client, scheduler_address, worker_count
+from batchml.cluster.tasks import CheckedPart, ModelRef, Partition, ScoredPart, check_partition, score_partition
+from batchml.config import JobConfig, distributed_source_problem
+from batchml.errors import BatchMLError, ClusterError, ConfigError
+from batchml.data.extract import PullResult, describe_source, run_file_schema
+from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun, load_profile, prediction_drift
+from batchml.project import Project
+from batchml.storage import lake
+from batchml.storage.writeback import scores_schema
+
+log = logging.getLogger("batchml")
+
+
+class DaskNightlyRun(NightlyRun):
+    """A :class:`NightlyRun` whose pull, drift tally and scoring run as tasks on a Dask cluster."""
+
+    def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
+                 cluster: str | None = None):
+        NightlyRun.__init__(self, project, config, as_of, kind, force_retrain, notify)
+        self._on_cluster(cluster)
+
+    def _on_cluster(self, cluster: str | None) -> None:
+        config, project = self.config, self.project
+        self.address = scheduler_address(config, cluster)
+        self.lake = project.home / "lake"
+        self.client = None
+        self.partitions: list[Partition] = []
+        self.checked: list[CheckedPart] = []
+        self.scored_parts: list[ScoredPart] = []
+        self.drift_tally: drift.CurrentAccumulator | None = None
+
+    def _steps(self) -> None:
+        try:
+            distributed_source_problem(self.config)
+        except ValueError as exc:
+            raise ConfigError(f"configs/{self.config.job}.yaml: {exc}") from None
+        self._sweep()
+        try:
+            with open_client(self.config, self.address) as client:
+                self.client = client
+                super()._steps()
+        finally:
+            self.client = None
+            lake.remove_staging(self.lake, self.config.job, self.run.run_id)
+
+    def _sweep(self) -> None:
+        """Files of runs that died before their commit, and other attempts of retried tasks."""
+        with self._connect() as con:
+            lake.refuse_local_table(con, self.config)  # before the cluster works for a commit that would fail
+            removed = lake.sweep(con, self.lake, self.config.job, self.run.started_at, keep_run=self.run.run_id)
+        if removed:
+            log.info("%s: swept %d lake file(s) no committed run lists", self.config.job, removed)
+
+    def _gather(self, futures: list, what: str) -> list:
+        try:
+            return self.client.gather(futures)
+        except BatchMLError:
+            raise
+        except Exception as exc:  # a task failed for good (after the scheduler's retries)
+            raise ClusterError(f"{what} failed on the Dask cluster{f' at {self.address}' if self.address else ''}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+    # -- extract and drift: one task per partition ---------------------------------------------
+
+    def _pull_batch(self, con, where: str) -> PullResult:
+        config = self._pull_config(con)
+        columns = self.source_columns or describe_source(con, config, self.project.root)
+        profile = self._drift_reference() if self.champion is not None and self.run.kind in ("nightly", "replay") else None
+        count = worker_count(self.client)
+        parts = [Partition(config, self.project.root, self.lake, self.run.run_id, self.run.as_of, where, columns, index,
+                           count, self.project.settings.memory_limit, task_pause())
+                 for index in range(count)]
+        futures = [self.client.submit(check_partition, part, profile, key=f"check-{self.run.run_id}-{part.index}", pure=False)
+                   for part in parts]
+        self.partitions = parts
+        self.checked = sorted(self._gather(futures, "pulling the batch"), key=lambda c: c.index)
+        tallies = [c.drift for c in self.checked if c.drift is not None]
+        self.drift_tally = merged(tallies)
+        return merged_pull(self.checked, lake.job_root(self.lake, self.config.job))
+
+    def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
+        return self.drift_tally if self.drift_tally is not None else drift.CurrentAccumulator(profile)
+
+    # -- scoring: one task per partition, with the (possibly new) champion ---------------------------
+
+    def _score(self) -> None:
+        if self.champion is None:
+            self._wait_for_model()
+            return
+        self._require_fed()
+        self._score_on_cluster()
+        if self.config.promotion.shadow:
+            self._warn("promotion.shadow: shadow scores are not written by the dask engine yet")
+
+    def _score_on_cluster(self) -> None:
+        self.run.champion_version = self.champion.version
+        profile = drift.ReferenceProfile({}, {}, load_profile(self.champion).score)
+        keep_share = min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1))
+        ref, scored_at = ModelRef.of(self.champion), registry.utcnow()
+        futures = [self.client.submit(score_partition, part, checked.staging, ref, scored_at, keep_share, profile,
+                                      key=f"score-{self.run.run_id}-{part.index}", pure=False)
+                   for part, checked in zip(self.partitions, self.checked)]
+        self.scored_parts = sorted(self._gather(futures, "scoring"), key=lambda s: s.index)
+        self.run.rows_scored = self.scored.rows = sum(p.summary.rows for p in self.scored_parts)
+        for part in self.scored_parts:
+            self.scored.bands.update(part.summary.bands)
+            self.scored.predict_seconds += part.summary.predict_seconds
+            self.scored.reason_seconds += part.summary.reason_seconds
+            self.scored.predictor = part.summary.predictor
+        tally = merged([p.prediction for p in self.scored_parts]) or drift.CurrentAccumulator(profile)
+        self.prediction_drift = prediction_drift(profile, tally, self.config)
+        sample = np.concatenate([p.sample for p in self.scored_parts]) if self.scored_parts else np.empty(0)
+        self.performance.extend(performance.estimated(self.config, self.champion, sample, self.run.as_of))
+        log.info("%s: scored %d rows with v%d on %d partition(s) (%s)", self.config.job, self.run.rows_scored,
+                 self.champion.version, len(self.scored_parts), self.scored.predictor)
+
+    # -- commit: manifests and views instead of table inserts ----------------------------------------
+
+    def _write_scores(self, con) -> None:
+        now = registry.utcnow()
+        if self.scored_parts:
+            lake.record_manifest(con, self.run.run_id, self.config.job, [p.scores for p in self.scored_parts], now)
+        elif self.run.kind in ("nightly", "replay") and self.checked and not lake.scores_exist(con, self.config):
+            # the first runs without a champion: analysts can query the (empty) view already
+            lake.record_manifest(con, self.run.run_id, self.config.job, [self._empty_scores()], now)
+        lake.refresh_scores_views(con, self.config)
+
+    def _empty_scores(self) -> lake.PartFile:
+        schema = scores_schema(run_file_schema(Path(self.checked[0].staging)), self.config)
+        path = lake.part_path(self.lake, self.config.job, lake.SCORES, self.run.run_id, 0)
+        return lake.write_part([], schema, path, lake.SCORES, 0)
+
+    def _write_quarantine(self, con) -> None:
+        if not self.run.rows_quarantined:
+            return
+        parts = [c.quarantine for c in self.checked if c.quarantine.rows]
+        now = registry.utcnow()
+        lake.record_manifest(con, self.run.run_id, self.config.job, parts, now)
+        lake.insert_quarantine(con, self.run.run_id, self.config.job, parts, now)
+
+
+class DaskBackfillRun(DaskNightlyRun, BackfillRun):
+    """A backfill on the cluster: the range's partitions pulled, checked and scored in parallel."""
+
+    def __init__(self, project: Project, config: JobConfig, start: date, end: date, version: int | None, dry_run: bool,
+                 cluster: str | None = None):
+        BackfillRun.__init__(self, project, config, start, end, version, dry_run)
+        self._on_cluster(cluster)
+
+    def _pull_and_score(self) -> None:
+        with self._connect() as con:
+            self._pull_config(con)
+            self._require_fed()
+            self.batch = self._pull_batch(con, self._batch_filter())
+        self._pulled()
+        self._score_on_cluster()
+
+
+def task_pause() -> tuple[str, float] | None:
+    step = os.environ.get("BATCHML_PAUSE_AT")
+    return (step, float(os.environ.get("BATCHML_PAUSE_SECONDS", "60"))) if step else None
+
+
+def merged(tallies: list[drift.CurrentAccumulator]) -> drift.CurrentAccumulator | None:
+    """One tally of the whole batch from the partitions' (counts are sums)."""
+    if not tallies:
+        return None
+    first = tallies[0]
+    for other in tallies[1:]:
+        first.merge(other)
+    return first
+
+
+def merged_pull(checked: list[CheckedPart], folder) -> PullResult:
+    """The batch's summary from its partitions': rows and rule counts add up, null shares are
+    recomputed from the partitions' counts, the latest watermark is the latest of theirs."""
+    rows = sum(c.pulled.rows for c in checked)
+    by_rule: Counter[str] = Counter()
+    nulls: Counter[str] = Counter()
+    for c in checked:
+        by_rule.update(c.pulled.by_rule)
+        nulls.update(c.null_counts)
+    valid = sum(c.valid for c in checked)
+    shares = {name: count / valid if valid else 0.0 for name, count in nulls.items()}
+    latest = [c.pulled.watermark_max for c in checked if c.pulled.watermark_max is not None]
+    return PullResult(folder, rows, dict(by_rule), shares, max(latest) if latest else None)

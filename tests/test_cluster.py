@@ -1,0 +1,229 @@
+"""The Dask engine on a real LocalCluster (one per module, worker processes): the same nights give
+the same scores, quarantine and drift as the local engine; a killed worker, a killed client and an
+unreachable scheduler leave nothing half done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchml.demo import data as demo_data
+from batchml.cluster.connect import scheduler_address
+from batchml.config import parse_job_config
+from batchml.errors import ConfigError
+from batchml.backfill import backfill
+from batchml.pipeline.nightly import run_job
+from batchml.project import Project
+from conftest import REPO, START, DemoProject, day, job_config
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is installed by `make test`")
+
+NIGHTS = (60, 100)  # the first champion is trained at 60; 100 is after the shift (drift)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def source() -> pa.Table:
+    """Findings with bad rows of every kind and a few ids landing twice (the later one wins)."""
+    findings = demo_data.generate_findings(START, 110, seed=11, rows_per_day=50, shift_day=90)
+    findings = demo_data.inject_bad_rows(findings, 0.02, seed=3)
+    again = findings.slice(200, 6)
+    later = pa.compute.add(again.column("ingested_at"), pa.scalar(3_600_000_000, pa.duration("us")))
+    again = again.set_column(again.schema.get_field_index("ingested_at"), "ingested_at", later.cast(again.schema.field("ingested_at").type))
+    return pa.concat_tables([findings, again])
+
+
+def parquet_project(root: Path, table: pa.Table, files: int, **execution) -> DemoProject:
+    """A project whose source is ``table`` cut into ``files`` Parquet files."""
+    landing = root / "landing"
+    landing.mkdir(parents=True)
+    cuts = np.linspace(0, table.num_rows, files + 1).astype(int)
+    for i in range(files):
+        pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), landing / f"part-{i}.parquet")
+    project = DemoProject(root, table)
+    config = job_config()
+    config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
+    if execution:
+        config["execution"] = execution
+    project.write_config(config)
+    return project
+
+
+AS_OF = "CASE WHEN kind = 'backfill' THEN NULL ELSE as_of END"  # a backfill runs as of now
+
+
+def results(project: DemoProject) -> dict:
+    """What must not depend on the engine, run ids and times left out."""
+    return {
+        "scores": project.query("SELECT finding_id, score, risk_band, model_version, event_time, reasons FROM scores.vuln_risk ORDER BY ALL"),
+        "quarantine": project.query("SELECT entity_id, rule, reason, record FROM batchml.quarantine ORDER BY ALL"),
+        "drift": project.query(f"SELECT {AS_OF.replace('kind', 'r.kind')}, feature, method, d.kind, statistic, p_value, drifted, n_reference, n_current, histogram "
+                               "FROM batchml.drift d JOIN batchml.runs r USING (run_id) ORDER BY ALL NULLS FIRST"),
+        "runs": project.query(f"SELECT {AS_OF}, status, rows_extracted, rows_quarantined, rows_scored, champion_version, promoted, "
+                              "watermark_to FROM batchml.runs ORDER BY ALL"),
+    }
+
+
+def run_nights(project: DemoProject, nights=NIGHTS, **kwargs) -> None:
+    for night in nights:
+        run = run_job(project.project, "vuln_risk", as_of=day(night), notify=False, **kwargs)
+        assert run.status == "succeeded", run.error
+
+
+def nights_and_backfill(project: DemoProject) -> None:
+    run_nights(project)
+    run = backfill(project.project, "vuln_risk", (START + timedelta(days=20)), (START + timedelta(days=40)))
+    assert run.status == "succeeded" and run.rows_scored > 0
+
+
+@pytest.fixture(scope="module")
+def local_results(tmp_path_factory, source) -> dict:
+    project = parquet_project(tmp_path_factory.mktemp("local") / "project", source, files=3)
+    nights_and_backfill(project)
+    return results(project)
+
+
+def assert_same(found: dict, expected: dict) -> None:
+    assert found["runs"] == expected["runs"]
+    assert found["scores"] == expected["scores"]  # bitwise: DuckDB compares the doubles exactly
+    assert found["quarantine"] == expected["quarantine"]
+    assert len(found["drift"]) == len(expected["drift"])
+    for ours, theirs in zip(found["drift"], expected["drift"]):
+        assert ours[:4] == theirs[:4] and ours[6:] == theirs[6:]
+        for a, b in zip(ours[4:6], theirs[4:6]):  # statistic, p-value
+            assert (a is None and b is None) or abs(a - b) <= 1e-9
+
+
+@pytest.mark.parametrize("workers, files", [(1, 3), (2, 7)])
+def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp_path, source, local_results, cluster, one_worker,
+                                                                               workers, files):
+    address = (one_worker if workers == 1 else cluster).scheduler_address
+    project = parquet_project(tmp_path / "project", source, files, engine="dask", scheduler=address)
+    nights_and_backfill(project)  # the backfill too runs on the cluster
+    found = results(project)
+    assert found["scores"] and found["quarantine"] and found["drift"]
+    assert {rule for _, rule, _, _ in found["quarantine"]} >= {"null_entity_id", "out_of_range", "non_finite", "duplicate"}
+    assert_same(found, local_results)
+    files_listed = project.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'scores'")
+    assert files_listed == workers * (len(NIGHTS) + 1)  # one file per partition and run, no stray attempt
+
+
+def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):
+    project = parquet_project(tmp_path / "project", source, 3, engine="dask", scheduler=cluster.scheduler_address)
+    run_nights(project, nights=(60,))
+    rows = project.scalar("SELECT count(*) FROM scores.vuln_risk")
+    listed = Path(project.scalar("SELECT min(path) FROM batchml.manifests WHERE kind = 'scores'"))
+    stray = listed.with_name("part-00000-stray000.parquet")  # as a retried task's other attempt would leave it
+    stray.write_bytes(listed.read_bytes())
+    os.utime(stray, (time.time() - 60, time.time() - 60))
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk") == rows
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk_latest") == project.scalar("SELECT count(DISTINCT finding_id) FROM scores.vuln_risk")
+    run_nights(project, nights=(61,))
+    assert not stray.exists() and listed.exists()
+
+
+def test_a_worker_killed_during_scoring_costs_a_retry_and_loses_nothing(tmp_path, source, local_results, cluster, monkeypatch):
+    project = parquet_project(tmp_path / "project", source, 3, engine="dask", scheduler=cluster.scheduler_address)
+    run_nights(project, nights=NIGHTS[:1])
+    monkeypatch.setenv("BATCHML_PAUSE_AT", "score_partition")  # scoring tasks wait 2 s before they start
+    monkeypatch.setenv("BATCHML_PAUSE_SECONDS", "2")
+    outcome: dict = {}
+    night = threading.Thread(target=lambda: outcome.update(run=run_job(project.project, "vuln_risk", as_of=day(NIGHTS[1]), notify=False)))
+    night.start()
+    with distributed.Client(cluster.scheduler_address) as client:
+        victim = None
+        deadline = time.monotonic() + 60
+        while victim is None and time.monotonic() < deadline:
+            victim = next((w for w, keys in client.processing().items() if any(str(k).startswith("score-") for k in keys)), None)
+            time.sleep(0.05)
+        assert victim is not None, "no scoring task started"
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        night.join(120)
+        client.wait_for_workers(2, timeout=60)  # the nanny restarts it, for the tests that follow
+    assert outcome["run"].status == "succeeded"
+    assert results(project)["scores"] == local_results["scores"]  # every row scored exactly once, same scores
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk") == project.scalar("SELECT count(*) FROM (SELECT DISTINCT finding_id, run_id FROM scores.vuln_risk)")
+
+
+def test_the_client_killed_before_its_commit_leaves_nothing_visible_and_the_next_run_does_the_night(tmp_path, source, cluster):
+    project = parquet_project(tmp_path / "project", source, 3, engine="dask", scheduler=cluster.scheduler_address)
+    run_nights(project, nights=(60,))
+    before = project.scalar("SELECT count(*) FROM scores.vuln_risk")
+    lake = project.root / "warehouse" / "lake" / "vuln_risk" / "scores"
+    files_before = set(lake.rglob("*.parquet"))
+    env = {**os.environ, "BATCHML_THREADS": "1", "BATCHML_PAUSE_AT": "score", "BATCHML_PAUSE_SECONDS": "60"}
+    child = subprocess.Popen([sys.executable, "-m", "batchml.cli", "--project", str(project.root), "run", "vuln_risk",
+                              "--as-of", "2026-03-10", "--no-notify"], env=env, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in child.stderr:  # the workers have written the night's scores; the client has not committed
+            if "paused at score" in line:
+                break
+        written = set(lake.rglob("*.parquet")) - files_before
+        assert written
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(30)
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk") == before
+    assert project.scalar("SELECT count(*) FROM batchml.watermarks WHERE value > TIMESTAMP '2026-03-02'") == 0
+    time.sleep(1.1)  # the next run sweeps files older than its start
+    run = run_job(project.project, "vuln_risk", as_of=day(68), notify=False)
+    assert run.status == "succeeded" and run.rows_scored > 0
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk") == before + run.rows_scored
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk") == project.scalar("SELECT count(DISTINCT finding_id) FROM scores.vuln_risk")
+    assert not any(path.exists() for path in written)  # the dead run's files are swept
+    assert project.query("SELECT status FROM batchml.runs ORDER BY started_at") == [("succeeded",), ("crashed",), ("succeeded",)]
+
+
+def test_an_unreachable_scheduler_fails_the_run_in_one_line_naming_it(tmp_path, source):
+    project = parquet_project(tmp_path / "project", source, 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    address = f"tcp://127.0.0.1:{port}"
+    result = project.cli("run", "vuln_risk", "--as-of", "2026-03-02", "--no-notify", "--cluster", address)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " INFO " not in line and line.strip()]
+    assert len(errors) == 1 and address in errors[0] and "dask scheduler" in errors[0], result.stderr
+    assert project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+    assert project.query("SELECT status FROM batchml.runs") == [("failed",)]
+
+
+def test_the_scheduler_comes_from_the_cli_then_the_environment_then_the_config(monkeypatch):
+    config = parse_job_config({**job_config(), "source": {"parquet": "x/*.parquet", "entity_id": "finding_id", "event_time": "found_at",
+                                                          "watermark": "ingested_at"},
+                               "execution": {"engine": "dask", "scheduler": "tcp://configured:8786"}}, Path("configs/vuln_risk.yaml"))
+    assert scheduler_address(config) == "tcp://configured:8786"
+    monkeypatch.setenv("BATCHML_DASK_SCHEDULER", "tcp://from-env:8786")
+    assert scheduler_address(config) == "tcp://from-env:8786"
+    assert scheduler_address(config, "tcp://from-cli:8786") == "tcp://from-cli:8786"
+
+
+def test_the_dask_engine_refuses_a_table_source_in_the_config(tmp_path):
+    with pytest.raises(ConfigError, match="execution.engine dask reads source.parquet"):
+        parse_job_config({**job_config(), "execution": {"engine": "dask"}}, Path("configs/vuln_risk.yaml"))
