@@ -83,6 +83,10 @@ def _reached_tables(con: duckdb.DuckDBPyConnection, sql: str, config: JobConfig)
     """((schema, table) of every table ``sql`` names, the table functions it calls), from DuckDB's parse tree."""
     parsed = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
     if parsed.get("error"):
+        try:
+            con.extract_statements(sql)
+        except duckdb.ParserException:
+            return [], []  # not SQL at all: DuckDB's own message, when it runs, names the mistake
         raise ConfigError(f"{config.features.sql}: DuckDB cannot check this SQL ({parsed.get('error_message', 'unknown error')}); "
                           f"write it as one SELECT over `source`")
     tables, functions = [], []
