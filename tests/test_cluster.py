@@ -14,7 +14,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +25,6 @@ from batchml.config import parse_job_config
 from batchml.errors import ConfigError
 from batchml.backfill import backfill
 from batchml.pipeline import run_job
-from batchml.project import Project
 from conftest import REPO, START, DemoProject, day, job_config
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is installed by `make test`")
