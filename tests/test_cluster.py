@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchml import demo_data
+from batchml.backfill import backfill
 from batchml.cluster.connect import scheduler_address
 from batchml.config import parse_job_config
 from batchml.errors import ConfigError
-from batchml.backfill import backfill
 from batchml.pipeline import run_job
 from conftest import REPO, START, DemoProject, day, job_config
 
