@@ -104,6 +104,10 @@ def parse_day(value: str, option: str) -> date:
 def summarise_run(run) -> None:
     parts = [f"run {run.run_id}: {run.status}", f"{run.rows_extracted} extracted", f"{run.rows_quarantined} quarantined",
              f"{run.rows_scored} scored"]
+    if run.dry_run:  # what it would do: nothing was written
+        valid = run.rows_extracted - run.rows_quarantined
+        parts = [f"run {run.run_id}: dry run", f"{run.rows_extracted} extracted", f"{run.rows_quarantined} would be quarantined",
+                 f"{valid} would be scored"]
     if run.champion_version:
         parts.append(f"champion v{run.champion_version}")
     if run.challenger_version:

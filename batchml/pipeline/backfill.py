@@ -33,6 +33,7 @@ class BackfillRun(NightlyRun):
     def __init__(self, project: Project, config, start: date, end: date, version: int | None, dry_run: bool):
         super().__init__(project, config, registry.utcnow(), "backfill", False, False)
         self.start, self.end, self.version, self.dry_run = start, end, version, dry_run
+        self.run.dry_run = dry_run
 
     def _batch_filter(self) -> str:
         return event_range_filter(self.config, day_start(self.start), day_start(self.end) + timedelta(days=1), self.run.as_of)
@@ -55,9 +56,10 @@ class BackfillRun(NightlyRun):
             with self.run.step("validate"):
                 self._validate()
             self._require_fed()
-            self.run.note = f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}"
+            # the row keeps what was pulled and would be quarantined: rows_scored 0 says nothing was written
+            self.run.note = (f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}, "
+                             f"{self.run.rows_quarantined} quarantined; nothing written")
             log.info("%s: %s", self.config.job, self.run.note)
-            self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
         else:
             with self.run.step("score"):  # pull and score in one pass (the step times both)
                 self._pull_and_score()
@@ -117,7 +119,7 @@ class DriftRun(NightlyRun):
             self._extract()
         with self.run.step("drift"):
             self._drift()
-        self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
+        # the row says what was pulled (rows_extracted) and what a run would quarantine; rows_scored 0
         self.pending.clear()
         with self.run.step("commit"):
             self._commit()

@@ -49,6 +49,7 @@ class Run:
     triggers: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     finished_at: datetime | None = None
+    dry_run: bool = False  # a backfill that counted what it would do and wrote no scores (told by its note)
 
     def __post_init__(self) -> None:
         if not self.run_id:

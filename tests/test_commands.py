@@ -1,0 +1,75 @@
+"""What the commands tell a user, through the real CLI: records that agree with the logs, the run
+a report picks, the gate's word in `models list`, `runs list/show`, exit codes, suggestions,
+`check`'s causes, machine-readable logs, `prune` and `--help`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import DemoProject, job_config, load_source
+from test_cli import assert_one_line_error
+from test_notify import _serve
+
+FIRST, SECOND = "2026-03-01", "2026-03-03"  # two nights of the test data: a champion, then a challenger
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, findings) -> DemoProject:
+    """A project after two nights: v1 crowned on the first, a forced challenger judged on the second."""
+    project = DemoProject(tmp_path_factory.mktemp("ran") / "project", findings)
+    project.write_config(job_config())
+    load_source(project.warehouse, findings)
+    project.cli("run", "vuln_risk", "--as-of", FIRST, "--no-notify", check=True)
+    project.cli("run", "vuln_risk", "--as-of", SECOND, "--force-retrain", "--no-notify", check=True)
+    return project
+
+
+@pytest.fixture
+def p(ran: DemoProject, tmp_path) -> DemoProject:
+    """A copy of ``ran`` of the test's own, to change at will."""
+    root = tmp_path / "project"
+    shutil.copytree(ran.root, root)
+    return DemoProject(root, ran.findings)
+
+
+def log_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if " INFO " in line or " WARNING " in line]
+
+
+# -- 1. records agree with logs ----------------------------------------------------------------------
+
+
+def test_a_drift_run_records_the_rows_it_pulled(p):
+    result = p.cli("drift", "vuln_risk", "--as-of", "2026-03-05", check=True)
+    logged = next(line for line in log_lines(result) if "extracted" in line)
+    row = p.query("SELECT rows_extracted, rows_scored FROM batchml.runs WHERE kind = 'drift'")[0]
+    assert f"extracted {row[0]} rows" in logged and row[0] > 0 and row[1] == 0
+
+
+def test_a_dry_run_backfill_prints_what_it_would_do_and_writes_nothing(p):
+    before = p.scalar("SELECT count(*) FROM scores.vuln_risk")
+    result = p.cli("backfill", "vuln_risk", "--start", "2026-02-20", "--end", "2026-02-25", "--dry-run", check=True)
+    extracted, quarantined = p.query("SELECT rows_extracted, rows_quarantined FROM batchml.runs WHERE kind = 'backfill'")[0]
+    in_range = p.scalar("SELECT count(*) FROM raw.vuln_findings WHERE found_at >= '2026-02-20' AND found_at < '2026-02-26'")
+    assert extracted == in_range and extracted > 0
+    assert (f"dry run, {extracted} extracted, {quarantined} would be quarantined, {extracted - quarantined} would be scored"
+            in result.stdout)
+    assert p.scalar("SELECT count(*) FROM scores.vuln_risk") == before
+    assert p.scalar("SELECT count(*) FROM batchml.quarantine WHERE run_id IN (SELECT run_id FROM batchml.runs WHERE kind = 'backfill')") == 0
+
+
+def test_a_mailed_report_is_logged_once(p):
+    controller, handler = _serve()
+    try:
+        config = job_config()
+        config["notify"] = {"email": ["secops@example.com"], "on": ["failure"]}
+        p.write_config(config)
+        env = {"BATCHML_SMTP_HOST": "127.0.0.1", "BATCHML_SMTP_PORT": str(controller.port), "BATCHML_SMTP_STARTTLS": "false"}
+        result = p.cli("report", "vuln_risk", "--send", env=env, check=True)
+    finally:
+        controller.stop()
+    assert len(handler.envelopes) == 1
+    assert sum("mailed to" in line for line in result.stderr.splitlines()) == 1, result.stderr
