@@ -16,6 +16,7 @@ Prefect pass, is converted to UTC), a ``date`` (00:00 UTC) or an ISO string.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from os import PathLike
 from pathlib import Path
@@ -136,6 +137,46 @@ def report(job: str, run_id: str | None = None, *, project: ProjectLike = None, 
 
     opened = open_project(project)
     return report_and_notify(opened, opened.job(job), run_id, send=send, force_send=send)
+
+
+def list_runs(job: str, *, project: ProjectLike = None, limit: int = 20) -> list[dict]:
+    """The job's ``limit`` most recent runs, newest first, as ``batchml.runs`` rows with ``triggers``
+    and ``timings`` parsed and the gate's ``decision`` on the run's challenger: ``batchml runs list``."""
+    from batchml.storage import runlog
+
+    if limit < 1:
+        raise ConfigError(f"--limit {limit}: give a number of runs, 1 or more")
+    opened = open_project(project)
+    opened.job(job)
+    with _runs_table(opened) as con:
+        return [] if con is None else runlog.list_runs(con, job, limit)
+
+
+def show_run(run_id: str, *, project: ProjectLike = None) -> dict:
+    """One run: its row as :func:`list_runs` gives it, plus ``report`` (the path of its HTML report,
+    None if none was written): ``batchml runs show``."""
+    from batchml.storage import runlog
+
+    opened = open_project(project)
+    with _runs_table(opened) as con:
+        row = None if con is None else runlog.get_run(con, run_id)
+    if row is None:
+        raise ConfigError(f"no run {run_id} in {opened.warehouse}; list a job's runs with `batchml runs list JOB`")
+    path = opened.reports / row["job"] / f"{run_id}.html"
+    row["report"] = path if path.exists() else None
+    return row
+
+
+@contextmanager
+def _runs_table(project: Project):
+    """A read-only connection to a warehouse that has ``batchml.runs``, else None (nothing has run)."""
+    from batchml.storage.warehouse import table_exists
+
+    if not project.warehouse.exists():  # connecting would create an empty warehouse
+        yield None
+        return
+    with project.connect(read_only=True) as con:
+        yield con if table_exists(con, "batchml.runs") else None
 
 
 def check(job: str | None = None, *, project: ProjectLike = None, echo=print) -> list:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from batchml import api
 from batchml.errors import BatchMLError, ConfigError, interrupted
@@ -25,6 +26,8 @@ from batchml.project import Project
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry, by hand (every change recorded with who and why).")
 app.add_typer(models_app, name="models")
+runs_app = typer.Typer(no_args_is_help=True, help="A job's runs: counts, timings, triggers, the gate's decision, errors.")
+app.add_typer(runs_app, name="runs")
 
 # cron and CI read our output from files: wide enough that paths and tables are not wrapped
 console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
@@ -193,14 +196,15 @@ def drift(
 @app.command()
 def report(
     job: str,
-    run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest run).")] = None,
+    run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest nightly or replay run).")] = None,
     send: Annotated[bool, flag("--send", help="Also mail it to notify.email.")] = False,
 ) -> None:
-    """Write (and with --send, mail) the HTML report of a run."""
-    from batchml.reports.deliver import report_and_notify
-
+    """Write (and with --send, mail) the HTML report of a run (default: the latest nightly or replay run)."""
     project = open_project()
-    path = report_and_notify(project, project.job(job), run_id, send=send, force_send=send)
+    path = api.report(job, run_id, project=project, send=send)
+    shown = api.show_run(path.stem, project=project)  # the report is named after its run
+    console.print(f"run {shown['run_id']} ({shown['kind']} as of {shown['as_of']:%Y-%m-%d %H:%M} UTC, {shown['status']})",
+                  highlight=False)
     console.print(f"report: {path}", highlight=False)
 
 
@@ -284,6 +288,65 @@ def models_compile(job: str) -> None:
         console.print(f"{job} v{model.version}: {warning}")
     if not ready and not warnings:
         console.print(f"{job} v{model.version}: scores with LightGBM (scoring.engine and model size: nothing to compile)")
+
+
+def _minutes(row: dict) -> str:
+    if row["finished_at"] is None:
+        return "-"
+    seconds = (row["finished_at"] - row["started_at"]).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def _challenger(row: dict) -> str:
+    if row["challenger_version"] is None:
+        return "-"
+    return f"v{row['challenger_version']} {row['decision'] or ('promoted' if row['promoted'] else 'not promoted')}"
+
+
+@runs_app.command("list")
+def runs_list(job: str, limit: Annotated[int, typer.Option("--limit", help="How many runs, newest first.")] = 20) -> None:
+    """JOB's most recent runs, newest first.  Example: batchml runs list vuln_risk --limit 5"""
+    rows = api.list_runs(job, project=open_project(), limit=limit)
+    if not rows:
+        console.print(f"no runs of {job} yet; run `batchml run {job}`", highlight=False)
+        return
+    # a run id is what `runs show` and `report` take: shown whole, never cut by the console's width; triggers may wrap
+    whole = [Column(name, no_wrap=True) for name in ("kind", "status", "as of (UTC)", "took", "extracted", "quarantined", "scored",
+                                                      "models")]
+    table = Table(Column("run", no_wrap=True, min_width=max(len(r["run_id"]) for r in rows)), *whole, Column("triggers", overflow="fold"), box=box.SIMPLE, pad_edge=False,
+                  title=f"runs of {job}")
+    for r in rows:
+        table.add_row(r["run_id"], r["kind"] + (" (dry run)" if (r["note"] or "").startswith("dry run") else ""), r["status"],
+                      f"{r['as_of']:%Y-%m-%d %H:%M}", _minutes(r), str(r["rows_extracted"]), str(r["rows_quarantined"]),
+                      str(r["rows_scored"]), (f"v{r['champion_version']}" if r["champion_version"] else "-")
+                      + (f", {_challenger(r)}" if r["challenger_version"] is not None else ""), ", ".join(r["triggers"]) or "-")
+    console.print(table)
+    console.print(f"details: batchml runs show RUN_ID", highlight=False)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str) -> None:
+    """One run: counts, timings per step, triggers, the gate's decision, error, note and its report."""
+    r = api.show_run(run_id, project=open_project())
+    lines = [
+        ("run", r["run_id"]), ("job", r["job"]), ("kind", r["kind"]), ("status", r["status"]),
+        ("as of", f"{r['as_of']:%Y-%m-%d %H:%M:%S} UTC"),
+        ("started", f"{r['started_at']:%Y-%m-%d %H:%M:%S} UTC"),
+        ("finished", f"{r['finished_at']:%Y-%m-%d %H:%M:%S} UTC ({_minutes(r)})" if r["finished_at"] else "-"),
+        ("rows", f"{r['rows_extracted']} extracted, {r['rows_quarantined']} quarantined, {r['rows_scored']} scored"),
+        ("watermark", f"{r['watermark_from'] or '-'} -> {r['watermark_to'] or '-'}"),
+        ("champion", f"v{r['champion_version']}" if r["champion_version"] else "-"),
+        ("triggers", ", ".join(r["triggers"]) or "-"),
+        ("challenger", _challenger(r)),
+        ("decision", r["decision_reason"] or "-"),
+        ("dataset drift", {True: "yes", False: "no", None: "-"}[r["dataset_drift"]]),
+        ("timings", ", ".join(f"{step} {seconds:.2f}s" for step, seconds in r["timings"].items()) or "-"),
+        ("error", r["error"] or "-"), ("note", r["note"] or "-"),
+        ("report", str(r["report"]) if r["report"] else f"not written; `batchml report {r['job']} {r['run_id']}` writes it"),
+        ("by", f"{r['actor']} on {r['host']} (pid {r['pid']})"),
+    ]
+    for name, value in lines:
+        console.print(f"{name + ':':<15}{value}", highlight=False, markup=False)
 
 
 COMMON_OPTIONS = {"--project": True, "--warehouse": True, "--log-format": True, "--debug": False}  # option -> takes a value

@@ -73,3 +73,39 @@ def test_a_mailed_report_is_logged_once(p):
         controller.stop()
     assert len(handler.envelopes) == 1
     assert sum("mailed to" in line for line in result.stderr.splitlines()) == 1, result.stderr
+
+
+# -- 2. the report of the latest scheduled run ----------------------------------------------------------
+
+
+def test_report_without_a_run_id_takes_the_latest_nightly_run_and_says_which(p):
+    nightly = p.scalar("SELECT run_id FROM batchml.runs WHERE kind = 'nightly' ORDER BY started_at DESC LIMIT 1")
+    p.cli("drift", "vuln_risk", "--as-of", "2026-03-05", check=True)  # a later, ad-hoc run
+    result = p.cli("report", "vuln_risk", check=True)
+    assert f"run {nightly} (nightly as of {SECOND} 00:00 UTC, succeeded)" in result.stdout
+    assert result.stdout.strip().endswith(f"{nightly}.html")
+
+
+# -- 4. runs list / runs show ---------------------------------------------------------------------------
+
+
+def test_runs_list_and_show_tell_counts_triggers_decision_and_report(p):
+    runs = p.query("SELECT run_id, rows_extracted, rows_quarantined, rows_scored, challenger_version FROM batchml.runs "
+                   "ORDER BY started_at")
+    decision = p.scalar("SELECT event FROM batchml.model_events WHERE run_id = ? AND version = ?", [runs[1][0], runs[1][4]])
+    listing = p.cli("runs", "list", "vuln_risk", check=True).stdout
+    line = next(line for line in listing.splitlines() if runs[1][0] in line)
+    assert line.split()[1:3] == ["nightly", "succeeded"] and f"v{runs[1][4]} {decision}" in line and "forced" in line
+    assert listing.index(runs[1][0]) < listing.index(runs[0][0])  # newest first
+    assert runs[0][0] not in p.cli("runs", "list", "vuln_risk", "--limit", "1", check=True).stdout
+
+    p.cli("report", "vuln_risk", runs[1][0], check=True)
+    shown = p.cli("runs", "show", runs[1][0], check=True).stdout
+    _, extracted, quarantined, scored, challenger = runs[1]
+    assert f"{extracted} extracted, {quarantined} quarantined, {scored} scored" in shown
+    assert f"report:        {p.root / 'warehouse' / 'reports' / 'vuln_risk' / runs[1][0]}.html" in shown
+    assert "forced" in shown and "train" in shown.split("timings:")[1]
+
+    missing = p.cli("runs", "show", "vuln_risk-nope")
+    assert missing.returncode == 2
+    assert_one_line_error(missing, "no run vuln_risk-nope", "batchml runs list")

@@ -14,6 +14,7 @@ from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import ConfigError, NotifyError
 from batchml.project import Project
+from batchml.storage import runlog
 from batchml.storage.publish import publish_change
 from batchml.reports.run_report import ReportData, build_report, should_notify, write_report
 from batchml.storage.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
@@ -26,14 +27,14 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
     """Everything the report shows about one run (the latest one when ``run_id`` is None)."""
     if not table_exists(con, "batchml.runs"):  # nothing has run in this warehouse yet
         raise _no_runs(config)
-    if run_id is None:
-        row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? ORDER BY started_at DESC LIMIT 1", [config.job])
+    if run_id is None:  # the job's latest scheduled run: an ad-hoc drift check or backfill is not "the latest report"
+        row = runlog.latest_run(con, config.job)
         if row is None:
-            raise _no_runs(config)
+            raise _no_scheduled_runs(con, config)
     else:
         row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? AND run_id = ?", [config.job, run_id])
     if row is None:
-        raise ConfigError(f"no run {run_id} of job {config.job} in the warehouse; list runs with: SELECT * FROM batchml.runs")
+        raise ConfigError(f"no run {run_id} of job {config.job} in the warehouse; list them with `batchml runs list {config.job}`")
     run_id = row["run_id"]
     gate = _gate(con, run_id)
     return ReportData(
@@ -53,6 +54,13 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
 
 def _no_runs(config: JobConfig) -> ConfigError:
     return ConfigError(f"no runs of job {config.job} yet; run `batchml run {config.job}` first")
+
+
+def _no_scheduled_runs(con, config: JobConfig) -> ConfigError:
+    if runlog.latest_run(con, config.job, kinds=("drift", "backfill")) is None:
+        return _no_runs(config)
+    return ConfigError(f"no nightly or replay runs of job {config.job} yet, only drift or backfill runs; name one: "
+                       f"`batchml report {config.job} RUN_ID` (see `batchml runs list {config.job}`)")
 
 
 def _with_note(row: dict) -> str | None:
