@@ -249,13 +249,24 @@ def models_list(job: str) -> None:
     from batchml.models.manage import list_models
 
     rows = list_models(open_project(), job)
-    table = Table("version", "status", "trained on", "rows", "holdout auc", "created", "promoted", title=f"models of {job}")
+    table = Table(*(Column(name, no_wrap=True) for name in ("version", "status", "trained on", "rows", "own holdout auc", "gate",
+                                                            "vs champion [95% interval]")),
+                  "reason", title=f"models of {job}", box=box.SIMPLE, pad_edge=False)
     for r in rows:
         auc = (r["holdout"] or {}).get("roc_auc")
+        gate = r["gate"] or {}
         table.add_row(f"v{r['version']}", r["status"], f"{r['train_start']:%Y-%m-%d} .. {r['train_end']:%Y-%m-%d}",
-                      str(r["train_rows"]), f"{auc:.4f}" if auc is not None else "-", f"{r['created_at']:%Y-%m-%d %H:%M}",
-                      f"{r['promoted_at']:%Y-%m-%d %H:%M}" if r["promoted_at"] else "-")
+                      str(r["train_rows"]), f"{auc:.4f}" if auc is not None else "-", gate.get("decision", "-"),
+                      _versus(gate), gate.get("reason") or "-")
     console.print(table)
+    console.print("gate: the decision on the shared holdout, where champion and challenger score the same rows; "
+                  "own holdout auc: each model's own holdout, not comparable across versions", highlight=False)
+
+
+def _versus(gate: dict) -> str:
+    if gate.get("diff") is None:
+        return "-"
+    return f"{gate['metric']} {gate['diff']:+.4f} [{gate['low']:+.4f}, {gate['high']:+.4f}] vs v{gate['versus']}"
 
 
 @models_app.command("promote")

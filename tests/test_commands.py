@@ -109,3 +109,17 @@ def test_runs_list_and_show_tell_counts_triggers_decision_and_report(p):
     missing = p.cli("runs", "show", "vuln_risk-nope")
     assert missing.returncode == 2
     assert_one_line_error(missing, "no run vuln_risk-nope", "batchml runs list")
+
+
+# -- 3. models list: the gate's word ---------------------------------------------------------------------
+
+
+def test_models_list_shows_the_gates_decision_difference_interval_and_reason(ran):
+    event, reason, figures = ran.query("SELECT event, reason, metrics FROM batchml.model_events WHERE version = 2")[0]
+    bootstrap = json.loads(figures)["bootstrap"]
+    listing = ran.cli("models", "list", "vuln_risk", check=True).stdout
+    first = next(line for line in listing.splitlines() if line.split()[:1] == ["v1"])
+    second = next(line for line in listing.splitlines() if line.split()[:1] == ["v2"])
+    assert "promoted" in first and "first champion" in first
+    assert event in second and reason.split()[0] in second
+    assert f"{bootstrap['diff']:+.4f} [{bootstrap['low']:+.4f}, {bootstrap['high']:+.4f}] vs v1" in second

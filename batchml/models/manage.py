@@ -25,10 +25,23 @@ def list_models(project: Project, job: str) -> list[dict]:
     with project.connect() as con:
         migrate(con)
         rows = registry.list_models(con, job)
+        decisions = registry.gate_decisions(con, job)
     for row in rows:
         metrics = json.loads(row["metrics"] or "{}")
         row["holdout"] = metrics.get("holdout") or {}
+        row["gate"] = _gate(decisions.get(row["version"]))
     return rows
+
+
+def _gate(event: dict | None) -> dict | None:
+    """The gate's decision on a version: ``decision``, ``reason``, ``versus`` (the champion of the
+    time), ``metric`` and the paired bootstrap of its difference (``diff``, ``low``, ``high``)."""
+    if event is None:
+        return None
+    figures = json.loads(event["metrics"] or "{}")
+    bootstrap = figures.get("bootstrap") or {}
+    return {"decision": event["event"], "reason": event["reason"], "versus": event["previous_champion"],
+            "metric": figures.get("metric"), "diff": bootstrap.get("diff"), "low": bootstrap.get("low"), "high": bootstrap.get("high")}
 
 
 def promote(project: Project, job: str, version: int, reason: str) -> int | None:
