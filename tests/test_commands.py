@@ -123,3 +123,19 @@ def test_models_list_shows_the_gates_decision_difference_interval_and_reason(ran
     assert "promoted" in first and "first champion" in first
     assert event in second and reason.split()[0] in second
     assert f"{bootstrap['diff']:+.4f} [{bootstrap['low']:+.4f}, {bootstrap['high']:+.4f}] vs v1" in second
+
+
+# -- 5. a backfill says what the range already holds -----------------------------------------------------
+
+
+def test_a_second_backfill_of_a_range_says_it_appends_another_copy(p):
+    args = ("backfill", "vuln_risk", "--start", "2026-02-20", "--end", "2026-02-22")
+    first = p.cli(*args, check=True)
+    scored = p.scalar("SELECT rows_scored FROM batchml.runs WHERE kind = 'backfill'")
+    earlier = p.scalar("SELECT count(*) FROM scores.vuln_risk WHERE event_time >= '2026-02-20' AND event_time < '2026-02-23' "
+                       "AND run_id NOT IN (SELECT run_id FROM batchml.runs WHERE kind = 'backfill')")
+    second = p.cli(*args, check=True)
+    assert f"already had {earlier} score rows" in first.stdout or earlier == 0
+    assert f"already had {earlier + scored} score rows" in second.stdout and f"this run appended {scored} more" in second.stdout
+    assert "appends another score per row" in second.stderr
+    assert p.scalar("SELECT count(*) FROM scores.vuln_risk WHERE event_time >= '2026-02-20' AND event_time < '2026-02-23'") == earlier + 2 * scored

@@ -16,6 +16,7 @@ from batchml.project import Project
 from batchml.storage.runlog import Run
 from batchml.models.scoring import load_for_scoring
 from batchml.storage.warehouse import fetch_one, migrate
+from batchml.storage.writeback import scored_between
 
 log = logging.getLogger("batchml")
 
@@ -50,6 +51,7 @@ class BackfillRun(NightlyRun):
 
     def _steps(self) -> None:
         self._choose_model()
+        earlier = self._earlier_scores()
         if self.dry_run:
             with self.run.step("extract"):
                 self._extract()
@@ -65,8 +67,24 @@ class BackfillRun(NightlyRun):
                 self._pull_and_score()
             with self.run.step("validate"):  # a rejected batch's scores are simply not committed
                 self._validate()
+        if earlier:
+            verb = "would append" if self.dry_run else "appended"
+            done = f"{earlier}; this run {verb} {self.valid_rows if self.dry_run else self.run.rows_scored} more"
+            self.run.note = f"{self.run.note}; {done}" if self.run.note else done
         with self.run.step("commit"):
             self._commit()
+
+    def _earlier_scores(self) -> str | None:
+        """Say before scoring that the range holds scores already: a backfill appends, it never replaces."""
+        with self._connect() as con:
+            earlier = scored_between(con, self.config, day_start(self.start), day_start(self.end) + timedelta(days=1))
+        if not earlier:
+            return None
+        said = ", ".join(f"{r['rows']} by v{r['model_version']} from {r['runs']} run{'s' * (r['runs'] > 1)}" for r in earlier)
+        told = f"events of {self.start}..{self.end} already had {sum(r['rows'] for r in earlier)} score rows ({said})"
+        log.warning("%s: %s; this backfill appends another score per row (scores are append-only; %s_latest shows the newest)",
+                    self.config.job, told, self.config.scoring.table)
+        return told
 
     def _pull_and_score(self) -> None:
         """The valid rows go from DuckDB straight to the model: a backfill of millions of rows never
