@@ -94,12 +94,14 @@ def backfill(job: str, start: date | str, end: date | str, *, project: ProjectLi
 
 
 def replay(job: str, start: date | str, end: date | str, *, project: ProjectLike = None, notify: bool = False,
-           on_night=None) -> list[Run]:
-    """The nightly run of each day of ``[start, end]``, point-in-time: ``batchml backfill --replay``.
-    Nights already replayed are skipped; ``on_night(run)`` is called after each one."""
+           on_night=None, on_skip=None) -> list[Run]:
+    """The nightly run of each day of ``[start, end]``, as of the end of that day (00:00 UTC of the
+    next), point-in-time: ``batchml backfill --replay``. ``on_night(run)`` is called after each
+    night; nights already replayed are skipped, with ``on_skip(day, as_of)``."""
     from batchml.pipeline.backfill import replay as run_replay
 
-    return run_replay(open_project(project), job, day(start, "start"), day(end, "end"), notify=notify, on_night=on_night)
+    return run_replay(open_project(project), job, day(start, "start"), day(end, "end"), notify=notify, on_night=on_night,
+                      on_skip=on_skip)
 
 
 def drift(job: str, *, project: ProjectLike = None, as_of: CutOff = None) -> Run:

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import traceback
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -162,8 +162,20 @@ def backfill(
     if replay:
         if model_version is not None or dry_run:
             raise ConfigError("--replay runs the nightly logic; it takes neither --model-version nor --dry-run")
-        runs = bf.replay(project, job, first, last, on_night=summarise_run)
-        console.print(f"replayed {len(runs)} night(s) ({(last - first).days + 1 - len(runs)} already done)")
+        skipped: list[date] = []
+
+        def night(run) -> None:
+            console.print(f"{(run.as_of - timedelta(days=1)):%Y-%m-%d} (as of {run.as_of:%Y-%m-%d %H:%M} UTC):", end=" ",
+                          highlight=False)
+            summarise_run(run)
+
+        def skip(day: date, as_of: datetime) -> None:
+            skipped.append(day)
+            console.print(f"{day} (as of {as_of:%Y-%m-%d %H:%M} UTC): already replayed", highlight=False)
+
+        runs = api.replay(job, first, last, project=project, on_night=night, on_skip=skip)
+        done = f", {len(skipped)} already done ({', '.join(map(str, skipped))})" if skipped else ""
+        console.print(f"replayed {len(runs)} night(s){done}", highlight=False)
         return
     summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run))
 

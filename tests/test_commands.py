@@ -139,3 +139,16 @@ def test_a_second_backfill_of_a_range_says_it_appends_another_copy(p):
     assert f"already had {earlier + scored} score rows" in second.stdout and f"this run appended {scored} more" in second.stdout
     assert "appends another score per row" in second.stderr
     assert p.scalar("SELECT count(*) FROM scores.vuln_risk WHERE event_time >= '2026-02-20' AND event_time < '2026-02-23'") == earlier + 2 * scored
+
+
+# -- 6. replay names its days and cut-offs ----------------------------------------------------------------
+
+
+def test_replay_prints_each_day_its_cut_off_and_the_days_already_done(p):
+    p.cli("backfill", "vuln_risk", "--start", "2026-03-03", "--end", "2026-03-03", "--replay", check=True)
+    result = p.cli("backfill", "vuln_risk", "--start", "2026-03-03", "--end", "2026-03-04", "--replay", check=True)
+    lines = result.stdout.splitlines()
+    assert "2026-03-03 (as of 2026-03-04 00:00 UTC): already replayed" in lines
+    assert any(line.startswith("2026-03-04 (as of 2026-03-05 00:00 UTC): run ") for line in lines)
+    assert "replayed 1 night(s), 1 already done (2026-03-03)" in lines
+    assert p.query("SELECT as_of FROM batchml.runs WHERE kind = 'replay' ORDER BY as_of")[-1][0].day == 5

@@ -167,10 +167,10 @@ def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> 
 
 
 def replay(project: Project, job: str, start: date, end: date, *, notify: bool = False, on_night=None,
-           synthetic: bool = False) -> list[Run]:
+           synthetic: bool = False, on_skip=None) -> list[Run]:
     """The nightly run for each day of [start, end] in order, as of the end of that day.
 
-    Resumable: a day whose replay already succeeded (same as_of) is skipped. Nights after now are
+    Resumable: a day whose replay already succeeded (same as_of) is skipped (``on_skip(day, as_of)``). Nights after now are
     refused (see ``pipeline.refuse_future_cutoff``) unless the data is ``synthetic`` (the demo's
     fixed calendar, whose rows for later days already exist).
     """
@@ -182,11 +182,15 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
     for day in track(days, total=len(days), description=f"replaying {job}"):
         as_of = day_start(day) + timedelta(days=1)
-        if not _replayed(project, job, as_of):
-            run = run_job(project, job, as_of=as_of, kind="replay", notify=notify)
-            runs.append(run)
-            if on_night:
-                on_night(run)
+        if _replayed(project, job, as_of):
+            log.info("%s: %s (as of %s UTC) already replayed", job, day, f"{as_of:%Y-%m-%d %H:%M}")
+            if on_skip:
+                on_skip(day, as_of)
+            continue
+        run = run_job(project, job, as_of=as_of, kind="replay", notify=notify)
+        runs.append(run)
+        if on_night:
+            on_night(run)
     return runs
 
 
