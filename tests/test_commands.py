@@ -152,3 +152,19 @@ def test_replay_prints_each_day_its_cut_off_and_the_days_already_done(p):
     assert any(line.startswith("2026-03-04 (as of 2026-03-05 00:00 UTC): run ") for line in lines)
     assert "replayed 1 night(s), 1 already done (2026-03-03)" in lines
     assert p.query("SELECT as_of FROM batchml.runs WHERE kind = 'replay' ORDER BY as_of")[-1][0].day == 5
+
+
+# -- 7. usage errors: exit 2, no run row ------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2_and_leave_no_run_row(p):
+    runs = p.scalar("SELECT count(*) FROM batchml.runs")
+    missing = p.cli("backfill", "vuln_risk", "--start", "2026-02-20", "--end", "2026-02-21", "--model-version", "9")
+    assert missing.returncode == 2
+    assert_one_line_error(missing, "job vuln_risk has no model v9", "batchml models list vuln_risk")
+    assert p.scalar("SELECT count(*) FROM batchml.runs") == runs
+
+    nothing = p.cli("models", "rollback", "vuln_risk")  # v1 is the only champion there has been
+    assert nothing.returncode == 2
+    assert_one_line_error(nothing, "replaced no earlier champion")
+    assert p.cli("models", "promote", "vuln_risk", "99").returncode == 2

@@ -68,11 +68,11 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
     with job_lock(project.locks, job), project.connect() as con:
         migrate(con)
         current = registry.champion(con, job)
-        if current is None:
-            raise ModelError(f"job {job} has no champion to roll back")
+        if current is None:  # nothing to roll back is a usage error (exit 2), like promoting a missing version
+            raise ConfigError(f"job {job} has no champion to roll back")
         previous = registry.previous_champion(con, job, current["version"])
         if previous is None:
-            raise ModelError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
+            raise ConfigError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
         restored = registry.get(con, job, previous)
         registry.verify(restored)
         with transaction(con):

@@ -15,7 +15,7 @@ from batchml.pipeline.progress import track
 from batchml.project import Project
 from batchml.storage.runlog import Run
 from batchml.models.scoring import load_for_scoring
-from batchml.storage.warehouse import fetch_one, migrate
+from batchml.storage.warehouse import fetch_one, migrate, table_exists
 from batchml.storage.writeback import scored_between
 
 log = logging.getLogger("batchml")
@@ -154,8 +154,19 @@ def backfill(project: Project, job: str, start: date, end: date, *, version: int
     if end < start:
         raise ConfigError(f"--end {end} is before --start {start}")
     config = project.job(job)
+    if version is not None:
+        require_version(project, job, version)  # a usage error: exit 2 before a run row exists
     with job_lock(project.locks, job):
         return BackfillRun(project, config, start, end, version, dry_run).execute()
+
+
+def require_version(project: Project, job: str, version: int) -> None:
+    row = None
+    if project.warehouse.exists():
+        with project.connect(read_only=True) as con:
+            row = registry.get(con, job, version) if table_exists(con, "batchml.models") else None
+    if row is None:
+        raise ConfigError(f"job {job} has no model v{version}; see `batchml models list {job}`")
 
 
 def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> Run:
