@@ -64,3 +64,11 @@ def interrupted(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__
     return False
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to a misspelled ``name``, else ``""``."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -168,3 +168,42 @@ def test_usage_errors_exit_2_and_leave_no_run_row(p):
     assert nothing.returncode == 2
     assert_one_line_error(nothing, "replaced no earlier champion")
     assert p.cli("models", "promote", "vuln_risk", "99").returncode == 2
+
+
+# -- 8, 9. did you mean; check says the real cause once ------------------------------------------------------
+
+
+def test_misspelled_keys_jobs_and_columns_get_the_closest_name(p):
+    config = job_config()
+    config["training"]["windw_days"] = config["training"].pop("window_days")
+    p.write_config(config)
+    assert_one_line_error(p.cli("run", "vuln_risk"), "training.windw_days: unknown key (did you mean 'window_days'?)")
+    assert_one_line_error(p.cli("run", "vuln_rsk"), "no config for job 'vuln_rsk'", "(did you mean 'vuln_risk'?)")
+
+    config = job_config()
+    config["features"]["numeric"] = ["cvss_bse" if name == "cvss_base" else name for name in config["features"]["numeric"]]
+    p.write_config(config)  # cvss_base keeps its validation range: the feature, not the range, is misspelled
+    run = p.cli("run", "vuln_risk", "--no-notify")
+    assert run.returncode == 1
+    assert_one_line_error(run, "has no column cvss_bse (did you mean 'cvss_base'?)")
+    check = p.cli("check", "vuln_risk").stdout
+    assert check.count("cvss_bse") == 1 and "FAIL vuln_risk: source" in check  # said once, by the source check
+    assert "trains a challenger" not in check and "validation.ranges" not in check
+
+    config = job_config()
+    config["validation"]["ranges"]["cvss_bse"] = config["validation"]["ranges"].pop("cvss_base")
+    p.write_config(config)  # now the range's key is the typo
+    assert_one_line_error(p.cli("run", "vuln_risk"), "validation.ranges names 'cvss_bse' (did you mean 'cvss_base'?)")
+
+
+def test_check_warns_about_a_warehouse_the_duckdb_15_cli_cannot_open(p, findings):
+    import duckdb
+
+    own = p.root / "warehouse" / "loaded.duckdb"
+    con = duckdb.connect(str(own))  # as a user's own loader would: DuckDB's default (2.0) format
+    con.register("incoming", findings)
+    con.execute("CREATE SCHEMA raw; CREATE TABLE raw.vuln_findings AS SELECT * FROM incoming")
+    con.close()
+    loaded = p.cli("--warehouse", str(own), "check", "vuln_risk").stdout
+    assert "WARNING: loaded.duckdb is in DuckDB's 2.0 storage format" in loaded and "STORAGE_VERSION 'v1.5.0'" in loaded
+    assert "storage format" not in p.cli("check", "vuln_risk").stdout  # batchml's own files are readable

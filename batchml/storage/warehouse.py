@@ -86,6 +86,22 @@ def open_connection(
     return con
 
 
+def readable_by_duckdb_15(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the open file's storage format is one the DuckDB 1.5 CLI reads (``storage_version``
+    ``v1.5.0+`` or older): a file created without ``storage_compatibility_version`` is ``v2.0.0+``."""
+    tags = con.execute("SELECT tags FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    version = ((tags or [{}])[0] or {}).get("storage_version", "")
+    found = re.match(r"v(\d+)\.(\d+)", version)
+    return found is None or (int(found[1]), int(found[2])) <= (1, 5)
+
+
+def storage_fix(path: Path) -> str:
+    """How to rewrite a warehouse in the format the DuckDB 1.5 CLI reads (batchml's own files already are)."""
+    return (f"{path.name} is in DuckDB's 2.0 storage format, which the DuckDB 1.5 CLI (duckdb-cli) cannot open; create it with "
+            f"config={{'storage_compatibility_version': '{STORAGE_COMPATIBILITY}'}}, or copy it once: ATTACH 'new.duckdb' AS new "
+            f"(STORAGE_VERSION '{STORAGE_COMPATIBILITY}'); COPY FROM DATABASE {path.stem} TO new; then use new.duckdb")
+
+
 @contextmanager
 def connect(path: Path, **kwargs) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short-lived connection, closed on exit; DuckDB errors become :class:`WarehouseError`."""
