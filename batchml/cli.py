@@ -409,11 +409,25 @@ def print_error(message: str) -> None:
     Console(stderr=True).print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
 
 
+def without_help_metavar(command):
+    """``command`` (and its subcommands) with ``--help`` shown as the flag it is: typer lists it as
+    ``--help <bool>``, the type of the option click adds itself, which our ``flag`` cannot reach."""
+    from types import SimpleNamespace
+
+    help_option = command.get_help_option(SimpleNamespace(help_option_names=["--help"]))  # built once, then cached
+    if help_option is not None:
+        help_option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        without_help_metavar(sub)
+    return command
+
+
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
         # without standalone mode, click hands back (not raises) the code of an interrupt: 130
-        code = app(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
+        command = without_help_metavar(typer.main.get_command(app))
+        code = command(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except BatchMLError as exc:

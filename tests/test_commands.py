@@ -207,3 +207,12 @@ def test_check_warns_about_a_warehouse_the_duckdb_15_cli_cannot_open(p, findings
     loaded = p.cli("--warehouse", str(own), "check", "vuln_risk").stdout
     assert "WARNING: loaded.duckdb is in DuckDB's 2.0 storage format" in loaded and "STORAGE_VERSION 'v1.5.0'" in loaded
     assert "storage format" not in p.cli("check", "vuln_risk").stdout  # batchml's own files are readable
+
+
+# -- 13. --help shows flags as flags -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["backfill"], ["models", "list"], ["runs", "show"]])
+def test_help_shows_no_bool_type_on_any_flag(ran, command):
+    help_text = ran.cli(*command, "--help", check=True).stdout
+    assert "--help" in help_text and "<bool>" not in help_text
