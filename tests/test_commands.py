@@ -216,3 +216,17 @@ def test_check_warns_about_a_warehouse_the_duckdb_15_cli_cannot_open(p, findings
 def test_help_shows_no_bool_type_on_any_flag(ran, command):
     help_text = ran.cli(*command, "--help", check=True).stdout
     assert "--help" in help_text and "<bool>" not in help_text
+
+
+# -- 12. a rejected batch's report shows some of its bad rows ----------------------------------------------------
+
+
+def test_a_rejected_batchs_report_shows_a_sample_of_its_quarantined_rows(p):
+    p.write_config(job_config(validation={"ranges": {"cvss_base": [0, 5]}, "max_quarantine_fraction": 0.05}))
+    assert p.cli("run", "vuln_risk", "--as-of", "2026-03-05", "--no-notify").returncode == 3
+    run_id, quarantined = p.query("SELECT run_id, rows_quarantined FROM batchml.runs WHERE status = 'rejected'")[0]
+    path = p.cli("report", "vuln_risk", check=True).stdout.split("report:")[1].strip()
+    html = open(path).read()
+    assert f"Sample of quarantined rows (10 of {quarantined:,})" in html
+    entity, reason = p.query("SELECT entity_id, reason FROM batchml.quarantine WHERE run_id = ? ORDER BY entity_id LIMIT 1", [run_id])[0]
+    assert f">{entity}<" in html and "cvss_base" in reason and "cvss_base" in html

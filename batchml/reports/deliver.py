@@ -49,7 +49,18 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
         challenger_version=row["challenger_version"], promoted=row["promoted"],
         drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=gate,
         performance=_trend(con, config), band_counts=_bands(con, config, run_id), triggers=json.loads(row["triggers"] or "[]"),
+        quarantine_sample=_quarantine_sample(con, run_id) if row["status"] == "rejected" else [],
     )
+
+
+QUARANTINE_SAMPLE = 10
+
+
+def _quarantine_sample(con, run_id: str) -> list[dict]:
+    """Some quarantined rows of a rejected batch, taking each rule in turn, so one flood does not hide the rest."""
+    return fetch_dicts(con, "SELECT entity_id, rule, reason, record FROM (SELECT entity_id, rule, reason, "
+                            "CAST(record AS VARCHAR) AS record, row_number() OVER (PARTITION BY rule ORDER BY entity_id) AS nth "
+                            f"FROM batchml.quarantine WHERE run_id = ?) ORDER BY nth, rule LIMIT {QUARANTINE_SAMPLE}", [run_id])
 
 
 def _no_runs(config: JobConfig) -> ConfigError:

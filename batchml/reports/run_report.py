@@ -92,6 +92,8 @@ class ReportData:
     performance: list[dict] = field(default_factory=list)
     band_counts: dict[str, int] = field(default_factory=dict)
     triggers: list[str] = field(default_factory=list)
+    # a rejected batch: some of its quarantined rows ({entity_id, rule, reason, record}), to see what was wrong
+    quarantine_sample: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # A failed run read back from the warehouse has NULLs everywhere; treat them as "nothing".
@@ -99,7 +101,7 @@ class ReportData:
             setattr(self, name, getattr(self, name) or 0)
         for name in ("quarantine_reasons", "timings", "band_counts"):
             setattr(self, name, dict(getattr(self, name) or {}))
-        for name in ("drift", "performance", "triggers"):
+        for name in ("drift", "performance", "triggers", "quarantine_sample"):
             setattr(self, name, list(getattr(self, name) or []))
 
 
@@ -371,6 +373,22 @@ def _triggers_section(data: ReportData) -> Markup:
     return _section("Retrain triggers that fired", Markup(f'<ul style="margin:4px 0 12px 18px;padding:0">{items}</ul>'))
 
 
+RECORD_CHARS = 300  # of a quarantined row's JSON in the report: enough to see the bad value
+
+
+def _quarantine_sample_section(data: ReportData) -> Markup:
+    if not data.quarantine_sample:
+        return Markup("")
+    rows = [(r["entity_id"], r["rule"], r["reason"], _clipped(r["record"])) for r in data.quarantine_sample]
+    title = f"Sample of quarantined rows ({len(rows)} of {data.rows_quarantined:,})"
+    return _section(title, _table(("entity", "rule", "reason", "row"), rows))
+
+
+def _clipped(text: str | None) -> str:
+    text = text or ""
+    return text if len(text) <= RECORD_CHARS else text[:RECORD_CHARS] + "…"
+
+
 def _html(data: ReportData, subject: str, charts: _Charts) -> str:
     header = Markup(f'<h1 style="font-size:20px;margin:0 0 4px 0">{_h(data.job)}: {_h(data.kind)} run</h1>'
                     + _note(subject.removeprefix("[batchml] ")))
@@ -379,6 +397,7 @@ def _html(data: ReportData, subject: str, charts: _Charts) -> str:
         _summary_section(data),
         _error_section(data),
         _counts_section("Quarantined rows by reason", data.quarantine_reasons),
+        _quarantine_sample_section(data),
         _drift_section(data, charts),
         _gate_section(data),
         _performance_section(data, charts),
@@ -397,6 +416,9 @@ def _text(data: ReportData, subject: str) -> str:
              f"Rows: {data.rows_extracted:,} extracted, {data.rows_quarantined:,} quarantined, {data.rows_scored:,} scored"]
     if data.quarantine_reasons:
         lines.append("Quarantined by reason: " + _pairs(data.quarantine_reasons))
+    if data.quarantine_sample:
+        lines.append(f"Sample of quarantined rows ({len(data.quarantine_sample)} of {data.rows_quarantined:,}):")
+        lines += [f"  {r['entity_id']}: {r['reason']} ({r['rule']}) {_clipped(r['record'])}" for r in data.quarantine_sample]
     if data.error:
         lines += ["", "Error:", data.error.strip(), ""]
     lines += _drift_text(data) + _gate_text(data)
