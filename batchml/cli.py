@@ -21,6 +21,7 @@ from rich.table import Column, Table
 
 from batchml import api
 from batchml.errors import BatchMLError, ConfigError, interrupted
+from batchml.logcontext import ContextFilter, record_fields
 from batchml.project import Project
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
@@ -44,9 +45,11 @@ WarehouseOpt = Annotated[Optional[Path], typer.Option("--warehouse", envvar="BAT
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message and, where known, job, run_id, step and counts."""
+
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(), "level": record.levelname,
-                           "message": record.getMessage()})
+                           "message": record.getMessage(), **record_fields(record)}, default=str)
 
 
 def setup_logging(log_format: str) -> None:
@@ -61,6 +64,7 @@ def setup_logging(log_format: str) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(ContextFilter())  # on the handler: records of child loggers get the run's fields too
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False

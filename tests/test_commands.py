@@ -230,3 +230,18 @@ def test_a_rejected_batchs_report_shows_a_sample_of_its_quarantined_rows(p):
     assert f"Sample of quarantined rows (10 of {quarantined:,})" in html
     entity, reason = p.query("SELECT entity_id, reason FROM batchml.quarantine WHERE run_id = ? ORDER BY entity_id LIMIT 1", [run_id])[0]
     assert f">{entity}<" in html and "cvss_base" in reason and "cvss_base" in html
+
+
+# -- 10. logs for machines ------------------------------------------------------------------------------------------
+
+
+def test_json_log_lines_carry_job_run_id_step_and_counts(p):
+    result = p.cli("--log-format", "json", "run", "vuln_risk", "--as-of", "2026-03-05", "--no-notify", check=True)
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    run_id, extracted, quarantined, scored = p.query("SELECT run_id, rows_extracted, rows_quarantined, rows_scored "
+                                                     "FROM batchml.runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert all(r["job"] == "vuln_risk" and r["run_id"] == run_id for r in records)
+    pulled = next(r for r in records if "extracted" in r["message"])
+    assert (pulled["step"], pulled["rows_extracted"], pulled["rows_quarantined"]) == ("extract", extracted, quarantined)
+    done = next(r for r in records if "scored" in r["message"] and "rows_scored" in r)
+    assert (done["step"], done["rows_scored"]) == ("score", scored)

@@ -14,6 +14,7 @@ from datetime import datetime
 
 import duckdb
 
+from batchml import logcontext
 from batchml.models.registry import actor, utcnow
 from batchml.storage.warehouse import fetch_dicts, fetch_one
 
@@ -61,7 +62,8 @@ class Run:
         """Time a step; the figure lands in ``timings`` (and the ``<step>_seconds`` column)."""
         started = time.perf_counter()
         try:
-            yield
+            with logcontext.fields(step=name):
+                yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 4)
 
