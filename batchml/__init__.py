@@ -25,6 +25,7 @@ from batchml.api import (
     list_runs,
     open_project,
     promote,
+    prune,
     replay,
     report,
     rollback,
@@ -44,7 +45,7 @@ from batchml.errors import (
 from batchml.project import Project
 
 __all__ = [
-    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "check", "list_runs", "show_run",
+    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "check", "list_runs", "show_run", "prune",
     "open_project", "cutoff", "Project",
     "BatchMLError", "ConfigError", "DataError", "RejectedError", "WarehouseError", "ModelError", "NotifyError", "LockError",
 ]

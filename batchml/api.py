@@ -169,6 +169,27 @@ def show_run(run_id: str, *, project: ProjectLike = None) -> dict:
     return row
 
 
+def prune(job: str, *, project: ProjectLike = None, keep_days: int = 90, delete: bool = False):
+    """What the job's history no longer needs (see :mod:`batchml.storage.retention`): old model
+    folders no score row or rollback needs, old run reports, scratch folders of finished runs.
+    Returns the plan; removes it only with ``delete``: ``batchml prune`` (``--yes``)."""
+    from batchml.pipeline.locks import job_lock
+    from batchml.storage import retention
+
+    if keep_days < 0:
+        raise ConfigError(f"--keep-days {keep_days}: give a number of days, 0 or more")
+    opened = open_project(project)
+    config = opened.job(job)
+    with job_lock(opened.locks, job):  # no run of the job writes or reads what is removed meanwhile
+        with _runs_table(opened) as con:
+            if con is None:
+                return retention.PrunePlan(job, datetime.now(timezone.utc).replace(tzinfo=None))
+            found = retention.plan(con, opened, config, keep_days)
+        if delete:
+            retention.apply(found)
+    return found
+
+
 @contextmanager
 def _runs_table(project: Project):
     """A read-only connection to a warehouse that has ``batchml.runs``, else None (nothing has run)."""

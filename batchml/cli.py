@@ -413,6 +413,29 @@ def print_error(message: str) -> None:
     Console(stderr=True).print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command()
+def prune(
+    job: str,
+    keep_days: Annotated[int, typer.Option("--keep-days", help="Keep what is newer than this many days.")] = 90,
+    yes: Annotated[bool, flag("--yes", help="Remove what is listed (without it: only list it).")] = False,
+) -> None:
+    """List (with --yes, remove) what JOB's history no longer needs: old model folders no score row or
+    rollback needs, old run reports, scratch folders of finished runs. Never a champion, a table row
+    or the published Parquet the catalog's views read.  Example: batchml prune vuln_risk --keep-days 30"""
+    found = api.prune(job, project=open_project(), keep_days=keep_days, delete=yes)
+    for removal in found.removals:
+        console.print(f"{'removed' if yes else 'would remove'} {removal.kind} {removal.path} ({removal.why})",
+                      highlight=False, markup=False)
+    for version, why in sorted(found.kept_models.items()):
+        console.print(f"keep model v{version} ({why})", highlight=False, markup=False)
+    total = len(found.removals)
+    if yes:
+        console.print(f"removed {total} item(s) older than {found.cutoff:%Y-%m-%d %H:%M} UTC", highlight=False)
+    else:
+        console.print(f"dry run: {total} item(s) older than {found.cutoff:%Y-%m-%d %H:%M} UTC would be removed; "
+                      f"rerun with --yes to remove them", highlight=False)
+
+
 def without_help_metavar(command):
     """``command`` (and its subcommands) with ``--help`` shown as the flag it is: typer lists it as
     ``--help <bool>``, the type of the option click adds itself, which our ``flag`` cannot reach."""

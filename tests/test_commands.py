@@ -245,3 +245,28 @@ def test_json_log_lines_carry_job_run_id_step_and_counts(p):
     assert (pulled["step"], pulled["rows_extracted"], pulled["rows_quarantined"]) == ("extract", extracted, quarantined)
     done = next(r for r in records if "scored" in r["message"] and "rows_scored" in r)
     assert (done["step"], done["rows_scored"]) == ("score", scored)
+
+
+# -- 11. prune -------------------------------------------------------------------------------------------------------
+
+
+def test_prune_lists_first_then_removes_only_what_no_score_row_or_rollback_needs(p):
+    models = p.root / "warehouse" / "models" / "vuln_risk"
+    reports = p.root / "warehouse" / "reports" / "vuln_risk"
+    rejected = p.scalar("SELECT version FROM batchml.models WHERE status = 'rejected'")
+    (p.root / "warehouse" / "tmp" / "leftover-of-no-run").mkdir(parents=True)
+    before = sorted(reports.glob("*.html"))
+    assert (models / f"v{rejected}").is_dir() and before
+
+    dry = p.cli("prune", "vuln_risk", "--keep-days", "0", check=True).stdout
+    assert f"would remove model {models / f'v{rejected}'}" in dry and "keep model v1 (champion)" in dry
+    assert "rerun with --yes" in dry and (models / f"v{rejected}").is_dir() and sorted(reports.glob("*.html")) == before
+
+    assert "dry run: 0 item(s)" in p.cli("prune", "vuln_risk", "--keep-days", "3650", check=True).stdout  # all newer
+    p.cli("prune", "vuln_risk", "--keep-days", "0", "--yes", check=True)
+    assert not (models / f"v{rejected}").exists() and (models / "v1").is_dir()
+    assert not list(reports.glob("*.html"))
+    assert (p.root / "warehouse" / "tmp" / "leftover-of-no-run").is_dir()  # not a run's: left alone
+    assert p.scalar("SELECT count(*) FROM batchml.models") == 2  # the registry keeps its history
+    assert p.cli("run", "vuln_risk", "--as-of", "2026-03-05", "--no-notify").returncode == 0
+    assert list((p.root / "warehouse" / "published" / "scores" / "vuln_risk").glob("*.parquet"))
