@@ -11,11 +11,28 @@ The public API is what the ``batchml`` command calls, one function per command::
     batchml.list_models("vuln_risk"); batchml.promote("vuln_risk", 3, reason="...")
     batchml.rollback("vuln_risk", reason="..."); batchml.report("vuln_risk")
     batchml.check("vuln_risk")                                       # batchml check
+    batchml.list_runs("vuln_risk"); batchml.show_run(run_id)         # batchml runs list / show
 
 Each raises a :class:`BatchMLError` subclass on failure; its ``exit_code`` is the command's.
 """
 
-from batchml.api import backfill, check, cutoff, drift, list_models, open_project, promote, replay, report, rollback, run
+from batchml.api import (
+    backfill,
+    check,
+    cutoff,
+    drift,
+    history,
+    list_models,
+    list_runs,
+    open_project,
+    promote,
+    prune,
+    replay,
+    report,
+    rollback,
+    run,
+    show_run,
+)
 from batchml.errors import (
     BatchMLError,
     ConfigError,
@@ -29,7 +46,7 @@ from batchml.errors import (
 from batchml.project import Project
 
 __all__ = [
-    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "check",
+    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "history", "check", "list_runs", "show_run", "prune",
     "open_project", "cutoff", "Project",
     "BatchMLError", "ConfigError", "DataError", "RejectedError", "WarehouseError", "ModelError", "NotifyError", "LockError",
 ]

@@ -16,6 +16,7 @@ Prefect pass, is converted to UTC), a ``date`` (00:00 UTC) or an ISO string.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from os import PathLike
 from pathlib import Path
@@ -77,28 +78,33 @@ def day(value: date | str, what: str) -> date:
 
 
 def run(job: str, *, project: ProjectLike = None, as_of: CutOff = None, force_retrain: bool = False,
-        notify: bool = True) -> Run:
-    """One nightly run of ``job`` as of ``as_of`` (default now): ``batchml run``."""
+        notify: bool = True, cluster: str | None = None) -> Run:
+    """One nightly run of ``job`` as of ``as_of`` (default now): ``batchml run``. ``cluster``: a Dask
+    scheduler's address, as ``--cluster`` (default: ``execution`` in the job's config)."""
     from batchml.pipeline.nightly import run_job
 
-    return run_job(open_project(project), job, as_of=cutoff(as_of), force_retrain=force_retrain, notify=notify)
+    return run_job(open_project(project), job, as_of=cutoff(as_of), force_retrain=force_retrain, notify=notify,
+                   cluster=cluster)
 
 
 def backfill(job: str, start: date | str, end: date | str, *, project: ProjectLike = None, model_version: int | None = None,
-             dry_run: bool = False) -> Run:
+             dry_run: bool = False, cluster: str | None = None) -> Run:
     """Re-score the rows whose event day is in ``[start, end]``: ``batchml backfill``."""
     from batchml.pipeline.backfill import backfill as run_backfill
 
-    return run_backfill(open_project(project), job, day(start, "start"), day(end, "end"), version=model_version, dry_run=dry_run)
+    return run_backfill(open_project(project), job, day(start, "start"), day(end, "end"), version=model_version, dry_run=dry_run,
+                        cluster=cluster)
 
 
 def replay(job: str, start: date | str, end: date | str, *, project: ProjectLike = None, notify: bool = False,
-           on_night=None) -> list[Run]:
-    """The nightly run of each day of ``[start, end]``, point-in-time: ``batchml backfill --replay``.
-    Nights already replayed are skipped; ``on_night(run)`` is called after each one."""
+           on_night=None, on_skip=None, cluster: str | None = None) -> list[Run]:
+    """The nightly run of each day of ``[start, end]``, as of the end of that day (00:00 UTC of the
+    next), point-in-time: ``batchml backfill --replay``. ``on_night(run)`` is called after each
+    night; nights already replayed are skipped, with ``on_skip(day, as_of)``."""
     from batchml.pipeline.backfill import replay as run_replay
 
-    return run_replay(open_project(project), job, day(start, "start"), day(end, "end"), notify=notify, on_night=on_night)
+    return run_replay(open_project(project), job, day(start, "start"), day(end, "end"), notify=notify, on_night=on_night,
+                      on_skip=on_skip, cluster=cluster)
 
 
 def drift(job: str, *, project: ProjectLike = None, as_of: CutOff = None) -> Run:
@@ -136,6 +142,77 @@ def report(job: str, run_id: str | None = None, *, project: ProjectLike = None, 
 
     opened = open_project(project)
     return report_and_notify(opened, opened.job(job), run_id, send=send, force_send=send)
+
+
+def history(job: str, *, project: ProjectLike = None, since: date | str | None = None, send: bool = False) -> Path:
+    """Write ``reports/<job>/history.html``, one page over the job's runs (those with a cut-off from
+    ``since``), and with ``send`` mail it: ``batchml report --history``. Returns the page's path."""
+    from batchml.reports.deliver import write_history
+
+    opened = open_project(project)
+    start = None if since is None else cutoff(day(since, "since"))
+    return write_history(opened, opened.job(job), start, send=send)
+
+
+def list_runs(job: str, *, project: ProjectLike = None, limit: int = 20) -> list[dict]:
+    """The job's ``limit`` most recent runs, newest first, as ``batchml.runs`` rows with ``triggers``
+    and ``timings`` parsed and the gate's ``decision`` on the run's challenger: ``batchml runs list``."""
+    from batchml.storage import runlog
+
+    if limit < 1:
+        raise ConfigError(f"--limit {limit}: give a number of runs, 1 or more")
+    opened = open_project(project)
+    opened.job(job)
+    with _runs_table(opened) as con:
+        return [] if con is None else runlog.list_runs(con, job, limit)
+
+
+def show_run(run_id: str, *, project: ProjectLike = None) -> dict:
+    """One run: its row as :func:`list_runs` gives it, plus ``report`` (the path of its HTML report,
+    None if none was written): ``batchml runs show``."""
+    from batchml.storage import runlog
+
+    opened = open_project(project)
+    with _runs_table(opened) as con:
+        row = None if con is None else runlog.get_run(con, run_id)
+    if row is None:
+        raise ConfigError(f"no run {run_id} in {opened.warehouse}; list a job's runs with `batchml runs list JOB`")
+    path = opened.reports / row["job"] / f"{run_id}.html"
+    row["report"] = path if path.exists() else None
+    return row
+
+
+def prune(job: str, *, project: ProjectLike = None, keep_days: int = 90, delete: bool = False):
+    """What the job's history no longer needs (see :mod:`batchml.storage.retention`): old model
+    folders no score row or rollback needs, old run reports, scratch folders of finished runs.
+    Returns the plan; removes it only with ``delete``: ``batchml prune`` (``--yes``)."""
+    from batchml.pipeline.locks import job_lock
+    from batchml.storage import retention
+
+    if keep_days < 0:
+        raise ConfigError(f"--keep-days {keep_days}: give a number of days, 0 or more")
+    opened = open_project(project)
+    config = opened.job(job)
+    with job_lock(opened.locks, job):  # no run of the job writes or reads what is removed meanwhile
+        with _runs_table(opened) as con:
+            if con is None:
+                return retention.PrunePlan(job, datetime.now(timezone.utc).replace(tzinfo=None))
+            found = retention.plan(con, opened, config, keep_days)
+        if delete:
+            retention.apply(found)
+    return found
+
+
+@contextmanager
+def _runs_table(project: Project):
+    """A read-only connection to a warehouse that has ``batchml.runs``, else None (nothing has run)."""
+    from batchml.storage.warehouse import table_exists
+
+    if not project.warehouse.exists():  # connecting would create an empty warehouse
+        yield None
+        return
+    with project.connect(read_only=True) as con:
+        yield con if table_exists(con, "batchml.runs") else None
 
 
 def check(job: str | None = None, *, project: ProjectLike = None, echo=print) -> list:

@@ -12,7 +12,7 @@ from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, War
 from batchml.data.extract import describe_source, odd_labels, restrict, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.models.retrain import check_golden, describe_change, retrain_then_promote
-from batchml.storage.warehouse import memory_connection, quote_ident, table_exists
+from batchml.storage.warehouse import memory_connection, quote_ident, readable_by_duckdb_15, storage_fix, table_exists
 from batchml.storage.writeback import require_entity_type
 
 
@@ -142,7 +142,10 @@ def _checks(project: Project, name: str):
         if not project.warehouse.exists():
             raise ConfigError(f"warehouse {project.warehouse} does not exist; load {cfg.source.table} into it first")
         with project.connect(read_only=True, lock_timeout=5.0) as con:
-            return _source_report(con, cfg, project, state)
+            detail = _source_report(con, cfg, project, state)
+            if not readable_by_duckdb_15(con):  # the README's SQL examples use that CLI
+                detail += f"; WARNING: {storage_fix(project.warehouse)}"
+            return detail
 
     def champion():
         cfg = state["config"]
@@ -159,6 +162,8 @@ def _checks(project: Project, name: str):
         detail = f"v{row['version']} hashes match; golden set of {rows} rows re-scored, largest difference {worst:.1e}"
         detail += _registered_libraries(model)
         change = describe_change(cfg, model.spec, model.version)
+        if change and "columns" not in state:  # the source check failed: that is why runs fail, said there once
+            return detail
         return f"{detail}; {change}: the next run trains a challenger" if change else detail
 
     def schedule():

@@ -10,21 +10,25 @@ import json
 import logging
 import sys
 import traceback
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from batchml import api
 from batchml.errors import BatchMLError, ConfigError, file_error, interrupted
+from batchml.logcontext import ContextFilter, record_fields
 from batchml.project import Project
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry, by hand (every change recorded with who and why).")
 app.add_typer(models_app, name="models")
+runs_app = typer.Typer(no_args_is_help=True, help="A job's runs: counts, timings, triggers, the gate's decision, errors.")
+app.add_typer(runs_app, name="runs")
 
 # cron and CI read our output from files: wide enough that paths and tables are not wrapped
 console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
@@ -41,9 +45,11 @@ WarehouseOpt = Annotated[Optional[Path], typer.Option("--warehouse", envvar="BAT
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message and, where known, job, run_id, step and counts."""
+
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(), "level": record.levelname,
-                           "message": record.getMessage()})
+                           "message": record.getMessage(), **record_fields(record)}, default=str)
 
 
 def setup_logging(log_format: str) -> None:
@@ -58,6 +64,7 @@ def setup_logging(log_format: str) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(ContextFilter())  # on the handler: records of child loggers get the run's fields too
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -104,6 +111,10 @@ def parse_day(value: str, option: str) -> date:
 def summarise_run(run) -> None:
     parts = [f"run {run.run_id}: {run.status}", f"{run.rows_extracted} extracted", f"{run.rows_quarantined} quarantined",
              f"{run.rows_scored} scored"]
+    if run.dry_run:  # what it would do: nothing was written
+        valid = run.rows_extracted - run.rows_quarantined
+        parts = [f"run {run.run_id}: dry run", f"{run.rows_extracted} extracted", f"{run.rows_quarantined} would be quarantined",
+                 f"{valid} would be scored"]
     if run.champion_version:
         parts.append(f"champion v{run.champion_version}")
     if run.challenger_version:
@@ -157,8 +168,20 @@ def backfill(
     if replay:
         if model_version is not None or dry_run:
             raise ConfigError("--replay runs the nightly logic; it takes neither --model-version nor --dry-run")
-        runs = bf.replay(project, job, first, last, on_night=summarise_run, cluster=cluster)
-        console.print(f"replayed {len(runs)} night(s) ({(last - first).days + 1 - len(runs)} already done)")
+        skipped: list[date] = []
+
+        def night(run) -> None:
+            console.print(f"{(run.as_of - timedelta(days=1)):%Y-%m-%d} (as of {run.as_of:%Y-%m-%d %H:%M} UTC):", end=" ",
+                          highlight=False)
+            summarise_run(run)
+
+        def skip(day: date, as_of: datetime) -> None:
+            skipped.append(day)
+            console.print(f"{day} (as of {as_of:%Y-%m-%d %H:%M} UTC): already replayed", highlight=False)
+
+        runs = api.replay(job, first, last, project=project, on_night=night, on_skip=skip, cluster=cluster)
+        done = f", {len(skipped)} already done ({', '.join(map(str, skipped))})" if skipped else ""
+        console.print(f"replayed {len(runs)} night(s){done}", highlight=False)
         return
     summarise_run(bf.backfill(project, job, first, last, version=model_version, dry_run=dry_run, cluster=cluster))
 
@@ -191,7 +214,7 @@ def drift(
 @app.command()
 def report(
     job: str,
-    run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest run).")] = None,
+    run_id: Annotated[Optional[str], typer.Argument(help="Run id (default: the latest nightly or replay run).")] = None,
     send: Annotated[bool, flag("--send", help="Also mail it to notify.email.")] = False,
     history: Annotated[bool, flag("--history", help="The job's history page over all its runs instead of one run's report.")] = False,
     since: Annotated[Optional[str], typer.Option("--since", help="With --history: only runs with a cut-off from this date (YYYY-MM-DD).")] = None,
@@ -200,19 +223,19 @@ def report(
 
     Example: batchml report vuln_risk --history --since 2026-10-01
     """
-    from batchml.reports import deliver as reporting
-
     project = open_project()
     if history:
         if run_id is not None:
             raise ConfigError("--history covers every run of the job; give it no RUN_ID (use --since to start later)")
-        start = None if since is None else datetime.combine(parse_day(since, "--since"), datetime.min.time())
-        path = reporting.write_history(project, project.job(job), start, send=send)
+        path = api.history(job, project=project, since=None if since is None else parse_day(since, "--since"), send=send)
         console.print(f"history: {path}", highlight=False)
         return
     if since is not None:
         raise ConfigError("--since applies to the history page: add --history")
-    path = reporting.report_and_notify(project, project.job(job), run_id, send=send, force_send=send)
+    path = api.report(job, run_id, project=project, send=send)
+    shown = api.show_run(path.stem, project=project)  # the report is named after its run
+    console.print(f"run {shown['run_id']} ({shown['kind']} as of {shown['as_of']:%Y-%m-%d %H:%M} UTC, {shown['status']})",
+                  highlight=False)
     console.print(f"report: {path}", highlight=False)
 
 
@@ -285,13 +308,24 @@ def models_list(job: str) -> None:
     from batchml.models.manage import list_models
 
     rows = list_models(open_project(), job)
-    table = Table("version", "status", "trained on", "rows", "holdout auc", "created", "promoted", title=f"models of {job}")
+    table = Table(*(Column(name, no_wrap=True) for name in ("version", "status", "trained on", "rows", "own holdout auc", "gate",
+                                                            "vs champion [95% interval]")),
+                  "reason", title=f"models of {job}", box=box.SIMPLE, pad_edge=False)
     for r in rows:
         auc = (r["holdout"] or {}).get("roc_auc")
+        gate = r["gate"] or {}
         table.add_row(f"v{r['version']}", r["status"], f"{r['train_start']:%Y-%m-%d} .. {r['train_end']:%Y-%m-%d}",
-                      str(r["train_rows"]), f"{auc:.4f}" if auc is not None else "-", f"{r['created_at']:%Y-%m-%d %H:%M}",
-                      f"{r['promoted_at']:%Y-%m-%d %H:%M}" if r["promoted_at"] else "-")
+                      str(r["train_rows"]), f"{auc:.4f}" if auc is not None else "-", gate.get("decision", "-"),
+                      _versus(gate), gate.get("reason") or "-")
     console.print(table)
+    console.print("gate: the decision on the shared holdout, where champion and challenger score the same rows; "
+                  "own holdout auc: each model's own holdout, not comparable across versions", highlight=False)
+
+
+def _versus(gate: dict) -> str:
+    if gate.get("diff") is None:
+        return "-"
+    return f"{gate['metric']} {gate['diff']:+.4f} [{gate['low']:+.4f}, {gate['high']:+.4f}] vs v{gate['versus']}"
 
 
 @models_app.command("promote")
@@ -324,6 +358,65 @@ def models_compile(job: str) -> None:
         console.print(f"{job} v{model.version}: {warning}")
     if not ready and not warnings:
         console.print(f"{job} v{model.version}: scores with LightGBM (scoring.engine and model size: nothing to compile)")
+
+
+def _minutes(row: dict) -> str:
+    if row["finished_at"] is None:
+        return "-"
+    seconds = (row["finished_at"] - row["started_at"]).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def _challenger(row: dict) -> str:
+    if row["challenger_version"] is None:
+        return "-"
+    return f"v{row['challenger_version']} {row['decision'] or ('promoted' if row['promoted'] else 'not promoted')}"
+
+
+@runs_app.command("list")
+def runs_list(job: str, limit: Annotated[int, typer.Option("--limit", help="How many runs, newest first.")] = 20) -> None:
+    """JOB's most recent runs, newest first.  Example: batchml runs list vuln_risk --limit 5"""
+    rows = api.list_runs(job, project=open_project(), limit=limit)
+    if not rows:
+        console.print(f"no runs of {job} yet; run `batchml run {job}`", highlight=False)
+        return
+    # a run id is what `runs show` and `report` take: shown whole, never cut by the console's width; triggers may wrap
+    whole = [Column(name, no_wrap=True) for name in ("kind", "status", "as of (UTC)", "took", "extracted", "quarantined", "scored",
+                                                      "models")]
+    table = Table(Column("run", no_wrap=True, min_width=max(len(r["run_id"]) for r in rows)), *whole, Column("triggers", overflow="fold"), box=box.SIMPLE, pad_edge=False,
+                  title=f"runs of {job}")
+    for r in rows:
+        table.add_row(r["run_id"], r["kind"] + (" (dry run)" if (r["note"] or "").startswith("dry run") else ""), r["status"],
+                      f"{r['as_of']:%Y-%m-%d %H:%M}", _minutes(r), str(r["rows_extracted"]), str(r["rows_quarantined"]),
+                      str(r["rows_scored"]), (f"v{r['champion_version']}" if r["champion_version"] else "-")
+                      + (f", {_challenger(r)}" if r["challenger_version"] is not None else ""), ", ".join(r["triggers"]) or "-")
+    console.print(table)
+    console.print(f"details: batchml runs show RUN_ID", highlight=False)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str) -> None:
+    """One run: counts, timings per step, triggers, the gate's decision, error, note and its report."""
+    r = api.show_run(run_id, project=open_project())
+    lines = [
+        ("run", r["run_id"]), ("job", r["job"]), ("kind", r["kind"]), ("status", r["status"]),
+        ("as of", f"{r['as_of']:%Y-%m-%d %H:%M:%S} UTC"),
+        ("started", f"{r['started_at']:%Y-%m-%d %H:%M:%S} UTC"),
+        ("finished", f"{r['finished_at']:%Y-%m-%d %H:%M:%S} UTC ({_minutes(r)})" if r["finished_at"] else "-"),
+        ("rows", f"{r['rows_extracted']} extracted, {r['rows_quarantined']} quarantined, {r['rows_scored']} scored"),
+        ("watermark", f"{r['watermark_from'] or '-'} -> {r['watermark_to'] or '-'}"),
+        ("champion", f"v{r['champion_version']}" if r["champion_version"] else "-"),
+        ("triggers", ", ".join(r["triggers"]) or "-"),
+        ("challenger", _challenger(r)),
+        ("decision", r["decision_reason"] or "-"),
+        ("dataset drift", {True: "yes", False: "no", None: "-"}[r["dataset_drift"]]),
+        ("timings", ", ".join(f"{step} {seconds:.2f}s" for step, seconds in r["timings"].items()) or "-"),
+        ("error", r["error"] or "-"), ("note", r["note"] or "-"),
+        ("report", str(r["report"]) if r["report"] else f"not written; `batchml report {r['job']} {r['run_id']}` writes it"),
+        ("by", f"{r['actor']} on {r['host']} (pid {r['pid']})"),
+    ]
+    for name, value in lines:
+        console.print(f"{name + ':':<15}{value}", highlight=False, markup=False)
 
 
 COMMON_OPTIONS = {"--project": True, "--warehouse": True, "--log-format": True, "--debug": False}  # option -> takes a value
@@ -363,11 +456,48 @@ def print_error(message: str) -> None:
     Console(stderr=True).print(f"error: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command()
+def prune(
+    job: str,
+    keep_days: Annotated[int, typer.Option("--keep-days", help="Keep what is newer than this many days.")] = 90,
+    yes: Annotated[bool, flag("--yes", help="Remove what is listed (without it: only list it).")] = False,
+) -> None:
+    """List (with --yes, remove) what JOB's history no longer needs: old model folders no score row or
+    rollback needs, old run reports, scratch folders of finished runs. Never a champion, a table row
+    or the published Parquet the catalog's views read.  Example: batchml prune vuln_risk --keep-days 30"""
+    found = api.prune(job, project=open_project(), keep_days=keep_days, delete=yes)
+    for removal in found.removals:
+        console.print(f"{'removed' if yes else 'would remove'} {removal.kind} {removal.path} ({removal.why})",
+                      highlight=False, markup=False)
+    for version, why in sorted(found.kept_models.items()):
+        console.print(f"keep model v{version} ({why})", highlight=False, markup=False)
+    total = len(found.removals)
+    if yes:
+        console.print(f"removed {total} item(s) older than {found.cutoff:%Y-%m-%d %H:%M} UTC", highlight=False)
+    else:
+        console.print(f"dry run: {total} item(s) older than {found.cutoff:%Y-%m-%d %H:%M} UTC would be removed; "
+                      f"rerun with --yes to remove them", highlight=False)
+
+
+def without_help_metavar(command):
+    """``command`` (and its subcommands) with ``--help`` shown as the flag it is: typer lists it as
+    ``--help <bool>``, the type of the option click adds itself, which our ``flag`` cannot reach."""
+    from types import SimpleNamespace
+
+    help_option = command.get_help_option(SimpleNamespace(help_option_names=["--help"]))  # built once, then cached
+    if help_option is not None:
+        help_option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        without_help_metavar(sub)
+    return command
+
+
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
         # without standalone mode, click hands back (not raises) the code of an interrupt: 130
-        code = app(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
+        command = without_help_metavar(typer.main.get_command(app))
+        code = command(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except BatchMLError as exc:

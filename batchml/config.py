@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batchml.errors import ConfigError
+from batchml.errors import ConfigError, did_you_mean
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -363,16 +364,17 @@ class JobConfig(Strict):
 
     @model_validator(mode="after")
     def _known_features(self) -> JobConfig:
-        known = set(self.features.all)
-        for section, names in (("validation.ranges", self.validation.ranges), ("validation.max_null_fraction", self.validation.max_null_fraction)):
-            unknown = sorted(set(names) - known)
+        # a name close to a feature's is one typo on either side: only the source's columns can tell
+        # which, so that case is left to describe_source (a missing column, named once)
+        for section, names in unknown_feature_names(self).items():
+            unknown = [name for name in names if not did_you_mean(name, self.features.all)]
             if unknown:
                 raise ValueError(f"{section} names {unknown}, which are not features")
         unknown = sorted(set(self.drift.thresholds) - known - set(DRIFT_ROWS))
         if unknown:
             raise ValueError(f"drift.thresholds names {unknown}, which are not features (nor {', '.join(DRIFT_ROWS)}); "
                              f"fix the key or add the feature")
-        unknown_ranges = sorted(set(self.validation.ranges) - set(self.features.numeric))
+        unknown_ranges = sorted(set(self.validation.ranges) & set(self.features.categorical))
         if unknown_ranges:
             raise ValueError(f"validation.ranges applies to numeric features only, not {unknown_ranges}")
         return self
@@ -497,12 +499,35 @@ def _format_validation_error(path: Path, exc: ValidationError) -> str:
     first = exc.errors()[0]
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling against the config reference in README.md)"
+        suggestion = did_you_mean(first["loc"][-1], _keys_at(first["loc"][:-1]))
+        message = f"unknown key{suggestion} (check the spelling against the config reference in README.md)"
     elif first["type"] == "missing":
         message = "required key is missing"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     where = ".".join(str(p) for p in first["loc"])  # empty for a check across sections, whose message names the keys
     return f"{path}: {where}: {message}{more}" if where else f"{path}: {message}{more}"
+
+
+def unknown_feature_names(config: JobConfig) -> dict[str, list[str]]:
+    """Per validation setting keyed by feature, the names in it that are not features."""
+    known = set(config.features.all)
+    found = {"validation.ranges": sorted(set(config.validation.ranges) - known),
+             "validation.max_null_fraction": sorted(set(config.validation.max_null_fraction) - known)}
+    return {section: names for section, names in found.items() if names}
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys a config section accepts, found by following ``loc`` from the top (empty where the
+    path leads to no section, e.g. into a mapping of feature names)."""
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sections = [t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type)
+                    and issubclass(t, BaseModel)] if field else []
+        if not sections:
+            return []
+        model = sections[0]
+    return list(model.model_fields)
 
 
 def parse_job_config(data: object, path: Path) -> JobConfig:
@@ -561,8 +586,8 @@ def load_job(project: Path, job: str) -> JobConfig:
     table that is another job's (or a source table) is refused here, so every command refuses it."""
     path = config_dir(project) / f"{job}.yaml"
     if not path.exists():
-        known = ", ".join(job_names(project)) or "none"
-        raise ConfigError(f"no config for job {job!r} at {path} (jobs found: {known})")
+        names = job_names(project)
+        raise ConfigError(f"no config for job {job!r} at {path}{did_you_mean(job, names)} (jobs found: {', '.join(names) or 'none'})")
     config = load_job_config(path)
     require_own_scores_table(project, config)
     return config

@@ -110,3 +110,11 @@ def file_error(exc: OSError, doing: str = "write") -> BatchMLError:
     reason = exc.strerror or re.sub(r"^.*\[errno \d+\]\s*", "", str(exc), flags=re.IGNORECASE) or type(exc).__name__
     fix = _FILE_FIXES.get(code, "check the path, its permissions and the free space, then rerun")
     return BatchMLError(f"cannot {doing}{where}: {reason}; {fix}")
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to a misspelled ``name``, else ``""``."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -270,8 +270,9 @@ def test_a_session_holding_the_warehouse_file_delays_a_run_then_fails_it_naming_
 
     assert blocked.returncode == 1, blocked.stderr
     assert 3 <= elapsed < 60, f"gave up after {elapsed:.1f} s with a 3 s lock timeout"
-    lines = blocked.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(p.warehouse) in lines[0] and f"process {analyst.pid}" in lines[0], blocked.stderr
+    waiting, error = blocked.stderr.strip().splitlines()  # said once while it waits, then the one-line error
+    assert f"warehouse.duckdb is held by process {analyst.pid}" in waiting and "waiting up to 3 s" in waiting, blocked.stderr
+    assert error.startswith("error: ") and str(p.warehouse) in error and f"process {analyst.pid}" in error, blocked.stderr
 
     stop.touch()
     assert analyst.proc.wait(timeout=30) == 0 and counts(analyst)  # the analyst's session was never disturbed

@@ -345,3 +345,13 @@ def test_run_job_serves_a_project_without_its_own_venv(tmp_path):
     result = run_job("vuln_risk", BATCHML_PROJECT=str(project), BATCHML_BIN=str(tool))
     assert result.returncode == 3
     assert f"args: --project {project.resolve()}" in (project / "warehouse" / "logs" / "vuln_risk.log").read_text()
+
+
+def test_run_job_log_lines_carry_one_timestamp(tmp_path):
+    root = fake_project(tmp_path / "proj")
+    binary = root / ".venv" / "bin" / "batchml"
+    binary.write_text('#!/bin/sh\necho "2026-11-28T02:00:01 INFO vuln_risk: extracted 5 rows" >&2\nexit 0\n')
+    assert run_job("vuln_risk", BATCHML_PROJECT=str(root)).returncode == 0
+    log = (root / "warehouse" / "logs" / "vuln_risk.log").read_text()
+    line = next(line for line in log.splitlines() if "extracted" in line)
+    assert re.fullmatch(STAMP + "INFO vuln_risk: extracted 5 rows", line)

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
-from batchml.config import BATCHML_SCHEMA, SCORE_SUFFIXES, JobConfig, config_dir, feature_sql, job_names, load_job_config
+from batchml.config import BATCHML_SCHEMA, SCORE_SUFFIXES, JobConfig, config_dir, feature_sql, job_names, load_job_config, unknown_feature_names
 from batchml.data.sources import parquet_location, register_object_store
-from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
+from batchml.errors import ConfigError, DataError, WarehouseError, did_you_mean, file_error, os_errno
 from batchml.data.validate import CUTOFF, reason_sql, utc_timestamp
 from batchml.storage.warehouse import is_restricted, quote_ident, quote_literal, quote_table, restrict_external_access, setting, size_bytes
 
@@ -221,8 +221,11 @@ def describe_source(con: duckdb.DuckDBPyConnection, config: JobConfig, project: 
                         f"__ are batchml's own; rename them in the source, or leave them out with features.sql")
     missing = [c for c in required_columns(config) if c not in columns]
     if missing:
-        raise DataError(f"{_what_is_read(config)} has no column {', '.join(missing)} (job {config.job}); "
-                        f"{_fix_columns(config)}")
+        named = ", ".join(f"{name}{did_you_mean(name, columns)}" for name in missing)
+        raise DataError(f"{_what_is_read(config)} has no column {named} (job {config.job}); {_fix_columns(config)}")
+    for section, names in unknown_feature_names(config).items():  # the typo was in the validation key, then
+        named = ", ".join(f"{name!r}{did_you_mean(name, config.features.all)}" for name in names)
+        raise ConfigError(f"configs/{config.job}.yaml: {section} names {named}, which is not a feature; fix the key")
     wrong = [f"{name} ({role}) is {columns[name]}, not {kinds}" for name, role, kinds, ok in _typed_columns(config)
              if not ok(columns[name].upper())]
     if wrong:

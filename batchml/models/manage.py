@@ -25,10 +25,23 @@ def list_models(project: Project, job: str) -> list[dict]:
     with project.connect() as con:
         migrate(con)
         rows = registry.list_models(con, job)
+        decisions = registry.gate_decisions(con, job)
     for row in rows:
         metrics = json.loads(row["metrics"] or "{}")
         row["holdout"] = metrics.get("holdout") or {}
+        row["gate"] = _gate(decisions.get(row["version"]))
     return rows
+
+
+def _gate(event: dict | None) -> dict | None:
+    """The gate's decision on a version: ``decision``, ``reason``, ``versus`` (the champion of the
+    time), ``metric`` and the paired bootstrap of its difference (``diff``, ``low``, ``high``)."""
+    if event is None:
+        return None
+    figures = json.loads(event["metrics"] or "{}")
+    bootstrap = figures.get("bootstrap") or {}
+    return {"decision": event["event"], "reason": event["reason"], "versus": event["previous_champion"],
+            "metric": figures.get("metric"), "diff": bootstrap.get("diff"), "low": bootstrap.get("low"), "high": bootstrap.get("high")}
 
 
 def promote(project: Project, job: str, version: int, reason: str) -> int | None:
@@ -55,11 +68,11 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
     with job_lock(project.locks, job), project.connect() as con:
         migrate(con)
         current = registry.champion(con, job)
-        if current is None:
-            raise ModelError(f"job {job} has no champion to roll back")
+        if current is None:  # nothing to roll back is a usage error (exit 2), like promoting a missing version
+            raise ConfigError(f"job {job} has no champion to roll back")
         previous = registry.previous_champion(con, job, current["version"])
         if previous is None:
-            raise ModelError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
+            raise ConfigError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
         restored = registry.get(con, job, previous)
         registry.verify(restored)
         with transaction(con):

@@ -213,6 +213,18 @@ def list_models(con: duckdb.DuckDBPyConnection, job: str) -> list[dict]:
     return [_beside(home, row) for row in rows]
 
 
+GATE_EVENTS = ("promoted", "rejected", "no_decision")  # what the gate (or the first run) decided about a version
+
+
+def gate_decisions(con: duckdb.DuckDBPyConnection, job: str) -> dict[int, dict]:
+    """Per version, the gate's decision on the shared holdout: ``event``, ``reason``, the gate's
+    figures (``metrics`` JSON) and the champion of the time (``previous_champion``, None for the first)."""
+    rows = fetch_dicts(con, f"SELECT version, event, reason, metrics, previous_champion FROM batchml.model_events "
+                            f"WHERE job = ? AND event IN {GATE_EVENTS} AND run_id IS NOT NULL "
+                            f"QUALIFY row_number() OVER (PARTITION BY version ORDER BY recorded_at DESC) = 1", [job])
+    return {row["version"]: row for row in rows}
+
+
 def _located(con: duckdb.DuckDBPyConnection, row: dict | None) -> dict | None:
     if row is None:
         return None

@@ -15,7 +15,8 @@ from batchml.pipeline.progress import track
 from batchml.project import Project
 from batchml.storage.runlog import Run
 from batchml.models.scoring import load_for_scoring
-from batchml.storage.warehouse import fetch_one, migrate
+from batchml.storage.warehouse import fetch_one, migrate, table_exists
+from batchml.storage.writeback import scored_between
 
 log = logging.getLogger("batchml")
 
@@ -33,6 +34,7 @@ class BackfillRun(NightlyRun):
     def __init__(self, project: Project, config, start: date, end: date, version: int | None, dry_run: bool):
         super().__init__(project, config, registry.utcnow(), "backfill", False, False)
         self.start, self.end, self.version, self.dry_run = start, end, version, dry_run
+        self.run.dry_run = dry_run
 
     def _batch_filter(self) -> str:
         return event_range_filter(self.config, day_start(self.start), day_start(self.end) + timedelta(days=1), self.run.as_of)
@@ -49,22 +51,40 @@ class BackfillRun(NightlyRun):
 
     def _steps(self) -> None:
         self._choose_model()
+        earlier = self._earlier_scores()
         if self.dry_run:
             with self.run.step("extract"):
                 self._extract()
             with self.run.step("validate"):
                 self._validate()
             self._require_fed()
-            self.run.note = f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}"
+            # the row keeps what was pulled and would be quarantined: rows_scored 0 says nothing was written
+            self.run.note = (f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}, "
+                             f"{self.run.rows_quarantined} quarantined; nothing written")
             log.info("%s: %s", self.config.job, self.run.note)
-            self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
         else:
             with self.run.step("score"):  # pull and score in one pass (the step times both)
                 self._pull_and_score()
             with self.run.step("validate"):  # a rejected batch's scores are simply not committed
                 self._validate()
+        if earlier:
+            verb = "would append" if self.dry_run else "appended"
+            done = f"{earlier}; this run {verb} {self.valid_rows if self.dry_run else self.run.rows_scored} more"
+            self.run.note = f"{self.run.note}; {done}" if self.run.note else done
         with self.run.step("commit"):
             self._commit()
+
+    def _earlier_scores(self) -> str | None:
+        """Say before scoring that the range holds scores already: a backfill appends, it never replaces."""
+        with self._connect() as con:
+            earlier = scored_between(con, self.config, day_start(self.start), day_start(self.end) + timedelta(days=1))
+        if not earlier:
+            return None
+        said = ", ".join(f"{r['rows']} by v{r['model_version']} from {r['runs']} run{'s' * (r['runs'] > 1)}" for r in earlier)
+        told = f"events of {self.start}..{self.end} already had {sum(r['rows'] for r in earlier)} score rows ({said})"
+        log.warning("%s: %s; this backfill appends another score per row (scores are append-only; %s_latest shows the newest)",
+                    self.config.job, told, self.config.scoring.table)
+        return told
 
     def _pull_and_score(self) -> None:
         """The valid rows go from DuckDB straight to the model: a backfill of millions of rows never
@@ -117,7 +137,7 @@ class DriftRun(NightlyRun):
             self._extract()
         with self.run.step("drift"):
             self._drift()
-        self.run.rows_extracted = self.run.rows_quarantined = 0  # nothing consumed
+        # the row says what was pulled (rows_extracted) and what a run would quarantine; rows_scored 0
         self.pending.clear()
         with self.run.step("commit"):
             self._commit()
@@ -136,12 +156,23 @@ def backfill(project: Project, job: str, start: date, end: date, *, version: int
     if end < start:
         raise ConfigError(f"--end {end} is before --start {start}")
     config = project.job(job)
+    if version is not None:
+        require_version(project, job, version)  # a usage error: exit 2 before a run row exists
     with job_lock(project.locks, job):
         if config.execution.engine == "dask" or cluster is not None:
             from batchml.cluster.run import DaskBackfillRun
 
             return DaskBackfillRun(project, config, start, end, version, dry_run, cluster).execute()
         return BackfillRun(project, config, start, end, version, dry_run).execute()
+
+
+def require_version(project: Project, job: str, version: int) -> None:
+    row = None
+    if project.warehouse.exists():
+        with project.connect(read_only=True) as con:
+            row = registry.get(con, job, version) if table_exists(con, "batchml.models") else None
+    if row is None:
+        raise ConfigError(f"job {job} has no model v{version}; see `batchml models list {job}`")
 
 
 def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> Run:
@@ -153,10 +184,10 @@ def measure_drift(project: Project, job: str, as_of: datetime | None = None) -> 
 
 
 def replay(project: Project, job: str, start: date, end: date, *, notify: bool = False, on_night=None,
-           synthetic: bool = False, cluster: str | None = None) -> list[Run]:
+           synthetic: bool = False, cluster: str | None = None, on_skip=None) -> list[Run]:
     """The nightly run for each day of [start, end] in order, as of the end of that day.
 
-    Resumable: a day whose replay already succeeded (same as_of) is skipped. Nights after now are
+    Resumable: a day whose replay already succeeded (same as_of) is skipped (``on_skip(day, as_of)``). Nights after now are
     refused (see ``pipeline.refuse_future_cutoff``) unless the data is ``synthetic`` (the demo's
     fixed calendar, whose rows for later days already exist).
     """
@@ -168,11 +199,15 @@ def replay(project: Project, job: str, start: date, end: date, *, notify: bool =
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
     for day in track(days, total=len(days), description=f"replaying {job}"):
         as_of = day_start(day) + timedelta(days=1)
-        if not _replayed(project, job, as_of):
-            run = run_job(project, job, as_of=as_of, kind="replay", notify=notify, cluster=cluster)
-            runs.append(run)
-            if on_night:
-                on_night(run)
+        if _replayed(project, job, as_of):
+            log.info("%s: %s (as of %s UTC) already replayed", job, day, f"{as_of:%Y-%m-%d %H:%M}")
+            if on_skip:
+                on_skip(day, as_of)
+            continue
+        run = run_job(project, job, as_of=as_of, kind="replay", notify=notify, cluster=cluster)
+        runs.append(run)
+        if on_night:
+            on_night(run)
     if runs:
         _refresh_history(project, job)
     return runs

@@ -32,6 +32,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from batchml import logcontext
 from batchml.monitoring import drift
 from batchml.models import evaluate
 from batchml.monitoring import performance
@@ -151,6 +152,10 @@ class NightlyRun:
     # -- orchestration -------------------------------------------------------------------------
 
     def execute(self) -> Run:
+        with logcontext.fields(job=self.config.job, run_id=self.run.run_id):
+            return self._execute()
+
+    def _execute(self) -> Run:
         self._begin()
         try:
             self._load_champion()  # a missing or tampered artifact fails the run: recorded, mailed
@@ -269,7 +274,8 @@ class NightlyRun:
     def _pulled(self) -> None:
         self.run.rows_extracted = self.batch.rows
         self.run.rows_quarantined = sum(self.batch.by_rule.values())
-        log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined)
+        log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined,
+                 extra={"rows_extracted": self.batch.rows, "rows_quarantined": self.run.rows_quarantined})
 
     def _validate(self) -> None:
         check = check_batch(self.config, self.batch.rows, self.batch.by_rule, self.batch.null_fractions)
@@ -505,7 +511,8 @@ class NightlyRun:
         self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
         scores = np.concatenate(kept) if kept else np.empty(0)
         self.performance.extend(performance.estimated(self.config, self.champion, scores, self.run.as_of))
-        log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name)
+        log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name,
+                 extra={"rows_scored": self.run.rows_scored, "model_version": self.champion.version})
 
     def _score_with(self, model: registry.LoadedModel, batches: Iterator[pa.RecordBatch], rows: int, path: Path,
                     summary: ScoreSummary, observe=None, predictor: Predictor | None = None) -> str:

@@ -16,6 +16,7 @@ from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError, ConfigError, NotifyError
 from batchml.project import Project
+from batchml.storage import runlog
 from batchml.storage.publish import publish_change
 from batchml.reports.history import HistoryData, build_history
 from batchml.reports.run_report import HISTORY_FILE, Report, ReportData, build_report, should_notify, write_page, write_report
@@ -29,14 +30,14 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
     """Everything the report shows about one run (the latest one when ``run_id`` is None)."""
     if not table_exists(con, "batchml.runs"):  # nothing has run in this warehouse yet
         raise _no_runs(config)
-    if run_id is None:
-        row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? ORDER BY started_at DESC LIMIT 1", [config.job])
+    if run_id is None:  # the job's latest scheduled run: an ad-hoc drift check or backfill is not "the latest report"
+        row = runlog.latest_run(con, config.job)
         if row is None:
-            raise _no_runs(config)
+            raise _no_scheduled_runs(con, config)
     else:
         row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? AND run_id = ?", [config.job, run_id])
     if row is None:
-        raise ConfigError(f"no run {run_id} of job {config.job} in the warehouse; list runs with: SELECT * FROM batchml.runs")
+        raise ConfigError(f"no run {run_id} of job {config.job} in the warehouse; list them with `batchml runs list {config.job}`")
     run_id = row["run_id"]
     gate = _gate(con, run_id)
     return ReportData(
@@ -51,11 +52,29 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
         challenger_version=row["challenger_version"], promoted=row["promoted"],
         drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=gate,
         performance=_trend(con, config), band_counts=_bands(con, config, run_id), triggers=json.loads(row["triggers"] or "[]"),
+        quarantine_sample=_quarantine_sample(con, run_id) if row["status"] == "rejected" else [],
     )
+
+
+QUARANTINE_SAMPLE = 10
+
+
+def _quarantine_sample(con, run_id: str) -> list[dict]:
+    """Some quarantined rows of a rejected batch, taking each rule in turn, so one flood does not hide the rest."""
+    return fetch_dicts(con, "SELECT entity_id, rule, reason, record FROM (SELECT entity_id, rule, reason, "
+                            "CAST(record AS VARCHAR) AS record, row_number() OVER (PARTITION BY rule ORDER BY entity_id) AS nth "
+                            f"FROM batchml.quarantine WHERE run_id = ?) ORDER BY nth, rule LIMIT {QUARANTINE_SAMPLE}", [run_id])
 
 
 def _no_runs(config: JobConfig) -> ConfigError:
     return ConfigError(f"no runs of job {config.job} yet; run `batchml run {config.job}` first")
+
+
+def _no_scheduled_runs(con, config: JobConfig) -> ConfigError:
+    if runlog.latest_run(con, config.job, kinds=("drift", "backfill")) is None:
+        return _no_runs(config)
+    return ConfigError(f"no nightly or replay runs of job {config.job} yet, only drift or backfill runs; name one: "
+                       f"`batchml report {config.job} RUN_ID` (see `batchml runs list {config.job}`)")
 
 
 def _with_note(row: dict) -> str | None:

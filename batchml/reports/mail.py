@@ -118,7 +118,6 @@ def _sent(report: Report, recipients: list[str], refused: dict, attempt: int) ->
     """A delivery the server accepted, possibly for only some of the recipients."""
     accepted = [r for r in recipients if r not in refused]
     error = f"server refused {', '.join(sorted(refused))}" if refused else None
-    log.info("report %s mailed to %s", report.run_id, ", ".join(accepted))
     return Delivery("sent", accepted, attempt, error)
 
 

@@ -70,6 +70,8 @@ class ReportData:
     performance: list[dict] = field(default_factory=list)
     band_counts: dict[str, int] = field(default_factory=dict)
     triggers: list[str] = field(default_factory=list)
+    # a rejected batch: some of its quarantined rows ({entity_id, rule, reason, record}), to see what was wrong
+    quarantine_sample: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # A failed run read back from the warehouse has NULLs everywhere; treat them as "nothing".
@@ -77,7 +79,7 @@ class ReportData:
             setattr(self, name, getattr(self, name) or 0)
         for name in ("quarantine_reasons", "timings", "band_counts"):
             setattr(self, name, dict(getattr(self, name) or {}))
-        for name in ("drift", "performance", "triggers"):
+        for name in ("drift", "performance", "triggers", "quarantine_sample"):
             setattr(self, name, list(getattr(self, name) or []))
 
 
@@ -346,10 +348,27 @@ def _page_context(data: ReportData, subject: str, charts: Charts) -> dict:
         "title": subject, "width": PAGE_WIDTH, "job": data.job, "kind": data.kind,
         "headline": subject.removeprefix("[batchml] "),
         "summary": _summary_rows(data), "error": data.error or None,
-        "quarantine": _count_rows(data.quarantine_reasons), "drift": _drift_section(data, charts),
+        "quarantine": _count_rows(data.quarantine_reasons), "quarantine_sample": _quarantine_sample(data),
+        "drift": _drift_section(data, charts),
         "gate": _gate_section(data), "performance": _performance_section(data, charts),
         "bands": _count_rows(data.band_counts), "triggers": data.triggers, "timings": _timing_rows(data),
     }
+
+
+RECORD_CHARS = 300  # of a quarantined row's JSON in the report: enough to see the bad value
+
+
+def _quarantine_sample(data: ReportData) -> dict | None:
+    """A rejected batch's sample of quarantined rows: entity, rule, reason and the row, clipped."""
+    if not data.quarantine_sample:
+        return None
+    rows = [(r["entity_id"], r["rule"], r["reason"], _clipped(r["record"])) for r in data.quarantine_sample]
+    return {"title": f"Sample of quarantined rows ({len(rows)} of {data.rows_quarantined:,})", "rows": rows}
+
+
+def _clipped(text: str | None) -> str:
+    text = text or ""
+    return text if len(text) <= RECORD_CHARS else text[:RECORD_CHARS] + "…"
 
 
 # --------------------------------------------------------------------------- plain text
@@ -361,6 +380,9 @@ def _text(data: ReportData, subject: str) -> str:
              f"Rows: {data.rows_extracted:,} extracted, {data.rows_quarantined:,} quarantined, {data.rows_scored:,} scored"]
     if data.quarantine_reasons:
         lines.append("Quarantined by reason: " + _pairs(data.quarantine_reasons))
+    if data.quarantine_sample:
+        lines.append(f"Sample of quarantined rows ({len(data.quarantine_sample)} of {data.rows_quarantined:,}):")
+        lines += [f"  {r['entity_id']}: {r['reason']} ({r['rule']}) {_clipped(r['record'])}" for r in data.quarantine_sample]
     if data.error:
         lines += ["", "Error:", data.error.strip(), ""]
     lines += _drift_text(data) + _gate_text(data)

@@ -14,7 +14,9 @@ from datetime import datetime
 
 import duckdb
 
+from batchml import logcontext
 from batchml.models.registry import actor, utcnow
+from batchml.storage.warehouse import fetch_dicts, fetch_one
 
 STEP_COLUMNS = ("extract", "validate", "drift", "train", "evaluate", "score", "commit")
 
@@ -49,6 +51,7 @@ class Run:
     triggers: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     finished_at: datetime | None = None
+    dry_run: bool = False  # a backfill that counted what it would do and wrote no scores (told by its note)
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -59,7 +62,8 @@ class Run:
         """Time a step; the figure lands in ``timings`` (and the ``<step>_seconds`` column)."""
         started = time.perf_counter()
         try:
-            yield
+            with logcontext.fields(step=name):
+                yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 4)
 
@@ -133,3 +137,37 @@ def watermark(con: duckdb.DuckDBPyConnection, job: str) -> datetime | None:
 def set_watermark(con: duckdb.DuckDBPyConnection, job: str, value: datetime, run_id: str) -> None:
     con.execute("DELETE FROM batchml.watermarks WHERE job = ?", [job])
     con.execute("INSERT INTO batchml.watermarks VALUES (?, ?, ?, ?)", [job, value, run_id, utcnow()])
+
+
+# -- reading runs back (``batchml runs``, ``batchml report``) ------------------------------------------
+
+SCHEDULED_KINDS = ("nightly", "replay")  # the runs a job's history is made of; drift and backfill runs are ad hoc
+
+
+def latest_run(con: duckdb.DuckDBPyConnection, job: str, kinds: tuple[str, ...] = SCHEDULED_KINDS) -> dict | None:
+    """The job's most recently started run of one of ``kinds``."""
+    marks = ", ".join("?" for _ in kinds)
+    return fetch_one(con, f"SELECT * FROM batchml.runs WHERE job = ? AND kind IN ({marks}) ORDER BY started_at DESC LIMIT 1",
+                     [job, *kinds])
+
+
+def list_runs(con: duckdb.DuckDBPyConnection, job: str, limit: int) -> list[dict]:
+    """The job's ``limit`` most recent runs, newest first, each with its gate decision (if any)."""
+    rows = fetch_dicts(con, "SELECT * FROM batchml.runs WHERE job = ? ORDER BY started_at DESC LIMIT ?", [job, limit])
+    return [_decoded(con, row) for row in rows]
+
+
+def get_run(con: duckdb.DuckDBPyConnection, run_id: str) -> dict | None:
+    row = fetch_one(con, "SELECT * FROM batchml.runs WHERE run_id = ?", [run_id])
+    return None if row is None else _decoded(con, row)
+
+
+def _decoded(con: duckdb.DuckDBPyConnection, row: dict) -> dict:
+    """A run row with its JSON columns parsed and the gate's decision of its challenger."""
+    row["triggers"] = json.loads(row["triggers"] or "[]")
+    row["timings"] = json.loads(row["timings"] or "{}")
+    decision = fetch_one(con, "SELECT event, reason FROM batchml.model_events WHERE run_id = ? AND version = ? "
+                              "ORDER BY recorded_at DESC LIMIT 1", [row["run_id"], row["challenger_version"]])
+    row["decision"] = decision["event"] if decision else None
+    row["decision_reason"] = decision["reason"] if decision else None
+    return row

@@ -8,6 +8,7 @@ the holder's pid. Analysts should read the published Parquet catalog instead (se
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import duckdb
 from batchml.config import check_identifier, check_qualified
 from batchml.errors import WarehouseError
 
+log = logging.getLogger(__name__)
 LOCK_PATTERN = re.compile(r"Conflicting lock is held in (?P<holder>.*?) \(PID (?P<pid>\d+)\)")
 DEFAULT_LOCK_TIMEOUT = 60.0
 # New files are written in a storage format DuckDB 1.5 can read, so analysts can open them with the
@@ -43,9 +45,13 @@ def quote_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _lock_message(path: Path, exc: Exception) -> str:
+def _holder(exc: Exception) -> str:
     match = LOCK_PATTERN.search(str(exc))
-    holder = f"process {match['pid']} ({match['holder'].strip()})" if match else "another process"
+    return f"process {match['pid']} ({match['holder'].strip()})" if match else "another process"
+
+
+def _lock_message(path: Path, exc: Exception) -> str:
+    holder = _holder(exc)
     advice = "" if path.name == "catalog.duckdb" else " (analysts: query warehouse/catalog.duckdb instead)"
     return f"{path.name} at {path} is held by {holder}; close that session{advice} or wait for it to finish"
 
@@ -68,8 +74,10 @@ def open_connection(
     config = {"memory_limit": memory_limit, **NO_DOWNLOADS}
     if not path.exists():
         config["storage_compatibility_version"] = STORAGE_COMPATIBILITY
-    deadline = time.monotonic() + lock_timeout
+    started = time.monotonic()
+    deadline = started + lock_timeout
     delay = 0.05
+    waited = False
     while True:
         try:
             con = duckdb.connect(str(path), read_only=read_only, config=config)
@@ -80,10 +88,32 @@ def open_connection(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WarehouseError(_lock_message(path, exc)) from exc
+            if not waited:  # said once: a run that seems to hang is waiting for someone
+                log.warning("%s is held by %s; waiting up to %.0f s for it (BATCHML_LOCK_TIMEOUT)", path.name, _holder(exc),
+                            lock_timeout)
+                waited = True
             time.sleep(min(delay, remaining))  # the last try lands on the deadline, not before it
             delay = min(delay * 2, 2.0)
+    if waited:
+        log.info("%s: opened after waiting %.1f s", path.name, time.monotonic() - started)
     con.execute("SET TimeZone = 'UTC'")
     return con
+
+
+def readable_by_duckdb_15(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the open file's storage format is one the DuckDB 1.5 CLI reads (``storage_version``
+    ``v1.5.0+`` or older): a file created without ``storage_compatibility_version`` is ``v2.0.0+``."""
+    tags = con.execute("SELECT tags FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    version = ((tags or [{}])[0] or {}).get("storage_version", "")
+    found = re.match(r"v(\d+)\.(\d+)", version)
+    return found is None or (int(found[1]), int(found[2])) <= (1, 5)
+
+
+def storage_fix(path: Path) -> str:
+    """How to rewrite a warehouse in the format the DuckDB 1.5 CLI reads (batchml's own files already are)."""
+    return (f"{path.name} is in DuckDB's 2.0 storage format, which the DuckDB 1.5 CLI (duckdb-cli) cannot open; create it with "
+            f"config={{'storage_compatibility_version': '{STORAGE_COMPATIBILITY}'}}, or copy it once: ATTACH 'new.duckdb' AS new "
+            f"(STORAGE_VERSION '{STORAGE_COMPATIBILITY}'); COPY FROM DATABASE {path.stem} TO new; then use new.duckdb")
 
 
 @contextmanager

@@ -76,3 +76,15 @@ def scores_schema(batch_schema: pa.Schema, config: JobConfig) -> pa.Schema:
     """What a scores run file holds for batches of ``batch_schema`` (a pull's normalised rows)."""
     empty = pa.RecordBatch.from_pylist([], schema=batch_schema)
     return score_rows(empty, np.empty(0), pa.array([], pa.string()), pa.nulls(0, REASON_TYPE), config, 0, "", datetime(1970, 1, 1)).schema
+
+
+def scored_between(con, config: JobConfig, start: datetime, end: datetime) -> list[dict]:
+    """Score rows already stored for events in ``[start, end)``, per model version: ``model_version``,
+    ``rows``, ``entities`` and ``runs`` (how many runs wrote them). Empty before the first scores."""
+    from batchml.storage.warehouse import fetch_dicts, table_exists
+
+    if not table_exists(con, config.scores_table):
+        return []
+    return fetch_dicts(con, f"SELECT model_version, count(*) AS rows, count(DISTINCT run_id) AS runs "
+                            f"FROM {quote_table(config.scores_table)} WHERE event_time >= ? AND event_time < ? "
+                            f"GROUP BY model_version ORDER BY model_version", [start, end])
