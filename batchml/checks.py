@@ -7,9 +7,10 @@ import os
 from collections.abc import Callable
 
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.config import job_names, load_job_config, require_own_scores_table
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, WarehouseError
-from batchml.data.extract import describe_source, odd_labels, restrict, source_sql, uncut_columns
+from batchml.storage.source import describe_source, odd_labels, restrict, source_sql, uncut_columns
 from batchml.project import Project
 from batchml.models.retrain import check_golden, describe_change, retrain_then_promote
 from batchml.storage.warehouse import memory_connection, quote_ident, readable_by_duckdb_15, storage_fix, table_exists
@@ -152,7 +153,7 @@ def _checks(project: Project, name: str):
         if not project.warehouse.exists():
             return "no warehouse yet"
         with project.connect(read_only=True, lock_timeout=5.0) as con:
-            row = registry.champion(con, cfg.job) if table_exists(con, "batchml.models") else None
+            row = model_rows.champion(con, cfg.job) if table_exists(con, "batchml.models") else None
             _scores_take_the_ids(con, cfg, state.get("columns"))
         if row is None:
             return "no champion yet"

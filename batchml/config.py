@@ -14,7 +14,6 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-import duckdb
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -448,10 +447,11 @@ class Settings(BaseSettings):
     def _memory_limit(cls, v: str) -> str:
         if v == DEFAULT_MEMORY_LIMIT:
             return v
-        try:  # DuckDB is the judge of what it takes (4G, 512mb, 50 %, ...): ~13 ms, for a value set by hand only
-            duckdb.connect(config={"memory_limit": v}).close()
-        except duckdb.Error as exc:
-            raise ValueError(f"{v!r} is not a size DuckDB takes ({str(exc).splitlines()[0]}), e.g. 256MB, 4GB or 50%") from None
+        from batchml.storage.warehouse import memory_limit_problem  # storage imports config: import at call time
+
+        problem = memory_limit_problem(v)
+        if problem:
+            raise ValueError(f"{v!r} is not a size DuckDB takes ({problem}), e.g. 256MB, 4GB or 50%")
         return v
 
     @property

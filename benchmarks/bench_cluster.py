@@ -35,7 +35,7 @@ def project(rows: int, sizes: Sizes, row: dict, engine: str) -> Path:
     """A fresh project whose source is the first ``rows`` rows' chunks (linked, not copied)."""
     import yaml
 
-    from batchml.models import registry
+    from batchml.storage import model_rows
     from batchml.storage.warehouse import migrate, open_connection, transaction
 
     root = LAKE / f"project-{engine}"
@@ -53,8 +53,8 @@ def project(rows: int, sizes: Sizes, row: dict, engine: str) -> Path:
     try:
         migrate(con)
         with transaction(con):
-            registry.register(con, row)
-            registry.make_champion(con, JOB, row["version"], "promoted", run_id=None, reason="benchmark champion", at=common.T0)
+            model_rows.register(con, row)
+            model_rows.make_champion(con, JOB, row["version"], "promoted", run_id=None, reason="benchmark champion", at=common.T0)
     finally:
         con.close()
     return root

@@ -181,7 +181,8 @@ def normalised_rows(config: dict, source_rows: pa.Table, scratch: Path) -> pa.Ta
     """``source_rows`` as a run sees them: pulled through batchml's extract (normalised, checked)."""
     import duckdb
 
-    from batchml.data.extract import pull, read_run_file
+    from batchml.data.extract import read_run_file
+    from batchml.storage.source import pull
 
     scratch.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
@@ -227,6 +228,7 @@ def _read_row(path: Path) -> dict:
 
 def loaded_model(row: dict):
     from batchml.models import registry
+    from batchml.storage import model_rows
 
     return registry.load(row)
 
@@ -234,6 +236,7 @@ def loaded_model(row: dict):
 def build_warehouse(path: Path, chunks: list[Path], row: dict, memory_limit: str = "4GB") -> None:
     """A warehouse holding the new rows in ``raw.findings`` and ``row`` registered as champion."""
     from batchml.models import registry
+    from batchml.storage import model_rows
     from batchml.storage.warehouse import migrate, open_connection, transaction
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,8 +249,8 @@ def build_warehouse(path: Path, chunks: list[Path], row: dict, memory_limit: str
         con.execute("CREATE SCHEMA IF NOT EXISTS raw")
         con.execute(f"CREATE TABLE {SOURCE} AS SELECT * FROM read_parquet([{files}]) ORDER BY ingested_at")
         with transaction(con):
-            registry.register(con, row)
-            registry.make_champion(con, JOB, row["version"], "promoted", run_id=None, reason="benchmark champion", at=T0)
+            model_rows.register(con, row)
+            model_rows.make_champion(con, JOB, row["version"], "promoted", run_id=None, reason="benchmark champion", at=T0)
         con.execute("CHECKPOINT")
     finally:
         con.close()

@@ -31,8 +31,10 @@ import numpy as np
 from batchml.models import registry
 from batchml.models import retrain
 from batchml.data.extract import normalised_sql
+from batchml.storage.source import source_sql
 from batchml.project import Project
 from batchml.models.train import split_by_time
+from batchml.storage.warehouse import fetch_dicts
 
 MAX_RATIO = 1.5
 
@@ -55,8 +57,8 @@ def main() -> None:
     project = Project.open(args.dir)
     config = project.job("vuln_risk")
     con = duckdb.connect(str(project.warehouse), read_only=True)
-    rows = {r["version"]: r for r in registry.fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = 'vuln_risk'")}
-    table = con.sql(f"SELECT * FROM ({normalised_sql(con, config, project.root, 'true')}) WHERE __rule IS NULL").to_arrow_table()
+    rows = {r["version"]: r for r in fetch_dicts(con, "SELECT * FROM batchml.models WHERE job = 'vuln_risk'")}
+    table = con.sql(f"SELECT * FROM ({normalised_sql(config, source_sql(con, config, project.root), 'true')}) WHERE __rule IS NULL").to_arrow_table()
     con.close()
     holdout = split_by_time(table, config).holdout
     models = {v: registry.load(row) for v, row in sorted(rows.items())}

@@ -17,7 +17,8 @@ import pytest
 from batchml.demo import data as demo_data
 from batchml.config import parse_job_config
 from batchml.errors import DataError
-from batchml.data.extract import ENTITY, EVENT_TIME, count_rows, pull, read_run_file, run_file_batches
+from batchml.data.extract import ENTITY, EVENT_TIME, read_run_file, run_file_batches
+from batchml.storage.source import count_rows, pull
 from batchml.data.features import FeatureSpec, to_matrix
 from batchml.storage.warehouse import size_bytes
 from batchml.models.registry import LoadedModel

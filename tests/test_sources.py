@@ -107,7 +107,8 @@ def test_a_night_reads_only_the_watermark_folders_it_needs_and_gets_the_same_row
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from batchml.data.extract import batch_filter, source_sql
+    from batchml.data.extract import batch_filter
+    from batchml.storage.source import source_sql
 
     flat = parquet_project(tmp_path / "flat", source, 3)
     run_nights(flat, nights=(60, 61))

@@ -27,7 +27,8 @@ from batchml.cluster.connect import open_client, scheduler_address, worker_count
 from batchml.cluster.tasks import CheckedPart, ModelRef, Partition, ScoredPart, check_partition, score_partition
 from batchml.config import JobConfig, distributed_source_problem
 from batchml.errors import BatchMLError, ClusterError, ConfigError
-from batchml.data.extract import PullResult, describe_source, run_file_schema
+from batchml.data.extract import PullResult, run_file_schema
+from batchml.storage.source import describe_source
 from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun, load_profile, prediction_drift
 from batchml.project import Project
 from batchml.storage import lake

@@ -20,7 +20,8 @@ import pyarrow as pa
 from batchml.monitoring import drift
 from batchml.models import registry
 from batchml.config import JobConfig
-from batchml.data.extract import ENTITY, PullResult, pull, run_file_batches, run_file_schema, set_cutoff
+from batchml.data.extract import ENTITY, PullResult, run_file_batches, run_file_schema
+from batchml.storage.source import pull, set_cutoff
 from batchml.models.scoring import ScoreSummary, make_predictor, score_batches
 from batchml.storage.lake import QUARANTINE, SCORES, STAGING, PartFile, part_path, write_part
 from batchml.storage.warehouse import memory_connection, quote_ident, registered

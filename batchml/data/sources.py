@@ -17,9 +17,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import duckdb
-
-from batchml.errors import ConfigError
 
 OBJECT_STORES = ("s3", "s3a")
 
@@ -47,20 +44,3 @@ def storage_options() -> dict:
     if os.environ.get("BATCHML_S3_ANON", "").lower() in ("1", "true", "yes"):
         options["anon"] = True
     return options
-
-
-def register_object_store(con: duckdb.DuckDBPyConnection, location: str | None) -> None:
-    """Make ``location``'s object store readable on ``con`` (nothing to do for a local path)."""
-    kind = protocol(location or "")
-    if kind is None:
-        return
-    if kind not in OBJECT_STORES:
-        raise ConfigError(f"source.parquet {location}: {kind}:// is not supported; use a local path or s3://bucket/prefix/*.parquet")
-    if con.filesystem_is_registered("s3"):
-        return
-    try:
-        import s3fs
-    except ImportError as exc:
-        raise ConfigError(f"source.parquet {location} needs s3fs: pip install 'batchml[dask]' (or s3fs)") from exc
-    # fresh instances: s3fs caches one per options, and a cached one may belong to a closed event loop
-    con.register_filesystem(s3fs.S3FileSystem(skip_instance_cache=True, **storage_options()))

@@ -25,7 +25,7 @@ LightGBM's — scores to ``TOLERANCE``, leaf indices exactly — on ``VERIFY_ROW
 :func:`verification_matrix`: the golden set, the golden set with NaNs, and rows mixing every split
 threshold, its float neighbours, every categorical level, 0 and NaN), and its sha256 is registered
 in the warehouse (``batchml.compiled_libraries``, via ``LoadedModel.unregistered`` and
-``registry.register_libraries``): the folder beside it may be writable by more people than the
+``storage.model_rows.register_libraries``): the folder beside it may be writable by more people than the
 warehouse. A library whose sha256 is not registered for the model is never loaded — not even in a
 child process — but moved aside (``<key>.so.rejected``); the run falls back to LightGBM with a
 warning, and ``batchml models compile JOB`` builds and registers a new one. Every load of a
@@ -562,7 +562,7 @@ def _build(model: LoadedModel, kind: Kind, paths: CachePaths):
 
 def _register(model: LoadedModel, kind: Kind, name: str, digest: str) -> None:
     """Vouch for a library this process built and verified: at once for this model object, and in the
-    warehouse once the caller writes ``model.unregistered`` (``registry.register_libraries``)."""
+    warehouse once the caller writes ``model.unregistered`` (``storage.model_rows.register_libraries``)."""
     model.libraries[name] = digest
     model.unregistered = [entry for entry in model.unregistered if entry["file"] != name]
     model.unregistered.append({"kind": kind.name, "file": name, "sha256": digest})

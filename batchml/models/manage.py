@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.errors import ConfigError, ModelError
 from batchml.pipeline.locks import job_lock
 from batchml.project import Project
@@ -24,8 +25,8 @@ def list_models(project: Project, job: str) -> list[dict]:
         return []
     with project.connect() as con:
         migrate(con)
-        rows = registry.list_models(con, job)
-        decisions = registry.gate_decisions(con, job)
+        rows = model_rows.list_models(con, job)
+        decisions = model_rows.gate_decisions(con, job)
     for row in rows:
         metrics = json.loads(row["metrics"] or "{}")
         row["holdout"] = metrics.get("holdout") or {}
@@ -49,14 +50,14 @@ def promote(project: Project, job: str, version: int, reason: str) -> int | None
     project.job(job)
     with job_lock(project.locks, job), project.connect() as con:
         migrate(con)
-        row = registry.get(con, job, version)
+        row = model_rows.get(con, job, version)
         if row is None:
             raise ConfigError(f"job {job} has no model v{version}; see `batchml models list {job}`")
         if row["status"] == registry.CHAMPION:
             raise ConfigError(f"v{version} is already the champion of {job}")
         registry.verify(row)
         with transaction(con):
-            previous = registry.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
+            previous = model_rows.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
         publish_change(con, project, job, REGISTRY_TABLES)
     compile_and_register(project, registry.load(row), project.job(job).scoring.engine)
     return previous
@@ -67,16 +68,16 @@ def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
     project.job(job)
     with job_lock(project.locks, job), project.connect() as con:
         migrate(con)
-        current = registry.champion(con, job)
+        current = model_rows.champion(con, job)
         if current is None:  # nothing to roll back is a usage error (exit 2), like promoting a missing version
             raise ConfigError(f"job {job} has no champion to roll back")
-        previous = registry.previous_champion(con, job, current["version"])
+        previous = model_rows.previous_champion(con, job, current["version"])
         if previous is None:
             raise ConfigError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
-        restored = registry.get(con, job, previous)
+        restored = model_rows.get(con, job, previous)
         registry.verify(restored)
         with transaction(con):
-            registry.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
+            model_rows.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
         publish_change(con, project, job, REGISTRY_TABLES)
     compile_and_register(project, registry.load(restored), project.job(job).scoring.engine)
     return previous, current["version"]
@@ -88,7 +89,7 @@ def compile_and_register(project: Project, model: registry.LoadedModel, engine: 
     prepare_engine(model, engine, warn=warn)
     if model.unregistered:
         with project.connect() as con:
-            registry.register_libraries(con, model)
+            model_rows.register_libraries(con, model.job, model.version, model.take_unregistered())
 
 
 def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, dict[str, Path], list[str]]:
@@ -102,7 +103,7 @@ def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, 
     config = project.job(job)
     with project.connect() as con:
         migrate(con)
-        row = registry.champion(con, job)
+        row = model_rows.champion(con, job)
     if row is None:
         raise ModelError(f"job {job} has no champion yet; run it once first")
     model = registry.load(row)

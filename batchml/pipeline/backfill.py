@@ -7,8 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.errors import BatchMLError, ConfigError, ModelError
-from batchml.data.extract import event_range_filter, pull
+from batchml.data.extract import event_range_filter
+from batchml.storage.source import pull
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.nightly import NightlyRun, load_profile, refuse_future_cutoff, run_job
 from batchml.pipeline.progress import track
@@ -42,7 +44,7 @@ class BackfillRun(NightlyRun):
     def _choose_model(self) -> None:
         if self.version is not None:
             with self._connect() as con:
-                row = registry.get(con, self.config.job, self.version)
+                row = model_rows.get(con, self.config.job, self.version)
             if row is None:
                 raise ConfigError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
             self.champion = registry.load(row)
@@ -170,7 +172,7 @@ def require_version(project: Project, job: str, version: int) -> None:
     row = None
     if project.warehouse.exists():
         with project.connect(read_only=True) as con:
-            row = registry.get(con, job, version) if table_exists(con, "batchml.models") else None
+            row = model_rows.get(con, job, version) if table_exists(con, "batchml.models") else None
     if row is None:
         raise ConfigError(f"job {job} has no model v{version}; see `batchml models list {job}`")
 

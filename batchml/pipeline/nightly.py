@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -37,26 +36,13 @@ from batchml.monitoring import drift
 from batchml.models import evaluate
 from batchml.monitoring import performance
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.models import retrain
-from batchml.storage import runlog
+from batchml.storage import labels, runlog
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, file_error, interrupted
-from batchml.data.extract import (
-    ENTITY,
-    RULE,
-    PullResult,
-    batch_filter,
-    describe_source,
-    odd_labels,
-    pull,
-    read_run_file,
-    restrict,
-    run_file_batches,
-    run_file_schema,
-    set_cutoff,
-    training_filter,
-    write_run_file,
-)
+from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, training_filter, write_run_file
+from batchml.storage.source import describe_source, odd_labels, pull, restrict, set_cutoff
 from batchml.data.features import FeatureSpec, categorical_values, numeric_values
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.progress import track
@@ -64,8 +50,15 @@ from batchml.project import Project
 from batchml.storage.runlog import Run
 from batchml.models.scoring import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
 from batchml.data.validate import check_batch
-from batchml.storage.warehouse import migrate, registered, transaction
-from batchml.storage.writeback import ensure_scores_table, scores_schema, write_drift_rows, write_scores
+from batchml.storage.warehouse import migrate, transaction
+from batchml.storage.writeback import (
+    ensure_scores_table,
+    scores_schema,
+    write_drift_rows,
+    write_performance,
+    write_quarantine,
+    write_scores,
+)
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
@@ -202,7 +195,7 @@ class NightlyRun:
             self._commit()
 
     @contextmanager
-    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self) -> Iterator:
         with self.project.connect() as con:
             set_cutoff(con, self.run.as_of)  # feature SQL sees the source as of the cut-off
             restrict(con, self.config, self.project.root)  # ... and no file but the source's
@@ -221,7 +214,7 @@ class NightlyRun:
                 log.warning("%s: marked %d earlier run(s) left running by a dead process as crashed", self.config.job, len(crashed))
             self.run.watermark_from = runlog.watermark(con, self.config.job)
             self._note_stale_cutoff()
-            self.champion_row = registry.champion(con, self.config.job)
+            self.champion_row = model_rows.champion(con, self.config.job)
             runlog.insert_run(con, self.run)
         for run_id in crashed:  # a crashed run's pulls would otherwise stay in tmp/ for good
             shutil.rmtree(self.project.scratch / run_id, ignore_errors=True)
@@ -259,10 +252,11 @@ class NightlyRun:
         with self._connect() as con:
             self.batch = self._pull_batch(con, where)
             if self.run.kind in ("nightly", "replay"):
-                self.new_labels = performance.count_new_labels(con, self.config, self.project.root, self.run.as_of)
-                self.last_trained = registry.last_trained(con, self.config.job)
+                self.new_labels = labels.count_new_labels(con, self.config, self.project.root, self.run.as_of)
+                self.last_trained = model_rows.last_trained(con, self.config.job)
                 self.answered = self._answered_triggers(con)
-                self.performance = performance.realised(con, self.config, self.project.root, self.run.as_of)
+                self.performance = performance.metric_rows(self.config.promotion.metric, labels.labeled_scores(
+                    con, self.config, self.project.root, self.run.as_of))
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
         self._pulled()
@@ -358,10 +352,10 @@ class NightlyRun:
         seen, champion = self.last_trained, self.champion_row
         if seen is None or champion is None or seen["version"] == champion["version"] or seen["created_at"] > self.run.as_of:
             return frozenset()
-        row = con.execute("SELECT triggers, champion_version FROM batchml.runs WHERE run_id = ?", [seen.get("run_id")]).fetchone()
-        if row is None or row[1] != champion["version"]:
+        trained_by = runlog.get_run(con, seen.get("run_id"))
+        if trained_by is None or trained_by["champion_version"] != champion["version"]:
             return frozenset()
-        return frozenset({"drift", "decay"} & set(json.loads(row[0] or "[]")))
+        return frozenset({"drift", "decay"} & set(trained_by["triggers"]))
 
     def _before_champion(self) -> bool:
         """A cut-off before the champion's own: a challenger trained then would be judged on a
@@ -396,7 +390,7 @@ class NightlyRun:
         with self._connect() as con:
             pulled = pull_training_rows(con, self.config, self.pull_config, self.project.root, self.run.as_of, path,
                                         columns=self.source_columns, warn=self._warn)
-            version = registry.next_version(con, self.config.job)
+            version = model_rows.next_version(con, self.config.job)
         table = read_run_file(path)
         candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule)
         log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
@@ -409,8 +403,8 @@ class NightlyRun:
         row = candidate.registry_row(job, run_id, as_of, registry.CHALLENGER)
 
         def write(con):
-            registry.register(con, row)
-            registry.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
+            model_rows.register(con, row)
+            model_rows.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
                                    reason="first champion: no model existed", metrics=candidate.metrics, at=as_of)
 
         self.pending.append(write)
@@ -429,12 +423,12 @@ class NightlyRun:
         decision = self.decision.to_dict()
 
         def write(con):
-            registry.register(con, row)
+            model_rows.register(con, row)
             if promoted:
-                registry.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
+                model_rows.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
                                        reason=decision["reason"], metrics=decision, at=as_of)
             else:
-                registry.record_event(con, job, candidate.version, self.decision.outcome, run_id=run_id,
+                model_rows.record_event(con, job, candidate.version, self.decision.outcome, run_id=run_id,
                                       reason=decision["reason"], metrics=decision, at=as_of,
                                       previous_champion=self.champion_row["version"])
 
@@ -537,7 +531,7 @@ class NightlyRun:
         challenger = self.shadow_model
         if challenger is None:
             with self._connect() as con:
-                row = registry.newest_challenger(con, self.config.job, self.champion.version)
+                row = model_rows.newest_challenger(con, self.config.job, self.champion.version)
             if row is None:
                 return
             challenger = registry.load(row)
@@ -564,7 +558,7 @@ class NightlyRun:
                     write_scores(con, self.config, self.shadow_path, suffix="_shadow")
                 for model in (self.champion, self.shadow_model):  # libraries compiled on first use in this run
                     if model is not None:
-                        registry.register_libraries(con, model)
+                        model_rows.register_libraries(con, model.job, model.version, model.take_unregistered())
                 self._write_performance(con)
                 if advance:
                     runlog.set_watermark(con, job, run.watermark_to, run.run_id)
@@ -584,11 +578,7 @@ class NightlyRun:
     def _write_quarantine(self, con) -> None:
         if not self.run.rows_quarantined:
             return
-        with registered(con, "__rejected", read_run_file(self.batch.path, valid=False)):
-            con.execute(
-                f"INSERT INTO batchml.quarantine SELECT ?, ?, CAST({ENTITY} AS VARCHAR), {RULE}, __reason, __record, ? FROM __rejected",
-                [self.run.run_id, self.config.job, registry.utcnow()],
-            )
+        write_quarantine(con, self.run.run_id, self.config.job, read_run_file(self.batch.path, valid=False))
 
     def _write_drift(self, con) -> None:
         rows = list(self.drift_report.to_rows()) if self.drift_report else []
@@ -597,12 +587,7 @@ class NightlyRun:
         write_drift_rows(con, self.run.run_id, self.config.job, version, rows)
 
     def _write_performance(self, con) -> None:
-        for row in self.performance:
-            con.execute(
-                "INSERT INTO batchml.performance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [self.run.run_id, self.config.job, row["model_version"], row["event_day"], row["metric"], row["value"],
-                 row["n"], row["positives"], row["estimated"], registry.utcnow()],
-            )
+        write_performance(con, self.run.run_id, self.config.job, self.performance)
 
     # -- failure and aftermath -------------------------------------------------------------------
 
@@ -623,7 +608,7 @@ class NightlyRun:
                         for write in self.pending:  # the challenger the failure message tells the user to promote
                             write(con)
                     runlog.update_run(con, run)
-        except (BatchMLError, duckdb.Error) as secondary:
+        except BatchMLError as secondary:
             # the warehouse is out of reach (locked, say): publishing and the report would wait for it in vain
             self._mark_failed(exc)
             log.error("%s: could not record the failure of run %s: %s", self.config.job, run.run_id, secondary)
@@ -646,7 +631,7 @@ class NightlyRun:
         try:
             with self._connect() as con:
                 runlog.record_timings(con, self.run)
-        except (BatchMLError, duckdb.Error) as exc:  # the run is committed; only a figure is missing
+        except BatchMLError as exc:  # the run is committed; only a figure is missing
             log.warning("%s: could not record the commit time of run %s: %s", self.config.job, self.run.run_id, exc)
 
     def _after_commit(self) -> None:
@@ -662,7 +647,7 @@ class NightlyRun:
             return
         try:
             with self._connect() as con:
-                registry.register_libraries(con, self.champion)
+                model_rows.register_libraries(con, self.champion.job, self.champion.version, self.champion.take_unregistered())
         except BatchMLError as exc:  # the run is committed; the libraries are refused until rebuilt
             self._warn(f"compiled libraries of v{self.champion.version} not registered ({exc}); runs score with LightGBM "
                        f"until `batchml models compile {self.config.job}` builds and registers them")

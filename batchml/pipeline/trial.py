@@ -35,11 +35,13 @@ import numpy as np
 from batchml.monitoring import drift
 from batchml.models import evaluate
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.models import retrain
 from batchml.storage import runlog
 from batchml.config import JobConfig, load_job_config
 from batchml.errors import BatchMLError, ConfigError, ModelError
-from batchml.data.extract import describe_source, read_run_file, set_cutoff
+from batchml.data.extract import read_run_file
+from batchml.storage.source import describe_source, set_cutoff
 from batchml.pipeline.nightly import (
     feature_arrays,
     load_profile,
@@ -146,7 +148,7 @@ def _pull(project: Project, config: JobConfig, as_of: datetime | None,
     """The champion and the training rows a nightly run at ``as_of`` would train on, read-only."""
     with project.connect(read_only=True) as con:
         has_registry = table_exists(con, "batchml.models")
-        champion_row = registry.champion(con, config.job) if has_registry else None
+        champion_row = model_rows.champion(con, config.job) if has_registry else None
         watermark = runlog.watermark(con, config.job) if table_exists(con, "batchml.watermarks") else None
         as_of = as_of or watermark or registry.utcnow()
         _refuse_before_champion(champion_row, as_of)
@@ -158,7 +160,7 @@ def _pull(project: Project, config: JobConfig, as_of: datetime | None,
             pull_config = with_model_features(config, champion.spec, leave_out=[n for n in champion.spec.features if n not in columns])
         pull_training_rows(con, config, pull_config, project.root, as_of, path, columns=columns,
                            warn=lambda message: log.warning("%s: %s", config.job, message))
-        version = registry.next_version(con, config.job) if has_registry else 1
+        version = model_rows.next_version(con, config.job) if has_registry else 1
     return champion_row, champion, as_of, version
 
 

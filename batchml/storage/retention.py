@@ -22,6 +22,7 @@ from pathlib import Path
 
 from batchml.config import JobConfig
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.project import Project
 from batchml.storage.warehouse import fetch_dicts, quote_table, table_exists
 
@@ -73,10 +74,10 @@ def _scored_versions(con, config: JobConfig) -> set[int]:
 
 
 def _models(con, config: JobConfig, found: PrunePlan) -> None:
-    rows = registry.list_models(con, config.job)
+    rows = model_rows.list_models(con, config.job)
     scored = _scored_versions(con, config)
     champion = next((row for row in rows if row["status"] == registry.CHAMPION), None)
-    rollback_to = registry.previous_champion(con, config.job, champion["version"]) if champion else None
+    rollback_to = model_rows.previous_champion(con, config.job, champion["version"]) if champion else None
     for row in rows:
         version, folder = row["version"], Path(row["artifact_path"])
         if row["status"] not in ("archived", "rejected"):

@@ -1,5 +1,5 @@
 """The run's rows into the warehouse's tables, inside the commit transaction: scores (with the
-``_latest`` view analysts read) and drift rows. Each function takes the open connection; none commits."""
+``_latest`` view analysts read), quarantined rows, drift and performance rows. Each function takes the open connection; none commits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import DataError
-from batchml.data.extract import run_file_reader, run_file_schema
+from batchml.data.extract import ENTITY, REASON, RECORD, RULE, run_file_reader, run_file_schema
 from batchml.models.reasons import REASON_TYPE
 from batchml.models.scoring import score_rows
 from batchml.storage.warehouse import quote_ident, quote_table, registered, setting
@@ -25,6 +25,25 @@ def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list
             "INSERT INTO batchml.drift VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [run_id, job, row["feature"], row["method"], row["kind"], row["statistic"], row["p_value"], row["threshold"],
              row["drifted"], row["n_reference"], row["n_current"], row["error"], row["histogram"], version, now],
+        )
+
+
+def write_quarantine(con, run_id: str, job: str, rejected: pa.Table) -> None:
+    """The run's rejected rows (run-file columns: entity, rule, reason, raw record) into batchml.quarantine."""
+    with registered(con, "__rejected", rejected):
+        con.execute(
+            f"INSERT INTO batchml.quarantine SELECT ?, ?, CAST({ENTITY} AS VARCHAR), {RULE}, {REASON}, {RECORD}, ? FROM __rejected",
+            [run_id, job, registry.utcnow()],
+        )
+
+
+def write_performance(con, run_id: str, job: str, rows: list[dict]) -> None:
+    """Realised and estimated metric rows (``monitoring.performance``) into batchml.performance."""
+    for row in rows:
+        con.execute(
+            "INSERT INTO batchml.performance VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, job, row["model_version"], row["event_day"], row["metric"], row["value"],
+             row["n"], row["positives"], row["estimated"], registry.utcnow()],
         )
 
 
