@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from batchml.config import JobConfig
 from batchml.storage.warehouse import quote_ident
 
-RULES = ("null_entity_id", "null_event_time", "bad_type", "future_event_time", "non_finite", "out_of_range", "duplicate")
-
 # The run's cut-off inside SQL: every connection of a run sets it (``pipeline.NightlyRun._connect``);
 # elsewhere (``batchml check``) it is unset and nothing is cut off. Feature SQL may read it too.
 CUTOFF = "coalesce(getvariable('batchml_as_of'), 'infinity'::TIMESTAMP)"

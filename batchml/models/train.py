@@ -25,8 +25,6 @@ from batchml.errors import DataError
 from batchml.data.extract import EVENT_TIME, LABEL
 from batchml.data.features import FeatureSpec, fit_spec, to_matrix
 
-ROUND_KEYS = ("num_boost_round", "early_stopping_rounds")
-
 
 @dataclass
 class Split:

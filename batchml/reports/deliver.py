@@ -1,7 +1,7 @@
 """Glue between the warehouse and the report: read a run back, render it, write it, mail it.
 
-``report`` renders and ``notify`` delivers; neither touches DuckDB. This module reads what they
-need from the warehouse and records each delivery in ``batchml.notifications``.
+``report`` renders and ``notify`` delivers; neither touches DuckDB. This module reads what they need
+through ``storage.history`` and records each delivery in ``batchml.notifications``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError, ConfigError, NotifyError
 from batchml.project import Project
-from batchml.storage import runlog
+from batchml.storage import history, runlog
 from batchml.storage.publish import publish_change
 from batchml.reports.history import HistoryData, build_history
 from batchml.reports.run_report import HISTORY_FILE, Report, ReportData, build_report, should_notify, write_page, write_report
-from batchml.storage.warehouse import fetch_dicts, fetch_one, migrate, quote_table, table_exists
+from batchml.storage.warehouse import migrate, table_exists
 
 log = logging.getLogger("batchml")
-TREND_RUNS = 30
 
 
 def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
@@ -35,35 +34,25 @@ def load_report_data(con, config: JobConfig, run_id: str | None) -> ReportData:
         if row is None:
             raise _no_scheduled_runs(con, config)
     else:
-        row = fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? AND run_id = ?", [config.job, run_id])
+        row = history.run_of_job(con, config.job, run_id)
     if row is None:
         raise ConfigError(f"no run {run_id} of job {config.job} in the warehouse; list them with `batchml runs list {config.job}`")
     run_id = row["run_id"]
-    gate = _gate(con, run_id)
+    gate = history.gate(con, run_id)
     return ReportData(
         job=config.job, run_id=run_id, kind=row["kind"], status=row["status"], as_of=row["as_of"],
         started_at=row["started_at"], finished_at=row["finished_at"], rows_extracted=row["rows_extracted"],
         rows_quarantined=row["rows_quarantined"], rows_scored=row["rows_scored"],
-        quarantine_reasons=dict(con.execute(
-            "SELECT rule, count(*) FROM batchml.quarantine WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]).fetchall()),
+        quarantine_reasons=history.quarantine_reasons(con, run_id),
         timings=json.loads(row["timings"] or "{}"), error=_with_note(row),
         # the champion the run started with: after a promotion the gate compared the challenger with it
         champion_version=(gate or {}).get("champion_version", row["champion_version"]),
         challenger_version=row["challenger_version"], promoted=row["promoted"],
-        drift=_drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=gate,
-        performance=_trend(con, config), band_counts=_bands(con, config, run_id), triggers=json.loads(row["triggers"] or "[]"),
-        quarantine_sample=_quarantine_sample(con, run_id) if row["status"] == "rejected" else [],
+        drift=history.drift_rows(con, run_id), dataset_drift=row["dataset_drift"], gate=gate,
+        performance=history.performance_trend(con, config.job), band_counts=history.band_counts(con, config, run_id),
+        triggers=json.loads(row["triggers"] or "[]"),
+        quarantine_sample=history.quarantine_sample(con, run_id) if row["status"] == "rejected" else [],
     )
-
-
-QUARANTINE_SAMPLE = 10
-
-
-def _quarantine_sample(con, run_id: str) -> list[dict]:
-    """Some quarantined rows of a rejected batch, taking each rule in turn, so one flood does not hide the rest."""
-    return fetch_dicts(con, "SELECT entity_id, rule, reason, record FROM (SELECT entity_id, rule, reason, "
-                            "CAST(record AS VARCHAR) AS record, row_number() OVER (PARTITION BY rule ORDER BY entity_id) AS nth "
-                            f"FROM batchml.quarantine WHERE run_id = ?) ORDER BY nth, rule LIMIT {QUARANTINE_SAMPLE}", [run_id])
 
 
 def _no_runs(config: JobConfig) -> ConfigError:
@@ -81,45 +70,6 @@ def _with_note(row: dict) -> str | None:
     if row["error"]:
         return row["error"]
     return None
-
-
-def _drift_rows(con, run_id: str) -> list[dict]:
-    rows = fetch_dicts(con, "SELECT * FROM batchml.drift WHERE run_id = ?", [run_id])
-    for row in rows:
-        row["histogram"] = json.loads(row["histogram"]) if row["histogram"] else None
-    return rows
-
-
-def _gate(con, run_id: str) -> dict | None:
-    row = fetch_one(
-        con, "SELECT metrics, previous_champion FROM batchml.model_events WHERE run_id = ? "
-        "AND event IN ('promoted', 'rejected', 'no_decision') AND previous_champion IS NOT NULL ORDER BY recorded_at DESC LIMIT 1",
-        [run_id])
-    if row is None:
-        return None
-    gate = json.loads(row["metrics"] or "{}")
-    if "outcome" not in gate:
-        return None
-    return {**gate, "champion_version": row["previous_champion"]}
-
-
-def _trend(con, config: JobConfig) -> list[dict]:
-    return fetch_dicts(
-        con,
-        "SELECT p.run_id, r.as_of, p.metric, p.value, p.n FROM batchml.performance p JOIN batchml.runs r USING (run_id) "
-        "WHERE p.job = ? AND p.event_day IS NULL AND NOT p.estimated AND p.value IS NOT NULL "
-        "QUALIFY row_number() OVER (PARTITION BY p.run_id ORDER BY p.n DESC) = 1 "  # the version most labels judged
-        f"ORDER BY r.as_of DESC LIMIT {TREND_RUNS}",
-        [config.job],
-    )[::-1]
-
-
-def _bands(con, config: JobConfig, run_id: str) -> dict[str, int]:
-    if not table_exists(con, config.scores_table):
-        return {}
-    return dict(con.execute(
-        f"SELECT risk_band, count(*) FROM {quote_table(config.scores_table)} WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]
-    ).fetchall())
 
 
 def report_and_notify(project: Project, config: JobConfig, run_id: str | None, *, send: bool, force_send: bool = False) -> Path:
@@ -166,12 +116,8 @@ def _deliver(project: Project, config: JobConfig, report: Report, run_id: str | 
         log.info("%s: %s mailed to %s", config.job, what, ", ".join(delivery.recipients))
     with project.connect() as con:
         migrate(con)  # a warehouse last written before the notifications' `report` column
-        con.execute(
-            "INSERT INTO batchml.notifications (run_id, job, recipients, status, error, attempts, sent_at, report) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, config.job, ", ".join(delivery.recipients or config.notify.email), delivery.status, delivery.error,
-             delivery.attempts, registry.utcnow(), kind],
-        )
+        runlog.record_notification(con, run_id, config.job, ", ".join(delivery.recipients or config.notify.email),
+                                   delivery.status, delivery.error, delivery.attempts, kind)
         # a run publishes before its report is mailed: without this the catalog lags a notification behind
         publish_change(con, project, config.job, ("notifications",))
     return delivery
@@ -180,61 +126,19 @@ def _deliver(project: Project, config: JobConfig, report: Report, run_id: str | 
 # --------------------------------------------------------------------------- the history page
 
 
-def _since_clause(since: datetime | None, column: str) -> str:
-    return "" if since is None else f" AND {column} >= ?"
-
-
 def load_history_data(con, config: JobConfig, since: datetime | None = None, reports: Path | None = None) -> HistoryData:
     """The job's runs since ``since`` (all of them by default) and what they recorded: only batchml's
     own tables (runs, drift, performance, model events, the scores' per-run summaries), never the source."""
     if not table_exists(con, "batchml.runs"):
         raise _no_runs(config)
-    after = [] if since is None else [since]
-    runs = fetch_dicts(con, "SELECT run_id, kind, status, as_of, started_at, finished_at, rows_extracted, rows_quarantined, "
-                            "rows_scored, champion_version, challenger_version, promoted, dataset_drift, error, note, timings "
-                            "FROM batchml.runs WHERE job = ? AND status <> 'running'" + _since_clause(since, "as_of") +
-                            " ORDER BY as_of, started_at", [config.job, *after])
-    if not runs and since is None:
+    rows = history.history_rows(con, config, since)
+    if not rows["runs"] and since is None:
         raise _no_runs(config)
-    for run in runs:
-        run["timings"] = json.loads(run["timings"] or "{}")
-    nights = "SELECT run_id FROM batchml.runs WHERE job = ? AND kind IN ('nightly', 'replay') AND status = 'succeeded'" + _since_clause(since, "as_of")
-    data = HistoryData(job=config.job, metric=config.promotion.metric, since=since, runs=runs, generated_at=registry.utcnow(),
-                       band_order=[band for band, _ in config.band_edges] + ["low"])
-    data.drift = fetch_dicts(con, "SELECT run_id, feature, method, statistic, p_value, threshold, drifted FROM batchml.drift "
-                                  f"WHERE job = ? AND kind = 'feature' AND run_id IN ({nights})", [config.job, config.job, *after])
-    data.realised, data.estimated = (_performance_by_day(con, config, since, estimated) for estimated in (False, True))
-    data.events = fetch_dicts(con, "SELECT e.*, r.as_of FROM batchml.model_events e LEFT JOIN batchml.runs r USING (run_id) "
-                                   "WHERE e.job = ?" + _since_clause(since, "e.recorded_at") + " ORDER BY e.recorded_at", [config.job, *after])
-    for event in data.events:
-        event["metrics"] = json.loads(event["metrics"] or "{}")
-    if table_exists(con, config.scores_table):
-        data.scores, data.bands = _score_summaries(con, config, nights, after)
+    data = HistoryData(job=config.job, metric=config.promotion.metric, since=since, generated_at=registry.utcnow(),
+                       band_order=[band for band, _ in config.band_edges] + ["low"], **rows)
     if reports is not None and reports.is_dir():
         data.reports = {path.stem for path in reports.glob("*.html")}
     return data
-
-
-def _performance_by_day(con, config: JobConfig, since: datetime | None, estimated: bool) -> list[dict]:
-    """The champion's metric by event day; a day whose labels came over several nights is their
-    row-weighted mean."""
-    return fetch_dicts(
-        con, "SELECT event_day, sum(value * n) / sum(n) AS value, sum(n) AS n FROM batchml.performance "
-             "WHERE job = ? AND metric = ? AND estimated = ? AND event_day IS NOT NULL AND value IS NOT NULL AND n > 0"
-             + _since_clause(since.date() if since else None, "event_day") + " GROUP BY event_day ORDER BY event_day",
-        [config.job, config.promotion.metric, estimated, *([since.date()] if since else [])])
-
-
-def _score_summaries(con, config: JobConfig, nights: str, after: list) -> tuple[list[dict], list[dict]]:
-    """Per night: score quantiles and rows per risk band, aggregated in the warehouse (one pass each)."""
-    table = quote_table(config.scores_table)
-    scores = fetch_dicts(con, f"SELECT run_id, count(*) AS n, approx_quantile(score, [0.1, 0.25, 0.5, 0.75, 0.9]) AS q "
-                              f"FROM {table} WHERE run_id IN ({nights}) GROUP BY run_id", [config.job, *after])
-    for row in scores:
-        row.update(zip(("p10", "p25", "p50", "p75", "p90"), row.pop("q")))
-    bands = fetch_dicts(con, f"SELECT run_id, risk_band, count(*) AS n FROM {table} WHERE run_id IN ({nights}) GROUP BY ALL",
-                        [config.job, *after])
-    return scores, bands
 
 
 def write_history(project: Project, config: JobConfig, since: datetime | None = None, *, send: bool = False) -> Path:
@@ -269,13 +173,11 @@ def weekly_due(con, config: JobConfig, run_id: str) -> bool:
     """Whether ``run_id`` is the job's first nightly run of its week (Monday 00:00 in
     ``schedule.timezone``): the one that mails the history page under ``notify.on: [weekly]``.
     A Monday run that did not happen hands the mail to the next night of that week."""
-    run = fetch_one(con, "SELECT as_of, started_at, kind FROM batchml.runs WHERE run_id = ?", [run_id])
+    run = runlog.get_run(con, run_id)
     if run is None or run["kind"] != "nightly":
         return False
     start = week_start(run["as_of"], config.schedule.timezone)
-    earlier = fetch_one(con, "SELECT count(*) AS n FROM batchml.runs WHERE job = ? AND kind = 'nightly' AND run_id <> ? "
-                             "AND as_of >= ? AND started_at < ?", [config.job, run_id, start, run["started_at"]])
-    return earlier["n"] == 0
+    return history.earlier_nightly_runs(con, config.job, run_id, start, run["started_at"]) == 0
 
 
 def week_start(as_of: datetime, zone: str) -> datetime:

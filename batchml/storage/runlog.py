@@ -139,6 +139,16 @@ def set_watermark(con: duckdb.DuckDBPyConnection, job: str, value: datetime, run
     con.execute("INSERT INTO batchml.watermarks VALUES (?, ?, ?, ?)", [job, value, run_id, utcnow()])
 
 
+def record_notification(con: duckdb.DuckDBPyConnection, run_id: str | None, job: str, recipients: str, status: str,
+                        error: str | None, attempts: int, report: str) -> None:
+    """One mail attempt (``report``: run or history) in batchml.notifications."""
+    con.execute(
+        "INSERT INTO batchml.notifications (run_id, job, recipients, status, error, attempts, sent_at, report) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [run_id, job, recipients, status, error, attempts, utcnow(), report],
+    )
+
+
 # -- reading runs back (``batchml runs``, ``batchml report``) ------------------------------------------
 
 SCHEDULED_KINDS = ("nightly", "replay")  # the runs a job's history is made of; drift and backfill runs are ad hoc

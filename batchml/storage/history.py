@@ -1,0 +1,143 @@
+"""What the reports read back: one run's rows (the run report) and a job's runs over time (the history page).
+
+Only batchml's own tables (runs, quarantine, drift, performance, model events, the scores' per-run
+summaries), never the source. Rows come back as dicts, JSON columns parsed;
+``batchml.reports.deliver`` shapes them into the report's data.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from batchml.config import JobConfig
+from batchml.storage.model_rows import GATE_EVENTS
+from batchml.storage.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
+
+TREND_RUNS = 30
+QUARANTINE_SAMPLE = 10
+
+# -- one run (the run report) ---------------------------------------------------------------------
+
+
+def run_of_job(con, job: str, run_id: str) -> dict | None:
+    """The ``batchml.runs`` row of ``run_id`` when it belongs to ``job``."""
+    return fetch_one(con, "SELECT * FROM batchml.runs WHERE job = ? AND run_id = ?", [job, run_id])
+
+
+def quarantine_reasons(con, run_id: str) -> dict[str, int]:
+    """Rule -> rows the run quarantined for it, most first."""
+    return dict(con.execute(
+        "SELECT rule, count(*) FROM batchml.quarantine WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]).fetchall())
+
+
+def quarantine_sample(con, run_id: str) -> list[dict]:
+    """Some quarantined rows of a rejected batch, taking each rule in turn, so one flood does not hide the rest."""
+    return fetch_dicts(con, "SELECT entity_id, rule, reason, record FROM (SELECT entity_id, rule, reason, "
+                            "CAST(record AS VARCHAR) AS record, row_number() OVER (PARTITION BY rule ORDER BY entity_id) AS nth "
+                            f"FROM batchml.quarantine WHERE run_id = ?) ORDER BY nth, rule LIMIT {QUARANTINE_SAMPLE}", [run_id])
+
+
+def drift_rows(con, run_id: str) -> list[dict]:
+    """The run's drift rows, histograms parsed."""
+    rows = fetch_dicts(con, "SELECT * FROM batchml.drift WHERE run_id = ?", [run_id])
+    for row in rows:
+        row["histogram"] = json.loads(row["histogram"]) if row["histogram"] else None
+    return rows
+
+
+def gate(con, run_id: str) -> dict | None:
+    """The gate's figures for the run's challenger and the champion it was compared with (None without a gate)."""
+    row = fetch_one(
+        con, "SELECT metrics, previous_champion FROM batchml.model_events WHERE run_id = ? "
+        f"AND event IN {GATE_EVENTS} AND previous_champion IS NOT NULL ORDER BY recorded_at DESC LIMIT 1",
+        [run_id])
+    if row is None:
+        return None
+    figures = json.loads(row["metrics"] or "{}")
+    if "outcome" not in figures:
+        return None
+    return {**figures, "champion_version": row["previous_champion"]}
+
+
+def performance_trend(con, job: str) -> list[dict]:
+    """The realised metric of the job's last ``TREND_RUNS`` runs, oldest first."""
+    return fetch_dicts(
+        con,
+        "SELECT p.run_id, r.as_of, p.metric, p.value, p.n FROM batchml.performance p JOIN batchml.runs r USING (run_id) "
+        "WHERE p.job = ? AND p.event_day IS NULL AND NOT p.estimated AND p.value IS NOT NULL "
+        "QUALIFY row_number() OVER (PARTITION BY p.run_id ORDER BY p.n DESC) = 1 "  # the version most labels judged
+        f"ORDER BY r.as_of DESC LIMIT {TREND_RUNS}",
+        [job],
+    )[::-1]
+
+
+def band_counts(con, config: JobConfig, run_id: str) -> dict[str, int]:
+    """Risk band -> rows the run scored in it (none before the scores table exists)."""
+    if not table_exists(con, config.scores_table):
+        return {}
+    return dict(con.execute(
+        f"SELECT risk_band, count(*) FROM {quote_table(config.scores_table)} WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]
+    ).fetchall())
+
+
+def earlier_nightly_runs(con, job: str, run_id: str, since: datetime, started_before: datetime) -> int:
+    """Nightly runs of ``job`` other than ``run_id`` with a cut-off from ``since`` that started before ``started_before``."""
+    row = fetch_one(con, "SELECT count(*) AS n FROM batchml.runs WHERE job = ? AND kind = 'nightly' AND run_id <> ? "
+                         "AND as_of >= ? AND started_at < ?", [job, run_id, since, started_before])
+    return row["n"]
+
+
+# -- a job over time (the history page) -----------------------------------------------------------
+
+
+def _since_clause(since: datetime | None, column: str) -> str:
+    return "" if since is None else f" AND {column} >= ?"
+
+
+def history_rows(con, config: JobConfig, since: datetime | None) -> dict[str, list[dict]]:
+    """The job's finished runs since ``since`` (all by default) and what they recorded: ``runs``,
+    ``drift``, ``realised``, ``estimated``, ``events``, and when the scores table exists ``scores``
+    and ``bands`` (the fields of ``reports.history.HistoryData``)."""
+    after = [] if since is None else [since]
+    runs = fetch_dicts(con, "SELECT run_id, kind, status, as_of, started_at, finished_at, rows_extracted, rows_quarantined, "
+                            "rows_scored, champion_version, challenger_version, promoted, dataset_drift, error, note, timings "
+                            "FROM batchml.runs WHERE job = ? AND status <> 'running'" + _since_clause(since, "as_of") +
+                            " ORDER BY as_of, started_at", [config.job, *after])
+    for run in runs:
+        run["timings"] = json.loads(run["timings"] or "{}")
+    nights = "SELECT run_id FROM batchml.runs WHERE job = ? AND kind IN ('nightly', 'replay') AND status = 'succeeded'" + _since_clause(since, "as_of")
+    rows = {"runs": runs}
+    rows["drift"] = fetch_dicts(con, "SELECT run_id, feature, method, statistic, p_value, threshold, drifted FROM batchml.drift "
+                                     f"WHERE job = ? AND kind = 'feature' AND run_id IN ({nights})", [config.job, config.job, *after])
+    rows["realised"], rows["estimated"] = (_performance_by_day(con, config, since, estimated) for estimated in (False, True))
+    rows["events"] = fetch_dicts(con, "SELECT e.*, r.as_of FROM batchml.model_events e LEFT JOIN batchml.runs r USING (run_id) "
+                                      "WHERE e.job = ?" + _since_clause(since, "e.recorded_at") + " ORDER BY e.recorded_at",
+                                 [config.job, *after])
+    for event in rows["events"]:
+        event["metrics"] = json.loads(event["metrics"] or "{}")
+    if table_exists(con, config.scores_table):
+        rows["scores"], rows["bands"] = _score_summaries(con, config, nights, after)
+    return rows
+
+
+def _performance_by_day(con, config: JobConfig, since: datetime | None, estimated: bool) -> list[dict]:
+    """The champion's metric by event day; a day whose labels came over several nights is their
+    row-weighted mean."""
+    return fetch_dicts(
+        con, "SELECT event_day, sum(value * n) / sum(n) AS value, sum(n) AS n FROM batchml.performance "
+             "WHERE job = ? AND metric = ? AND estimated = ? AND event_day IS NOT NULL AND value IS NOT NULL AND n > 0"
+             + _since_clause(since.date() if since else None, "event_day") + " GROUP BY event_day ORDER BY event_day",
+        [config.job, config.promotion.metric, estimated, *([since.date()] if since else [])])
+
+
+def _score_summaries(con, config: JobConfig, nights: str, after: list) -> tuple[list[dict], list[dict]]:
+    """Per night: score quantiles and rows per risk band, aggregated in the warehouse (one pass each)."""
+    table = quote_table(config.scores_table)
+    scores = fetch_dicts(con, f"SELECT run_id, count(*) AS n, approx_quantile(score, [0.1, 0.25, 0.5, 0.75, 0.9]) AS q "
+                              f"FROM {table} WHERE run_id IN ({nights}) GROUP BY run_id", [config.job, *after])
+    for row in scores:
+        row.update(zip(("p10", "p25", "p50", "p75", "p90"), row.pop("q")))
+    bands = fetch_dicts(con, f"SELECT run_id, risk_band, count(*) AS n FROM {table} WHERE run_id IN ({nights}) GROUP BY ALL",
+                        [config.job, *after])
+    return scores, bands
