@@ -10,10 +10,10 @@ from batchml.models import registry
 from batchml.storage import model_rows
 from batchml.config import job_names, load_job_config, require_own_scores_table
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, WarehouseError
-from batchml.storage.source import describe_source, odd_labels, restrict, source_sql, uncut_columns
+from batchml.storage.source import describe_source, null_watermarks, odd_labels, restrict, uncut_columns
 from batchml.project import Project
 from batchml.models.retrain import check_golden, describe_change, retrain_then_promote
-from batchml.storage.warehouse import memory_connection, quote_ident, readable_by_duckdb_15, storage_fix, table_exists
+from batchml.storage.warehouse import memory_connection, readable_by_duckdb_15, storage_fix, table_exists
 from batchml.storage.writeback import require_entity_type
 
 
@@ -59,8 +59,7 @@ def _source_report(con, config, project: Project, state: dict) -> str:
     columns = describe_source(con, config, project.root)
     state["columns"] = columns  # the champion check asks whether it can still be fed
     watermark = config.source.watermark
-    sql = f"SELECT count(*) FROM ({source_sql(con, config, project.root)}) WHERE {quote_ident(watermark)} IS NULL"
-    unpulled = con.execute(sql).fetchone()[0]
+    unpulled = null_watermarks(con, config, project.root)
     if unpulled:  # a batch is a watermark interval: such rows are in none, neither scored nor quarantined
         raise DataError(f"{unpulled} source row(s) have a null {watermark} (source.watermark) and are never pulled; "
                         f"fill it in the source (when the row was loaded)")

@@ -193,13 +193,12 @@ def drift(
 ) -> None:
     """Measure drift of the rows a nightly run would pull now; writes only a 'drift' run's rows."""
     from batchml.pipeline.backfill import measure_drift
-    from batchml.storage.warehouse import fetch_dicts
+    from batchml.storage.history import drift_summary
 
     project = open_project()
     result = measure_drift(project, job, parse_as_of(as_of))
     with project.connect(read_only=True) as con:
-        rows = fetch_dicts(con, "SELECT feature, kind, method, statistic, p_value, threshold, drifted, n_current, error "
-                                "FROM batchml.drift WHERE run_id = ? ORDER BY drifted DESC, kind, feature", [result.run_id])
+        rows = drift_summary(con, result.run_id)
     table = Table("feature", "kind", "method", "statistic", "threshold", "drifted", "rows", title=f"drift of {job} ({result.run_id})")
     for r in rows:
         stat = "error: " + r["error"] if r["error"] else (f"{r['statistic']:.4f}" if r["statistic"] is not None else "-")

@@ -20,14 +20,13 @@ import pyarrow as pa
 from batchml.monitoring import drift
 from batchml.models import registry
 from batchml.config import JobConfig
-from batchml.data.extract import ENTITY, PullResult, run_file_batches, run_file_schema
+from batchml.data.extract import PullResult, run_file_batches, run_file_schema
 from batchml.storage.source import pull, set_cutoff
 from batchml.models.scoring import ScoreSummary, make_predictor, score_batches
-from batchml.storage.lake import QUARANTINE, SCORES, STAGING, PartFile, part_path, write_part
-from batchml.storage.warehouse import memory_connection, quote_ident, registered
+from batchml.storage.lake import QUARANTINE, QUARANTINE_SCHEMA, SCORES, STAGING, PartFile, part_path, quarantine_rows, write_part
+from batchml.storage.warehouse import memory_connection, quote_ident
 from batchml.storage.writeback import scores_schema
 
-QUARANTINE_SCHEMA = pa.schema([("entity_id", pa.string()), ("rule", pa.string()), ("reason", pa.string()), ("record", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -113,9 +112,7 @@ def check_partition(part: Partition, profile: drift.ReferenceProfile | None) -> 
 def _write_quarantine(con, part: Partition, staging: Path) -> PartFile:
     """The rejected rows as ``batchml.quarantine`` stores them (the id cast by DuckDB, as the local engine does)."""
     rejected = pa.Table.from_batches(list(run_file_batches(staging, valid=False)), schema=run_file_schema(staging))
-    with registered(con, "__rejected", rejected):
-        table = con.sql(f"SELECT CAST({ENTITY} AS VARCHAR) AS entity_id, __rule AS rule, __reason AS reason, "
-                        f"__record AS record FROM __rejected").to_arrow_table().cast(QUARANTINE_SCHEMA)
+    table = quarantine_rows(con, rejected)
     return write_part(table.to_batches(), QUARANTINE_SCHEMA, part.path(QUARANTINE), QUARANTINE, part.index)
 
 

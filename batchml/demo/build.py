@@ -13,6 +13,7 @@ import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
@@ -20,7 +21,8 @@ from batchml.demo import data as demo_data
 from batchml.errors import ConfigError
 from batchml.project import Project
 from batchml.reports import HISTORY_FILE
-from batchml.storage.warehouse import migrate
+from batchml.storage import history, runlog
+from batchml.storage.warehouse import create_table, migrate, table_names
 
 JOB = "vuln_risk"
 SOURCE = "raw.vuln_findings"
@@ -59,8 +61,8 @@ def ensure_fresh(project: Project) -> None:
     if not project.warehouse.exists():
         return
     with project.connect(lock_timeout=5.0) as con:
-        tables = set(con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall())
-        jobs = {r[0] for r in con.execute("SELECT DISTINCT job FROM batchml.runs").fetchall()} if ("batchml", "runs") in tables else set()
+        tables = table_names(con)
+        jobs = runlog.jobs(con) if ("batchml", "runs") in tables else set()
     foreign = {t for t in tables if t[0] not in ("batchml", "scores") and t not in DEMO_TABLES}
     foreign |= {t for t in tables if t[0] == "scores" and not t[1].startswith(JOB)}
     if ("raw", "demo_info") not in tables or foreign or jobs - {JOB}:
@@ -80,10 +82,10 @@ def load_findings(project: Project, start: date, days: int, seed: int) -> int:
     table = demo_data.inject_bad_rows(table, BAD_ROW_FRACTION, seed)
     with project.connect() as con:
         migrate(con)
-        con.execute("CREATE SCHEMA IF NOT EXISTS raw")
-        con.register("findings", table)
-        con.execute(f"CREATE TABLE {SOURCE} AS SELECT * FROM findings")
-        con.execute("CREATE TABLE raw.demo_info AS SELECT ? AS start_day, ? AS seed, ? AS shift_day", [start, seed, SHIFT_DAY])
+        create_table(con, SOURCE, table)
+        info = pa.table({"start_day": pa.array([start], pa.date32()), "seed": pa.array([seed], pa.int32()),
+                         "shift_day": pa.array([SHIFT_DAY], pa.int32())})
+        create_table(con, "raw.demo_info", info)
     return table.num_rows
 
 
@@ -128,9 +130,7 @@ def night_row(project: Project, run, seconds: float) -> list[str]:
     drift = "-"
     if run.dataset_drift is not None:
         with project.connect(read_only=True) as con:
-            n, total = con.execute(
-                "SELECT count(*) FILTER (WHERE drifted), count(*) FROM batchml.drift WHERE run_id = ? AND kind = 'feature'", [run.run_id]
-            ).fetchone()
+            n, total = history.feature_drift_count(con, run.run_id)
         drift = f"{n}/{total}" + (" DRIFT" if run.dataset_drift else "")
     challenger = "-"
     if run.challenger_version:

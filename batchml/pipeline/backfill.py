@@ -15,9 +15,10 @@ from batchml.pipeline.locks import job_lock
 from batchml.pipeline.nightly import NightlyRun, load_profile, refuse_future_cutoff, run_job
 from batchml.pipeline.progress import track
 from batchml.project import Project
+from batchml.storage import runlog
 from batchml.storage.runlog import Run
 from batchml.models.scoring import load_for_scoring
-from batchml.storage.warehouse import fetch_one, migrate, table_exists
+from batchml.storage.warehouse import migrate, table_exists
 from batchml.storage.writeback import scored_between
 
 log = logging.getLogger("batchml")
@@ -230,5 +231,4 @@ def _replayed(project: Project, job: str, as_of: datetime) -> bool:
         return False
     with project.connect() as con:
         migrate(con)
-        row = fetch_one(con, "SELECT count(*) AS n FROM batchml.runs WHERE job = ? AND kind = 'replay' AND status = 'succeeded' AND as_of = ?", [job, as_of])
-    return bool(row["n"])
+        return runlog.replay_succeeded(con, job, as_of)

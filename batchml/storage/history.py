@@ -46,6 +46,20 @@ def drift_rows(con, run_id: str) -> list[dict]:
     return rows
 
 
+def feature_drift_count(con, run_id: str) -> tuple[int, int]:
+    """(features that drifted, features measured) in the run."""
+    drifted, measured = con.execute(
+        "SELECT count(*) FILTER (WHERE drifted), count(*) FROM batchml.drift WHERE run_id = ? AND kind = 'feature'", [run_id]
+    ).fetchone()
+    return drifted, measured
+
+
+def drift_summary(con, run_id: str) -> list[dict]:
+    """The run's drift rows as ``batchml drift`` prints them: drifted first."""
+    return fetch_dicts(con, "SELECT feature, kind, method, statistic, p_value, threshold, drifted, n_current, error "
+                            "FROM batchml.drift WHERE run_id = ? ORDER BY drifted DESC, kind, feature", [run_id])
+
+
 def gate(con, run_id: str) -> dict | None:
     """The gate's figures for the run's challenger and the champion it was compared with (None without a gate)."""
     row = fetch_one(

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from batchml.config import JobConfig
 from batchml.errors import DataError
-from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, table_exists
+from batchml.data.extract import ENTITY, REASON, RECORD, RULE
+from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, registered, table_exists
 from batchml.storage.writeback import latest_sql
 
 SCORES, QUARANTINE, STAGING = "scores", "quarantine", "staging"
@@ -156,6 +157,17 @@ def refuse_local_table(con: duckdb.DuckDBPyConnection, config: JobConfig) -> Non
         raise DataError(f"{name} is a table written by the local engine; the dask engine serves scores as a view over its "
                         f"lake files: export it (COPY {name} TO '<warehouse dir>/lake/{config.job}/scores/local.parquet') "
                         f"and drop it, or set scoring.table to a new name, or keep execution.engine local")
+
+
+QUARANTINE_SCHEMA = pa.schema([("entity_id", pa.string()), ("rule", pa.string()), ("reason", pa.string()), ("record", pa.string())])
+
+
+def quarantine_rows(con: duckdb.DuckDBPyConnection, rejected: pa.Table) -> pa.Table:
+    """A partition's rejected run-file rows as ``batchml.quarantine`` stores them (the id cast by
+    DuckDB on a worker's in-memory connection, as the local engine does)."""
+    with registered(con, "__rejected", rejected):
+        return con.sql(f"SELECT CAST({ENTITY} AS VARCHAR) AS entity_id, {RULE} AS rule, {REASON} AS reason, "
+                       f"{RECORD} AS record FROM __rejected").to_arrow_table().cast(QUARANTINE_SCHEMA)
 
 
 def insert_quarantine(con: duckdb.DuckDBPyConnection, run_id: str, job: str, parts: Iterable[PartFile], at: datetime) -> None:

@@ -154,6 +154,18 @@ def record_notification(con: duckdb.DuckDBPyConnection, run_id: str | None, job:
 SCHEDULED_KINDS = ("nightly", "replay")  # the runs a job's history is made of; drift and backfill runs are ad hoc
 
 
+def jobs(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Every job that has a run in the warehouse."""
+    return {row[0] for row in con.execute("SELECT DISTINCT job FROM batchml.runs").fetchall()}
+
+
+def replay_succeeded(con: duckdb.DuckDBPyConnection, job: str, as_of: datetime) -> bool:
+    """Whether a replay of ``job`` at cut-off ``as_of`` succeeded already."""
+    row = fetch_one(con, "SELECT count(*) AS n FROM batchml.runs WHERE job = ? AND kind = 'replay' AND status = 'succeeded' "
+                         "AND as_of = ?", [job, as_of])
+    return bool(row["n"])
+
+
 def latest_run(con: duckdb.DuckDBPyConnection, job: str, kinds: tuple[str, ...] = SCHEDULED_KINDS) -> dict | None:
     """The job's most recently started run of one of ``kinds``."""
     marks = ", ".join("?" for _ in kinds)

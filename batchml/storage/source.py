@@ -197,6 +197,12 @@ def _source_error(config: JobConfig, exc: Exception) -> str:
 
 
 
+def null_watermarks(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> int:
+    """Source rows without a watermark: a batch is a watermark interval, so they are in none."""
+    sql = f"SELECT count(*) FROM ({source_sql(con, config, project)}) WHERE {quote_ident(config.source.watermark)} IS NULL"
+    return int(con.execute(sql).fetchone()[0])
+
+
 def odd_labels(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str) -> tuple[int, list[float]]:
     """(rows matching ``where`` whose label is present but not 0/1, a few of those values)."""
     label = quote_ident(config.label.column)

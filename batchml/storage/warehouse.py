@@ -346,6 +346,18 @@ def table_exists(con: duckdb.DuckDBPyConnection, qualified: str) -> bool:
     return bool(row[0])
 
 
+def table_names(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str]]:
+    """(schema, table) of every table and view in the warehouse."""
+    return set(con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall())
+
+
+def create_table(con: duckdb.DuckDBPyConnection, qualified: str, data) -> None:
+    """Create table ``schema.table`` holding ``data`` (an Arrow table), and its schema if missing."""
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(qualified.split('.')[0])}")
+    with registered(con, "__data", data):
+        con.execute(f"CREATE TABLE {quote_table(qualified)} AS SELECT * FROM __data")
+
+
 def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> list[dict]:
     """Run a query and return its rows as dicts (small results only)."""
     cursor = con.execute(sql, params or [])
