@@ -47,40 +47,47 @@ def _gate(event: dict | None) -> dict | None:
 
 def promote(project: Project, job: str, version: int, reason: str) -> int | None:
     """Make ``version`` the champion (its artifact is verified first); returns the previous one."""
-    project.job(job)
-    with job_lock(project.locks, job), project.connect() as con:
-        migrate(con)
+    def chosen(con) -> dict:
         row = model_rows.get(con, job, version)
         if row is None:
             raise ConfigError(f"job {job} has no model v{version}; see `batchml models list {job}`")
         if row["status"] == registry.CHAMPION:
             raise ConfigError(f"v{version} is already the champion of {job}")
-        registry.verify(row)
-        with transaction(con):
-            previous = model_rows.make_champion(con, job, version, "manual_promote", run_id=None, reason=reason)
-        publish_change(con, project, job, REGISTRY_TABLES)
-    compile_and_register(project, registry.load(row), project.job(job).scoring.engine)
+        return row
+
+    _, previous = _crown(project, job, chosen, "manual_promote", reason)
     return previous
 
 
 def rollback(project: Project, job: str, reason: str) -> tuple[int, int]:
     """Restore the champion the current one replaced; returns (restored, retired)."""
-    project.job(job)
-    with job_lock(project.locks, job), project.connect() as con:
-        migrate(con)
+    def chosen(con) -> dict:
         current = model_rows.champion(con, job)
         if current is None:  # nothing to roll back is a usage error (exit 2), like promoting a missing version
             raise ConfigError(f"job {job} has no champion to roll back")
         previous = model_rows.previous_champion(con, job, current["version"])
         if previous is None:
             raise ConfigError(f"v{current['version']} of {job} replaced no earlier champion; promote a version by hand instead")
-        restored = model_rows.get(con, job, previous)
-        registry.verify(restored)
+        return model_rows.get(con, job, previous)
+
+    restored, retired = _crown(project, job, chosen, "rollback", reason)
+    return restored["version"], retired
+
+
+def _crown(project: Project, job: str, choose, event: str, reason: str) -> tuple[dict, int | None]:
+    """A champion change by hand, under the job's lock: ``choose`` picks the model's row (or raises),
+    its artifact is verified, it is crowned with ``event`` and the catalog republished; then its
+    compiled libraries are built. Returns (the crowned row, the champion it replaced)."""
+    project.job(job)
+    with job_lock(project.locks, job), project.connect() as con:
+        migrate(con)
+        row = choose(con)
+        registry.verify(row)
         with transaction(con):
-            model_rows.make_champion(con, job, previous, "rollback", run_id=None, reason=reason)
+            previous = model_rows.make_champion(con, job, row["version"], event, run_id=None, reason=reason)
         publish_change(con, project, job, REGISTRY_TABLES)
-    compile_and_register(project, registry.load(restored), project.job(job).scoring.engine)
-    return previous, current["version"]
+    compile_and_register(project, registry.load(row), project.job(job).scoring.engine)
+    return row, previous
 
 
 def compile_and_register(project: Project, model: registry.LoadedModel, engine: str, warn=None) -> None:

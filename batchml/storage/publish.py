@@ -30,7 +30,7 @@ import duckdb
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError
 from batchml.project import Project
-from batchml.storage.warehouse import open_connection, quote_ident, quote_literal, quote_table, table_exists
+from batchml.storage.warehouse import CHAMPION_HISTORY_SQL, open_connection, quote_ident, quote_literal, quote_table, table_exists
 from batchml.storage.writeback import LATEST_ORDER, latest_sql
 
 log = logging.getLogger("batchml")
@@ -107,11 +107,7 @@ def catalog_views(project: Project, configs: list[JobConfig]) -> dict[str, str]:
     root = project.published
     views = {f"batchml.{t}": f"SELECT * FROM read_parquet({quote_literal(str(root / 'batchml' / t / '*.parquet'))}, union_by_name = true)" for t in PER_RUN}
     views |= {f"batchml.{t}": f"SELECT * FROM read_parquet({quote_literal(str(root / 'batchml' / f'{t}.parquet'))})" for t in SNAPSHOTS}
-    views["batchml.champion_history"] = (
-        "SELECT job, version, event, reason, actor, recorded_at AS champion_from, "
-        "lead(recorded_at) OVER (PARTITION BY job ORDER BY recorded_at) AS champion_until "
-        "FROM batchml.model_events WHERE event IN ('promoted', 'manual_promote', 'rollback')"
-    )
+    views["batchml.champion_history"] = CHAMPION_HISTORY_SQL
     for config in configs:
         files = root / "scores" / config.job
         if not any(files.glob("*.parquet")):

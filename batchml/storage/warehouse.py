@@ -292,14 +292,18 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
+# which model was champion when (the warehouse's view, and the published catalog's)
+CHAMPION_HISTORY_SQL = (
+    "SELECT job, version, event, reason, actor, recorded_at AS champion_from, "
+    "lead(recorded_at) OVER (PARTITION BY job ORDER BY recorded_at) AS champion_until "
+    "FROM batchml.model_events WHERE event IN ('promoted', 'manual_promote', 'rollback')"
+)
+
 MIGRATIONS.append((
     2,
-    """
+    f"""
     -- which model was champion when: one row per reign, open-ended for the current champion
-    CREATE VIEW batchml.champion_history AS
-    SELECT job, version, event, reason, actor, recorded_at AS champion_from,
-           lead(recorded_at) OVER (PARTITION BY job ORDER BY recorded_at) AS champion_until
-    FROM batchml.model_events WHERE event IN ('promoted', 'manual_promote', 'rollback');
+    CREATE VIEW batchml.champion_history AS {CHAMPION_HISTORY_SQL};
     """,
 ))
 
