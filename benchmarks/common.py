@@ -228,14 +228,12 @@ def _read_row(path: Path) -> dict:
 
 def loaded_model(row: dict):
     from batchml.models import registry
-    from batchml.storage import model_rows
 
     return registry.load(row)
 
 
 def build_warehouse(path: Path, chunks: list[Path], row: dict, memory_limit: str = "4GB") -> None:
     """A warehouse holding the new rows in ``raw.findings`` and ``row`` registered as champion."""
-    from batchml.models import registry
     from batchml.storage import model_rows
     from batchml.storage.warehouse import migrate, open_connection, transaction
 
