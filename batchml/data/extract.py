@@ -56,7 +56,7 @@ def raw_sql(config: JobConfig, project: Path) -> str:
 
 def job_directories(config: JobConfig, project: Path) -> list[Path]:
     """The folders a job's queries may read: that of ``source.parquet`` up to its first wildcard
-    (none for a table source). Everything else on the machine is out of reach (:func:`restrict`)."""
+    (none for a table source). Everything else on the machine is out of reach (``storage.source.restrict``)."""
     if not config.source.parquet:
         return []
     pattern = Path(config.source.parquet)
