@@ -370,9 +370,10 @@ class JobConfig(Strict):
             unknown = [name for name in names if not did_you_mean(name, self.features.all)]
             if unknown:
                 raise ValueError(f"{section} names {unknown}, which are not features")
-        unknown = sorted(set(self.drift.thresholds) - known - set(DRIFT_ROWS))
+        unknown = sorted(set(self.drift.thresholds) - set(self.features.all) - set(DRIFT_ROWS))
         if unknown:
-            raise ValueError(f"drift.thresholds names {unknown}, which are not features (nor {', '.join(DRIFT_ROWS)}); "
+            hint = did_you_mean(unknown[0], [*self.features.all, *DRIFT_ROWS])
+            raise ValueError(f"drift.thresholds names {unknown}{hint}, which are not features (nor {', '.join(DRIFT_ROWS)}); "
                              f"fix the key or add the feature")
         unknown_ranges = sorted(set(self.validation.ranges) & set(self.features.categorical))
         if unknown_ranges:
