@@ -366,12 +366,12 @@ def test_replay_runs_each_night_point_in_time_and_resumes_after_a_crash(demo_pro
     replay = ("backfill", "vuln_risk", "--start", "2026-03-01", "--end")
 
     first = p.cli(*replay, "2026-03-02", "--replay", check=True, timeout=300)
-    assert "replayed 2 night(s) (0 already done)" in first.stdout
+    assert "replayed 2 night(s)" in first.stdout and "already" not in first.stdout
     # the pause applies to every night: the two done nights are skipped, so it stops in the middle of day 3
     paused(p, children, "score", *replay, "2026-03-04", "--replay").kill()
     resumed = p.cli(*replay, "2026-03-04", "--replay", check=True, timeout=300)
 
-    assert "replayed 2 night(s) (2 already done)" in resumed.stdout
+    assert "replayed 2 night(s), 2 already done (" in resumed.stdout
     nights = runs(p, "replay")
     assert [(r["as_of"], r["status"]) for r in nights] == [
         (day(60), "succeeded"), (day(61), "succeeded"), (day(62), "crashed"), (day(62), "succeeded"), (day(63), "succeeded")]
