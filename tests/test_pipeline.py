@@ -292,24 +292,51 @@ def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo
     assert rerun.status == "succeeded" and rerun.rows_scored == valid_landed(demo_project, day(60), day(61))
 
 
-def test_ctrl_c_inside_a_duckdb_query_ends_the_run_as_an_interrupt(demo_project, monkeypatch):
-    """DuckDB reports SIGINT during a query as `RuntimeError: Query interrupted` (its own signal
-    handling decides when: not reproducible on demand, so the error is raised where a query runs)."""
+# a feature no query can finish: each finding's sum over 2e8 numbers (decorrelated: a join of every
+# finding with every number), so the run is inside a DuckDB query when the signal comes
+ENDLESS_SQL = "SELECT *, (SELECT sum(r.range % (s.finding_id + 1)) FROM range(200000000) r) AS endless FROM source s"
+
+
+def test_ctrl_c_inside_a_duckdb_query_ends_the_run_as_an_interrupt(demo_project):
+    """A real SIGINT to a real run busy in a DuckDB query (DuckDB reports it as `Query interrupted`,
+    or Python as KeyboardInterrupt, as the signal lands): failed as interrupted, exit 130, no mail."""
+    import signal
+    import sys
+    import time
+
+    from test_operations import Child
+
     from batchml import errors
-    from batchml.pipeline import nightly as pipeline
 
-    def interrupted_query(self):
-        raise RuntimeError("Query interrupted")
+    p = demo_project
+    (p.root / "jobs").mkdir()
+    (p.root / "jobs" / "endless.sql").write_text(ENDLESS_SQL)
+    config = job_config(notify={"email": ["oncall@example.com"], "on": ["failure"]})  # a failure is mailed (here: skipped)
+    config["features"] |= {"sql": "jobs/endless.sql", "numeric": [*config["features"]["numeric"], "endless"]}
+    p.write_config(config)
+    run = Child([sys.executable, "-m", "batchml.cli", "--project", str(p.root), "run", "vuln_risk", "--as-of", f"{day(60):%Y-%m-%d}"],
+                env={"BATCHML_SMTP_HOST": ""})
+    try:
+        run.wait_for("vuln_risk: run vuln_risk-", timeout=180)  # recorded as running; extracting next
+        deadline = time.monotonic() + 180  # generous: the wait ends as soon as the run does
+        while run.proc.poll() is None:  # Ctrl-C, again if it landed where DuckDB held it back
+            assert time.monotonic() < deadline, "the run did not end on SIGINT"
+            run.proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        run.proc.wait(timeout=60)
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    stderr = "".join(run.output)
 
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
-    monkeypatch.setattr(pipeline.NightlyRun, "_drift", interrupted_query)
-    with pytest.raises(KeyboardInterrupt) as caught:
-        run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=True)
-
-    status, error = demo_project.query("SELECT status, error FROM batchml.runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert run.proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    status, error = p.query("SELECT status, error FROM batchml.runs")[0]
     assert status == "failed" and error.startswith("KeyboardInterrupt")
-    assert demo_project.scalar("SELECT count(*) FROM batchml.notifications") == 0  # no failure mail for Ctrl-C
-    assert errors.interrupted(caught.value) and not errors.interrupted(errors.DataError("Query interrupted"))
+    assert p.scalar("SELECT count(*) FROM batchml.notifications") == 0  # no failure mail for Ctrl-C
+    assert p.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+    # what counts as Ctrl-C: DuckDB's own error for it, also wrapped, but not a message that looks like it
+    assert errors.interrupted(RuntimeError("Query interrupted")) and not errors.interrupted(errors.DataError("Query interrupted"))
     wrapped = errors.WarehouseError("cannot read")
     wrapped.__cause__ = RuntimeError("Query interrupted")
     assert errors.interrupted(wrapped)

@@ -286,6 +286,35 @@ def test_stop_terminates_a_child_still_running_after_the_grace(tmp_path, daemons
         os.kill(child["pid"], 0)
 
 
+def test_a_fire_is_skipped_while_the_previous_run_still_goes(tmp_path, monkeypatch):
+    """README: "A fire that comes while the job's previous run is still going is skipped"."""
+    from apscheduler.events import EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES
+
+    project = project_with(tmp_path, slow=("0 2 * * *", "UTC"))
+    site, marker, release = tmp_path / "site", tmp_path / "child.json", tmp_path / "release"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    for name, value in {"PYTHONPATH": str(site), "TEST_CHILD_MARKER": str(marker), "TEST_CHILD_UNTIL": str(release),
+                        "TEST_CHILD_EXIT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    scheduler, _ = build_scheduler(project, [], fire_now=True)
+    skipped, finished = threading.Event(), threading.Event()
+    scheduler.add_listener(lambda event: skipped.set(), EVENT_JOB_MAX_INSTANCES)
+    scheduler.add_listener(lambda event: finished.set(), EVENT_JOB_EXECUTED)
+    scheduler.start()
+    try:
+        first = wait_until(lambda: marker.exists() and json.loads(marker.read_text()), 120, "the first run to start")
+        scheduler.modify_job("slow", next_run_time=datetime.now(UTC))  # the next fire comes while it runs
+        assert skipped.wait(120), "the second fire was not skipped"
+        assert not finished.is_set()  # the first run still goes
+        release.touch()
+        assert finished.wait(120)
+    finally:
+        release.touch()
+        scheduler.shutdown(wait=True)
+    assert json.loads(marker.read_text())["pid"] == first["pid"]  # no second run started
+
+
 def test_cli_refuses_a_bad_time_zone_up_front(tmp_path):
     write_job(tmp_path, "vuln", tz="Europe/Atlantis")
     done = subprocess.run([sys.executable, "-m", "batchml.cli", "--project", str(tmp_path), "schedule"],
