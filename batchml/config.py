@@ -370,6 +370,7 @@ class JobConfig(Strict):
             unknown = [name for name in names if not did_you_mean(name, self.features.all)]
             if unknown:
                 raise ValueError(f"{section} names {unknown}, which are not features")
+        known = set(self.features.all)
         unknown = sorted(set(self.drift.thresholds) - known - set(DRIFT_ROWS))
         if unknown:
             raise ValueError(f"drift.thresholds names {unknown}, which are not features (nor {', '.join(DRIFT_ROWS)}); "
