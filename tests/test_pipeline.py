@@ -317,13 +317,10 @@ def test_ctrl_c_inside_a_duckdb_query_ends_the_run_as_an_interrupt(demo_project)
     run = Child([sys.executable, "-m", "batchml.cli", "--project", str(p.root), "run", "vuln_risk", "--as-of", f"{day(60):%Y-%m-%d}"],
                 env={"BATCHML_SMTP_HOST": ""})
     try:
-        run.wait_for("vuln_risk: run vuln_risk-", timeout=180)  # recorded as running; extracting next
-        deadline = time.monotonic() + 180  # generous: the wait ends as soon as the run does
-        while run.proc.poll() is None:  # Ctrl-C, again if it landed where DuckDB held it back
-            assert time.monotonic() < deadline, "the run did not end on SIGINT"
-            run.proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
-        run.proc.wait(timeout=60)
+        run.wait_for("vuln_risk: run vuln_risk-", timeout=180)  # recorded as running; the endless extract next
+        time.sleep(2)  # into the query (were it still before it, Python's KeyboardInterrupt takes the same path)
+        run.proc.send_signal(signal.SIGINT)  # once: a second Ctrl-C may kill the process before it records the first
+        run.proc.wait(timeout=180)  # generous: the wait ends as soon as the run does
     finally:
         if run.proc.poll() is None:
             run.kill()
