@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from batchml.demo import data as demo_data
-from batchml.errors import DataError, ModelError, RejectedError
+from batchml.errors import DataError, ModelError, RejectedError, WarehouseError
 from batchml.pipeline.nightly import run_job
 from conftest import DemoProject, day, job_config, load_source
 
@@ -337,8 +337,9 @@ def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(demo_
     con.close()
     scored = demo_project.scalar("SELECT count(*) FROM scores.vuln_risk")
 
-    with pytest.raises(Exception) as failure:
+    with pytest.raises(WarehouseError) as failure:
         run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    assert failure.value.exit_code == 1  # what the CLI exits with: the run failed
 
     assert "convert" in str(failure.value).lower() and "aborted" not in str(failure.value)  # the cause, not its echo
     status, rows_scored, watermark_to = demo_project.query(
