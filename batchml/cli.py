@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich import box
 from rich.console import Console
 from rich.table import Column, Table
@@ -24,10 +25,30 @@ from batchml.errors import BatchMLError, ConfigError, file_error, interrupted
 from batchml.logcontext import ContextFilter, record_fields
 from batchml.project import Project
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
-models_app = typer.Typer(no_args_is_help=True, help="The model registry, by hand (every change recorded with who and why).")
+class FlagHelpGroup(TyperGroup):
+    """Shows ``--help`` as the flag it is: typer lists it as ``--help <bool>``, the type of the option
+    click adds by itself, which our ``flag`` cannot reach; fixed on the group and each command it resolves."""
+
+    def get_help_option(self, ctx):
+        return _without_metavar(super().get_help_option(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None and not isinstance(command, FlagHelpGroup):
+            _without_metavar(command.get_help_option(ctx))
+        return command
+
+
+def _without_metavar(option):
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+app = typer.Typer(cls=FlagHelpGroup, add_completion=False, no_args_is_help=True, help="Scheduled batch scoring with continuous training.")
+models_app = typer.Typer(cls=FlagHelpGroup, no_args_is_help=True, help="The model registry, by hand (every change recorded with who and why).")
 app.add_typer(models_app, name="models")
-runs_app = typer.Typer(no_args_is_help=True, help="A job's runs: counts, timings, triggers, the gate's decision, errors.")
+runs_app = typer.Typer(cls=FlagHelpGroup, no_args_is_help=True, help="A job's runs: counts, timings, triggers, the gate's decision, errors.")
 app.add_typer(runs_app, name="runs")
 
 # cron and CI read our output from files: wide enough that paths and tables are not wrapped
@@ -478,25 +499,11 @@ def prune(
                       f"rerun with --yes to remove them", highlight=False)
 
 
-def without_help_metavar(command):
-    """``command`` (and its subcommands) with ``--help`` shown as the flag it is: typer lists it as
-    ``--help <bool>``, the type of the option click adds itself, which our ``flag`` cannot reach."""
-    from types import SimpleNamespace
-
-    help_option = command.get_help_option(SimpleNamespace(help_option_names=["--help"]))  # built once, then cached
-    if help_option is not None:
-        help_option.metavar = ""
-    for sub in getattr(command, "commands", {}).values():
-        without_help_metavar(sub)
-    return command
-
-
 def main() -> None:
     """Entry point: run the app; map errors to one line and an exit code."""
     try:
         # without standalone mode, click hands back (not raises) the code of an interrupt: 130
-        command = without_help_metavar(typer.main.get_command(app))
-        code = command(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
+        code = app(args=hoist_common_options(sys.argv[1:]), standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except BatchMLError as exc:

@@ -12,6 +12,7 @@ import pytest
 
 from batchml.pipeline.nightly import run_job
 from conftest import day, job_config
+from test_operations import children, paused  # noqa: F401 - real CLI runs paused at a step, killed by pid
 
 DUCKDB_CLI = Path(sys.executable).parent / "duckdb"  # the `duckdb-cli` package of the dev extra
 
@@ -56,12 +57,12 @@ def test_published_files_match_the_warehouse_and_publishing_twice_is_harmless(de
         con.close()
 
 
-def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project, monkeypatch):
-    from batchml.storage import publish
+def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project, children):
+    # a real run, kill -9 once its commit is done and before it publishes
+    paused(demo_project, children, "committed", "run", "vuln_risk", "--as-of", f"{day(60):%Y-%m-%d}", "--no-notify").kill()
+    [(first_id, first_rows)] = demo_project.query("SELECT run_id, rows_scored FROM batchml.runs WHERE status = 'succeeded'")
+    assert first_rows > 0 and not any((demo_project.root / "warehouse" / "published").rglob(f"*{first_id}*"))
 
-    monkeypatch.setattr(publish, "publish_pending", lambda project, config: 0)  # as if killed right after the commit
-    first = run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
-    monkeypatch.undo()
     second = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
 
     catalog = duckdb.connect(str(demo_project.root / "warehouse" / "catalog.duckdb"), read_only=True)
@@ -69,7 +70,7 @@ def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project
         published = dict(catalog.execute("SELECT run_id, count(*) FROM scores.vuln_risk GROUP BY run_id").fetchall())
     finally:
         catalog.close()
-    assert published == {first.run_id: first.rows_scored, second.run_id: second.rows_scored}
+    assert published == {first_id: first_rows, second.run_id: second.rows_scored}
 
 
 def test_a_copied_project_s_catalog_reads_its_own_files(demo_project, tmp_path):

@@ -1,8 +1,10 @@
 """Compiled trees (lleaves): cache key, verification against LightGBM, fallbacks, reuse of the cache.
 
-Small real models (20 trees) in tmp_path; a 20-tree model compiles in well under a second. Where
-lleaves is not installed, each test checks the LightGBM fallback instead of being skipped. The
-leaves library (leaf indices for reason codes) is checked against ``pred_leaf`` the same way.
+Small real models (20 trees) in tmp_path; a 20-tree model compiles in well under a second. Tests of
+compiled trees take the ``lleaves`` fixture: without the extra they are reported as skipped (``make
+test`` installs it, so they run). What happens without lleaves is tested by hiding it
+(``without_lleaves``), whether or not it is installed. The leaves library (leaf indices for reason
+codes) is checked against ``pred_leaf`` the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from batchml.data.features import fit_spec, to_matrix
 from batchml.models.registry import LoadedModel, write_artifact
 from batchml.models.scoring import LightGBMPredictor, make_predictor, reason_codes
 
-HAVE_LLEAVES = compiled.available()
 START = dt.datetime(2026, 1, 1)
 
 
@@ -84,6 +85,18 @@ def model(models, tmp_path) -> LoadedModel:
 
 
 @pytest.fixture
+def lleaves():
+    """Compiled trees need the extra: skipped, and reported so, where it is missing."""
+    return pytest.importorskip("lleaves", reason="needs the compiled extra: pip install 'batchml[compiled]'")
+
+
+@pytest.fixture
+def without_lleaves(monkeypatch):
+    """batchml as it runs where the compiled extra is not installed."""
+    monkeypatch.setattr(compiled, "available", lambda: False)
+
+
+@pytest.fixture
 def any_size(monkeypatch):
     """engine: auto considers every model, however small."""
     monkeypatch.setattr(compiled, "AUTO_MIN_LEAVES", 0)
@@ -116,28 +129,38 @@ def test_cache_key_changes_with_the_model_hash_and_the_toolchain(model):
 # -- fallbacks -----------------------------------------------------------------------------------
 
 
-def test_a_compile_failure_falls_back_to_lightgbm_with_a_warning(model, monkeypatch):
-    if HAVE_LLEAVES:
-        import lleaves
+def test_a_compile_failure_falls_back_to_lightgbm_with_a_warning(model, lleaves, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("LLVM ERROR: out of registers")
 
-        def broken(*args, **kwargs):
-            raise RuntimeError("LLVM ERROR: out of registers")
-
-        monkeypatch.setattr(lleaves.Model, "compile", broken)
+    monkeypatch.setattr(lleaves.Model, "compile", broken)
     warnings: list[str] = []
 
     predictor = make_predictor(model, "compiled", warn=warnings.append)
 
     assert_lightgbm_scores(predictor, model)
-    assert len(warnings) == 1 and "toy v1" in warnings[0] and "LightGBM" in warnings[0]
-    assert ("out of registers" if HAVE_LLEAVES else "lleaves is not installed") in warnings[0]
-    if HAVE_LLEAVES:  # recorded: the next run does not pay for the same failing compile again
-        again: list[str] = []
-        assert_lightgbm_scores(make_predictor(reload(model), "compiled", warn=again.append), model)
-        assert "recorded" in again[0] and not compiled.CachePaths.of(model).library.exists()
+    assert len(warnings) == 1 and "toy v1" in warnings[0] and "LightGBM" in warnings[0] and "out of registers" in warnings[0]
+    # recorded: the next run does not pay for the same failing compile again
+    again: list[str] = []
+    assert_lightgbm_scores(make_predictor(reload(model), "compiled", warn=again.append), model)
+    assert "recorded" in again[0] and not compiled.CachePaths.of(model).library.exists()
+    assert compiled.precompile(reload(model), force=True) is None  # promotion goes on without a library
 
 
-def test_a_corrupt_cached_library_is_refused_without_crashing(model, any_size):
+def test_without_lleaves_every_engine_scores_with_lightgbm(model, any_size, without_lleaves):
+    warnings: list[str] = []
+
+    assert_lightgbm_scores(make_predictor(model, "compiled", warn=warnings.append), model)
+    assert len(warnings) == 1 and "toy v1" in warnings[0] and "lleaves is not installed" in warnings[0]
+    auto: list[str] = []
+    assert_lightgbm_scores(make_predictor(reload(model), "auto", warn=auto.append), model)
+    assert auto == []  # auto without lleaves: silently LightGBM
+    assert compiled.precompile(reload(model), force=True) is None
+    assert compiled.compiled_leaves(reload(model), required=True) is None
+    assert not (model.path / "compiled").exists()
+
+
+def test_a_corrupt_cached_library_is_refused_without_crashing(model, any_size, lleaves):
     library = compiled.CachePaths.of(model).library
     library.parent.mkdir(parents=True)
     library.write_bytes(os.urandom(4096))  # LLVM aborts the process on this: unregistered, it is never loaded
@@ -146,32 +169,27 @@ def test_a_corrupt_cached_library_is_refused_without_crashing(model, any_size):
     predictor = make_predictor(model, "auto", warn=warnings.append)
 
     assert_lightgbm_scores(predictor, model)
-    if HAVE_LLEAVES:
-        assert len(warnings) == 1 and "toy v1" in warnings[0] and "is not the library registered for this model" in warnings[0]
-        assert not library.exists() and library.with_name(library.name + ".rejected").exists()
-    else:
-        assert warnings == []  # auto without lleaves: silently LightGBM
+    assert len(warnings) == 1 and "toy v1" in warnings[0] and "is not the library registered for this model" in warnings[0]
+    assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 
-def test_a_library_compiled_from_another_model_is_refused(model, models, any_size):
+def test_a_library_compiled_from_another_model_is_refused(model, models, any_size, lleaves):
     other = reload(models[1])
-    if HAVE_LLEAVES:
-        other_library = compiled.precompile(other, force=True)
-        library = compiled.CachePaths.of(model).library
-        library.parent.mkdir(parents=True)
-        shutil.copy(other_library, library)
+    other_library = compiled.precompile(other, force=True)
+    library = compiled.CachePaths.of(model).library
+    library.parent.mkdir(parents=True)
+    shutil.copy(other_library, library)
     warnings: list[str] = []
 
     predictor = make_predictor(model, "auto", warn=warnings.append)
 
     assert_lightgbm_scores(predictor, model)
-    if HAVE_LLEAVES:
-        assert len(warnings) == 1 and "is not the library registered for this model" in warnings[0] and "toy v1" in warnings[0]
-        # engine: compiled builds a correct library in place of the refused one
-        rebuilt = make_predictor(reload(model), "compiled", warn=warnings.append)
-        matrix = scoring_rows(model)
-        assert rebuilt.name == "compiled"
-        assert np.max(np.abs(rebuilt.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
+    assert len(warnings) == 1 and "is not the library registered for this model" in warnings[0] and "toy v1" in warnings[0]
+    # engine: compiled builds a correct library in place of the refused one
+    rebuilt = make_predictor(reload(model), "compiled", warn=warnings.append)
+    matrix = scoring_rows(model)
+    assert rebuilt.name == "compiled"
+    assert np.max(np.abs(rebuilt.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
 
 
 def test_auto_never_compiles_and_ignores_small_models(model, monkeypatch):
@@ -184,13 +202,9 @@ def test_auto_never_compiles_and_ignores_small_models(model, monkeypatch):
 # -- compiled trees --------------------------------------------------------------------------------
 
 
-def test_a_small_model_compiles_matches_lightgbm_and_reuses_its_cache(model, monkeypatch):
+def test_a_small_model_compiles_matches_lightgbm_and_reuses_its_cache(model, lleaves, monkeypatch):
     warnings: list[str] = []
     predictor = make_predictor(model, "compiled", warn=warnings.append)
-    if not HAVE_LLEAVES:
-        assert_lightgbm_scores(predictor, model)
-        assert "lleaves is not installed" in warnings[0]
-        return
     matrix = scoring_rows(model)
     assert np.isnan(matrix[:, model.spec.categorical_indices]).any() and np.isnan(matrix[:, 0]).any()
     assert predictor.name == "compiled" and warnings == []
@@ -209,10 +223,7 @@ def test_a_small_model_compiles_matches_lightgbm_and_reuses_its_cache(model, mon
     assert np.array_equal(again.predict(matrix), predictor.predict(matrix))
 
 
-def test_a_changed_library_is_verified_again(model, models, any_size):
-    if not HAVE_LLEAVES:
-        assert compiled.precompile(model, force=True) is None
-        return
+def test_a_changed_library_is_verified_again(model, models, any_size, lleaves):
     library = compiled.precompile(model, force=True)
     assert library is not None and library.exists()
     assert make_predictor(reload(model), "auto").name == "compiled"
@@ -223,11 +234,8 @@ def test_a_changed_library_is_verified_again(model, models, any_size):
     assert "is not the library registered for this model" in warnings[0]
 
 
-def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, models, any_size):
+def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, models, any_size, lleaves):
     """The record beside a library is not proof: only the sha256 registered in the warehouse is."""
-    if not HAVE_LLEAVES:
-        assert compiled.precompile(model, force=True) is None
-        return
     library = compiled.precompile(model, force=True)
     paths = compiled.CachePaths.of(model)
     shutil.copy(compiled.precompile(reload(models[1]), force=True), library)
@@ -243,11 +251,9 @@ def test_a_swapped_library_with_a_record_forged_to_match_is_refused(model, model
     assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 
-def test_a_registered_library_that_does_not_reproduce_the_golden_rows_is_refused(model, models, any_size):
+def test_a_registered_library_that_does_not_reproduce_the_golden_rows_is_refused(model, models, any_size, lleaves):
     """Registered is not proof against every mistake (a registry row pointing at another model's
     library): every load still re-checks the golden rows."""
-    if not HAVE_LLEAVES:
-        return
     library = compiled.precompile(model, force=True)
     shutil.copy(compiled.precompile(reload(models[1]), force=True), library)
     model.libraries[library.name] = compiled.sha256_file(library)  # as if the warehouse vouched for it
@@ -275,7 +281,7 @@ def test_the_verification_rows_cover_thresholds_categories_and_missing_values(mo
     assert len(thresholds[cvss]) and np.isin(thresholds[cvss], matrix[:, cvss]).any()
 
 
-def test_tiny_values_are_read_as_zero_like_lightgbm_does(tmp_path):
+def test_tiny_values_are_read_as_zero_like_lightgbm_does(tmp_path, lleaves):
     """LightGBM reads |x| <= 1e-35 as 0.0 (lleaves alone does not): splits on -1e-35 must agree."""
     rng = np.random.default_rng(3)
     signed = rng.choice([-1.0, 0.0, 1.0], 3000)
@@ -295,7 +301,7 @@ def test_tiny_values_are_read_as_zero_like_lightgbm_does(tmp_path):
     predictor = make_predictor(model, "compiled")
 
     assert np.array_equal(compiled.as_lightgbm_reads(matrix)[:5, 0], np.zeros(5))
-    assert predictor.name == ("compiled" if HAVE_LLEAVES else "lightgbm")
+    assert predictor.name == "compiled"
     assert np.max(np.abs(predictor.predict(matrix) - booster.predict(matrix, num_threads=1))) <= 1e-12
 
 
@@ -306,13 +312,9 @@ def reasons_config(engine: str) -> JobConfig:
     return JobConfig.model_validate(job_config(**{"scoring.engine": engine, "scoring.reason_bands": None}))
 
 
-def test_precompile_builds_a_leaves_library_that_gives_exactly_pred_leaf(model, any_size, monkeypatch):
+def test_precompile_builds_a_leaves_library_that_gives_exactly_pred_leaf(model, any_size, lleaves, monkeypatch):
     library = compiled.precompile(model, force=True)
     paths = compiled.CachePaths.of(model, compiled.LEAVES)
-    if not HAVE_LLEAVES:
-        assert library is None and not paths.library.exists()
-        assert compiled.compiled_leaves(model, required=True) is None
-        return
     record = compiled._read_record(paths.record)
     assert library.exists() and paths.library.exists() and library != paths.library
     assert record["status"] == "verified" and record["kind"] == "leaves" and record["max_difference"] == 0.0
@@ -337,19 +339,18 @@ def test_leaf_packing_round_trips_and_stays_exact_in_a_double(trees, bits):
     assert np.array_equal(packing.unpack(packed), leaves)
 
 
-def test_trees_that_do_not_fill_the_last_class_are_padded_and_leaves_stay_exact(tmp_path):
+def test_trees_that_do_not_fill_the_last_class_are_padded_and_leaves_stay_exact(tmp_path, lleaves):
     model = train_model(tmp_path / "odd" / "v1", seed=4, trees=23)  # 15 leaves: 4 bits, 13 a class -> 2 classes of 12
     text = compiled.leaf_model_text((model.path / "model.txt").read_text())
     assert text.count("\nTree=") == 24 and "\nnum_class=2\n" in text and "Tree=23\n" in text
 
     leaves = compiled.compiled_leaves(model, required=True)
 
-    if HAVE_LLEAVES:
-        matrix = scoring_rows(model)
-        assert np.array_equal(leaves.predict(matrix), model.booster.predict(matrix, pred_leaf=True, num_threads=1))
+    matrix = scoring_rows(model)
+    assert np.array_equal(leaves.predict(matrix), model.booster.predict(matrix, pred_leaf=True, num_threads=1))
 
 
-def test_a_random_forest_gives_its_leaves_too(tmp_path):
+def test_a_random_forest_gives_its_leaves_too(tmp_path, lleaves):
     """``average_output`` would divide the leaf indices by the number of trees: the rewrite drops it."""
     table = demo_data.generate_rows(2000, seed=3, start=START)
     spec = fit_spec(table, demo_data.NUMERIC, demo_data.CATEGORICAL)
@@ -364,17 +365,16 @@ def test_a_random_forest_gives_its_leaves_too(tmp_path):
 
     leaves = compiled.compiled_leaves(model, required=True)
 
-    if HAVE_LLEAVES:
-        matrix = scoring_rows(model)
-        assert np.array_equal(leaves.predict(matrix), booster.predict(matrix, pred_leaf=True, num_threads=1))
+    matrix = scoring_rows(model)
+    assert np.array_equal(leaves.predict(matrix), booster.predict(matrix, pred_leaf=True, num_threads=1))
 
 
-def test_reason_codes_read_compiled_leaves_and_match_lightgbm(model, monkeypatch):
+def test_reason_codes_read_compiled_leaves_and_match_lightgbm(model, lleaves, monkeypatch):
     matrix = scoring_rows(model, 500)
     wanted = np.ones(len(matrix), bool)
     expected = reason_codes(model, matrix, wanted, reasons_config("lightgbm"))
-    if HAVE_LLEAVES:  # the leaves come from the library, not from pred_leaf
-        monkeypatch.setattr(score, "leaf_indices", lambda *args: pytest.fail("LightGBM's pred_leaf was used"))
+    # the leaves come from the library, not from pred_leaf
+    monkeypatch.setattr(score, "leaf_indices", lambda *args: pytest.fail("LightGBM's pred_leaf was used"))
 
     got = reason_codes(reload(model), matrix, wanted, reasons_config("compiled"))
 
@@ -382,28 +382,26 @@ def test_reason_codes_read_compiled_leaves_and_match_lightgbm(model, monkeypatch
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "another model's"])
-def test_a_damaged_leaves_library_is_refused_and_reasons_use_pred_leaf(model, models, any_size, damage, caplog):
+def test_a_damaged_leaves_library_is_refused_and_reasons_use_pred_leaf(model, models, any_size, lleaves, damage, caplog):
     matrix = scoring_rows(model, 500)
     wanted = np.ones(len(matrix), bool)
     expected = reason_codes(model, matrix, wanted, reasons_config("lightgbm"))
     library = compiled.CachePaths.of(model, compiled.LEAVES).library
-    if HAVE_LLEAVES:
-        compiled.precompile(model, force=True)
-        if damage == "corrupt":
-            library.write_bytes(os.urandom(4096))
-        else:
-            other = reload(models[1])
-            compiled.precompile(other, force=True)
-            shutil.copy(compiled.CachePaths.of(other, compiled.LEAVES).library, library)
+    compiled.precompile(model, force=True)
+    if damage == "corrupt":
+        library.write_bytes(os.urandom(4096))
+    else:
+        other = reload(models[1])
+        compiled.precompile(other, force=True)
+        shutil.copy(compiled.CachePaths.of(other, compiled.LEAVES).library, library)
 
     got = reason_codes(reload(model), matrix, wanted, reasons_config("auto"))
 
     assert got.equals(expected)
-    if HAVE_LLEAVES:
-        warning = next(r.getMessage() for r in caplog.records if "leaf indices not used" in r.getMessage())
-        assert "toy v1" in warning and "pred_leaf" in warning
-        assert "is not the library registered for this model" in warning
-        assert not library.exists() and library.with_name(library.name + ".rejected").exists()
+    warning = next(r.getMessage() for r in caplog.records if "leaf indices not used" in r.getMessage())
+    assert "toy v1" in warning and "pred_leaf" in warning
+    assert "is not the library registered for this model" in warning
+    assert not library.exists() and library.with_name(library.name + ".rejected").exists()
 
 
 # --- reason-code tables: from the verified model.txt, no cache --------------------------------------

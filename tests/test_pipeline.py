@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from batchml.demo import data as demo_data
-from batchml.errors import DataError, ModelError, RejectedError
+from batchml.errors import DataError, ModelError, RejectedError, WarehouseError
 from batchml.pipeline.nightly import run_job
 from conftest import DemoProject, day, job_config, load_source
 
@@ -292,24 +292,37 @@ def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo
     assert rerun.status == "succeeded" and rerun.rows_scored == valid_landed(demo_project, day(60), day(61))
 
 
-def test_ctrl_c_inside_a_duckdb_query_ends_the_run_as_an_interrupt(demo_project, monkeypatch):
-    """DuckDB reports SIGINT during a query as `RuntimeError: Query interrupted` (its own signal
-    handling decides when: not reproducible on demand, so the error is raised where a query runs)."""
+def test_ctrl_c_ends_the_run_as_an_interrupt(demo_project):
+    """A real SIGINT to a real run, stopped at a known step (BATCHML_PAUSE_AT): failed as interrupted,
+    exit 130, one line and no traceback, no failure mail, the watermark not moved."""
+    import signal
+    import sys
+
+    from test_operations import Child
+
     from batchml import errors
-    from batchml.pipeline import nightly as pipeline
 
-    def interrupted_query(self):
-        raise RuntimeError("Query interrupted")
+    p = demo_project
+    p.write_config(job_config(notify={"email": ["oncall@example.com"], "on": ["failure"]}))  # a failure is mailed (here: skipped)
+    run = Child([sys.executable, "-m", "batchml.cli", "--project", str(p.root), "run", "vuln_risk", "--as-of", f"{day(60):%Y-%m-%d}"],
+                env={"BATCHML_SMTP_HOST": "", "BATCHML_PAUSE_AT": "train", "BATCHML_PAUSE_SECONDS": "600"})
+    try:
+        run.wait_for("paused at train", timeout=180)
+        run.proc.send_signal(signal.SIGINT)
+        run.proc.wait(timeout=180)  # generous: the wait ends as soon as the run does
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    output = "".join(run.output)
 
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
-    monkeypatch.setattr(pipeline.NightlyRun, "_drift", interrupted_query)
-    with pytest.raises(KeyboardInterrupt) as caught:
-        run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=True)
-
-    status, error = demo_project.query("SELECT status, error FROM batchml.runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert run.proc.returncode == 130, output
+    assert "Traceback" not in output
+    status, error = p.query("SELECT status, error FROM batchml.runs")[0]
     assert status == "failed" and error.startswith("KeyboardInterrupt")
-    assert demo_project.scalar("SELECT count(*) FROM batchml.notifications") == 0  # no failure mail for Ctrl-C
-    assert errors.interrupted(caught.value) and not errors.interrupted(errors.DataError("Query interrupted"))
+    assert p.scalar("SELECT count(*) FROM batchml.notifications") == 0  # no failure mail for Ctrl-C
+    assert p.scalar("SELECT count(*) FROM batchml.watermarks") == 0
+    # Ctrl-C inside a DuckDB query arrives as DuckDB's own error: what counts as one, also wrapped
+    assert errors.interrupted(RuntimeError("Query interrupted")) and not errors.interrupted(errors.DataError("Query interrupted"))
     wrapped = errors.WarehouseError("cannot read")
     wrapped.__cause__ = RuntimeError("Query interrupted")
     assert errors.interrupted(wrapped)
@@ -324,8 +337,9 @@ def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(demo_
     con.close()
     scored = demo_project.scalar("SELECT count(*) FROM scores.vuln_risk")
 
-    with pytest.raises(Exception) as failure:
+    with pytest.raises(WarehouseError) as failure:
         run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+    assert failure.value.exit_code == 1  # what the CLI exits with: the run failed
 
     assert "convert" in str(failure.value).lower() and "aborted" not in str(failure.value)  # the cause, not its echo
     status, rows_scored, watermark_to = demo_project.query(

@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import base64
+import io
 import math
 import os
 import re
-import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
+from matplotlib import image as mpimg
 
 from batchml.reports import run_report as report_module
 from batchml.reports.charts import MAX_BARS, OTHER_LABEL, cap_bars, distribution_chart, trend_chart
 from batchml.errors import BatchMLError
 from batchml.reports.run_report import (
-    MAX_FEATURE_CHARTS, Report, ReportData, build_report, should_notify, sorted_drift, subject_line, write_report,
+    Report, ReportData, build_report, should_notify, sorted_drift, subject_line, write_report,
 )
 
-PNG = b"\x89PNG\r\n\x1a\n"
 SCRIPT = "<script>alert(1)</script>"
 AS_OF = datetime(2026, 11, 28, tzinfo=timezone.utc)
 CATEGORIES = ["npm", "pypi", "maven", "go", "cargo", SCRIPT]
 BINS = [f"[{i / 10:.1f}, {(i + 1) / 10:.1f})" for i in range(10)]
+
+
+def decoded(png: bytes) -> np.ndarray:
+    """The picture a PNG holds (rows x columns x RGBA), checked to be a chart and not a blank image."""
+    pixels = mpimg.imread(io.BytesIO(png), format="png")
+    assert pixels.ndim == 3 and pixels.shape[0] >= 100 and pixels.shape[1] >= 200, pixels.shape
+    colours = np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)
+    assert len(colours) > 20, "a blank or nearly blank image"  # axes, text and bars anti-aliased: hundreds
+    return pixels
 
 
 def _shares(n: int, tilt: float) -> list[float]:
@@ -144,7 +154,8 @@ def test_report_has_every_section(typical: Report) -> None:
 
 def test_charts_one_per_drifted_feature_plus_score_and_trend(typical: Report) -> None:
     assert set(typical.images) == {"score", "performance", *(f"drift-{i}" for i in range(1, 6))}
-    assert all(png.startswith(PNG) for png in typical.images.values())
+    for png in typical.images.values():
+        decoded(png)
     referenced = set(re.findall(r'src="cid:([^"]+)"', typical.html_email))
     assert referenced == set(typical.images)
 
@@ -174,7 +185,6 @@ def test_drift_table_in_page_lists_drifted_first(typical: Report) -> None:
 
 
 def test_feature_charts_are_capped_and_the_rest_counted(monkeypatch) -> None:
-    assert MAX_FEATURE_CHARTS == 12
     monkeypatch.setattr(report_module, "MAX_FEATURE_CHARTS", 2)  # same logic, fewer charts to draw
     rows = [drift_row(f"f{i}", True, 1.0 + i, labels=["a", "b"]) for i in range(5)]
     report = build_report(drift_run(drift=rows, performance=[]))
@@ -206,7 +216,9 @@ def test_data_is_escaped_in_email_and_file() -> None:
 def test_mathtext_is_not_interpreted_in_chart_labels() -> None:
     # "$\\undefined$" would raise while drawing if matplotlib parsed it as a formula.
     png = distribution_chart(r"cost $\undefined$", [r"$\undefined$", "$5-$10"], [0.5, 0.5], [0.2, 0.8])
-    assert png.startswith(PNG)
+    plain = distribution_chart("cost undefined", ["undefined", "5-10"], [0.5, 0.5], [0.2, 0.8])
+    # the dollars are drawn as characters: the same bars as without them, other labels
+    assert decoded(png).shape == decoded(plain).shape and not np.array_equal(decoded(png), decoded(plain))
 
 
 def test_many_levels_are_capped_with_the_rest_lumped() -> None:
@@ -220,8 +232,10 @@ def test_many_levels_are_capped_with_the_rest_lumped() -> None:
 
 def test_trend_chart_handles_several_metrics() -> None:
     days = [AS_OF + timedelta(days=d) for d in range(3)]
-    png = trend_chart("trend", {"roc_auc": list(zip(days, [0.8, 0.81, 0.79])), "brier": list(zip(days, [0.1, 0.1, 0.2]))})
-    assert png.startswith(PNG)
+    auc = list(zip(days, [0.8, 0.81, 0.79]))
+    both = decoded(trend_chart("trend", {"roc_auc": auc, "brier": list(zip(days, [0.1, 0.1, 0.2]))}))
+    one = decoded(trend_chart("trend", {"roc_auc": auc}))
+    assert both.shape == one.shape and not np.array_equal(both, one)  # the second metric is drawn too
 
 
 # --------------------------------------------------------------------------- sparse runs
@@ -262,7 +276,7 @@ def test_self_contained_file_is_written_atomically(typical: Report, tmp_path) ->
     page = path.read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "cid:" not in page and "<script" not in page
     uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(uris) == len(typical.images) and all(base64.b64decode(u).startswith(PNG) for u in uris)
+    assert sorted(base64.b64decode(u) for u in uris) == sorted(typical.images.values())  # the charts, each once
     write_report(typical, path.parent)  # overwriting an existing report is fine
     assert os.listdir(path.parent) == [path.name]
 
@@ -283,10 +297,8 @@ def test_run_id_must_be_a_plain_file_name(tmp_path) -> None:
         write_report(report, tmp_path)
 
 
-def test_typical_report_is_small_and_quick(tmp_path) -> None:
-    started = time.perf_counter()
+def test_typical_report_is_small(tmp_path) -> None:
+    """Size is behaviour (a mail server refuses large mails); build time is measured in benchmarks/."""
     report = build_report(drift_run())
-    elapsed = time.perf_counter() - started
     size = write_report(report, tmp_path).stat().st_size
-    print(f"typical report: {size / 1024:.0f} KB, {len(report.images)} charts, built in {elapsed:.2f} s")
-    assert size < 500_000 and elapsed < 5
+    assert len(report.images) == 7 and size < 500_000

@@ -6,7 +6,7 @@ import email
 from email.policy import default as default_policy
 from pathlib import Path
 
-from test_notify import free_port, smtp_server  # noqa: F401 - the real SMTP server fixture
+from test_notify import closed_port, smtp_server  # noqa: F401 - the real SMTP server fixture
 
 from conftest import day, job_config
 
@@ -42,9 +42,9 @@ def test_a_drift_night_writes_a_report_and_mails_it(demo_project, smtp_server): 
 
 def test_smtp_down_never_fails_the_run_and_is_recorded(demo_project):
     demo_project.write_config(job_config(notify={"email": ["secops@example.com"], "on": ["always"]}))
-    env = {**smtp_env(free_port()), "BATCHML_SMTP_PASSWORD": "s3cret-pw", "BATCHML_SMTP_USER": "ops"}
-
-    result = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", env=env)
+    with closed_port() as port:
+        env = {**smtp_env(port), "BATCHML_SMTP_PASSWORD": "s3cret-pw", "BATCHML_SMTP_USER": "ops"}
+        result = demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", env=env)
 
     assert result.returncode == 0, result.stderr
     assert "report mail not delivered" in result.stderr

@@ -138,11 +138,12 @@ def history_rows(con, config: JobConfig, since: datetime | None) -> dict[str, li
 def _performance_by_day(con, config: JobConfig, since: datetime | None, estimated: bool) -> list[dict]:
     """The champion's metric by event day; a day whose labels came over several nights is their
     row-weighted mean."""
+    runs = "" if since is None else " AND run_id IN (SELECT run_id FROM batchml.runs WHERE job = ? AND as_of >= ?)"  # measured since
     return fetch_dicts(
         con, "SELECT event_day, sum(value * n) / sum(n) AS value, sum(n) AS n FROM batchml.performance "
              "WHERE job = ? AND metric = ? AND estimated = ? AND event_day IS NOT NULL AND value IS NOT NULL AND n > 0"
-             + _since_clause(since.date() if since else None, "event_day") + " GROUP BY event_day ORDER BY event_day",
-        [config.job, config.promotion.metric, estimated, *([since.date()] if since else [])])
+             + runs + " GROUP BY event_day ORDER BY event_day",
+        [config.job, config.promotion.metric, estimated, *([] if since is None else [config.job, since])])
 
 
 def _score_summaries(con, config: JobConfig, nights: str, after: list) -> tuple[list[dict], list[dict]]:
