@@ -225,6 +225,13 @@ class TrainingConfig(Strict):
         description="LightGBM parameters; num_boost_round and early_stopping_rounds are taken out for lightgbm.train.",
     )
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    engine: Literal["local", "dask"] = Field("local", description="local: LightGBM in this process; dask: lightgbm.dask (data-parallel) "
+                                             "on the execution cluster (execution.scheduler / --cluster / BATCHML_DASK_SCHEDULER; "
+                                             "none given: a LocalCluster here). See README \"Scaling out\".")
+    time_out_minutes: int = Field(2, ge=1, description="engine dask: LightGBM's network time_out; a training worker that "
+                                  "leaves is detected at once, a silent one within this; the fit is retried once, then the run fails.")
+    forced_bins: bool = Field(True, description="engine dask: every worker bins the numeric features on the same edges "
+                              "(quantiles of the fit rows, LightGBM forcedbins_filename) instead of its own rows' edges.")
 
     @field_validator("params")
     @classmethod
@@ -370,6 +377,7 @@ class JobConfig(Strict):
             unknown = [name for name in names if not did_you_mean(name, self.features.all)]
             if unknown:
                 raise ValueError(f"{section} names {unknown}, which are not features")
+        known = set(self.features.all)
         unknown = sorted(set(self.drift.thresholds) - known - set(DRIFT_ROWS))
         if unknown:
             raise ValueError(f"drift.thresholds names {unknown}, which are not features (nor {', '.join(DRIFT_ROWS)}); "
