@@ -102,12 +102,22 @@ def fit_once(client, x_fit: np.ndarray, y_fit: np.ndarray, spec: FeatureSpec, pa
              bins: list[dict] | None) -> tuple[lgb.Booster, int]:
     """One attempt: the fit rows scattered, one share per worker, and ``DaskLGBMClassifier`` trained
     on them under the watchdog. Returns the booster and the number of workers that trained it."""
+    held_before = set(client.futures)
+    try:
+        return _fit_once(client, x_fit, y_fit, spec, params, rounds, bins, held_before)
+    except (TrainingLost, ClusterError):
+        raise
+    except Exception as exc:  # the data could not reach a worker (one died or restarts): this attempt is lost
+        abandon(client, [], held_before)
+        raise TrainingLost(one_line(exc)) from exc
+
+
+def _fit_once(client, x_fit, y_fit, spec, params, rounds, bins, held_before) -> tuple[lgb.Booster, int]:
     import dask.array as da
 
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     if not workers:
         raise TrainingLost("the cluster has no workers")
-    held_before = set(client.futures)
     params = dict(params)
     if bins is not None:
         params["forcedbins_filename"] = share_file(client, workers, json.dumps(bins))
@@ -146,11 +156,16 @@ def watched(client, workers: list[str], held_before: set, fit):
             abandon(client, [w for w in workers if w in alive], held_before)
             thread.join(10)
             raise TrainingLost(f"worker {gone[0]} left during training")
-    if "error" in outcome:
-        exc = outcome["error"]
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise TrainingLost(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    if "error" in outcome:  # a training task failed (a lost worker's, or LightGBM's network time_out)
+        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        abandon(client, [w for w in workers if w in alive], held_before)
+        raise TrainingLost(one_line(outcome["error"]))
     return outcome["model"]
+
+
+def one_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def abandon(client, survivors: list[str], held_before: set) -> None:
