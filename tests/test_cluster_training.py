@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightgbm as lgb
@@ -121,43 +122,61 @@ def test_early_stopping_keeps_the_rounds_lightgbms_callback_keeps():
 
 
 def kill_training_workers(address: str, times: int, killed: list[str], stop: threading.Event) -> None:
-    """SIGKILL the worker running a LightGBM training task, ``times`` times (one per fit attempt)."""
+    """SIGKILL a worker running a LightGBM training task, once per fit attempt, ``times`` times."""
     with distributed.Client(address) as client:
         seen: set[str] = set()
         while len(killed) < times and not stop.is_set():
-            for worker, keys in client.processing().items():
-                training = [str(k) for k in keys if str(k).startswith("_train_part") and str(k) not in seen]
-                if training:
-                    seen.update(training)
-                    pid = client.run(os.getpid, workers=[worker])[worker]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(worker)
-                    break
+            training = {worker: [str(k) for k in keys if str(k).startswith("_train_part")] for worker, keys in client.processing().items()}
+            victim = next((w for w, keys in training.items() if set(keys) - seen), None)
+            if victim is not None:
+                seen.update(k for keys in training.values() for k in keys)  # this attempt's tasks: the next kill waits for the retry's
+                pid = client.run(os.getpid, workers=[victim])[victim]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(victim)
             time.sleep(0.05)
 
 
-def test_a_worker_killed_during_training_costs_a_retry_then_fails_the_run_in_one_line(tmp_path, source, cluster):
-    project, config = dask_project(tmp_path / "project", source, cluster.scheduler_address,
-                                   params={"num_leaves": 15, "learning_rate": 0.02, "num_boost_round": 3000})
-    config["training"]["engine"] = "local"  # the champion: trained here
+@contextmanager
+def killed_during_training(project, config: dict, address: str, times: int, caplog):
+    """The champion trained here; then a forced retrain on the cluster, losing a worker ``times`` times."""
+    config["training"]["engine"] = "local"
     project.write_config(config)
     assert run_job(project.project, "vuln_risk", as_of=day(60), notify=False).status == "succeeded"
-    scores_before = project.scalar("SELECT count(*) FROM scores.vuln_risk")
     config["training"]["engine"] = "dask"
     project.write_config(config)
     killed: list[str] = []
     stop = threading.Event()
-    killer = threading.Thread(target=kill_training_workers, args=(cluster.scheduler_address, 2, killed, stop), daemon=True)
+    killer = threading.Thread(target=kill_training_workers, args=(address, times, killed, stop), daemon=True)
     killer.start()
     try:
-        with pytest.raises(ClusterError) as failure:
-            run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
+        yield
     finally:
         stop.set()
         killer.join(30)
-        with distributed.Client(cluster.scheduler_address) as client:
+        with distributed.Client(address) as client:
             client.wait_for_workers(2, timeout=60)  # the nannies restart them, for the tests that follow
-    assert killed  # at least the first fit lost its worker (a retry can also lose the data it scatters to a restarting worker)
+    assert len(killed) == times
+    assert "retrying the whole fit once" in caplog.text
+
+
+SLOW_TRAINING = {"num_leaves": 15, "learning_rate": 0.02, "num_boost_round": 3000}  # long enough to be killed in
+
+
+def test_a_worker_killed_during_training_costs_a_retry(tmp_path, source, cluster, caplog):
+    project, config = dask_project(tmp_path / "project", source, cluster.scheduler_address, params=SLOW_TRAINING)
+    with killed_during_training(project, config, cluster.scheduler_address, 1, caplog):
+        run = run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
+    assert run.status == "succeeded" and run.challenger_version == 2
+    assert json.loads(project.scalar("SELECT params FROM batchml.models WHERE version = 2"))["engine"] == "dask"
+
+
+def test_a_worker_killed_in_the_retry_too_fails_the_run_in_one_line(tmp_path, source, cluster, caplog):
+    project, config = dask_project(tmp_path / "project", source, cluster.scheduler_address, params=SLOW_TRAINING)
+    scores_before = None
+    with killed_during_training(project, config, cluster.scheduler_address, 2, caplog):
+        scores_before = project.scalar("SELECT count(*) FROM scores.vuln_risk")
+        with pytest.raises(ClusterError) as failure:
+            run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
     message = str(failure.value)
     assert "\n" not in message and "failed twice" in message and "champion keeps scoring" in message
     assert project.query("SELECT status FROM batchml.runs ORDER BY started_at") == [("succeeded",), ("failed",)]
