@@ -30,6 +30,7 @@ import logging
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -142,7 +143,9 @@ def watched(client, workers: list[str], held_before: set, fit):
 
     def run() -> None:
         try:
-            outcome["model"] = fit()
+            with warnings.catch_warnings():  # lightgbm.dask sets each worker's threads itself, and says so
+                warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")
+                outcome["model"] = fit()
         except BaseException as exc:  # noqa: BLE001 - reported by the watchdog below
             outcome["error"] = exc
 
