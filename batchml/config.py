@@ -225,6 +225,14 @@ class TrainingConfig(Strict):
         description="LightGBM parameters; num_boost_round and early_stopping_rounds are taken out for lightgbm.train.",
     )
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    engine: Literal["local", "dask"] = Field("local", description="local: LightGBM in this process; dask: lightgbm.dask (data-parallel) "
+                                             "on the execution cluster (execution.scheduler / --cluster / BATCHML_DASK_SCHEDULER; "
+                                             "none given: a LocalCluster here). See README \"Scaling out\".")
+    time_out_minutes: int = Field(2, ge=1, description="engine dask: LightGBM's network time_out; a training worker that "
+                                  "leaves is detected at once, a silent one within this; the fit is retried once, then the run fails.")
+    forced_bins: bool = Field(False, description="engine dask: every worker bins the numeric features on the same edges "
+                              "(quantiles of a sample of the fit rows, LightGBM forcedbins_filename) instead of its own rows' "
+                              "edges. Off by default: measured no closer to local training (README \"Scaling out\").")
 
     @field_validator("params")
     @classmethod

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -398,11 +398,22 @@ class NightlyRun:
                                         columns=self.source_columns, warn=self._warn)
             version = registry.next_version(con, self.config.job)
         table = read_run_file(path)
-        candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule)
+        with self._trainer() as fitter:
+            candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule,
+                                                fitter=fitter)
         log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
                  self.config.job, version, pulled.rows, candidate.trained.train_rows, candidate.split.holdout.num_rows,
                  sum(pulled.by_rule.values()))
         return candidate
+
+    def _trainer(self):
+        """How the challenger is fitted: in this process, or on the Dask cluster (``training.engine: dask``;
+        the run's own client when it runs on the Dask engine)."""
+        if self.config.training.engine == "local":
+            return nullcontext(retrain.fit)
+        from batchml.cluster.training import dask_trainer
+
+        return dask_trainer(self.config, client=getattr(self, "client", None))
 
     def _crown_first(self, candidate: retrain.Candidate) -> None:
         job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of
