@@ -205,8 +205,12 @@ class NightlyRun:
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.project.connect() as con:
             set_cutoff(con, self.run.as_of)  # feature SQL sees the source as of the cut-off
-            restrict(con, self.config, self.project.root)  # ... and no file but the source's
+            restrict(con, self.config, self.project.root, self._own_folders())  # ... and no file but the source's
             yield con
+
+    def _own_folders(self) -> tuple[Path, ...]:
+        """Folders of the job's own files its connections must read besides the source (none here)."""
+        return ()
 
     def _warn(self, message: str) -> None:
         log.warning("%s: %s", self.config.job, message)
