@@ -14,7 +14,6 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-import duckdb
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -225,6 +224,14 @@ class TrainingConfig(Strict):
         description="LightGBM parameters; num_boost_round and early_stopping_rounds are taken out for lightgbm.train.",
     )
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    engine: Literal["local", "dask"] = Field("local", description="local: LightGBM in this process; dask: lightgbm.dask (data-parallel) "
+                                             "on the execution cluster (execution.scheduler / --cluster / BATCHML_DASK_SCHEDULER; "
+                                             "none given: a LocalCluster here). See README \"Scaling out\".")
+    time_out_minutes: int = Field(2, ge=1, description="engine dask: LightGBM's network time_out; a training worker that "
+                                  "leaves is detected at once, a silent one within this; the fit is retried once, then the run fails.")
+    forced_bins: bool = Field(False, description="engine dask: every worker bins the numeric features on the same edges "
+                              "(quantiles of a sample of the fit rows, LightGBM forcedbins_filename) instead of its own rows' "
+                              "edges. Off by default: measured no closer to local training (README \"Scaling out\").")
 
     @field_validator("params")
     @classmethod
@@ -449,10 +456,11 @@ class Settings(BaseSettings):
     def _memory_limit(cls, v: str) -> str:
         if v == DEFAULT_MEMORY_LIMIT:
             return v
-        try:  # DuckDB is the judge of what it takes (4G, 512mb, 50 %, ...): ~13 ms, for a value set by hand only
-            duckdb.connect(config={"memory_limit": v}).close()
-        except duckdb.Error as exc:
-            raise ValueError(f"{v!r} is not a size DuckDB takes ({str(exc).splitlines()[0]}), e.g. 256MB, 4GB or 50%") from None
+        from batchml.storage.warehouse import memory_limit_problem  # storage imports config: imported here
+
+        problem = memory_limit_problem(v)
+        if problem:
+            raise ValueError(f"{v!r} is not a size DuckDB takes ({problem}), e.g. 256MB, 4GB or 50%")
         return v
 
     @property

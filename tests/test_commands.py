@@ -265,7 +265,7 @@ def test_prune_lists_first_then_removes_only_what_no_score_row_or_rollback_needs
     assert "dry run: 0 item(s)" in p.cli("prune", "vuln_risk", "--keep-days", "3650", check=True).stdout  # all newer
     p.cli("prune", "vuln_risk", "--keep-days", "0", "--yes", check=True)
     assert not (models / f"v{rejected}").exists() and (models / "v1").is_dir()
-    assert not list(reports.glob("*.html"))
+    assert [page.name for page in reports.glob("*.html")] == ["history.html"]  # run reports go; the history page stays
     assert (p.root / "warehouse" / "tmp" / "leftover-of-no-run").is_dir()  # not a run's: left alone
     assert p.scalar("SELECT count(*) FROM batchml.models") == 2  # the registry keeps its history
     assert p.cli("run", "vuln_risk", "--as-of", "2026-03-05", "--no-notify").returncode == 0

@@ -55,6 +55,10 @@ class DaskNightlyRun(NightlyRun):
         self.scored_parts: list[ScoredPart] = []
         self.drift_tally: drift.CurrentAccumulator | None = None
 
+    def _own_folders(self) -> tuple[Path, ...]:
+        """The job's lake: its scores views read the committed files (and nothing else of the lake)."""
+        return (lake.job_root(self.lake, self.config.job),)
+
     def _steps(self) -> None:
         try:
             distributed_source_problem(self.config)

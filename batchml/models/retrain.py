@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -140,11 +141,13 @@ def build_profile(split: Split, trained: TrainedModel, holdout_scores: np.ndarra
 
 
 def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, version: int, as_of: datetime,
-                    dropped: dict[str, int] | None = None) -> Candidate:
+                    dropped: dict[str, int] | None = None, fitter: Callable[[Split, JobConfig], TrainedModel] = fit) -> Candidate:
     """Train, profile and write the artifact of challenger ``version`` from the training rows
-    (``dropped``: rule -> labeled rows of the window the pull quarantined, recorded with the model)."""
+    (``dropped``: rule -> labeled rows of the window the pull quarantined, recorded with the model;
+    ``fitter``: this process's :func:`~batchml.models.train.fit`, or the Dask cluster's
+    (``training.engine: dask``, :mod:`batchml.cluster.training`): the rest is the same for both)."""
     split = split_by_time(table, config)
-    trained = fit(split, config)
+    trained = fitter(split, config)
     holdout_scores = predict(trained.booster, split.holdout, trained.spec)
     metrics = {"holdout": _safe_metrics(labels(split.holdout), holdout_scores), "best_iteration": trained.best_iteration}
     folder = registry.model_dir(models_root, config.job, version)

@@ -84,8 +84,8 @@ def labels(table: pa.Table) -> np.ndarray:
     return np.asarray(table.column(LABEL).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def fit(split: Split, config: JobConfig) -> TrainedModel:
-    """Train on ``split.fit`` with early stopping on ``split.validation``."""
+def trainable_labels(split: Split, config: JobConfig) -> np.ndarray:
+    """The fit rows' labels; raises when there are too few rows or a single class to train on."""
     if split.fit.num_rows < config.training.min_train_rows:
         held = f", {split.holdout.num_rows} more are held out (the last {config.training.holdout_days} days)" if split.holdout.num_rows else ""
         raise DataError(
@@ -95,6 +95,12 @@ def fit(split: Split, config: JobConfig) -> TrainedModel:
     y_fit = labels(split.fit)
     if len(np.unique(y_fit)) < 2:
         raise DataError(f"training rows for {config.job} hold a single class; wait for both outcomes to be labeled")
+    return y_fit
+
+
+def fit(split: Split, config: JobConfig) -> TrainedModel:
+    """Train on ``split.fit`` with early stopping on ``split.validation``."""
+    y_fit = trainable_labels(split, config)
     started = time.perf_counter()
     spec = fit_spec(split.fit, config.features.numeric, config.features.categorical)
     params, rounds, early = lightgbm_params(config)
@@ -107,11 +113,16 @@ def fit(split: Split, config: JobConfig) -> TrainedModel:
     if booster.best_iteration and booster.best_iteration < booster.current_iteration():
         # keep only the trees early stopping chose, so model.txt alone reproduces every score
         booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=booster.best_iteration))
+    return trained_model(booster, spec, {**params, "num_boost_round": rounds, "early_stopping_rounds": early}, split, started)
+
+
+def trained_model(booster: lgb.Booster, spec: FeatureSpec, params: dict, split: Split, started: float) -> TrainedModel:
+    """The record of a finished fit (``started``: its ``time.perf_counter()`` at the start)."""
     times = pc.min_max(pa.concat_tables([split.fit, split.validation]).column(EVENT_TIME)).as_py()
     return TrainedModel(
         booster=booster,
         spec=spec,
-        params={**params, "num_boost_round": rounds, "early_stopping_rounds": early},
+        params=params,
         train_start=times["min"],
         train_end=times["max"],
         train_rows=split.fit.num_rows + split.validation.num_rows,

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -198,8 +198,12 @@ class NightlyRun:
     def _connect(self) -> Iterator:
         with self.project.connect() as con:
             set_cutoff(con, self.run.as_of)  # feature SQL sees the source as of the cut-off
-            restrict(con, self.config, self.project.root)  # ... and no file but the source's
+            restrict(con, self.config, self.project.root, self._own_folders())  # ... and no file but the source's
             yield con
+
+    def _own_folders(self) -> tuple[Path, ...]:
+        """Folders of the job's own files its connections must read besides the source (none here)."""
+        return ()
 
     def _warn(self, message: str) -> None:
         log.warning("%s: %s", self.config.job, message)
@@ -392,11 +396,22 @@ class NightlyRun:
                                         columns=self.source_columns, warn=self._warn)
             version = model_rows.next_version(con, self.config.job)
         table = read_run_file(path)
-        candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule)
+        with self._trainer() as fitter:
+            candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule,
+                                                fitter=fitter)
         log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
                  self.config.job, version, pulled.rows, candidate.trained.train_rows, candidate.split.holdout.num_rows,
                  sum(pulled.by_rule.values()))
         return candidate
+
+    def _trainer(self):
+        """How the challenger is fitted: in this process, or on the Dask cluster (``training.engine: dask``;
+        the run's own client when it runs on the Dask engine)."""
+        if self.config.training.engine == "local":
+            return nullcontext(retrain.fit)
+        from batchml.cluster.training import dask_trainer
+
+        return dask_trainer(self.config, client=getattr(self, "client", None))
 
     def _crown_first(self, candidate: retrain.Candidate) -> None:
         job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of

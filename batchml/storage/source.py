@@ -42,9 +42,10 @@ def set_cutoff(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
 
 
 
-def restrict(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path) -> None:
-    """Restrict ``con`` for the job's SQL: no file outside the job's source folder, no download."""
-    restrict_external_access(con, job_directories(config, project))
+def restrict(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, also: tuple[Path, ...] = ()) -> None:
+    """Restrict ``con`` for the job's SQL: no file outside the job's source folder (and ``also``:
+    the job's own lake folder on the Dask engine, whose views read its files), no download."""
+    restrict_external_access(con, [*job_directories(config, project), *also])
 
 
 # Table functions that run a query given as text: its tables cannot be checked before it runs

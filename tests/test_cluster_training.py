@@ -1,0 +1,189 @@
+"""Challengers trained on a Dask cluster (``training.engine: dask``) on real LocalClusters (worker
+processes, one of each size per module): the whole loop, closeness to local training, and a worker
+killed during training (a retry, then one clear failure, never a hang)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from batchml.cluster.training import early_stopping_round, fit_on_cluster
+from batchml.config import parse_job_config
+from batchml.data.extract import EVENT_TIME, LABEL
+from batchml.data.features import FeatureSpec, to_matrix
+from batchml.demo import data as demo_data
+from batchml.errors import ClusterError
+from batchml.models import evaluate
+from batchml.models.train import fit, labels, predict, split_by_time
+from batchml.pipeline.nightly import run_job
+from conftest import START, DemoProject, day, job_config, load_source
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is installed by `make test`")
+
+# a one-worker cluster against local training on the same rows (measured: 0 and 0)
+AUC_TOLERANCE = 1e-9
+PROBABILITY_TOLERANCE = 1e-9
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def source() -> pa.Table:
+    return demo_data.generate_findings(START, 110, seed=11, rows_per_day=50, shift_day=90)
+
+
+def dask_project(root: Path, source: pa.Table, address: str, **training):
+    """A project training on the cluster at ``address``; the rest of the run is local (a table source)."""
+    project = DemoProject(root, source)
+    load_source(project.warehouse, source)
+    config = job_config()
+    config["execution"] = {"scheduler": address}
+    config["training"].update(engine="dask", time_out_minutes=1, **training)
+    project.write_config(config)
+    return project, config
+
+
+def test_a_challenger_trained_on_the_cluster_goes_through_the_whole_loop(tmp_path, source, cluster):
+    project, _ = dask_project(tmp_path / "project", source, cluster.scheduler_address)
+    for night in (60, 100):  # 60: the first model, crowned; 100: after the shift, a challenger gated against it
+        run = run_job(project.project, "vuln_risk", as_of=day(night), notify=False, force_retrain=night == 100)
+        assert run.status == "succeeded", run.error
+    models = project.query("SELECT version, status, params, artifact_path FROM batchml.models ORDER BY version")
+    assert len(models) == 2
+    for _, _, params, _ in models:
+        params = json.loads(params)
+        assert params["engine"] == "dask" and params["num_machines"] == 2 and params["tree_learner"] == "data"
+    decisions = project.query("SELECT event FROM batchml.model_events WHERE version = 2")
+    assert {event for (event,) in decisions} & {"promoted", "rejected"}
+    # every score of the night comes back from model.txt + model.json with plain LightGBM
+    champion = project.scalar("SELECT champion_version FROM batchml.runs WHERE as_of = ?", [day(100)])
+    folder = Path(next(path for version, _, _, path in models if version == champion))
+    booster = lgb.Booster(model_file=str(folder / "model.txt"))
+    spec = FeatureSpec.from_dict(json.loads((folder / "model.json").read_text()))
+    scored = project.query("SELECT finding_id, score FROM scores.vuln_risk WHERE model_version = ? ORDER BY finding_id", [champion])
+    assert len(scored) > 100
+    ids = pa.array([i for i, _ in scored], pa.int64())
+    rows = source.filter(pc.is_in(source.column("finding_id"), value_set=ids)).sort_by("finding_id")
+    assert rows.column("finding_id").to_pylist() == [i for i, _ in scored]
+    again = booster.predict(to_matrix(rows, spec))
+    assert np.max(np.abs(again - np.array([s for _, s in scored]))) <= 1e-9
+
+
+def training_split(source: pa.Table, config):
+    labeled = source.filter(pc.is_valid(source.column(config.label.column)))
+    renamed = [LABEL if c == config.label.column else EVENT_TIME if c == config.source.event_time else c for c in labeled.column_names]
+    return split_by_time(labeled.rename_columns(renamed), config)
+
+
+def test_on_one_worker_it_trains_the_local_model(source, one_worker):
+    """One worker bins and grows trees on the same rows as local training, and the validation tail's
+    losses cut it at the same round: the same model (measured: every holdout probability equal)."""
+    raw = job_config()
+    raw["training"]["engine"] = "dask"
+    config = parse_job_config(raw, Path("vuln_risk.yaml"))
+    split = training_split(source, config)
+    local = fit(split, config)
+    with distributed.Client(one_worker.scheduler_address) as client:
+        on_cluster = fit_on_cluster(split, config, client)
+    assert on_cluster.spec == local.spec  # the same encoder
+    assert on_cluster.best_iteration == local.best_iteration  # early stopping picked the same round
+    y = labels(split.holdout)
+    p_local, p_dask = predict(local.booster, split.holdout, local.spec), predict(on_cluster.booster, split.holdout, on_cluster.spec)
+    assert abs(evaluate.compute_metrics(y, p_local)["roc_auc"] - evaluate.compute_metrics(y, p_dask)["roc_auc"]) <= AUC_TOLERANCE
+    assert np.max(np.abs(p_local - p_dask)) <= PROBABILITY_TOLERANCE
+
+
+def test_early_stopping_keeps_the_rounds_lightgbms_callback_keeps():
+    losses = np.array([5.0, 4.0, 3.0, 3.5, 3.2, 3.0, 3.1, 2.9])
+    assert early_stopping_round(losses, 3) == 3  # no improvement on round 3 for 3 rounds: stopped at round 6
+    assert early_stopping_round(losses, 5) == 8
+    assert early_stopping_round(losses, None) == 8
+
+
+def kill_training_workers(address: str, times: int, killed: list[str], stop: threading.Event) -> None:
+    """SIGKILL a worker running a LightGBM training task, once per fit attempt, ``times`` times."""
+    with distributed.Client(address) as client:
+        seen: set[str] = set()
+        while len(killed) < times and not stop.is_set():
+            training = {worker: [str(k) for k in keys if str(k).startswith("_train_part")] for worker, keys in client.processing().items()}
+            victim = next((w for w, keys in training.items() if set(keys) - seen), None)
+            if victim is not None:
+                seen.update(k for keys in training.values() for k in keys)  # this attempt's tasks: the next kill waits for the retry's
+                pid = client.run(os.getpid, workers=[victim])[victim]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(victim)
+            time.sleep(0.05)
+
+
+@contextmanager
+def killed_during_training(project, config: dict, address: str, times: int, caplog):
+    """The champion trained here; then a forced retrain on the cluster, losing a worker ``times`` times."""
+    config["training"]["engine"] = "local"
+    project.write_config(config)
+    assert run_job(project.project, "vuln_risk", as_of=day(60), notify=False).status == "succeeded"
+    config["training"]["engine"] = "dask"
+    project.write_config(config)
+    killed: list[str] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_training_workers, args=(address, times, killed, stop), daemon=True)
+    killer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        killer.join(30)
+        with distributed.Client(address) as client:
+            client.wait_for_workers(2, timeout=60)  # the nannies restart them, for the tests that follow
+    assert len(killed) == times
+    assert "retrying the whole fit once" in caplog.text
+
+
+SLOW_TRAINING = {"num_leaves": 15, "learning_rate": 0.02, "num_boost_round": 3000}  # long enough to be killed in
+
+
+def test_a_worker_killed_during_training_costs_a_retry(tmp_path, source, cluster, caplog):
+    project, config = dask_project(tmp_path / "project", source, cluster.scheduler_address, params=SLOW_TRAINING)
+    with killed_during_training(project, config, cluster.scheduler_address, 1, caplog):
+        run = run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
+    assert run.status == "succeeded" and run.challenger_version == 2
+    assert json.loads(project.scalar("SELECT params FROM batchml.models WHERE version = 2"))["engine"] == "dask"
+
+
+def test_a_worker_killed_in_the_retry_too_fails_the_run_in_one_line(tmp_path, source, cluster, caplog):
+    project, config = dask_project(tmp_path / "project", source, cluster.scheduler_address, params=SLOW_TRAINING)
+    scores_before = None
+    with killed_during_training(project, config, cluster.scheduler_address, 2, caplog):
+        scores_before = project.scalar("SELECT count(*) FROM scores.vuln_risk")
+        with pytest.raises(ClusterError) as failure:
+            run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
+    message = str(failure.value)
+    assert "\n" not in message and "failed twice" in message and "champion keeps scoring" in message
+    assert project.query("SELECT status FROM batchml.runs ORDER BY started_at") == [("succeeded",), ("failed",)]
+    assert project.scalar("SELECT count(*) FROM batchml.models") == 1  # no challenger registered
+    assert project.scalar("SELECT count(*) FROM scores.vuln_risk") == scores_before
+    # the champion scores the next night as before
+    config["training"]["engine"] = "local"
+    project.write_config(config)
+    run = run_job(project.project, "vuln_risk", as_of=day(62), notify=False)
+    assert run.status == "succeeded" and run.champion_version == 1 and run.rows_scored > 0
