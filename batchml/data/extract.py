@@ -54,11 +54,19 @@ def raw_sql(config: JobConfig, project: Path) -> str:
     return f"SELECT * FROM read_parquet({quote_literal(location)}, union_by_name = true)"
 
 
-def job_directories(config: JobConfig, project: Path) -> list[Path]:
+def job_directories(config: JobConfig, project: Path) -> list[Path | str]:
     """The folders a job's queries may read: that of ``source.parquet`` up to its first wildcard
     (none for a table source). Everything else on the machine is out of reach (``storage.source.restrict``)."""
     if not config.source.parquet:
         return []
+    if "://" in config.source.parquet:  # an object-store URL (s3://bucket/prefix/...): its prefix, as text
+        scheme, _, rest = config.source.parquet.partition("://")
+        fixed = []
+        for part in rest.split("/")[:-1]:
+            if any(char in part for char in "*?[{"):
+                break
+            fixed.append(part)
+        return [f"{scheme}://{'/'.join(fixed)}"]
     pattern = Path(config.source.parquet)
     pattern = pattern if pattern.is_absolute() else project / pattern
     fixed = []
