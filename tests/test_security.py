@@ -86,7 +86,7 @@ def test_a_mixed_case_scores_table_is_published_and_reported(demo_project):
     assert run.status == "succeeded" and run.rows_scored > 0
     published = list((demo_project.warehouse.parent / "published" / "scores" / "vuln_risk").glob("*.parquet"))
     assert len(published) == 1
-    report = next((demo_project.warehouse.parent / "reports" / "vuln_risk").glob("*.html")).read_text()
+    report = (demo_project.warehouse.parent / "reports" / "vuln_risk" / f"{run.run_id}.html").read_text()
     assert "Risk bands of the rows scored" in report
 
 
