@@ -24,6 +24,17 @@ SHIFT_DAY = 90
 os.environ.setdefault("BATCHML_THREADS", "1")  # two pytest workers share two cores
 
 
+def with_overrides(config: dict, overrides: dict) -> dict:
+    """``config`` with ``overrides`` merged in: ``"section.field"`` keys set one field of a section."""
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            config.setdefault(section, {})[field] = value
+        else:
+            config[key] = value
+    return config
+
+
 def job_config(**overrides) -> dict:
     """The shipped vuln_risk config, made small and fast for tests, with ``overrides`` merged in."""
     config = yaml.safe_load((REPO / "configs" / "vuln_risk.yaml").read_text())
@@ -33,13 +44,7 @@ def job_config(**overrides) -> dict:
     # the test data land ~60 findings a day (the demo's 400, scaled down): judge drift on such
     # batches as before drift.min_rows existed (tests/test_recurring.py tests the minimum itself)
     config["drift"]["min_rows"] = 1
-    for key, value in overrides.items():
-        section, _, field = key.partition(".")
-        if field:
-            config.setdefault(section, {})[field] = value
-        else:
-            config[key] = value
-    return config
+    return with_overrides(config, overrides)
 
 
 @dataclass
@@ -166,13 +171,7 @@ def churn_config(**overrides) -> dict:
         "scoring": {"table": "scores.churn"},
         "notify": {"email": [], "on": ["failure"]},
     }
-    for key, value in overrides.items():
-        section, _, field = key.partition(".")
-        if field:
-            config.setdefault(section, {})[field] = value
-        else:
-            config[key] = value
-    return config
+    return with_overrides(config, overrides)
 
 
 @pytest.fixture(scope="session")
@@ -186,3 +185,20 @@ def churn_project(tmp_path: Path, snapshots: pa.Table) -> DemoProject:
     project.write_config(churn_config(), job="churn")
     load_source(project.warehouse, snapshots, name="raw.customer_snapshots")
     return project
+
+
+# one Dask cluster per test module that asks for it (FACTS.md: LocalCluster of processes, 1 thread each)
+@pytest.fixture(scope="module")
+def cluster():
+    import distributed
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    import distributed
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local

@@ -33,18 +33,6 @@ NIGHTS = (60, 100)  # the first champion is trained at 60; 100 is after the shif
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
-        yield local
-
-
-@pytest.fixture(scope="module")
-def one_worker():
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as local:
-        yield local
-
-
-@pytest.fixture(scope="module")
 def source() -> pa.Table:
     """Findings with bad rows of every kind and a few ids landing twice (the later one wins)."""
     findings = demo_data.generate_findings(START, 110, seed=11, rows_per_day=50, shift_day=90)

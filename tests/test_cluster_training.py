@@ -37,18 +37,6 @@ PROBABILITY_TOLERANCE = 1e-9
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
-        yield local
-
-
-@pytest.fixture(scope="module")
-def one_worker():
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as local:
-        yield local
-
-
-@pytest.fixture(scope="module")
 def source() -> pa.Table:
     return demo_data.generate_findings(START, 110, seed=11, rows_per_day=50, shift_day=90)
 
