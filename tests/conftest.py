@@ -192,7 +192,8 @@ def churn_project(tmp_path: Path, snapshots: pa.Table) -> DemoProject:
 def cluster():
     import distributed
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": ":0"}) as local:
         yield local
 
 
@@ -200,5 +201,6 @@ def cluster():
 def one_worker():
     import distributed
 
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": ":0"}) as local:
         yield local

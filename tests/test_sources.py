@@ -47,7 +47,8 @@ def s3_endpoint():
 
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint):
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": ":0"}) as local:
         yield local
 
 

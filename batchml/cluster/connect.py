@@ -30,7 +30,9 @@ def open_client(config: JobConfig, address: str | None) -> Iterator:
     logging.getLogger("distributed").setLevel(logging.ERROR)  # its connection retries are ours to report
     if address is None:
         workers = config.execution.workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+        # no dashboard; the scheduler's HTTP server on a free port, not 8787 (another cluster may hold it)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          scheduler_kwargs={"dashboard_address": ":0"}) as cluster, \
                 Client(cluster) as client:
             yield client
         return
