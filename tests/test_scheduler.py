@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -96,6 +96,28 @@ def test_trigger_follows_the_yaml_in_its_time_zone(tmp_path):
         assert scheduler.get_job("nightly").next_run_time.strftime("%H:%M") == "04:30"
     finally:
         scheduler.shutdown(wait=False)
+
+
+def fire_times(trigger, after: datetime, count: int) -> list[datetime]:
+    """The trigger's next ``count`` fire times after ``after``, in UTC, as the scheduler steps through them."""
+    times, previous, now = [], None, after
+    for _ in range(count):
+        previous = trigger.get_next_fire_time(previous, now)
+        times.append(previous.astimezone(UTC))
+        now = times[-1] + timedelta(seconds=1)
+    return times
+
+
+def test_a_local_time_that_occurs_twice_fires_twice_and_one_that_never_occurs_fires_once(tmp_path):
+    project = project_with(tmp_path, berlin=("30 2 * * *", "Europe/Berlin"))
+    trigger = build_scheduler(project, [])[0].get_job("berlin").trigger
+    # autumn: 02:30 comes twice on 25 October 2026 (CEST, then CET): two fires an hour apart
+    autumn = fire_times(trigger, datetime(2026, 10, 24, 12, tzinfo=UTC), 3)
+    assert autumn == [datetime(2026, 10, 25, 0, 30, tzinfo=UTC), datetime(2026, 10, 25, 1, 30, tzinfo=UTC),
+                      datetime(2026, 10, 26, 1, 30, tzinfo=UTC)]
+    # spring: 02:30 never comes on 29 March 2026; that night fires once, at 03:30 CEST
+    spring = fire_times(trigger, datetime(2026, 3, 28, 12, tzinfo=UTC), 2)
+    assert spring == [datetime(2026, 3, 29, 1, 30, tzinfo=UTC), datetime(2026, 3, 30, 0, 30, tzinfo=UTC)]
 
 
 def test_only_the_named_jobs_once_each(tmp_path):
