@@ -623,6 +623,15 @@ def load_job_config(path: Path, job: str | None = None) -> JobConfig:
     return config
 
 
+def with_model_classes(config: JobConfig, classes: list[str] | None) -> JobConfig:
+    """A multiclass job without ``label.classes`` keeps the classes of its first model: ``classes``
+    (a model's ``model.json``) become the config's, so later trainings, realised performance and
+    the unknown-class warnings use them. Any other config is returned as it is."""
+    if config.label.objective != "multiclass" or config.label.classes or not classes:
+        return config
+    return config.model_copy(update={"label": config.label.model_copy(update={"classes": list(classes)})})
+
+
 def config_dir(project: Path) -> Path:
     return project / "configs"
 
