@@ -139,6 +139,17 @@ class Objective:
     def _weighted(self, metric: str, y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    # --- realised performance: arrived labels and what the scores table stored for their rows ----
+
+    stored_prediction = "score"  # the scores table's column the metrics read
+
+    def realised(self, metric: str, labels: list, stored: list) -> float | None:
+        """``metric`` of the stored predictions against the arrived labels; None where undefined."""
+        y, p = np.asarray(labels, dtype=np.float64), np.asarray(stored, dtype=np.float64)
+        if len(y) == 0 or self.problem(y):
+            return None
+        return self.compute_metrics(y, p)[metric]
+
 
 class Binary(Objective):
     """0/1 labels; ``score`` is P(positive). Every figure is ``batchml.models.evaluate``'s, as before."""
@@ -260,6 +271,21 @@ class Multiclass(Objective):
         if len(y) and p_champion.shape[1] != p_challenger.shape[1]:
             raise ValueError(f"the models predict {p_champion.shape[1]} and {p_challenger.shape[1]} classes")
         return y, p_champion, p_challenger
+
+    stored_prediction = "probabilities"
+
+    def realised(self, metric: str, labels: list, stored: list) -> float | None:
+        """From the stored ``probabilities`` maps (class -> probability, the model's class order);
+        a label that is none of the model's classes is left out."""
+        if not stored:
+            return None
+        classes = list(dict(stored[0]).keys())
+        index = {name: i for i, name in enumerate(classes)}
+        kept = [(index[label], [dict(m)[c] for c in classes]) for label, m in zip(labels, stored) if label in index and m]
+        if not kept:
+            return None
+        y = np.array([k for k, _ in kept], dtype=np.int64)
+        return self.compute_metrics(y, np.array([p for _, p in kept], dtype=np.float64))[metric]
 
     def compute_metrics(self, y, p) -> dict[str, float]:
         y, p, _ = self.paired(y, p, p)

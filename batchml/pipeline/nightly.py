@@ -262,7 +262,7 @@ class NightlyRun:
                 self.last_trained = model_rows.last_trained(con, self.config.job)
                 self.answered = self._answered_triggers(con)
                 self.performance = performance.metric_rows(self.config.promotion.metric, labels.labeled_scores(
-                    con, self.config, self.project.root, self.run.as_of))
+                    con, self.config, self.project.root, self.run.as_of), self.config.label.objective)
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
         self._pulled()
