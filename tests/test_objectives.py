@@ -64,7 +64,7 @@ def ticket_config(objective: str, **overrides) -> dict:
         "source": {"table": "raw.tickets", "entity_id": "ticket_id", "event_time": "opened_at", "watermark": "loaded_at"},
         "features": {"numeric": ["x1", "x2", "x3"], "categorical": ["channel"]},
         "label": label,
-        "drift": {"min_rows": 1},
+        "drift": {"dataset_drift_share": 0.25},  # x1 alone shifts: one feature of four (nights of 40 rows are below drift.min_rows)
         "training": {"window_days": 180, "holdout_days": 14, "min_train_rows": 200,
                      "params": {"num_leaves": 7, "learning_rate": 0.1, "num_boost_round": 60, "early_stopping_rounds": 10},
                      "retrain": {"every_days": None, "on_drift": True, "min_new_labels": None, "max_decay": None}},
@@ -141,7 +141,7 @@ def assert_the_loop(project: DemoProject, job: str, runs: dict) -> None:
     assert all(k[1] == "succeeded" for k in kinds)
     assert kinds[0][2] and kinds[0][4] == 1  # the first champion
     assert kinds[4][3], "the shifted weeks drift"
-    events = project.query("SELECT version, event FROM batchml.model_events WHERE job = ? ORDER BY at, version", [job])
+    events = project.query("SELECT version, event FROM batchml.model_events WHERE job = ? ORDER BY recorded_at, version", [job])
     assert (2, "promoted") in events, events  # the gate promoted the challenger trained on the shifted weeks
     assert kinds[4][4] == 2 and kinds[5][4] == 2  # and it scored that night's rows and the backfill
     scored = project.scalar(f"SELECT count(*) FROM scores.{job} WHERE run_id = (SELECT run_id FROM batchml.runs "
@@ -166,7 +166,7 @@ def test_a_regression_job_runs_the_loop_and_its_scores_are_lightgbms(regression)
     assert_the_loop(project, "tickets_regression", runs)
     assert assert_reproduced(project, "tickets_regression", "regression") >= 4000
     # the gate compared the objective's metrics, rmse first (lower is better: the improvement is positive)
-    decision = json.loads(project.scalar("SELECT metrics FROM batchml.model_events WHERE job = 'tickets_regression' "
+    decision = json.loads(project.scalar("SELECT metrics FROM batchml.model_events WHERE job = 'tickets_regression' AND event = 'promoted' "
                                          "AND version = 2"))
     assert decision["metric"] == "rmse" and set(decision["metrics_champion"]) == {"rmse", "mae", "r2"}
     assert decision["metrics_challenger"]["rmse"] < decision["metrics_champion"]["rmse"] and decision["bootstrap"]["diff"] > 0
@@ -190,7 +190,7 @@ def test_a_multiclass_job_runs_the_loop_with_classes_queryable_in_sql(multiclass
     assert assert_reproduced(project, job, "multiclass") >= 4000
     model = json.loads((project.root / f"warehouse/models/{job}/v2/model.json").read_text())
     assert model["classes"] == CLASSES and model["params"]["num_class"] == 3  # the first window's classes, kept
-    decision = json.loads(project.scalar(f"SELECT metrics FROM batchml.model_events WHERE job = '{job}' AND version = 2"))
+    decision = json.loads(project.scalar(f"SELECT metrics FROM batchml.model_events WHERE job = '{job}' AND version = 2 AND event = 'promoted'"))
     assert decision["metric"] == "multi_logloss" and set(decision["metrics_champion"]) == {"multi_logloss", "accuracy", "macro_f1"}
     # SQL over the analysts' view: the predicted class, one probability by name, and the map as rows
     rows = project.query(f"SELECT predicted_class, score, probabilities['fraud'], probabilities FROM scores.{job}_latest")

@@ -33,6 +33,7 @@ from batchml.data.extract import (
     ts_literal,
 )
 from batchml.data.sources import OBJECT_STORES, protocol, storage_options
+from batchml.models.objectives import objective_of
 from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
 from batchml.storage.warehouse import is_restricted, quote_ident, restrict_external_access, setting, size_bytes
 
