@@ -38,7 +38,7 @@ from batchml.models import registry
 from batchml.storage import model_rows
 from batchml.models import retrain
 from batchml.storage import runlog
-from batchml.config import JobConfig, load_job_config
+from batchml.config import JobConfig, load_job_config, with_model_classes
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import read_run_file
 from batchml.storage.source import describe_source, set_cutoff
@@ -128,7 +128,7 @@ def try_config(project: Project, job: str, config_path: Path | None = None, as_o
 
 
 def _train_and_judge(project: Project, config: JobConfig, shown_path: str, as_of: datetime | None, scratch: Path) -> Trial:
-    champion_row, champion, as_of, version = _pull(project, config, as_of, scratch / "train.arrow")
+    champion_row, champion, as_of, version, config = _pull(project, config, as_of, scratch / "train.arrow")
     candidate = retrain.train_candidate(config, read_run_file(scratch / "train.arrow"), scratch / "models", version, as_of)
     added, removed = retrain.feature_change(config, champion.spec) if champion else ([], [])
     trial = Trial(
@@ -144,8 +144,9 @@ def _train_and_judge(project: Project, config: JobConfig, shown_path: str, as_of
 
 
 def _pull(project: Project, config: JobConfig, as_of: datetime | None,
-          path: Path) -> tuple[dict | None, registry.LoadedModel | None, datetime, int]:
-    """The champion and the training rows a nightly run at ``as_of`` would train on, read-only."""
+          path: Path) -> tuple[dict | None, registry.LoadedModel | None, datetime, int, JobConfig]:
+    """The champion and the training rows a nightly run at ``as_of`` would train on, read-only (and the
+    config as a run reads it: a multiclass job keeps its champion's classes)."""
     with project.connect(read_only=True) as con:
         has_registry = table_exists(con, "batchml.models")
         champion_row = model_rows.champion(con, config.job) if has_registry else None
@@ -153,6 +154,8 @@ def _pull(project: Project, config: JobConfig, as_of: datetime | None,
         as_of = as_of or watermark or registry.utcnow()
         _refuse_before_champion(champion_row, as_of)
         champion = registry.load(champion_row) if champion_row else None
+        if champion is not None:
+            config = with_model_classes(config, champion.manifest.get("classes"))
         set_cutoff(con, as_of)  # feature SQL sees the source as of the cut-off, as in a run
         columns = describe_source(con, config, project.root)
         pull_config = config
@@ -161,7 +164,7 @@ def _pull(project: Project, config: JobConfig, as_of: datetime | None,
         pull_training_rows(con, config, pull_config, project.root, as_of, path, columns=columns,
                            warn=lambda message: log.warning("%s: %s", config.job, message))
         version = model_rows.next_version(con, config.job) if has_registry else 1
-    return champion_row, champion, as_of, version
+    return champion_row, champion, as_of, version, config
 
 
 def _refuse_before_champion(champion: dict | None, as_of: datetime) -> None:
@@ -215,7 +218,8 @@ def to_dict(trial: Trial) -> dict:
     """The stable JSON form (``SCHEMA``; documented in README "Trying a config change")."""
     decision, candidate, champion = trial.decision, trial.candidate, trial.champion
     split = candidate.split
-    y = labels(split.holdout)
+    y = labels(split.holdout, trial.config, candidate.trained.classes)
+    binary = trial.config.label.objective == "binary"
     return {
         "schema": SCHEMA,
         "job": trial.job,
@@ -237,7 +241,7 @@ def to_dict(trial: Trial) -> dict:
         "features": {"added": trial.added, "removed": trial.removed},
         "rows": {
             "train": candidate.trained.train_rows, "fit": split.fit.num_rows, "validation": split.validation.num_rows,
-            "holdout": split.holdout.num_rows, "holdout_positives": int(np.sum(y == 1)),
+            "holdout": split.holdout.num_rows, "holdout_positives": int(np.sum(y == 1)) if binary else None,
         },
         "metric": trial.config.promotion.metric,
         "metrics": _metrics(trial),
