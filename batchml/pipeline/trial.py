@@ -296,6 +296,8 @@ def _detail(trial: Trial, name: str) -> str:
     boot, holdout = decision.bootstrap, trial.candidate.split.holdout
     if name == "min_holdout_rows":
         return f"{holdout.num_rows} holdout rows, at least {promotion.min_holdout_rows} needed"
+    if name == "comparable":  # regression, multiclass
+        return f"{holdout.num_rows} labeled holdout rows"
     if name == "both_classes":
         positives = int(np.sum(labels(holdout) == 1))
         return f"{positives} positive and {holdout.num_rows - positives} negative holdout rows"
