@@ -290,3 +290,15 @@ def test_compiled_trees_score_every_objective_as_lightgbm_does(request, objectiv
     assert "(compiled)" in output and "not used" not in output, output
     run_id = project.scalar("SELECT run_id FROM batchml.runs WHERE job = ? ORDER BY started_at DESC LIMIT 1", [job])
     assert assert_reproduced(project, job, objective, run_id) == 2 * 40
+
+
+@pytest.mark.parametrize("objective", ["regression", "multiclass"])
+def test_try_judges_a_candidate_with_the_objectives_metrics(request, objective):
+    project, _ = request.getfixturevalue(objective)
+    result = project.cli("try", f"tickets_{objective}", "--format", "json")
+    assert result.returncode in (0, 4), result.stderr
+    trial = json.loads(result.stdout)
+    assert trial["metric"] == OBJECTIVES[objective].default_metric
+    assert trial["rows"]["holdout_positives"] is None and trial["champion"]["version"] >= 2
+    assert {c["name"] for c in trial["conditions"]} >= {"min_holdout_rows", "comparable", "min_improvement"}
+    assert {m["name"] for m in trial["metrics"]} == set(OBJECTIVES[objective].metrics)

@@ -243,7 +243,7 @@ class Multiclass(Objective):
         shown = ", ".join(repr(v) for v in values)
         return (f"{count} row(s) in the training window have a {column} (label.column) that is not one of the job's "
                 f"classes ({shown}) and were left out as unlabeled; map them to a class or add them to label.classes "
-                f"(a new class needs a new model: see README \"Multiclass jobs\")")
+                f"(a new class needs a new model: see README \"Objectives\")")
 
     def lightgbm_params(self, classes: list[str] | None) -> dict:
         return {"objective": "multiclass", "num_class": len(classes or [])}

@@ -155,7 +155,7 @@ def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, versi
     folder = registry.model_dir(models_root, config.job, version)
     registry.clear_orphan(folder)
     folder.mkdir(parents=True)
-    profile = build_profile(split, trained, _score(trained.objective, holdout_scores), config.training.seed)
+    profile = build_profile(split, trained, score_of(trained.objective, holdout_scores), config.training.seed)
     (folder / PROFILE_FILE).write_text(_json(profile.to_dict()))
     write_golden(folder / GOLDEN_FILE, split, trained, config)
     manifest = {
@@ -181,7 +181,7 @@ def _safe_metrics(y: np.ndarray, p: np.ndarray, config: JobConfig | None = None)
     return objective.compute_metrics(y, p)
 
 
-def _score(objective: str | None, raw: np.ndarray) -> np.ndarray:
+def score_of(objective: str | None, raw: np.ndarray) -> np.ndarray:
     """The one number per row the scores table holds (multiclass: the predicted class's probability)."""
     return objective_of(objective).score(raw) if len(raw) else np.asarray(raw, dtype=np.float64).reshape(0)
 
@@ -190,14 +190,14 @@ def write_golden(path: Path, split: Split, trained: TrainedModel, config: JobCon
     """A few holdout (or training) rows with the model's scores: re-scored by ``batchml check``."""
     source = split.holdout if split.holdout.num_rows else split.validation
     rows = source.slice(0, GOLDEN_ROWS).select(trained.spec.features)
-    scores = _score(trained.objective, predict(trained.booster, rows, trained.spec))
+    scores = score_of(trained.objective, predict(trained.booster, rows, trained.spec))
     pq.write_table(rows.append_column("__score", pa.array(scores, pa.float64())), str(path))
 
 
 def check_golden(model: registry.LoadedModel, tolerance: float = 1e-12) -> tuple[int, float]:
     """Re-score the golden set; returns (rows, largest score difference). Raises if any moved."""
     table = pq.read_table(str(model.path / GOLDEN_FILE))
-    scores = _score(model.manifest.get("objective"), predict(model.booster, table, model.spec))
+    scores = score_of(model.manifest.get("objective"), predict(model.booster, table, model.spec))
     expected = table.column("__score").to_numpy()
     worst = float(np.max(np.abs(scores - expected))) if len(scores) else 0.0
     if worst > tolerance:

@@ -51,6 +51,7 @@ from batchml.pipeline.nightly import (
     with_model_features,
 )
 from batchml.project import Project
+from batchml.models.objectives import objective_of
 from batchml.models.train import labels
 from batchml.storage.warehouse import table_exists
 
@@ -207,7 +208,7 @@ def _drift_against(champion: registry.LoadedModel, candidate: retrain.Candidate,
     scores = drift.ReferenceProfile({}, {}, reference.score)
     score_accumulator = drift.CurrentAccumulator(scores)
     if len(candidate.holdout_scores):
-        score_accumulator.update({}, {}, scores=candidate.holdout_scores)
+        score_accumulator.update({}, {}, scores=retrain.score_of(candidate.trained.objective, candidate.holdout_scores))
     return report.to_rows() + prediction_drift(scores, score_accumulator, config), report.dataset_drift
 
 
@@ -280,7 +281,8 @@ def _metrics(trial: Trial) -> list[dict]:
         return [{"name": name, "champion": None, "candidate": value, "improvement": None} for name, value in holdout.items()]
     ours, theirs = trial.decision.metrics_challenger, trial.decision.metrics_champion
     return [{"name": name, "champion": theirs[name], "candidate": ours[name],
-             "improvement": evaluate.improvement(name, theirs[name], ours[name])} for name in ours if name in theirs]
+             "improvement": objective_of(trial.config.label.objective).improvement(name, theirs[name], ours[name])}
+            for name in ours if name in theirs]
 
 
 def conditions(trial: Trial) -> list[dict]:
@@ -309,7 +311,7 @@ def _detail(trial: Trial, name: str) -> str:
         metric = name.removeprefix("guard_")
         ours, theirs = decision.metrics_challenger.get(metric), decision.metrics_champion.get(metric)
         if ours is not None and theirs is not None:
-            worse = -evaluate.improvement(metric, theirs, ours)
+            worse = -objective_of(trial.config.label.objective).improvement(metric, theirs, ours)
             change = f"worse by {worse:.4f}" if worse > 0 else f"better by {-worse:.4f}"
             return f"{metric} {theirs:.4f} -> {ours:.4f} ({change}), may worsen by {promotion.guard[metric]:g}"
     if name == "latency":
