@@ -143,6 +143,7 @@ def assert_the_loop(project: DemoProject, job: str, runs: dict) -> None:
                           "ORDER BY started_at LIMIT 6", [job])  # (the compiled test below may add a run)
     assert [k[0] for k in kinds] == ["nightly", "replay", "replay", "replay", "nightly", "backfill"]
     assert all(k[1] == "succeeded" for k in kinds)
+    assert not any("not delivered" in r.stdout + r.stderr for r in runs.values())  # every report was written
     assert kinds[0][2] and kinds[0][4] == 1  # the first champion
     assert kinds[4][3], "the shifted weeks drift"
     events = project.query("SELECT version, event FROM batchml.model_events WHERE job = ? ORDER BY recorded_at, version", [job])
@@ -201,6 +202,18 @@ def test_a_multiclass_job_runs_the_loop_with_classes_queryable_in_sql(multiclass
     assert {r[0] for r in rows} == set(CLASSES)
     assert all(abs(sum(r[3].values()) - 1) < 1e-9 and r[1] == max(r[3].values()) for r in rows)
     assert all(r[2] == r[3]["fraud"] for r in rows)
+    # ... and in the analysts' catalog (Parquet copies: the MAP stays a map)
+    import duckdb
+
+    catalog = duckdb.connect(str(project.root / "warehouse" / "catalog.duckdb"), read_only=True)
+    try:
+        published = catalog.execute(f"SELECT count(*), count(DISTINCT predicted_class), min(probabilities['tech']) "
+                                    f"FROM scores.{job}_latest").fetchone()
+    finally:
+        catalog.close()
+    assert published[0] == len(rows) and published[1] == 3 and 0 < published[2] < 1
+    report = sorted((project.root / "warehouse" / "reports" / job).glob(f"{job}-*.html"))[0].read_text()
+    assert "predicted fraud" in report  # no bands: the report counts the rows per predicted class
     per_class = project.query(f"SELECT key, avg(value) FROM (SELECT unnest(map_entries(probabilities)) AS e FROM scores.{job}) "
                               f"CROSS JOIN LATERAL (SELECT e.key, e.value) GROUP BY key ORDER BY key")
     assert [r[0] for r in per_class] == CLASSES
