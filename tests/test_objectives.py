@@ -315,3 +315,46 @@ def test_try_judges_a_candidate_with_the_objectives_metrics(request, objective):
     assert trial["rows"]["holdout_positives"] is None and trial["champion"]["version"] >= 2
     assert {c["name"] for c in trial["conditions"]} >= {"min_holdout_rows", "comparable", "min_improvement"}
     assert {m["name"] for m in trial["metrics"]} == set(OBJECTIVES[objective].metrics)
+
+
+def test_regression_and_multiclass_metrics_agree_with_sklearn():
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(10, 3, 500)
+    p = y + rng.normal(0, 1, 500)
+    got = OBJECTIVES["regression"].compute_metrics(y, p)
+    assert got["rmse"] == pytest.approx(np.sqrt(sk.mean_squared_error(y, p)), abs=1e-12)
+    assert got["mae"] == pytest.approx(sk.mean_absolute_error(y, p), abs=1e-12)
+    assert got["r2"] == pytest.approx(sk.r2_score(y, p), abs=1e-12)
+    classes = rng.integers(0, 4, 500)
+    logits = rng.normal(0, 1, (500, 4)) + 1.5 * np.eye(4)[classes]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    got = OBJECTIVES["multiclass"].compute_metrics(classes, probabilities)
+    assert got["multi_logloss"] == pytest.approx(sk.log_loss(classes, probabilities, labels=range(4)), abs=1e-12)
+    assert got["accuracy"] == pytest.approx(sk.accuracy_score(classes, probabilities.argmax(axis=1)), abs=1e-12)
+    assert got["macro_f1"] == pytest.approx(sk.f1_score(classes, probabilities.argmax(axis=1), average="macro"), abs=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["regression", "multiclass"])
+def test_the_paired_bootstrap_resamples_as_the_binary_one_does(objective):
+    """Weighted by resample counts, each resample's figure is the metric of the resampled rows."""
+    from batchml.models.evaluate import _resample_counts
+
+    rng = np.random.default_rng(4)
+    if objective == "regression":
+        y = rng.normal(0, 1, 300)
+        a, b = y + rng.normal(0, 1, 300), y + rng.normal(0, 0.5, 300)
+    else:
+        y = rng.integers(0, 3, 300)
+        a = rng.dirichlet(np.ones(3), 300)
+        b = 0.5 * a + 0.5 * np.eye(3)[y]
+    obj = OBJECTIVES[objective]
+    counts = _resample_counts(np.random.default_rng(0), 300, 5)
+    for metric in obj.metrics:
+        weighted = obj._weighted(metric, y, b, counts)
+        for i in range(5):
+            rows = np.repeat(np.arange(300), counts[i])
+            assert weighted[i] == pytest.approx(obj.compute_metrics(y[rows], b[rows])[metric], abs=1e-12)
+    result = obj.paired_bootstrap(y, a, b, obj.default_metric, resamples=300, seed=1)
+    assert result.diff > 0 and result.low > 0 and result.resamples == 300  # b is the better model, clearly

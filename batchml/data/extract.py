@@ -148,13 +148,8 @@ def _typed_columns(config: JobConfig):
 
 
 def _label_type_test(objective: str):
-    """The DuckDB types a label column of ``objective`` may have: numbers (and BOOLEAN for 0/1), or,
-    for classes, text too."""
-    if objective == "multiclass":
-        return lambda duckdb_type: _is_label(duckdb_type) or duckdb_type in ("VARCHAR", "ENUM") or duckdb_type.startswith("ENUM")
-    if objective == "regression":
-        return lambda duckdb_type: _is_label(duckdb_type) and duckdb_type != "BOOLEAN"
-    return _is_label
+    """Whether a DuckDB type suits the label column of ``objective`` (``_is_label``: a number or BOOLEAN)."""
+    return lambda duckdb_type: objective_of(objective).label_type_ok(duckdb_type, _is_label(duckdb_type))
 
 
 def _what_is_read(config: JobConfig) -> str:

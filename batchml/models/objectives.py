@@ -56,6 +56,10 @@ class Objective:
     def labeled_sql(self, column: str, classes: list[str] | None) -> str:
         return f"isfinite(try_cast({column} AS DOUBLE))"
 
+    def label_type_ok(self, duckdb_type: str, number_or_boolean: bool) -> bool:
+        """Whether the label column's DuckDB type suits the objective (a wrong one is refused up front)."""
+        return number_or_boolean and duckdb_type != "BOOLEAN"
+
     def odd_value_sql(self, column: str) -> str:
         """The value of a present-but-unlabeled label, as listed in warnings."""
         return f"CAST({column} AS VARCHAR)"
@@ -77,8 +81,8 @@ class Objective:
         return np.asarray(labels, dtype=np.float64)
 
     def trainable_problem(self, y: np.ndarray) -> str | None:
-        """Why the fit rows cannot train a model (a message), or None."""
-        return "the training rows' labels are all the same value; wait for varied labels" if len(np.unique(y)) < 2 else None
+        """Why the fit rows cannot train a model (ends "training rows for JOB ..."), or None."""
+        return "have a single label value; wait for varied labels" if len(np.unique(y)) < 2 else None
 
     # --- predictions ------------------------------------------------------------------------------
 
@@ -166,6 +170,9 @@ class Binary(Objective):
     def labeled_sql(self, column: str, classes: list[str] | None) -> str:
         return f"try_cast({column} AS DOUBLE) IN (0, 1)"
 
+    def label_type_ok(self, duckdb_type: str, number_or_boolean: bool) -> bool:
+        return number_or_boolean
+
     def odd_value_sql(self, column: str) -> str:
         return f"try_cast({column} AS DOUBLE)"
 
@@ -174,7 +181,7 @@ class Binary(Objective):
                 f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
 
     def trainable_problem(self, y: np.ndarray) -> str | None:
-        return "the training rows hold a single class; wait for both outcomes to be labeled" if len(np.unique(y)) < 2 else None
+        return "hold a single class; wait for both outcomes to be labeled" if len(np.unique(y)) < 2 else None
 
     def problem(self, y: np.ndarray) -> str | None:
         from batchml.models.evaluate import _one_class
@@ -233,6 +240,9 @@ class Multiclass(Objective):
     def label_sql(self, column: str) -> str:
         return f"CAST({column} AS VARCHAR)"
 
+    def label_type_ok(self, duckdb_type: str, number_or_boolean: bool) -> bool:
+        return number_or_boolean or duckdb_type.startswith(("VARCHAR", "ENUM"))
+
     def labeled_sql(self, column: str, classes: list[str] | None) -> str:
         if not classes:  # the first training takes every class it sees
             return f"{column} IS NOT NULL"
@@ -256,7 +266,7 @@ class Multiclass(Objective):
         return np.array([index.get(v, -1) for v in labels], dtype=np.float64)
 
     def trainable_problem(self, y: np.ndarray) -> str | None:
-        return "the training rows hold a single class; wait for at least two classes to be labeled" if len(np.unique(y)) < 2 else None
+        return "hold a single class; wait for at least two classes to be labeled" if len(np.unique(y)) < 2 else None
 
     def outputs(self, raw: np.ndarray) -> Outputs:
         probabilities = np.asarray(raw, dtype=np.float64).reshape(len(raw), -1)

@@ -109,10 +109,8 @@ def trainable_labels(split: Split, config: JobConfig, classes: list[str] | None 
         )
     y_fit = labels(split.fit, config, classes)
     problem = objective_of(config.label.objective).trainable_problem(y_fit)
-    if problem and config.label.objective == "binary":
-        raise DataError(f"training rows for {config.job} hold a single class; wait for both outcomes to be labeled")
     if problem:
-        raise DataError(f"{config.job}: {problem}")
+        raise DataError(f"training rows for {config.job} {problem}")
     return y_fit
 
 
