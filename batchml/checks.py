@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from batchml.models import registry
 from batchml.storage import model_rows
-from batchml.config import job_names, load_job_config, require_own_scores_table
+from batchml.config import job_names, load_job_config, require_own_scores_table, with_model_classes
+from batchml.models.objectives import objective_of
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, WarehouseError
 from batchml.storage.source import describe_source, null_watermarks, odd_labels, restrict, uncut_columns
 from batchml.project import Project
@@ -68,11 +69,24 @@ def _source_report(con, config, project: Project, state: dict) -> str:
     if uncut:  # the SQL derives them: batchml cannot hide later rows and labels from its aggregates
         detail += (f"; WARNING: {config.features.sql} derives {', '.join(uncut)}, so `source` is not cut off at a run's "
                    f"cut-off by them: compare them with getvariable('batchml_as_of') in the SQL (see batchml's jobs/README.md)")
+    config = with_model_classes(config, _champion_classes(con, config))
     odd, values = odd_labels(con, config, project.root, "true")
-    if odd:  # as a run does: left out as unlabeled, which is worth knowing, not a reason to stop
+    if odd and config.label.objective == "binary":  # as a run does: left out as unlabeled, which is worth knowing, not a reason to stop
         detail += (f"; WARNING: {odd} row(s) have a {config.label.column} (label.column) other than 0/1 "
                    f"({', '.join(f'{v:g}' for v in values)}): runs leave them out as unlabeled; map the label to 0/1")
+    elif odd:
+        detail += "; WARNING: " + objective_of(config.label.objective).odd_labels_message(odd, values, config.label.column).replace(
+            " in the training window", "")
     return detail
+
+
+def _champion_classes(con, config) -> list[str] | None:
+    """A multiclass champion's classes (``model.json``), which runs hold every later label to."""
+    if config.label.objective != "multiclass" or config.label.classes or not table_exists(con, "batchml.models"):
+        return None
+    row = model_rows.champion(con, config.job)
+    return registry.manifest_field(row, "classes") if row else None
+
 
 
 def _champion_fed(model: registry.LoadedModel, config, columns: dict[str, str] | None) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batchml.errors import ConfigError, did_you_mean
+from batchml.models.objectives import ALL_METRICS, objective_for, objective_of
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -123,13 +124,32 @@ class FeaturesConfig(Strict):
 class LabelConfig(Strict):
     """The target and when it became known (training only ever sees labels known before the cut-off)."""
 
-    column: str = Field(description="Binary label column (0/1 or boolean).")
+    column: str = Field(description="Label column: 0/1 or boolean (binary), a finite number (regression), a class (multiclass).")
     available_at: str = Field(description="Timestamp column: when the label became known.")
+    objective: Literal["binary", "regression", "multiclass"] = Field(
+        "binary", description="What the model predicts: binary (P(label = 1)), regression (the value), multiclass (one of "
+        "label.classes). Sets LightGBM's objective, the metrics and what the scores table holds (README \"Objectives\").")
+    classes: list[str] | None = Field(
+        None, description="multiclass: the classes (label values as text, e.g. \"fraud\" or \"2\"); null: those of the "
+        "first training window, sorted, kept by every later model. A label outside them is left out as unlabeled, with a warning.")
 
     @field_validator("column", "available_at")
     @classmethod
     def _column(cls, v: str) -> str:
         return check_identifier(v, "column")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v) or not all(v)):
+            raise ValueError(f"label.classes must list at least two distinct, non-empty classes, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _classes_are_multiclass(self) -> LabelConfig:
+        if self.classes is not None and self.objective != "multiclass":
+            raise ValueError(f"label.classes is for label.objective multiclass, not {self.objective}; remove it or set the objective")
+        return self
 
 
 class ValidationConfig(Strict):
@@ -243,18 +263,22 @@ class TrainingConfig(Strict):
         return v
 
 
-METRIC_NAMES = ("roc_auc", "average_precision", "log_loss", "brier", "ece", "ks")
+METRIC_NAMES = ALL_METRICS  # of every objective; a job may name only its own objective's (JobConfig._objective)
 
 
 class PromotionConfig(Strict):
     """The gate a challenger must pass to replace the champion."""
 
-    metric: Literal["roc_auc", "average_precision", "log_loss", "brier", "ece", "ks"] = Field("roc_auc", description="Primary metric.")
+    metric: Literal["roc_auc", "average_precision", "log_loss", "brier", "ece", "ks", "rmse", "mae", "r2", "multi_logloss", "accuracy",
+                    "macro_f1"] = Field("roc_auc", description="Primary metric, of the job's objective (binary: roc_auc, "
+                                        "average_precision, ks, log_loss, brier, ece; regression: rmse, mae, r2; multiclass: "
+                                        "multi_logloss, accuracy, macro_f1). Default: roc_auc, rmse, multi_logloss.")
     min_improvement: float = Field(0.002, ge=0, description="Smallest improvement of the primary metric that promotes.")
     require_significance: bool = Field(True, description="Also require the bootstrap interval's lower bound to be above 0.")
     bootstrap_resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples of the holdout.")
     min_holdout_rows: int = Field(200, ge=1, description="Fewer holdout rows than this: no decision.")
-    guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics.")
+    guard: dict[str, float] = Field(default_factory=lambda: {"log_loss": 0.01}, description="Max allowed worsening of other metrics "
+                                    "(of the job's objective). Default for regression: none; multiclass: {\"accuracy\": 0.01}.")
     max_latency_ratio: float = Field(1.5, gt=0, description="Challenger scoring work / champion's (tree nodes a row walks, counted on the holdout: the same on an idle or a busy machine) must not exceed this.")
     latency_floor_us: float = Field(0.0, ge=0, description="A challenger scoring a row in fewer microseconds than this (one thread) passes the latency test whatever its ratio (0: the ratio always applies). For small models, where an early-stopped champion of a few trees would keep out every larger challenger over milliseconds.")
     shadow: bool = Field(False, description="The latest challenger also scores new rows into scores.<job>_shadow.")
@@ -272,7 +296,9 @@ class ScoringConfig(Strict):
     """Where and how scores are written."""
 
     table: str | None = Field(None, description="Scores table (schema.table); default scores.<job>.")
-    bands: dict[str, float] = Field(default_factory=lambda: {"high": 0.5, "medium": 0.2}, description="Band name -> lowest score in it; below all: low.")
+    bands: dict[str, float] = Field(default_factory=lambda: {"high": 0.5, "medium": 0.2}, description="Band name -> lowest score in it; below all: low. "
+                                    "Regression: values of the prediction, no default (no bands: risk_band is null); multiclass: "
+                                    "probabilities of the predicted class, no default.")
     reasons: int = Field(3, ge=0, le=20, description="Top feature contributions kept per score; 0 turns reason codes off.")
     reason_bands: list[str] | None = Field(["high"], description="Compute reasons only for these bands (null: every band); others get null.")
     reason_method: Literal["path", "shap"] = Field("path", description="path: tree-path attributions (about a predict plus a sparse sum); shap: TreeSHAP via pred_contrib (100x a predict).")
@@ -287,9 +313,8 @@ class ScoringConfig(Strict):
     @field_validator("bands")
     @classmethod
     def _bands(cls, v: dict[str, float]) -> dict[str, float]:
-        outside = {name: edge for name, edge in v.items() if not 0 < edge <= 1}
-        if outside:
-            raise ValueError(f"band thresholds are probabilities in (0, 1]: {outside} can never (or always) be reached")
+        if not all(math.isfinite(edge) for edge in v.values()):
+            raise ValueError(f"band thresholds must be finite numbers, got {v}")
         if "low" in v:
             raise ValueError("'low' is the band below every threshold; name the bands with thresholds otherwise")
         return v
@@ -398,6 +423,35 @@ class JobConfig(Strict):
             if name in roles:
                 raise ValueError(f"feature {name!r} is the job's {roles[name]}: a model must not learn from it; "
                                  f"remove it from features (derive a feature from it in features.sql if you need one)")
+        return self
+
+    @model_validator(mode="after")
+    def _objective(self) -> JobConfig:
+        """What the objective changes: its own default metric, guard and bands where the config names
+        none, and a metric of another objective refused (its direction and meaning would be wrong)."""
+        objective = objective_of(self.label.objective)
+        if objective.name != "binary":
+            promotion = {key: value for key, value in (("metric", objective.default_metric), ("guard", objective.default_guard))
+                         if key not in self.promotion.model_fields_set}
+            object.__setattr__(self, "promotion", self.promotion.model_copy(update=promotion))
+            scoring = {key: value for key, value in (("bands", {}), ("reason_bands", None))
+                       if key not in self.scoring.model_fields_set}
+            object.__setattr__(self, "scoring", self.scoring.model_copy(update=scoring))
+        choose = f"label.objective is {objective.name}: choose from {', '.join(objective.metrics)}"
+        if self.promotion.metric not in objective.metrics:
+            metric = self.promotion.metric
+            raise ValueError(f"promotion.metric: {metric} is a {objective_for(metric)} metric but {choose}")
+        for metric in self.promotion.guard:
+            if metric not in objective.metrics:
+                raise ValueError(f"promotion.guard: unknown guard metric {metric} (a {objective_for(metric)} metric) for {choose}")
+        if objective.name != "binary" and "dask" in (self.training.engine, self.execution.engine):
+            raise ValueError(f"label.objective {objective.name} runs on the local engines only (training.engine and "
+                             f"execution.engine local); the Dask engines train and score binary jobs")
+        if objective.name != "regression":  # binary and multiclass scores are probabilities
+            outside = {name: edge for name, edge in self.scoring.bands.items() if not 0 < edge <= 1}
+            if outside:
+                raise ValueError(f"scoring.bands: band thresholds are probabilities in (0, 1]: {outside} can never (or always) "
+                                 f"be reached")
         return self
 
     @model_validator(mode="after")
@@ -570,6 +624,15 @@ def load_job_config(path: Path, job: str | None = None) -> JobConfig:
     if job is None and config.job != path.stem:
         raise ConfigError(f"{path}: job: is {config.job!r} but the file is named {path.name}; make them match")
     return config
+
+
+def with_model_classes(config: JobConfig, classes: list[str] | None) -> JobConfig:
+    """A multiclass job without ``label.classes`` keeps the classes of its first model: ``classes``
+    (a model's ``model.json``) become the config's, so later trainings, realised performance and
+    the unknown-class warnings use them. Any other config is returned as it is."""
+    if config.label.objective != "multiclass" or config.label.classes or not classes:
+        return config
+    return config.model_copy(update={"label": config.label.model_copy(update={"classes": list(classes)})})
 
 
 def config_dir(project: Path) -> Path:

@@ -30,6 +30,7 @@ from batchml.config import JobConfig, unknown_feature_names
 from batchml.data.sources import parquet_location
 from batchml.errors import ConfigError, DataError, did_you_mean
 from batchml.data.validate import CUTOFF, reason_sql, utc_timestamp
+from batchml.models.objectives import objective_of
 from batchml.storage.warehouse import quote_ident, quote_literal, quote_table
 
 ENTITY, EVENT_TIME, WATERMARK, LABEL, LABEL_AT = "__entity", "__event_time", "__watermark", "__label", "__label_at"
@@ -142,8 +143,13 @@ def _typed_columns(config: JobConfig):
     return [
         (src.watermark, "source.watermark", "a TIMESTAMP (a DATE loses the rows landing after a run on its day)", _is_timestamp),
         (label.available_at, "label.available_at", "a TIMESTAMP or DATE", _is_time),
-        (label.column, "label.column", "a number or BOOLEAN (1/true = positive)", _is_label),
+        (label.column, "label.column", objective_of(label.objective).label_types, _label_type_test(label.objective)),
     ]
+
+
+def _label_type_test(objective: str):
+    """Whether a DuckDB type suits the label column of ``objective`` (``_is_label``: a number or BOOLEAN)."""
+    return lambda duckdb_type: objective_of(objective).label_type_ok(duckdb_type, _is_label(duckdb_type))
 
 
 def _what_is_read(config: JobConfig) -> str:
@@ -229,7 +235,7 @@ def normalised_sql(config: JobConfig, source: str, where: str, columns: dict[str
         SELECT {entity} AS {ENTITY},
                {utc_timestamp(src.event_time)} AS {EVENT_TIME},
                {watermark} AS {WATERMARK},
-               try_cast({quote_ident(label.column)} AS INTEGER) AS {LABEL},
+               {objective_of(label.objective).label_sql(quote_ident(label.column))} AS {LABEL},
                {as_timestamp(label.available_at)} AS {LABEL_AT},
                {", ".join(features)},
                {RULE}, {REASON},
@@ -269,9 +275,11 @@ def event_range_filter(config: JobConfig, start: datetime, end: datetime, as_of:
 
 
 def labeled(config: JobConfig) -> str:
-    """A row counts as labeled when its label is 0 or 1 (or false / true): anything else (-1 for
-    "unknown", NaN, 2) is left out of training and of realised performance, and reported."""
-    return f"try_cast({quote_ident(config.label.column)} AS DOUBLE) IN (0, 1)"
+    """A row counts as labeled when its label is one the objective takes — binary: 0 or 1 (or
+    false / true); regression: a finite number; multiclass: one of ``label.classes`` (any class
+    before the first model fixes them): anything else (-1 for "unknown", NaN, 2) is left out of
+    training and of realised performance, and reported."""
+    return objective_of(config.label.objective).labeled_sql(quote_ident(config.label.column), config.label.classes)
 
 
 def training_filter(config: JobConfig, as_of: datetime, *, labeled_only: bool = True) -> str:

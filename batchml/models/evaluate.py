@@ -389,6 +389,7 @@ def decide(
     seed: int = 42,
     timed_rows: int | None = None,
     work: tuple[float, float] | None = None,
+    objective=None,
 ) -> GateDecision:
     """Compare champion and challenger on the same holdout and apply the promotion gate.
 
@@ -404,24 +405,28 @@ def decide(
     the machine's load (``retrain.scoring_work``); given, the latency ratio is its ratio and the
     seconds only give the time per row.
     """
-    y, p_champion, p_challenger = _paired(y, p_champion, p_challenger)
-    ratio = _latency_ratio(*work) if work is not None else _latency_ratio(champion_seconds, challenger_seconds)
-    unknown = sorted(set(config.guard) - set(METRICS))
-    if unknown:
-        raise ValueError(f"promotion.guard names unknown metrics {unknown}; known: {', '.join(METRICS)}")
+    if objective is None:  # binary: the functions of this module
+        from batchml.models.objectives import OBJECTIVES
 
-    undecided = _holdout_problem(y, config)
+        objective = OBJECTIVES["binary"]
+    y, p_champion, p_challenger = objective.paired(y, p_champion, p_challenger)
+    ratio = _latency_ratio(*work) if work is not None else _latency_ratio(champion_seconds, challenger_seconds)
+    unknown = sorted(set(config.guard) - set(objective.metrics))
+    if unknown:
+        raise ValueError(f"promotion.guard names unknown metrics {unknown}; known: {', '.join(objective.metrics)}")
+
+    undecided = _holdout_problem(y, config, objective)
     if undecided:
         checks, reason = undecided
         # Metrics are still worth reporting for a small holdout, but are undefined for a single class.
-        both = checks["both_classes"]
-        champion = compute_metrics(y, p_champion) if both else {}
-        challenger = compute_metrics(y, p_challenger) if both else {}
+        both = checks[objective.check_name]
+        champion = objective.compute_metrics(y, p_champion) if both else {}
+        challenger = objective.compute_metrics(y, p_challenger) if both else {}
         return GateDecision("no_decision", reason, config.metric, champion, challenger, None, ratio, checks)
-    champion, challenger = compute_metrics(y, p_champion), compute_metrics(y, p_challenger)
-    boot = paired_bootstrap(y, p_champion, p_challenger, config.metric, config.bootstrap_resamples, seed)
+    champion, challenger = objective.compute_metrics(y, p_champion), objective.compute_metrics(y, p_challenger)
+    boot = objective.paired_bootstrap(y, p_champion, p_challenger, config.metric, config.bootstrap_resamples, seed)
     per_row_us = challenger_seconds / timed_rows * 1e6 if timed_rows else None
-    checks, failures = _gate_checks(config, champion, challenger, boot, ratio, per_row_us)
+    checks, failures = _gate_checks(config, champion, challenger, boot, ratio, per_row_us, objective)
     outcome: Outcome = "rejected" if failures else "promoted"
     reason = failures[0] if failures else _promotion_reason(config, boot, ratio)
     return GateDecision(outcome, reason, config.metric, champion, challenger, boot, ratio, checks)
@@ -439,10 +444,10 @@ def _latency_ratio(champion_seconds: float, challenger_seconds: float) -> float 
     return float(challenger_seconds / champion_seconds) if champion_seconds > 0 else None
 
 
-def _holdout_problem(y: np.ndarray, config: PromotionConfig) -> tuple[dict[str, bool], str] | None:
+def _holdout_problem(y: np.ndarray, config: PromotionConfig, objective) -> tuple[dict[str, bool], str] | None:
     """Checks and reason when the holdout cannot decide anything, else None."""
-    problem = _one_class(y)
-    checks = {"min_holdout_rows": y.size >= config.min_holdout_rows, "both_classes": problem is None}
+    problem = objective.problem(y)
+    checks = {"min_holdout_rows": y.size >= config.min_holdout_rows, objective.check_name: problem is None}
     if not checks["min_holdout_rows"]:
         return checks, f"holdout has {y.size} rows < min_holdout_rows {config.min_holdout_rows}; the champion stays"
     if problem:
@@ -457,6 +462,7 @@ def _gate_checks(
     boot: BootstrapResult,
     ratio: float | None,
     per_row_us: float | None = None,
+    objective=None,
 ) -> tuple[dict[str, bool], list[str]]:
     """Every check (name -> passed) and the failure reasons, in the order the gate applies them."""
     metric = config.metric
@@ -473,7 +479,7 @@ def _gate_checks(
             f"bootstrap interval [{boot.low:+.4f}, {boot.high:+.4f}] reaches 0",
         ))
     for name, allowance in config.guard.items():
-        worsening = -improvement(name, champion[name], challenger[name])
+        worsening = -(objective.improvement if objective else improvement)(name, champion[name], challenger[name])
         gate.append((
             f"guard_{name}",
             worsening <= allowance,
@@ -481,7 +487,8 @@ def _gate_checks(
             f"(champion {champion[name]:.4f}, challenger {challenger[name]:.4f})",
         ))
     gate.append(_latency_check(ratio, config, per_row_us))
-    checks = {"min_holdout_rows": True, "both_classes": True} | {name: bool(passed) for name, passed, _ in gate}
+    comparable = objective.check_name if objective else "both_classes"
+    checks = {"min_holdout_rows": True, comparable: True} | {name: bool(passed) for name, passed, _ in gate}
     return checks, [failure for _, passed, failure in gate if not passed]
 
 

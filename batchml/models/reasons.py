@@ -51,13 +51,14 @@ class PathExplainer:
     table: np.ndarray
     offsets: np.ndarray
     bias: float
+    classes: int = 1  # multiclass: tree t adds to class t % classes (LightGBM's order)
 
     @classmethod
     def from_booster(cls, booster: lgb.Booster) -> PathExplainer:
-        return cls.from_model_text(booster.model_to_string(), booster.num_feature())
+        return cls.from_model_text(booster.model_to_string(), booster.num_feature(), booster.num_model_per_iteration())
 
     @classmethod
-    def from_model_text(cls, text: str, n_features: int) -> PathExplainer:
+    def from_model_text(cls, text: str, n_features: int, classes: int = 1) -> PathExplainer:
         """The tables of a model in LightGBM's text format (``model.txt``, whose sha256 the registry
         checks: tables derived from it need no cache of their own that could be tampered with).
 
@@ -76,7 +77,7 @@ class PathExplainer:
             tables.append(table)
         sizes = [len(table) for table in tables]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
-        return cls(np.vstack(tables) if tables else np.zeros((0, n_features)), offsets, bias)
+        return cls(np.vstack(tables) if tables else np.zeros((0, n_features)), offsets, bias, classes)
 
     def explains(self, booster: lgb.Booster, matrix: np.ndarray, tolerance: float = 1e-9) -> bool:
         """Whether these tables fit ``booster``: shapes match and, on ``matrix``, bias + contributions
@@ -92,29 +93,41 @@ class PathExplainer:
         raw = booster.predict(matrix, raw_score=True, num_threads=1)
         return bool(np.max(np.abs(self.bias + contributions.sum(axis=1) - raw)) <= tolerance)
 
-    def contributions(self, leaves: np.ndarray) -> np.ndarray:
-        """(rows, features) contributions for the (rows, trees) leaf indices of :func:`leaf_indices`.
+    def contributions(self, leaves: np.ndarray, towards: np.ndarray | None = None) -> np.ndarray:
+        """(rows, features) contributions for the (rows, trees) leaf indices of :func:`leaf_indices`;
+        ``towards`` (multiclass): per row, the class whose trees are summed (its predicted class).
 
         >>> explainer.contributions(leaf_indices(booster, matrix))   # doctest: +SKIP
         """
+        if towards is None or self.classes == 1:
+            return self._summed(self.table, leaves)
+        out = np.zeros((len(leaves), self.table.shape[1]))
+        tree_of_row = np.repeat(np.arange(len(self.offsets)), np.diff(np.r_[self.offsets, len(self.table)]))
+        for cls in np.unique(towards):  # the other classes' trees count as zero
+            rows = towards == cls
+            out[rows] = self._summed(self.table * (tree_of_row % self.classes == cls)[:, None], leaves[rows])
+        return out
+
+    def _summed(self, table: np.ndarray, leaves: np.ndarray) -> np.ndarray:
+        """Per row, the sum of ``table``'s rows of its leaves."""
         # imported on use (0.2-0.5 s), as the drift statistics do
         from scipy import sparse
 
         rows, trees = leaves.shape
         if trees != len(self.offsets):
             raise ValueError(f"leaf indices for {trees} trees given to an explainer of {len(self.offsets)} trees")
-        out = np.zeros((rows, self.table.shape[1]))
+        out = np.zeros((rows, table.shape[1]))
         if trees == 0:
             return out
         step = max(1, CHUNK_CELLS // trees)
         for start in range(0, rows, step):
             # one 1 per (row, tree) at the row of table holding that tree's leaf: indicator @ table sums them
             columns = (leaves[start:start + step] + self.offsets).astype(np.int32, copy=False).ravel()
-            if columns.min() < 0 or columns.max() >= len(self.table):  # scipy would read past the table
-                raise ValueError(f"leaf index out of range for a model of {len(self.table)} leaves")
+            if columns.min() < 0 or columns.max() >= len(table):  # scipy would read past the table
+                raise ValueError(f"leaf index out of range for a model of {len(table)} leaves")
             indicator = sparse.csr_matrix((np.ones(len(columns)), columns, np.arange(0, len(columns) + 1, trees)),
-                                          shape=(len(columns) // trees, len(self.table)))
-            out[start:start + step] = indicator @ self.table
+                                          shape=(len(columns) // trees, len(table)))
+            out[start:start + step] = indicator @ table
         return out
 
 
@@ -138,9 +151,14 @@ def _walk(fields: dict[str, str], leaf_value: np.ndarray, table: np.ndarray) -> 
     return float(internal[0])
 
 
-def shap_contributions(booster: lgb.Booster, matrix: np.ndarray) -> np.ndarray:
-    """TreeSHAP contributions (without the bias column)."""
-    return booster.predict(matrix, pred_contrib=True, num_threads=thread_count(len(matrix)))[:, :-1]
+def shap_contributions(booster: lgb.Booster, matrix: np.ndarray, towards: np.ndarray | None = None) -> np.ndarray:
+    """TreeSHAP contributions (without the bias column); ``towards`` (multiclass): per row, the class
+    whose block of LightGBM's per-class output (features + bias per class) is taken."""
+    contributions = booster.predict(matrix, pred_contrib=True, num_threads=thread_count(len(matrix)))
+    if towards is None:
+        return contributions[:, :-1]
+    blocks = np.asarray(contributions).reshape(len(matrix), -1, booster.num_feature() + 1)
+    return blocks[np.arange(len(matrix)), towards, :-1]
 
 
 def top_reasons(contributions: np.ndarray, features: list[str], rows: np.ndarray, n: int, k: int) -> pa.Array:

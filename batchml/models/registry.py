@@ -149,6 +149,14 @@ def load(row: dict) -> LoadedModel:
                        libraries=dict(row.get(LIBRARIES) or {}))
 
 
+def manifest_field(row: dict, key: str):
+    """One field of a registered model's manifest (unverified, as :func:`manifest_spec`); None when unreadable."""
+    try:
+        return json.loads((Path(row["artifact_path"]) / MANIFEST_FILE).read_text()).get(key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def manifest_spec(row: dict) -> FeatureSpec | None:
     """The features a registered model eats, read from its manifest (unverified: for decisions that
     need no scores, such as whether a retrain would repeat it); None when unreadable."""

@@ -24,6 +24,7 @@ from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import ModelError
 from batchml.data.features import FeatureSpec, categorical_values, numeric_values, to_matrix
+from batchml.models.objectives import objective_of
 from batchml.models.train import Split, TrainedModel, fit, labels, predict, split_by_time
 
 PROFILE_FILE = "profile.json"
@@ -95,7 +96,7 @@ def due_triggers(
             fired.append("new_labels")
         holdout = _holdout_metric(champion, config.promotion.metric)
         if rules.max_decay and realised is not None and holdout is not None and "decay" not in answered:
-            decay = evaluate.improvement(config.promotion.metric, realised, holdout)
+            decay = objective_of(config.label.objective).improvement(config.promotion.metric, realised, holdout)
             if decay > rules.max_decay:
                 fired.append("decay")
         if champion_spec is not None and any(feature_change(config, champion_spec)):
@@ -149,11 +150,12 @@ def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, versi
     split = split_by_time(table, config)
     trained = fitter(split, config)
     holdout_scores = predict(trained.booster, split.holdout, trained.spec)
-    metrics = {"holdout": _safe_metrics(labels(split.holdout), holdout_scores), "best_iteration": trained.best_iteration}
+    y_holdout = labels(split.holdout, config, trained.classes)
+    metrics = {"holdout": _safe_metrics(y_holdout, holdout_scores, config), "best_iteration": trained.best_iteration}
     folder = registry.model_dir(models_root, config.job, version)
     registry.clear_orphan(folder)
     folder.mkdir(parents=True)
-    profile = build_profile(split, trained, holdout_scores, config.training.seed)
+    profile = build_profile(split, trained, score_of(trained.objective, holdout_scores), config.training.seed)
     (folder / PROFILE_FILE).write_text(_json(profile.to_dict()))
     write_golden(folder / GOLDEN_FILE, split, trained, config)
     manifest = {
@@ -161,6 +163,8 @@ def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, versi
         "train_start": trained.train_start, "train_end": trained.train_end, "train_rows": trained.train_rows,
         "holdout_rows": split.holdout.num_rows, "rows_dropped": dict(dropped or {}), "metrics": metrics, "as_of": as_of,
         "encoding": "categorical value -> index in categories[feature]; unseen or null -> NaN (missing); numeric as float64",
+        "objective": trained.objective,
+        **({"classes": trained.classes} if trained.classes is not None else {}),
     }
     sha, manifest_sha = registry.write_artifact(folder, trained.booster, manifest)
     return Candidate(version, trained, split, holdout_scores, metrics, folder, sha, manifest_sha, dict(dropped or {}))
@@ -170,24 +174,30 @@ def _json(data: dict) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def _safe_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    if len(y) == 0 or len(np.unique(y)) < 2:
+def _safe_metrics(y: np.ndarray, p: np.ndarray, config: JobConfig | None = None) -> dict:
+    objective = objective_of(config.label.objective if config else None)
+    if len(y) == 0 or objective.problem(y) or (objective.name != "regression" and len(np.unique(y)) < 2):
         return {}
-    return evaluate.compute_metrics(y, p)
+    return objective.compute_metrics(y, p)
+
+
+def score_of(objective: str | None, raw: np.ndarray) -> np.ndarray:
+    """The one number per row the scores table holds (multiclass: the predicted class's probability)."""
+    return objective_of(objective).score(raw) if len(raw) else np.asarray(raw, dtype=np.float64).reshape(0)
 
 
 def write_golden(path: Path, split: Split, trained: TrainedModel, config: JobConfig) -> None:
     """A few holdout (or training) rows with the model's scores: re-scored by ``batchml check``."""
     source = split.holdout if split.holdout.num_rows else split.validation
     rows = source.slice(0, GOLDEN_ROWS).select(trained.spec.features)
-    scores = predict(trained.booster, rows, trained.spec)
+    scores = score_of(trained.objective, predict(trained.booster, rows, trained.spec))
     pq.write_table(rows.append_column("__score", pa.array(scores, pa.float64())), str(path))
 
 
 def check_golden(model: registry.LoadedModel, tolerance: float = 1e-12) -> tuple[int, float]:
     """Re-score the golden set; returns (rows, largest score difference). Raises if any moved."""
     table = pq.read_table(str(model.path / GOLDEN_FILE))
-    scores = predict(model.booster, table, model.spec)
+    scores = score_of(model.manifest.get("objective"), predict(model.booster, table, model.spec))
     expected = table.column("__score").to_numpy()
     worst = float(np.max(np.abs(scores - expected))) if len(scores) else 0.0
     if worst > tolerance:
@@ -277,11 +287,17 @@ def gate(candidate: Candidate, champion: registry.LoadedModel, config: JobConfig
         return evaluate.undecided(config.promotion, f"champion v{champion.version} cannot be scored on the holdout: the source "
                                   f"no longer has {', '.join(missing)}; promote challenger v{candidate.version} by hand "
                                   f"(`batchml models promote {config.job} {candidate.version}`)")
-    y = labels(holdout)
+    classes = candidate.trained.classes
+    if classes != champion.manifest.get("classes"):  # class i must mean the same class to both models
+        return evaluate.undecided(config.promotion, f"champion v{champion.version} predicts classes {champion.manifest.get('classes')} "
+                                  f"but challenger v{candidate.version} predicts {classes}, so the gate cannot compare them; "
+                                  f"promote it by hand (`batchml models promote {config.job} {candidate.version}`)")
+    y = labels(holdout, config, classes)
     p_champion = predict(champion.booster, holdout, champion.spec)
     champion_model, challenger_model = (champion.booster, champion.spec), (candidate.trained.booster, candidate.trained.spec)
     # the ratio from counted work (load cannot move it); the time per row, for latency_floor_us, from CPU time
     work = (scoring_work(*champion_model, holdout), scoring_work(*challenger_model, holdout))
     champion_seconds, challenger_seconds = timed_pair(champion_model, challenger_model, holdout)
     return evaluate.decide(y, p_champion, candidate.holdout_scores, config.promotion, champion_seconds, challenger_seconds,
-                           seed=config.training.seed, timed_rows=timed_rows(holdout), work=work)
+                           seed=config.training.seed, timed_rows=timed_rows(holdout), work=work,
+                           objective=objective_of(config.label.objective))

@@ -24,6 +24,7 @@ import pyarrow as pa
 from batchml.config import JobConfig, thread_count
 from batchml.data.extract import ENTITY, EVENT_TIME
 from batchml.data.features import to_matrix
+from batchml.models.objectives import Outputs, objective_of
 from batchml.models.reasons import REASON_TYPE, PathExplainer, leaf_indices, shap_contributions, top_reasons
 from batchml.models.registry import MODEL_FILE, LoadedModel
 
@@ -32,7 +33,8 @@ from batchml.models.registry import MODEL_FILE, LoadedModel
 log = logging.getLogger("batchml")
 
 class Predictor(Protocol):
-    """Anything that turns a float64 feature matrix into probabilities.
+    """Anything that turns a float64 feature matrix into LightGBM's predictions (probabilities,
+    values, or rows x classes probabilities for multiclass).
 
     ``concurrent_batches``: how many batches may be predicted at once, each with ``threads=1``
     (1: one batch at a time, with every core)."""
@@ -104,23 +106,27 @@ def band_codes(scores: np.ndarray, config: JobConfig) -> tuple[np.ndarray, list[
     return codes, names
 
 
-def reason_codes(model: LoadedModel, matrix: np.ndarray, wanted: np.ndarray, config: JobConfig) -> pa.Array:
+def reason_codes(model: LoadedModel, matrix: np.ndarray, wanted: np.ndarray, config: JobConfig,
+                 predicted: np.ndarray | None = None) -> pa.Array:
     """Top-``scoring.reasons`` contributions for rows where ``wanted`` is true; null for the others.
 
     ``path`` reads each row's leaves from a verified compiled leaves library when ``scoring.engine``
     allows compiled trees and one exists (``compiled.compiled_leaves``), else with LightGBM's pred_leaf.
+    ``predicted`` (multiclass): each row's predicted class; its contributions are those towards that
+    class (the trees of that class only).
     """
     rows = np.flatnonzero(wanted)
     k = config.scoring.reasons
     if k == 0 or len(rows) == 0:
         return pa.nulls(len(matrix), REASON_TYPE)
     chosen = matrix[rows]
+    towards = None if predicted is None else predicted[rows]
     if config.scoring.reason_method == "shap":
-        contributions = shap_contributions(model.booster, chosen)
+        contributions = shap_contributions(model.booster, chosen, towards)
     else:
         compiled = _compiled_leaves(model, config)
         leaves = compiled.predict(chosen) if compiled is not None else leaf_indices(model.booster, chosen)
-        contributions = path_explainer(model).contributions(leaves)
+        contributions = path_explainer(model).contributions(leaves, towards)
     return top_reasons(contributions, model.spec.features, rows, len(matrix), k)
 
 
@@ -137,7 +143,8 @@ def path_explainer(model: LoadedModel) -> PathExplainer:
     """The model's path-attribution tables, built once per loaded model from its model.txt (verified
     against the registry's sha256 when the model was loaded): 0.06 s for 300 trees x 63 leaves."""
     if "path_explainer" not in model.cache:
-        model.cache["path_explainer"] = PathExplainer.from_model_text((model.path / MODEL_FILE).read_text(), len(model.spec.features))
+        model.cache["path_explainer"] = PathExplainer.from_model_text((model.path / MODEL_FILE).read_text(), len(model.spec.features),
+                                                                      len(model.manifest.get("classes") or []) or 1)
     return model.cache["path_explainer"]
 
 
@@ -182,21 +189,31 @@ def score_batches(
             summary.predict_seconds += time.perf_counter() - started
         return scores
 
-    def finish(batch: pa.RecordBatch, matrix: np.ndarray, scores: np.ndarray) -> pa.RecordBatch:
+    objective = objective_of(model.manifest.get("objective"))
+    banded = objective.name == "binary" or bool(config.scoring.bands)  # no bands (regression, multiclass): risk_band null
+
+    def finish(batch: pa.RecordBatch, matrix: np.ndarray, raw: np.ndarray) -> pa.RecordBatch:
+        outputs = objective.outputs(raw)
+        scores = outputs.score
         codes, names = band_codes(scores, config)
         if wanted_bands is None:
             wanted = np.ones(len(scores), bool)
         else:
             wanted = np.isin(codes, [code for code, name in enumerate(names) if name in wanted_bands])
         started = time.perf_counter()
-        reasons = reason_codes(model, matrix, wanted, config)
+        reasons = reason_codes(model, matrix, wanted, config, outputs.predicted)
         summary.reason_seconds += time.perf_counter() - started
         summary.rows += batch.num_rows
-        summary.bands.update({name: int(n) for name, n in zip(names, np.bincount(codes, minlength=len(names))) if n})
+        if banded:
+            summary.bands.update({name: int(n) for name, n in zip(names, np.bincount(codes, minlength=len(names))) if n})
         if on_scores is not None:
             on_scores(batch, scores)
-        bands = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string())).dictionary_decode()
-        return score_rows(batch, scores, bands, reasons, config, model.version, run_id, scored_at)
+        if banded:
+            bands = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string())).dictionary_decode()
+        else:
+            bands = pa.nulls(len(scores), pa.string())
+        return score_rows(batch, scores, bands, reasons, config, model.version, run_id, scored_at,
+                          classes=model.manifest.get("classes"), outputs=outputs)
 
     in_flight: deque[tuple[pa.RecordBatch, np.ndarray, Future]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchml-predict") as pool:
@@ -213,9 +230,14 @@ def score_batches(
             yield finish(batch, matrix, scores.result())
 
 
-def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, run_id: str, scored_at: datetime) -> pa.RecordBatch:
+PROBABILITIES_TYPE = pa.map_(pa.string(), pa.float64())  # class -> probability: probabilities['fraud'] in SQL
+
+
+def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, run_id: str, scored_at: datetime,
+               classes: list[str] | None = None, outputs: Outputs | None = None) -> pa.RecordBatch:
+    """The scores table's rows; a multiclass job's also hold ``predicted_class`` and ``probabilities``."""
     n = batch.num_rows
-    return pa.RecordBatch.from_arrays(
+    rows = pa.RecordBatch.from_arrays(
         [
             batch.column(ENTITY),
             pa.array(scores, pa.float64()),
@@ -228,3 +250,21 @@ def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, r
         ],
         names=[config.source.entity_id, "score", "risk_band", "model_version", "run_id", "scored_at", "event_time", "reasons"],
     )
+    if config.label.objective != "multiclass":
+        return rows
+    predicted_class, probabilities = class_columns(n, classes, outputs)
+    return pa.RecordBatch.from_arrays([*rows.columns, predicted_class, probabilities],
+                                      names=[*rows.schema.names, "predicted_class", "probabilities"])
+
+
+def class_columns(n: int, classes: list[str] | None, outputs: Outputs | None) -> tuple[pa.Array, pa.Array]:
+    """``predicted_class`` (VARCHAR) and ``probabilities`` (MAP(VARCHAR, DOUBLE), one entry per class in
+    the model's order) of a multiclass batch; nulls without predictions (an empty schema)."""
+    if outputs is None or outputs.probabilities is None or not classes:
+        return pa.nulls(n, pa.string()), pa.nulls(n, PROBABILITIES_TYPE)
+    names = np.asarray(classes, dtype=object)
+    k = len(classes)
+    keys = pa.array(np.tile(names, n), pa.string())
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    probabilities = pa.MapArray.from_arrays(offsets, keys, pa.array(outputs.probabilities.ravel(), pa.float64()))
+    return pa.array(names[outputs.predicted], pa.string()), probabilities

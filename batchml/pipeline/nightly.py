@@ -39,7 +39,8 @@ from batchml.models import registry
 from batchml.storage import model_rows
 from batchml.models import retrain
 from batchml.storage import labels, runlog
-from batchml.config import JobConfig
+from batchml.config import JobConfig, with_model_classes
+from batchml.models.objectives import objective_of
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, file_error, interrupted
 from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, training_filter, write_run_file
 from batchml.storage.source import describe_source, odd_labels, pull, restrict, set_cutoff
@@ -236,6 +237,7 @@ class NightlyRun:
         if self.champion_row:
             self.run.champion_version = self.champion_row["version"]
             self.champion = registry.load(self.champion_row)
+            self.config = with_model_classes(self.config, self.champion.manifest.get("classes"))
 
     def _batch_filter(self) -> str:
         return batch_filter(self.config, self.run.watermark_from, self.run.as_of)
@@ -260,7 +262,7 @@ class NightlyRun:
                 self.last_trained = model_rows.last_trained(con, self.config.job)
                 self.answered = self._answered_triggers(con)
                 self.performance = performance.metric_rows(self.config.promotion.metric, labels.labeled_scores(
-                    con, self.config, self.project.root, self.run.as_of))
+                    con, self.config, self.project.root, self.run.as_of), self.config.label.objective)
                 champion = self.champion_row["version"] if self.champion_row else None
                 self.realised = performance.overall(self.performance, champion)
         self._pulled()
@@ -697,8 +699,7 @@ def pull_training_rows(con, config: JobConfig, pull_config: JobConfig, root: Pat
     pulled = pull(con, pull_config, root, training_filter(config, as_of), path, columns=columns)
     odd, values = odd_labels(con, config, root, training_filter(config, as_of, labeled_only=False))
     if odd:
-        warn(f"{odd} row(s) in the training window have a {config.label.column} (label.column) other than 0/1 "
-             f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
+        warn(objective_of(config.label.objective).odd_labels_message(odd, values, config.label.column))
     if pulled.by_rule:  # every labeled row of the window trains or judges, unless the contract rejects it
         reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(pulled.by_rule.items()))
         warn(f"{sum(pulled.by_rule.values())} of {pulled.rows} labeled row(s) in the training window left out of "

@@ -38,7 +38,7 @@ from batchml.models import registry
 from batchml.storage import model_rows
 from batchml.models import retrain
 from batchml.storage import runlog
-from batchml.config import JobConfig, load_job_config
+from batchml.config import JobConfig, load_job_config, with_model_classes
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import read_run_file
 from batchml.storage.source import describe_source, set_cutoff
@@ -51,6 +51,7 @@ from batchml.pipeline.nightly import (
     with_model_features,
 )
 from batchml.project import Project
+from batchml.models.objectives import objective_of
 from batchml.models.train import labels
 from batchml.storage.warehouse import table_exists
 
@@ -128,7 +129,7 @@ def try_config(project: Project, job: str, config_path: Path | None = None, as_o
 
 
 def _train_and_judge(project: Project, config: JobConfig, shown_path: str, as_of: datetime | None, scratch: Path) -> Trial:
-    champion_row, champion, as_of, version = _pull(project, config, as_of, scratch / "train.arrow")
+    champion_row, champion, as_of, version, config = _pull(project, config, as_of, scratch / "train.arrow")
     candidate = retrain.train_candidate(config, read_run_file(scratch / "train.arrow"), scratch / "models", version, as_of)
     added, removed = retrain.feature_change(config, champion.spec) if champion else ([], [])
     trial = Trial(
@@ -144,8 +145,9 @@ def _train_and_judge(project: Project, config: JobConfig, shown_path: str, as_of
 
 
 def _pull(project: Project, config: JobConfig, as_of: datetime | None,
-          path: Path) -> tuple[dict | None, registry.LoadedModel | None, datetime, int]:
-    """The champion and the training rows a nightly run at ``as_of`` would train on, read-only."""
+          path: Path) -> tuple[dict | None, registry.LoadedModel | None, datetime, int, JobConfig]:
+    """The champion and the training rows a nightly run at ``as_of`` would train on, read-only (and the
+    config as a run reads it: a multiclass job keeps its champion's classes)."""
     with project.connect(read_only=True) as con:
         has_registry = table_exists(con, "batchml.models")
         champion_row = model_rows.champion(con, config.job) if has_registry else None
@@ -153,6 +155,8 @@ def _pull(project: Project, config: JobConfig, as_of: datetime | None,
         as_of = as_of or watermark or registry.utcnow()
         _refuse_before_champion(champion_row, as_of)
         champion = registry.load(champion_row) if champion_row else None
+        if champion is not None:
+            config = with_model_classes(config, champion.manifest.get("classes"))
         set_cutoff(con, as_of)  # feature SQL sees the source as of the cut-off, as in a run
         columns = describe_source(con, config, project.root)
         pull_config = config
@@ -161,7 +165,7 @@ def _pull(project: Project, config: JobConfig, as_of: datetime | None,
         pull_training_rows(con, config, pull_config, project.root, as_of, path, columns=columns,
                            warn=lambda message: log.warning("%s: %s", config.job, message))
         version = model_rows.next_version(con, config.job) if has_registry else 1
-    return champion_row, champion, as_of, version
+    return champion_row, champion, as_of, version, config
 
 
 def _refuse_before_champion(champion: dict | None, as_of: datetime) -> None:
@@ -204,7 +208,7 @@ def _drift_against(champion: registry.LoadedModel, candidate: retrain.Candidate,
     scores = drift.ReferenceProfile({}, {}, reference.score)
     score_accumulator = drift.CurrentAccumulator(scores)
     if len(candidate.holdout_scores):
-        score_accumulator.update({}, {}, scores=candidate.holdout_scores)
+        score_accumulator.update({}, {}, scores=retrain.score_of(candidate.trained.objective, candidate.holdout_scores))
     return report.to_rows() + prediction_drift(scores, score_accumulator, config), report.dataset_drift
 
 
@@ -215,7 +219,8 @@ def to_dict(trial: Trial) -> dict:
     """The stable JSON form (``SCHEMA``; documented in README "Trying a config change")."""
     decision, candidate, champion = trial.decision, trial.candidate, trial.champion
     split = candidate.split
-    y = labels(split.holdout)
+    y = labels(split.holdout, trial.config, candidate.trained.classes)
+    binary = trial.config.label.objective == "binary"
     return {
         "schema": SCHEMA,
         "job": trial.job,
@@ -237,7 +242,7 @@ def to_dict(trial: Trial) -> dict:
         "features": {"added": trial.added, "removed": trial.removed},
         "rows": {
             "train": candidate.trained.train_rows, "fit": split.fit.num_rows, "validation": split.validation.num_rows,
-            "holdout": split.holdout.num_rows, "holdout_positives": int(np.sum(y == 1)),
+            "holdout": split.holdout.num_rows, "holdout_positives": int(np.sum(y == 1)) if binary else None,
         },
         "metric": trial.config.promotion.metric,
         "metrics": _metrics(trial),
@@ -276,7 +281,8 @@ def _metrics(trial: Trial) -> list[dict]:
         return [{"name": name, "champion": None, "candidate": value, "improvement": None} for name, value in holdout.items()]
     ours, theirs = trial.decision.metrics_challenger, trial.decision.metrics_champion
     return [{"name": name, "champion": theirs[name], "candidate": ours[name],
-             "improvement": evaluate.improvement(name, theirs[name], ours[name])} for name in ours if name in theirs]
+             "improvement": objective_of(trial.config.label.objective).improvement(name, theirs[name], ours[name])}
+            for name in ours if name in theirs]
 
 
 def conditions(trial: Trial) -> list[dict]:
@@ -292,6 +298,8 @@ def _detail(trial: Trial, name: str) -> str:
     boot, holdout = decision.bootstrap, trial.candidate.split.holdout
     if name == "min_holdout_rows":
         return f"{holdout.num_rows} holdout rows, at least {promotion.min_holdout_rows} needed"
+    if name == "comparable":  # regression, multiclass
+        return f"{holdout.num_rows} labeled holdout rows"
     if name == "both_classes":
         positives = int(np.sum(labels(holdout) == 1))
         return f"{positives} positive and {holdout.num_rows - positives} negative holdout rows"
@@ -303,7 +311,7 @@ def _detail(trial: Trial, name: str) -> str:
         metric = name.removeprefix("guard_")
         ours, theirs = decision.metrics_challenger.get(metric), decision.metrics_champion.get(metric)
         if ours is not None and theirs is not None:
-            worse = -evaluate.improvement(metric, theirs, ours)
+            worse = -objective_of(trial.config.label.objective).improvement(metric, theirs, ours)
             change = f"worse by {worse:.4f}" if worse > 0 else f"better by {-worse:.4f}"
             return f"{metric} {theirs:.4f} -> {ours:.4f} ({change}), may worsen by {promotion.guard[metric]:g}"
     if name == "latency":

@@ -52,7 +52,8 @@ def _metric_rows(data: dict) -> list[list[str]]:
 def _rows_line(data: dict) -> str:
     r, c = data["rows"], data["candidate"]
     return (f"{r['train']:,} training rows (fit {r['fit']:,}, early-stopping validation {r['validation']:,}), events "
-            f"{c['train_start'][:10]} .. {c['train_end'][:10]}; holdout {r['holdout']:,} rows ({r['holdout_positives']:,} positive)")
+            f"{c['train_start'][:10]} .. {c['train_end'][:10]}; holdout {r['holdout']:,} rows"
+            + (f" ({r['holdout_positives']:,} positive)" if r["holdout_positives"] is not None else ""))
 
 
 def _speed_line(data: dict) -> str:

@@ -87,11 +87,15 @@ def performance_trend(con, job: str) -> list[dict]:
 
 
 def band_counts(con, config: JobConfig, run_id: str) -> dict[str, int]:
-    """Risk band -> rows the run scored in it (none before the scores table exists)."""
+    """Risk band -> rows the run scored in it (none before the scores table exists). A multiclass job
+    without bands: rows per predicted class instead (``predicted <class>``)."""
     if not table_exists(con, config.scores_table):
         return {}
+    group = "risk_band"
+    if config.label.objective == "multiclass" and not config.scoring.bands:
+        group = "'predicted ' || predicted_class"
     return dict(con.execute(
-        f"SELECT risk_band, count(*) FROM {quote_table(config.scores_table)} WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]
+        f"SELECT {group}, count(*) FROM {quote_table(config.scores_table)} WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC", [run_id]
     ).fetchall())
 
 

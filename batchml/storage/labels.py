@@ -10,6 +10,7 @@ from pathlib import Path
 
 from batchml.config import JobConfig
 from batchml.data.extract import ENTITY, EVENT_TIME, LABEL, RULE, as_timestamp, labeled, normalised_sql, ts_literal
+from batchml.models.objectives import objective_of
 from batchml.storage.source import source_sql
 from batchml.storage.warehouse import quote_ident, quote_table, table_exists
 
@@ -34,7 +35,8 @@ def count_new_labels(con, config: JobConfig, project: Path, as_of: datetime) -> 
 
 
 def labeled_scores(con, config: JobConfig, project: Path, as_of: datetime) -> list[tuple]:
-    """(label, score, event day, model version) of every valid label that arrived since the previous
+    """(label, score, event day, model version) of every valid label (multiclass: its probabilities
+    instead of its score) that arrived since the previous
     nightly/replay run, joined to the score its row had (``performance.metric_rows`` turns them into figures)."""
     table = config.scores_table
     if not table_exists(con, table):
@@ -46,10 +48,11 @@ def labeled_scores(con, config: JobConfig, project: Path, as_of: datetime) -> li
     ).fetchone()[0]
     arrived = normalised_sql(config, source_sql(con, config, project), labels_between(config, previous, as_of))
     entity = quote_ident(config.source.entity_id)
+    stored = quote_ident(objective_of(config.label.objective).stored_prediction)  # multiclass: the probabilities map
     return con.execute(f"""
         WITH labeled AS ({arrived}),
         s AS (
-            SELECT sc.{entity} AS e, sc.event_time AS t, sc.score, sc.model_version FROM {quote_table(table)} sc
+            SELECT sc.{entity} AS e, sc.event_time AS t, sc.{stored} AS score, sc.model_version FROM {quote_table(table)} sc
             JOIN batchml.runs r ON r.run_id = sc.run_id
             WHERE r.kind IN ('nightly', 'replay') AND r.as_of <= {ts_literal(as_of)}
             QUALIFY row_number() OVER (PARTITION BY sc.{entity}, sc.event_time ORDER BY sc.scored_at DESC) = 1

@@ -33,6 +33,7 @@ from batchml.data.extract import (
     ts_literal,
 )
 from batchml.data.sources import OBJECT_STORES, protocol, storage_options
+from batchml.models.objectives import objective_of
 from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
 from batchml.storage.warehouse import is_restricted, quote_ident, restrict_external_access, setting, size_bytes
 
@@ -205,9 +206,10 @@ def null_watermarks(con: duckdb.DuckDBPyConnection, config: JobConfig, project: 
 
 
 def odd_labels(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str) -> tuple[int, list[float]]:
-    """(rows matching ``where`` whose label is present but not 0/1, a few of those values)."""
+    """(rows matching ``where`` whose label is present but not one the objective takes (binary: 0/1), a few of those values)."""
     label = quote_ident(config.label.column)
-    sql = (f"SELECT try_cast({label} AS DOUBLE) AS v FROM ({source_sql(con, config, project)}) "
+    value = objective_of(config.label.objective).odd_value_sql(label)
+    sql = (f"SELECT {value} AS v FROM ({source_sql(con, config, project)}) "
            f"WHERE {where} AND {label} IS NOT NULL AND NOT coalesce({labeled(config)}, false)")
     count, values = con.execute(f"SELECT count(*), list(DISTINCT v ORDER BY v)[:5] FROM ({sql})").fetchone()
     return int(count), list(values or [])
