@@ -43,13 +43,13 @@ def source() -> pa.Table:
     return pa.concat_tables([findings, again])
 
 
-def parquet_project(root: Path, table: pa.Table, files: int, **execution) -> DemoProject:
-    """A project whose source is ``table`` cut into ``files`` Parquet files."""
+def parquet_project(root: Path, table: pa.Table, files: int, row_group_size: int | None = None, **execution) -> DemoProject:
+    """A project whose source is ``table`` cut into ``files`` Parquet files (of ``row_group_size`` row groups)."""
     landing = root / "landing"
     landing.mkdir(parents=True)
     cuts = np.linspace(0, table.num_rows, files + 1).astype(int)
     for i in range(files):
-        pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), landing / f"part-{i}.parquet")
+        pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), landing / f"part-{i}.parquet", row_group_size=row_group_size)
     project = DemoProject(root, table)
     config = job_config()
     config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
@@ -105,18 +105,25 @@ def assert_same(found: dict, expected: dict) -> None:
             assert (a is None and b is None) or abs(a - b) <= 1e-9
 
 
-@pytest.mark.parametrize("workers, files", [(1, 3), (2, 7)])
+@pytest.mark.parametrize("workers, files, row_group_size", [(1, 3, None), (2, 7, None), (2, 1, 700)])
 def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp_path, source, local_results, cluster, one_worker,
-                                                                               workers, files):
+                                                                               workers, files, row_group_size, caplog):
+    """Shares cut by file (7 files) or by row group (one file): the duplicates' first copies lie in
+    the first share, their later copies in the last, and the later copies still win."""
     address = (one_worker if workers == 1 else cluster).scheduler_address
-    project = parquet_project(tmp_path / "project", source, files, engine="dask", scheduler=address)
-    nights_and_backfill(project)  # the backfill too runs on the cluster
+    project = parquet_project(tmp_path / "project", source, files, row_group_size, engine="dask", scheduler=address)
+    with caplog.at_level("INFO", logger="batchml"):
+        nights_and_backfill(project)  # the backfill too runs on the cluster
     found = results(project)
     assert found["scores"] and found["quarantine"] and found["drift"]
     assert {rule for _, rule, _, _ in found["quarantine"]} >= {"null_entity_id", "out_of_range", "non_finite", "duplicate"}
     assert_same(found, local_results)
-    files_listed = project.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'scores'")
-    assert files_listed == workers * (len(NIGHTS) + 1)  # one file per partition and run, no stray attempt
+    per_run = project.query("SELECT count(*), count(DISTINCT partition) FROM batchml.manifests WHERE kind = 'scores' GROUP BY run_id")
+    assert len(per_run) == len(NIGHTS) + 1
+    assert all(files == shares <= workers for files, shares in per_run)  # one file per partition and run, no stray attempt
+    assert max(shares for _, shares in per_run) == workers
+    shared = [r.getMessage() for r in caplog.records if "occur in more than one partition" in r.getMessage()]
+    assert bool(shared) == (workers > 1)  # the split duplicates were ranked across shares
 
 
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):

@@ -132,6 +132,7 @@ def units_sql(units: tuple[Unit, ...], columns: dict[str, str]) -> str:
         rows = "" if unit.whole else f" WHERE file_row_number >= {unit.first} AND file_row_number < {unit.end}"
         selects.append(f"SELECT * EXCLUDE (file_row_number), {path} AS __file, file_row_number AS __row "
                        f"FROM read_parquet({path}, file_row_number = true){rows}")
-    typed = ", ".join(f"CAST(NULL AS {kind}) AS {quote_source_column(name)}" for name, kind in columns.items())
-    selects.append(f"SELECT {typed}, CAST(NULL AS VARCHAR) AS __file, CAST(NULL AS BIGINT) AS __row WHERE false")
+    typed = [f"CAST(NULL AS {kind}) AS {quote_source_column(name)}" for name, kind in columns.items()]
+    typed += ["CAST(NULL AS VARCHAR) AS __file", "CAST(NULL AS BIGINT) AS __row"]
+    selects.append(f"SELECT {', '.join(typed)} WHERE false")
     return "\nUNION ALL BY NAME\n".join(selects)
