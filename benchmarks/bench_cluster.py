@@ -9,11 +9,17 @@ by this process (its start is outside the timing), so each worker's peak RSS (``
 from the worker itself afterwards. Scores are compared with the local engine's, bitwise.
 
     python benchmarks/bench_cluster.py [--quick]     # prints the Markdown section
+
+Sizes from the environment (``make bench`` keeps the defaults): ``BATCHML_BENCH_CLUSTER_ROWS``
+(throughput runs, default 10,000,000; --quick 400,000) and ``BATCHML_BENCH_CLUSTER_RSS_ROWS``
+(comma-separated peak-RSS runs on 2 workers, default 10,000,000,40,000,000; --quick 200,000,800,000).
+The Parquet rows are generated in 1M-row chunks (never all in memory) and cached in ``.data``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -28,7 +34,10 @@ LAKE = DATA / "cluster"
 
 def sizes_of(quick: bool) -> tuple[int, tuple[int, ...]]:
     """(rows of the throughput runs, rows of the peak-RSS runs)."""
-    return (400_000, (200_000, 800_000)) if quick else (10_000_000, (10_000_000, 40_000_000))
+    rows, rss = (400_000, (200_000, 800_000)) if quick else (10_000_000, (10_000_000, 40_000_000))
+    rows = int(os.environ.get("BATCHML_BENCH_CLUSTER_ROWS", rows))
+    listed = os.environ.get("BATCHML_BENCH_CLUSTER_RSS_ROWS")
+    return rows, tuple(int(n) for n in listed.split(",")) if listed else rss
 
 
 def project(rows: int, sizes: Sizes, row: dict, engine: str) -> Path:
@@ -101,7 +110,7 @@ def measure(quick: bool) -> dict:
     from batchml.models import compiled
 
     compiled.precompile(common.loaded_model(row), force=True)  # once, outside the timings (as at promotion)
-    figures: dict = {"rows": rows, "runs": {}}
+    figures: dict = {"rows": rows, "runs": {}, "load_before": common.load_average()}
     for name, workers in (("local", None), ("dask, 1 worker", 1), ("dask, 2 workers", 2)):
         result = one_run(rows, sizes, row, workers)
         run = result["run"]
@@ -117,6 +126,7 @@ def measure(quick: bool) -> dict:
     for n in rss_rows:
         figures["rss"][n] = one_run(n, sizes, row, 2)["rss"]
     shutil.rmtree(LAKE, ignore_errors=True)
+    figures["load_after"] = common.load_average()
     return figures
 
 
@@ -126,7 +136,8 @@ def markdown(figures: dict) -> str:
     lines = [
         "## 5. Dask engine",
         "",
-        f"One nightly run of {rows:,} new rows x 35 features read from Parquet (pull + contract, drift, score, commit).",
+        f"One nightly run of {rows:,} new rows x 35 features read from Parquet (pull + contract, drift, score, commit). "
+        f"Load average (1, 5, 15 min) before: {figures.get('load_before', '?')}, after: {figures.get('load_after', '?')}.",
         "",
         "| engine | run | rows/s | vs local | peak RSS per worker | scores bitwise equal to local |",
         "|---|---|---|---|---|---|",
