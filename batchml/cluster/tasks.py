@@ -95,11 +95,12 @@ class ModelRef:
     artifact_path: str
     sha256: str
     manifest_sha256: str
+    libraries: tuple[tuple[str, str], ...] = ()  # the compiled libraries registered for it (file, sha256): loaded, not rebuilt
 
     @classmethod
     def of(cls, model: registry.LoadedModel) -> ModelRef:
         manifest = registry.sha256_file(model.path / registry.MANIFEST_FILE)  # as verified when the client loaded it
-        return cls(model.job, model.version, str(model.path), model.sha256, manifest)
+        return cls(model.job, model.version, str(model.path), model.sha256, manifest, tuple(sorted(model.libraries.items())))
 
 
 @dataclass
@@ -139,7 +140,7 @@ def shared_keys(folders: list[str], bucket: int, memory_limit: str = "256MB") ->
     con = memory_connection(memory_limit, threads=1)
     try:
         listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
-        return con.execute(f"""SELECT __id, __at, list(DISTINCT __part ORDER BY __part)::INTEGER[] AS parts
+        return con.sql(f"""SELECT __id, __at, list(DISTINCT __part ORDER BY __part)::INTEGER[] AS parts
                                FROM read_parquet({listed}, hive_partitioning = false, union_by_name = true) GROUP BY __id, __at
                                HAVING count(DISTINCT __part) > 1""").to_arrow_table()
     finally:
@@ -213,7 +214,8 @@ _MODELS: dict[ModelRef, registry.LoadedModel] = {}  # per worker process: loaded
 def _load(ref: ModelRef) -> registry.LoadedModel:
     if ref not in _MODELS:
         _MODELS[ref] = registry.load({"job": ref.job, "version": ref.version, "artifact_path": ref.artifact_path,
-                                      "sha256": ref.sha256, "manifest_sha256": ref.manifest_sha256})
+                                      "sha256": ref.sha256, "manifest_sha256": ref.manifest_sha256,
+                                      registry.LIBRARIES: dict(ref.libraries)})
     return _MODELS[ref]
 
 
