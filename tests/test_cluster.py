@@ -43,7 +43,8 @@ def source() -> pa.Table:
     return pa.concat_tables([findings, again])
 
 
-def parquet_project(root: Path, table: pa.Table, files: int, row_group_size: int | None = None, **execution) -> DemoProject:
+def parquet_project(root: Path, table: pa.Table, files: int, row_group_size: int | None = None, overrides: dict | None = None,
+                    **execution) -> DemoProject:
     """A project whose source is ``table`` cut into ``files`` Parquet files (of ``row_group_size`` row groups)."""
     landing = root / "landing"
     landing.mkdir(parents=True)
@@ -51,7 +52,7 @@ def parquet_project(root: Path, table: pa.Table, files: int, row_group_size: int
     for i in range(files):
         pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), landing / f"part-{i}.parquet", row_group_size=row_group_size)
     project = DemoProject(root, table)
-    config = job_config()
+    config = job_config(**(overrides or {}))
     config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
     if execution:
         config["execution"] = execution
@@ -124,6 +125,24 @@ def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp
     assert max(shares for _, shares in per_run) == workers
     shared = [r.getMessage() for r in caplog.records if "occur in more than one partition" in r.getMessage()]
     assert bool(shared) == (workers > 1)  # the split duplicates were ranked across shares
+
+
+UNPASSABLE_SHADOW = {"promotion.min_improvement": 0.5, "promotion.shadow": True}  # every challenger rejected, and scoring in the shadow
+
+
+def test_shadow_scores_on_the_dask_engine_are_the_local_engines(tmp_path, source, cluster):
+    shadow = "SELECT finding_id, score, risk_band, model_version FROM scores.vuln_risk_shadow ORDER BY ALL"
+    local = parquet_project(tmp_path / "local", source, 3, overrides=UNPASSABLE_SHADOW)
+    run_nights(local, nights=(60, 100, 101))
+    on_dask = parquet_project(tmp_path / "dask", source, 7, overrides=UNPASSABLE_SHADOW, engine="dask",
+                              scheduler=cluster.scheduler_address)
+    run_nights(on_dask, nights=(60, 100, 101))
+    expected = local.query(shadow)
+    assert expected and min(version for *_, version in expected) >= 2  # rejected challengers scored in the shadow, not the champion v1
+    assert on_dask.query(shadow) == expected
+    latest = "SELECT count(*), count(DISTINCT finding_id) FROM scores.vuln_risk_shadow_latest"
+    assert on_dask.query(latest) == local.query(latest)
+    assert on_dask.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'shadow'") > 0
 
 
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from batchml.monitoring import drift
 from batchml.monitoring import performance
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.pipeline.backfill import BackfillRun
 from batchml.cluster.connect import open_client, scheduler_address, worker_count
 from batchml.cluster import plan
@@ -60,6 +61,7 @@ class DaskNightlyRun(NightlyRun):
         self.checked: list[CheckedPart] = []
         self.scored_parts: list[ScoredPart] = []
         self.drift_tally: drift.CurrentAccumulator | None = None
+        self.shadow_parts: list[lake.PartFile] = []
 
     def _own_folders(self) -> tuple[Path, ...]:
         """The job's lake: its scores views read the committed files (and nothing else of the lake)."""
@@ -160,7 +162,29 @@ class DaskNightlyRun(NightlyRun):
         self._require_fed()
         self._score_on_cluster()
         if self.config.promotion.shadow:
-            self._warn("promotion.shadow: shadow scores are not written by the dask engine yet")
+            self._shadow_on_cluster()
+
+    def _shadow_on_cluster(self) -> None:
+        """``promotion.shadow``: the newest challenger scores the same partitions into shadow lake
+        files (``scores.<job>_shadow`` reads the committed ones), as ``NightlyRun._score_shadow``."""
+        challenger = self.shadow_model
+        if challenger is None:
+            with self._connect() as con:
+                row = model_rows.newest_challenger(con, self.config.job, self.champion.version)
+            if row is None:
+                return
+            challenger = self.shadow_model = registry.load(row)
+        pulled = run_file_schema(Path(self.checked[0].staging)).names
+        missing = [name for name in challenger.spec.features if name not in pulled]
+        if missing:  # a challenger from before a change of the feature list
+            self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
+            return
+        profile = drift.ReferenceProfile({}, {}, load_profile(challenger).score)
+        ref, scored_at = ModelRef.of(challenger), registry.utcnow()
+        futures = [self.client.submit(score_partition, part, checked.staging, ref, scored_at, 0.0, profile, lake.SHADOW,
+                                      key=f"shadow-{self.run.run_id}-{part.index}", pure=False)
+                   for part, checked in zip(self.partitions, self.checked)]
+        self.shadow_parts = [p.scores for p in self._gather(futures, "shadow scoring")]
 
     def _score_on_cluster(self) -> None:
         self.run.champion_version = self.champion.version
@@ -193,6 +217,8 @@ class DaskNightlyRun(NightlyRun):
         elif self.run.kind in ("nightly", "replay") and self.checked and not lake.scores_exist(con, self.config):
             # the first runs without a champion: analysts can query the (empty) view already
             lake.record_manifest(con, self.run.run_id, self.config.job, [self._empty_scores()], now)
+        if self.shadow_parts:
+            lake.record_manifest(con, self.run.run_id, self.config.job, self.shadow_parts, now)
         lake.refresh_scores_views(con, self.config)
 
     def _empty_scores(self) -> lake.PartFile:

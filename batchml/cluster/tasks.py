@@ -220,9 +220,10 @@ def _load(ref: ModelRef) -> registry.LoadedModel:
 
 
 def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: datetime, keep_share: float,
-                    score_profile: drift.ReferenceProfile) -> ScoredPart:
+                    score_profile: drift.ReferenceProfile, kind: str = SCORES) -> ScoredPart:
     """Score the partition's valid rows with the model (its predictor chosen, compiled and verified
-    on this worker as the local engine does) into a scores file in the lake."""
+    on this worker as the local engine does) into a scores file in the lake (``kind`` SHADOW: the
+    challenger's shadow scores)."""
     config = part.config
     _threads_of_this_worker()
     if part.pause and part.pause[0] == "score_partition":
@@ -241,5 +242,5 @@ def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: dat
     batches = score_batches(run_file_batches(Path(staging)), model, predictor, config, run_id=part.run_id,
                             scored_at=scored_at, summary=summary, on_scores=observe)
     schema = scores_schema(run_file_schema(Path(staging)), config)
-    scores = write_part(batches, schema, part.path(SCORES), SCORES, part.index)
+    scores = write_part(batches, schema, part.path(kind), kind, part.index)
     return ScoredPart(part.index, scores, summary, prediction, np.concatenate(kept) if kept else np.empty(0))
