@@ -145,6 +145,20 @@ def test_shadow_scores_on_the_dask_engine_are_the_local_engines(tmp_path, source
     assert on_dask.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'shadow'") > 0
 
 
+def test_workers_load_the_champions_registered_compiled_trees_instead_of_building_them_again(tmp_path, source, cluster):
+    pytest.importorskip("lleaves", reason="the compiled extra is installed by `make test`")
+    project = parquet_project(tmp_path / "project", source, 3, overrides={"scoring.engine": "compiled"}, engine="dask",
+                              scheduler=cluster.scheduler_address)
+    run_nights(project, nights=(60,))  # v1 trained and promoted; compiled after the commit, its libraries registered
+    registered = project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE version = 1 ORDER BY ALL")
+    libraries = [path for file, _ in registered for path in (project.root / "warehouse" / "models").rglob(file)]
+    built = {path: path.stat().st_mtime_ns for path in libraries}
+    run_nights(project, nights=(100,))  # the workers score with v1
+    assert registered and len(libraries) == len(registered)
+    assert {path: path.stat().st_mtime_ns for path in libraries} == built  # a worker refusing them would build them again
+    assert project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE version = 1 ORDER BY ALL") == registered
+
+
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):
     project = parquet_project(tmp_path / "project", source, 3, engine="dask", scheduler=cluster.scheduler_address)
     run_nights(project, nights=(60,))

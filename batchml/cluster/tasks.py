@@ -100,7 +100,9 @@ class ModelRef:
     @classmethod
     def of(cls, model: registry.LoadedModel) -> ModelRef:
         manifest = registry.sha256_file(model.path / registry.MANIFEST_FILE)  # as verified when the client loaded it
-        return cls(model.job, model.version, str(model.path), model.sha256, manifest, tuple(sorted(model.libraries.items())))
+        # registered, or built and verified by the client in this run (registered at its commit)
+        libraries = {**model.libraries, **{built["file"]: built["sha256"] for built in model.unregistered}}
+        return cls(model.job, model.version, str(model.path), model.sha256, manifest, tuple(sorted(libraries.items())))
 
 
 @dataclass
