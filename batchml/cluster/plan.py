@@ -126,12 +126,15 @@ def units_sql(units: tuple[Unit, ...], columns: dict[str, str]) -> str:
     """SELECT * over the units' rows, with every column of the whole source (``columns``, as the
     client described it): a share of files may lack a column the others have (read as NULL, as
     ``union_by_name`` reads it), and ``__file`` / ``__row`` to order exact copies the same way in every task."""
-    selects = []
-    for unit in units:
-        path = quote_literal(unit.file)
-        rows = "" if unit.whole else f" WHERE file_row_number >= {unit.first} AND file_row_number < {unit.end}"
-        selects.append(f"SELECT * EXCLUDE (file_row_number), {path} AS __file, file_row_number AS __row "
-                       f"FROM read_parquet({path}, file_row_number = true){rows}")
+    def scan(files: list[str], rows: str = "") -> str:
+        listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+        return (f"SELECT * EXCLUDE (file_row_number), file_row_number AS __row FROM read_parquet({listed}, "
+                f"filename = '__file', file_row_number = true, union_by_name = true){rows}")
+
+    whole = [unit.file for unit in units if unit.whole]
+    selects = [scan(whole)] if whole else []  # one scan of every whole file: a share may hold thousands
+    selects += [scan([unit.file], f" WHERE file_row_number >= {unit.first} AND file_row_number < {unit.end}")
+                for unit in units if not unit.whole]
     typed = [f"CAST(NULL AS {kind}) AS {quote_source_column(name)}" for name, kind in columns.items()]
     typed += ["CAST(NULL AS VARCHAR) AS __file", "CAST(NULL AS BIGINT) AS __row"]
     selects.append(f"SELECT {', '.join(typed)} WHERE false")
