@@ -10,8 +10,8 @@ worker's ``VmHWM`` read from the worker after its fit (fresh workers per cluster
 
     python benchmarks/bench_distributed_training.py [--rows N]     # prints the Markdown section
 
-In ``make bench`` (section 6) the window is ``BATCHML_BENCH_DTRAIN_ROWS`` rows (default 5,000,000;
---quick 200,000); ``BATCHML_BENCH_FORCED_BINS=1`` adds a run with forced bins.
+In ``make bench`` (section 6) the window is ``BATCHML_BENCH_DTRAIN_ROWS`` rows (default 1,000,000;
+the issue's size is 5,000,000; --quick 200,000); ``BATCHML_BENCH_FORCED_BINS=1`` adds a run with forced bins.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def on_cluster(config, split, workers: int) -> tuple:
 def measure(quick: bool, rows: int | None = None) -> dict:
     from batchml.models.train import fit
 
-    rows = rows or int(os.environ.get("BATCHML_BENCH_DTRAIN_ROWS", 200_000 if quick else 5_000_000))
+    rows = rows or int(os.environ.get("BATCHML_BENCH_DTRAIN_ROWS", 200_000 if quick else 1_000_000))
     config, split = labeled_split(rows)
     figures: dict = {"rows": rows, "fit_rows": split.fit.num_rows, "validation_rows": split.validation.num_rows,
                      "holdout_rows": split.holdout.num_rows, "threads": os.environ.get("BATCHML_THREADS", "all cores"),
