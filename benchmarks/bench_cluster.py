@@ -9,11 +9,18 @@ by this process (its start is outside the timing), so each worker's peak RSS (``
 from the worker itself afterwards. Scores are compared with the local engine's, bitwise.
 
     python benchmarks/bench_cluster.py [--quick]     # prints the Markdown section
+
+Sizes from the environment (``make bench`` keeps the defaults): ``BATCHML_BENCH_CLUSTER_ROWS``
+(throughput runs, default 2,000,000 so that ``make bench`` stays within ~25 minutes; --quick 400,000)
+and ``BATCHML_BENCH_CLUSTER_RSS_ROWS`` (comma-separated peak-RSS runs on 2 workers, default
+2,000,000,8,000,000; --quick 200,000,800,000). The issue's sizes: 10000000 and 10000000,40000000.
+The Parquet rows are generated in 1M-row chunks (never all in memory) and cached in ``.data``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -28,11 +35,14 @@ LAKE = DATA / "cluster"
 
 def sizes_of(quick: bool) -> tuple[int, tuple[int, ...]]:
     """(rows of the throughput runs, rows of the peak-RSS runs)."""
-    return (400_000, (200_000, 800_000)) if quick else (10_000_000, (10_000_000, 40_000_000))
+    rows, rss = (400_000, (200_000, 800_000)) if quick else (2_000_000, (2_000_000, 8_000_000))
+    rows = int(os.environ.get("BATCHML_BENCH_CLUSTER_ROWS", rows))
+    listed = os.environ.get("BATCHML_BENCH_CLUSTER_RSS_ROWS")
+    return rows, tuple(int(n) for n in listed.split(",")) if listed else rss
 
 
 def project(rows: int, sizes: Sizes, row: dict, engine: str) -> Path:
-    """A fresh project whose source is the first ``rows`` rows' chunks (linked, not copied)."""
+    """A fresh project whose source is the first ``rows`` rows' chunks (hard-linked, not copied)."""
     import yaml
 
     from batchml.storage import model_rows
@@ -43,7 +53,7 @@ def project(rows: int, sizes: Sizes, row: dict, engine: str) -> Path:
     landing = root / "landing"
     landing.mkdir(parents=True)
     for chunk in common.row_chunks(rows, sizes.chunk):
-        (landing / chunk.name).symlink_to(chunk)
+        os.link(chunk, landing / chunk.name)  # hard links: the job's connections may read only its own folders (a symlink leads out)
     config = common.job_config(sizes)
     config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
     config["execution"] = {"engine": "dask" if engine != "local" else "local"}
@@ -53,7 +63,8 @@ def project(rows: int, sizes: Sizes, row: dict, engine: str) -> Path:
     try:
         migrate(con)
         with transaction(con):
-            model_rows.register(con, row)
+            model_rows.register(con, {k: v for k, v in row.items() if k != "built"})
+            model_rows.register_libraries(con, JOB, row["version"], row.get("built", []))
             model_rows.make_champion(con, JOB, row["version"], "promoted", run_id=None, reason="benchmark champion", at=common.T0)
     finally:
         con.close()
@@ -95,13 +106,18 @@ def scores(root: Path):
 def measure(quick: bool) -> dict:
     import numpy as np
 
+    # the chunks hold 1M-row row groups: DuckDB's default 256MB cannot decode one (a clear error says so)
+    os.environ.setdefault("BATCHML_MEMORY_LIMIT", "1GB")
+
     sizes = Sizes.of(quick)
     rows, rss_rows = sizes_of(quick)
     row = common.scoring_model(sizes)
     from batchml.models import compiled
 
-    compiled.precompile(common.loaded_model(row), force=True)  # once, outside the timings (as at promotion)
-    figures: dict = {"rows": rows, "runs": {}}
+    model = common.loaded_model(row)
+    compiled.precompile(model, force=True)  # once, outside the timings (as at promotion), and registered in each warehouse
+    row = {**row, "built": model.take_unregistered()}
+    figures: dict = {"rows": rows, "runs": {}, "load_before": common.load_average(), "memory_limit": os.environ["BATCHML_MEMORY_LIMIT"]}
     for name, workers in (("local", None), ("dask, 1 worker", 1), ("dask, 2 workers", 2)):
         result = one_run(rows, sizes, row, workers)
         run = result["run"]
@@ -114,9 +130,10 @@ def measure(quick: bool) -> dict:
             figures["runs"][name]["bitwise_equal"] = bool(np.array_equal(found["finding_id"], expected["finding_id"])
                                                           and np.array_equal(found["score"], expected["score"]))
     figures["rss"] = {}
-    for n in rss_rows:
-        figures["rss"][n] = one_run(n, sizes, row, 2)["rss"]
+    for n in rss_rows:  # the throughput run on 2 workers is the peak-RSS run of its size
+        figures["rss"][n] = figures["runs"]["dask, 2 workers"]["rss"] if n == rows else one_run(n, sizes, row, 2)["rss"]
     shutil.rmtree(LAKE, ignore_errors=True)
+    figures["load_after"] = common.load_average()
     return figures
 
 
@@ -126,7 +143,9 @@ def markdown(figures: dict) -> str:
     lines = [
         "## 5. Dask engine",
         "",
-        f"One nightly run of {rows:,} new rows x 35 features read from Parquet (pull + contract, drift, score, commit).",
+        f"One nightly run of {rows:,} new rows x 35 features read from Parquet (pull + contract, drift, score, commit). "
+        f"DuckDB memory limit {figures.get('memory_limit')} per process (`BATCHML_MEMORY_LIMIT`). "
+        f"Load average (1, 5, 15 min) before: {figures.get('load_before', '?')}, after: {figures.get('load_after', '?')}.",
         "",
         "| engine | run | rows/s | vs local | peak RSS per worker | scores bitwise equal to local |",
         "|---|---|---|---|---|---|",

@@ -9,11 +9,15 @@ Peak RSS: this process's ``VmHWM`` reset (``/proc/self/clear_refs``) before the 
 worker's ``VmHWM`` read from the worker after its fit (fresh workers per cluster).
 
     python benchmarks/bench_distributed_training.py [--rows N]     # prints the Markdown section
+
+In ``make bench`` (section 6) the window is ``BATCHML_BENCH_DTRAIN_ROWS`` rows (default 1,000,000;
+the issue's size is 5,000,000; --quick 200,000); ``BATCHML_BENCH_FORCED_BINS=1`` adds a run with forced bins.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,27 +70,50 @@ def on_cluster(config, split, workers: int) -> tuple:
     return trained, seconds, rss
 
 
+def measure(quick: bool, rows: int | None = None) -> dict:
+    from batchml.models.train import fit
+
+    rows = rows or int(os.environ.get("BATCHML_BENCH_DTRAIN_ROWS", 200_000 if quick else 1_000_000))
+    config, split = labeled_split(rows)
+    figures: dict = {"rows": rows, "fit_rows": split.fit.num_rows, "validation_rows": split.validation.num_rows,
+                     "holdout_rows": split.holdout.num_rows, "threads": os.environ.get("BATCHML_THREADS", "all cores"),
+                     "load_before": common.load_average(), "runs": []}
+    reset_peak()
+    started = time.perf_counter()
+    local = fit(split, config)
+    figures["runs"].append({"engine": "local (this process)", "seconds": time.perf_counter() - started, "trees": local.best_iteration,
+                            "rss": [common.peak_rss_mb()], "auc": holdout_auc(local, split)})
+    for forced in (False, True) if os.environ.get("BATCHML_BENCH_FORCED_BINS") == "1" else (False,):
+        training = config.training.model_copy(update={"forced_bins": forced})
+        trained, seconds, rss = on_cluster(config.model_copy(update={"training": training}), split, 2)
+        figures["runs"].append({"engine": f"dask, 2 workers{', forced bins' if forced else ''}", "seconds": seconds,
+                                "trees": trained.best_iteration, "rss": rss, "auc": holdout_auc(trained, split)})
+    figures["load_after"] = common.load_average()
+    return figures
+
+
+def markdown(figures: dict) -> str:
+    runs = figures["runs"]
+    local = runs[0]
+    lines = [f"## 6. Distributed training: {figures['fit_rows']:,} fit + {figures['validation_rows']:,} validation rows x 35 "
+             f"features, holdout {figures['holdout_rows']:,}", "",
+             f"The same window ({figures['rows']:,} generated rows, split by time) fitted in this process and on a fresh "
+             f"2-worker LocalCluster (threads: {figures['threads']}). Load average (1, 5, 15 min) before: "
+             f"{figures['load_before']}, after: {figures['load_after']}.", "",
+             "| engine | seconds | vs local | trees kept | peak RSS (MiB) | holdout ROC AUC | AUC − local |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for run in runs:
+        rss = f"{run['rss'][0]:.0f} (process, incl. the data)" if run is local else f"{' / '.join(f'{r:.0f}' for r in run['rss'])} (per worker)"
+        lines.append(f"| {run['engine']} | {run['seconds']:.1f} | {run['seconds'] / local['seconds']:.2f}x | {run['trees']} | {rss} | "
+                     f"{run['auc']:.5f} | {run['auc'] - local['auc']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=400_000)
     args = parser.parse_args()
-    from batchml.models.train import fit
-
-    config, split = labeled_split(args.rows)
-    reset_peak()
-    started = time.perf_counter()
-    local = fit(split, config)
-    local_seconds, local_rss = time.perf_counter() - started, common.peak_rss_mb()
-    lines = [f"## Distributed training: {split.fit.num_rows:,} fit + {split.validation.num_rows:,} validation rows x 35 features, "
-             f"holdout {split.holdout.num_rows:,}",
-             "", "| engine | seconds | trees kept | peak RSS (MiB) | holdout ROC AUC |", "|---|---:|---:|---|---:|",
-             f"| local (this process) | {local_seconds:.1f} | {local.best_iteration} | {local_rss:.0f} (process, incl. the data) | {holdout_auc(local, split):.5f} |"]
-    for forced in (False, True):
-        training = config.training.model_copy(update={"forced_bins": forced})
-        trained, seconds, rss = on_cluster(config.model_copy(update={"training": training}), split, 2)
-        lines.append(f"| dask, 2 workers{', forced bins' if forced else ''} | {seconds:.1f} | {trained.best_iteration} | "
-                     f"{' / '.join(f'{r:.0f}' for r in rss)} (per worker) | {holdout_auc(trained, split):.5f} |")
-    print("\n".join(lines))
+    print(markdown(measure(False, args.rows)))
 
 
 if __name__ == "__main__":

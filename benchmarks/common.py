@@ -269,6 +269,11 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, result
 
 
+def load_average() -> str:
+    """The machine's load average (1, 5, 15 min), to print beside figures measured on a shared machine."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size (MiB).
 

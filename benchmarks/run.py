@@ -5,7 +5,9 @@
 
 Sections: 1-2 scoring end to end and its peak RSS (``bench_scoring``), 3 drift (``bench_drift``,
 written separately), 4 training overhead (``bench_training``), 5 the Dask engine against the local
-one (``bench_cluster``). A section that fails is reported
+one (``bench_cluster``), 6 distributed training against local (``bench_distributed_training``).
+Sections 5 and 6 take their sizes from ``BATCHML_BENCH_*`` variables (see their modules);
+``--section NAME`` runs one section and prints its Markdown and figures as JSON. A section that fails is reported
 in the results with its error; the others still run. All ratios compare figures measured in this
 same invocation, on this machine; generated data and models are cached in ``benchmarks/.data/``.
 """
@@ -35,6 +37,7 @@ SECTIONS = {
     "drift": ("3. Drift", "bench_drift", False),
     "training": ("4. Training overhead", "bench_training", True),
     "cluster": ("5. Dask engine", "bench_cluster", True),
+    "dtraining": ("6. Distributed training", "bench_distributed_training", True),
 }
 
 

@@ -43,15 +43,16 @@ def source() -> pa.Table:
     return pa.concat_tables([findings, again])
 
 
-def parquet_project(root: Path, table: pa.Table, files: int, **execution) -> DemoProject:
-    """A project whose source is ``table`` cut into ``files`` Parquet files."""
+def parquet_project(root: Path, table: pa.Table, files: int, row_group_size: int | None = None, overrides: dict | None = None,
+                    **execution) -> DemoProject:
+    """A project whose source is ``table`` cut into ``files`` Parquet files (of ``row_group_size`` row groups)."""
     landing = root / "landing"
     landing.mkdir(parents=True)
     cuts = np.linspace(0, table.num_rows, files + 1).astype(int)
     for i in range(files):
-        pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), landing / f"part-{i}.parquet")
+        pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), landing / f"part-{i}.parquet", row_group_size=row_group_size)
     project = DemoProject(root, table)
-    config = job_config()
+    config = job_config(**(overrides or {}))
     config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
     if execution:
         config["execution"] = execution
@@ -105,18 +106,57 @@ def assert_same(found: dict, expected: dict) -> None:
             assert (a is None and b is None) or abs(a - b) <= 1e-9
 
 
-@pytest.mark.parametrize("workers, files", [(1, 3), (2, 7)])
+@pytest.mark.parametrize("workers, files, row_group_size", [(1, 3, None), (2, 7, None), (2, 1, 700)])
 def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp_path, source, local_results, cluster, one_worker,
-                                                                               workers, files):
+                                                                               workers, files, row_group_size, caplog):
+    """Shares cut by file (7 files) or by row group (one file): the duplicates' first copies lie in
+    the first share, their later copies in the last, and the later copies still win."""
     address = (one_worker if workers == 1 else cluster).scheduler_address
-    project = parquet_project(tmp_path / "project", source, files, engine="dask", scheduler=address)
-    nights_and_backfill(project)  # the backfill too runs on the cluster
+    project = parquet_project(tmp_path / "project", source, files, row_group_size, engine="dask", scheduler=address)
+    with caplog.at_level("INFO", logger="batchml"):
+        nights_and_backfill(project)  # the backfill too runs on the cluster
     found = results(project)
     assert found["scores"] and found["quarantine"] and found["drift"]
     assert {rule for _, rule, _, _ in found["quarantine"]} >= {"null_entity_id", "out_of_range", "non_finite", "duplicate"}
     assert_same(found, local_results)
-    files_listed = project.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'scores'")
-    assert files_listed == workers * (len(NIGHTS) + 1)  # one file per partition and run, no stray attempt
+    per_run = project.query("SELECT count(*), count(DISTINCT partition) FROM batchml.manifests WHERE kind = 'scores' GROUP BY run_id")
+    assert len(per_run) == len(NIGHTS) + 1
+    assert all(files == shares <= workers for files, shares in per_run)  # one file per partition and run, no stray attempt
+    assert max(shares for _, shares in per_run) == workers
+    shared = [r.getMessage() for r in caplog.records if "occur in more than one partition" in r.getMessage()]
+    assert bool(shared) == (workers > 1)  # the split duplicates were ranked across shares
+
+
+UNPASSABLE_SHADOW = {"promotion.min_improvement": 0.5, "promotion.shadow": True}  # every challenger rejected, and scoring in the shadow
+
+
+def test_shadow_scores_on_the_dask_engine_are_the_local_engines(tmp_path, source, cluster):
+    shadow = "SELECT finding_id, score, risk_band, model_version FROM scores.vuln_risk_shadow ORDER BY ALL"
+    local = parquet_project(tmp_path / "local", source, 3, overrides=UNPASSABLE_SHADOW)
+    run_nights(local, nights=(60, 100, 101))
+    on_dask = parquet_project(tmp_path / "dask", source, 7, overrides=UNPASSABLE_SHADOW, engine="dask",
+                              scheduler=cluster.scheduler_address)
+    run_nights(on_dask, nights=(60, 100, 101))
+    expected = local.query(shadow)
+    assert expected and min(version for *_, version in expected) >= 2  # rejected challengers scored in the shadow, not the champion v1
+    assert on_dask.query(shadow) == expected
+    latest = "SELECT count(*), count(DISTINCT finding_id) FROM scores.vuln_risk_shadow_latest"
+    assert on_dask.query(latest) == local.query(latest)
+    assert on_dask.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'shadow'") > 0
+
+
+def test_workers_load_the_champions_registered_compiled_trees_instead_of_building_them_again(tmp_path, source, cluster):
+    pytest.importorskip("lleaves", reason="the compiled extra is installed by `make test`")
+    project = parquet_project(tmp_path / "project", source, 3, overrides={"scoring.engine": "compiled"}, engine="dask",
+                              scheduler=cluster.scheduler_address)
+    run_nights(project, nights=(60,))  # v1 trained and promoted; compiled after the commit, its libraries registered
+    registered = project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE version = 1 ORDER BY ALL")
+    libraries = [path for file, _ in registered for path in (project.root / "warehouse" / "models").rglob(file)]
+    built = {path: path.stat().st_mtime_ns for path in libraries}
+    run_nights(project, nights=(100,))  # the workers score with v1
+    assert registered and len(libraries) == len(registered)
+    assert {path: path.stat().st_mtime_ns for path in libraries} == built  # a worker refusing them would build them again
+    assert project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE version = 1 ORDER BY ALL") == registered
 
 
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):

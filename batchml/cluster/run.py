@@ -1,7 +1,8 @@
 """The nightly run on the Dask engine: the same steps and decisions, the rows on the workers.
 
 Only the steps that touch every row move: the pull with the data contract and the drift tally
-(one task per partition: :func:`~batchml.cluster.tasks.check_partition`), and scoring
+(one task per partition, each reading its own share of the files and row groups
+(:mod:`~batchml.cluster.plan`): :func:`~batchml.cluster.tasks.check_partition`), and scoring
 (:func:`~batchml.cluster.tasks.score_partition`, after the client has trained and gated, so a
 challenger promoted tonight scores tonight's rows as it does locally). The client merges the
 counts, makes every decision exactly as :class:`~batchml.pipeline.nightly.NightlyRun` does (it *is* one),
@@ -18,17 +19,23 @@ from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchml.monitoring import drift
 from batchml.monitoring import performance
 from batchml.models import registry
+from batchml.storage import model_rows
 from batchml.pipeline.backfill import BackfillRun
 from batchml.cluster.connect import open_client, scheduler_address, worker_count
-from batchml.cluster.tasks import CheckedPart, ModelRef, Partition, ScoredPart, check_partition, score_partition
+from batchml.cluster import plan
+from batchml.cluster.tasks import (CheckedPart, ModelRef, Partition, Rivals, ScoredPart, check_partition, partition_keys,
+                                   score_partition, shared_keys)
 from batchml.config import JobConfig, distributed_source_problem
 from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
-from batchml.storage.source import describe_source
+from batchml.data.sources import parquet_location
+from batchml.storage.source import describe_source, register_object_store
 from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun, load_profile, prediction_drift
 from batchml.project import Project
 from batchml.storage import lake
@@ -54,6 +61,7 @@ class DaskNightlyRun(NightlyRun):
         self.checked: list[CheckedPart] = []
         self.scored_parts: list[ScoredPart] = []
         self.drift_tally: drift.CurrentAccumulator | None = None
+        self.shadow_parts: list[lake.PartFile] = []
 
     def _own_folders(self) -> tuple[Path, ...]:
         """The job's lake: its scores views read the committed files (and nothing else of the lake)."""
@@ -96,17 +104,51 @@ class DaskNightlyRun(NightlyRun):
         config = self._pull_config(con)
         columns = self.source_columns or describe_source(con, config, self.project.root)
         profile = self._drift_reference() if self.champion is not None and self.run.kind in ("nightly", "replay") else None
-        count = worker_count(self.client)
+        register_object_store(con, config.source.parquet)
+        units = plan.plan(con, config, parquet_location(config.source.parquet, self.project.root), self._watermark_bounds())
+        shares = plan.balance(units, worker_count(self.client)) or [None]  # no row group can hold the night: one task, to say so
         parts = [Partition(config, self.project.root, self.lake, self.run.run_id, self.run.as_of, where, columns, index,
-                           count, self.project.settings.memory_limit, task_pause())
-                 for index in range(count)]
-        futures = [self.client.submit(check_partition, part, profile, key=f"check-{self.run.run_id}-{part.index}", pure=False)
+                           len(shares), share, self.project.settings.memory_limit, task_pause())
+                 for index, share in enumerate(shares)]
+        rivals = self._rivals(parts)
+        futures = [self.client.submit(check_partition, part, profile, rivals[part.index],
+                                      key=f"check-{self.run.run_id}-{part.index}", pure=False)
                    for part in parts]
         self.partitions = parts
         self.checked = sorted(self._gather(futures, "pulling the batch"), key=lambda c: c.index)
         tallies = [c.drift for c in self.checked if c.drift is not None]
         self.drift_tally = merged(tallies)
         return merged_pull(self.checked, lake.job_root(self.lake, self.config.job))
+
+    def _watermark_bounds(self) -> plan.Bounds:
+        return plan.Bounds(self.run.watermark_from, self.run.as_of, hive_days=True)  # extract.batch_filter's
+
+    def _rivals(self, parts: list[Partition]) -> list[Rivals | None]:
+        """For each share, the keys that other shares hold too (the duplicate rule must see every
+        row of a key): the shares' keys written bucketed by hash, one task per bucket finds those
+        held twice. One share has no rivals."""
+        if len(parts) < 2:
+            return [None] * len(parts)
+        run_id = self.run.run_id
+        folders = self._gather([self.client.submit(partition_keys, part, key=f"keys-{run_id}-{part.index}", pure=False)
+                                for part in parts], "reading the batch's keys")
+        limit = self.project.settings.memory_limit
+        found = self._gather([self.client.submit(shared_keys, folders, bucket, limit, key=f"shared-{run_id}-{bucket}", pure=False)
+                              for bucket in range(len(parts))], "finding keys held by several partitions")
+        found = [table for table in found if table.num_rows]
+        if not found:
+            return [None] * len(parts)
+        shared = pa.concat_tables(found, promote_options="permissive")
+        log.info("%s: %d key(s) occur in more than one partition; their rows are ranked together", self.config.job, shared.num_rows)
+        rivals: list[Rivals | None] = []
+        holders = pc.list_flatten(shared["parts"]).to_numpy()
+        key_of = pc.list_parent_indices(shared["parts"]).to_numpy()
+        for part in parts:
+            mine = shared.take(np.unique(key_of[holders == part.index]))
+            others = set(pc.list_flatten(mine["parts"]).to_pylist()) - {part.index}
+            units = tuple(u for other in sorted(others) for u in parts[other].units)
+            rivals.append(Rivals(mine.select(["__id", "__at"]), units) if mine.num_rows else None)
+        return rivals
 
     def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
         return self.drift_tally if self.drift_tally is not None else drift.CurrentAccumulator(profile)
@@ -120,7 +162,29 @@ class DaskNightlyRun(NightlyRun):
         self._require_fed()
         self._score_on_cluster()
         if self.config.promotion.shadow:
-            self._warn("promotion.shadow: shadow scores are not written by the dask engine yet")
+            self._shadow_on_cluster()
+
+    def _shadow_on_cluster(self) -> None:
+        """``promotion.shadow``: the newest challenger scores the same partitions into shadow lake
+        files (``scores.<job>_shadow`` reads the committed ones), as ``NightlyRun._score_shadow``."""
+        challenger = self.shadow_model
+        if challenger is None:
+            with self._connect() as con:
+                row = model_rows.newest_challenger(con, self.config.job, self.champion.version)
+            if row is None:
+                return
+            challenger = self.shadow_model = registry.load(row)
+        pulled = run_file_schema(Path(self.checked[0].staging)).names
+        missing = [name for name in challenger.spec.features if name not in pulled]
+        if missing:  # a challenger from before a change of the feature list
+            self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
+            return
+        profile = drift.ReferenceProfile({}, {}, load_profile(challenger).score)
+        ref, scored_at = ModelRef.of(challenger), registry.utcnow()
+        futures = [self.client.submit(score_partition, part, checked.staging, ref, scored_at, 0.0, profile, lake.SHADOW,
+                                      key=f"shadow-{self.run.run_id}-{part.index}", pure=False)
+                   for part, checked in zip(self.partitions, self.checked)]
+        self.shadow_parts = [p.scores for p in self._gather(futures, "shadow scoring")]
 
     def _score_on_cluster(self) -> None:
         self.run.champion_version = self.champion.version
@@ -153,6 +217,8 @@ class DaskNightlyRun(NightlyRun):
         elif self.run.kind in ("nightly", "replay") and self.checked and not lake.scores_exist(con, self.config):
             # the first runs without a champion: analysts can query the (empty) view already
             lake.record_manifest(con, self.run.run_id, self.config.job, [self._empty_scores()], now)
+        if self.shadow_parts:
+            lake.record_manifest(con, self.run.run_id, self.config.job, self.shadow_parts, now)
         lake.refresh_scores_views(con, self.config)
 
     def _empty_scores(self) -> lake.PartFile:
@@ -176,6 +242,9 @@ class DaskBackfillRun(DaskNightlyRun, BackfillRun):
                  cluster: str | None = None):
         BackfillRun.__init__(self, project, config, start, end, version, dry_run)
         self._on_cluster(cluster)
+
+    def _watermark_bounds(self) -> plan.Bounds:
+        return plan.Bounds(None, self.run.as_of, hive_days=False)  # extract.event_range_filter's
 
     def _pull_and_score(self) -> None:
         with self._connect() as con:

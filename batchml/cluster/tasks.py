@@ -2,12 +2,18 @@
 files with a worker-local in-memory DuckDB (never the warehouse), writes its rows to the lake under
 a name of its own attempt, and returns what the client needs to decide and to commit.
 
-The batch is split by a hash of the entity id, not by file: the duplicate rule compares rows of
-the same entity, so every row of an entity must meet in one partition, however the files are cut.
+Each task reads its own share of the night's files and row groups (``cluster.plan``), so its work
+is proportional to its share. The duplicate rule compares the rows of one (entity id, event time)
+key, which may lie in several shares: before the pull, each task writes its keys to the lake's
+staging folder, bucketed by a hash of the key (:func:`partition_keys`); one task per bucket finds
+the keys held by more than one share (:func:`shared_keys`); and each task then ranks its copies of
+those keys against the other shares' copies (read for those keys only), so every task picks the
+same winner as one pass over the night would.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from dataclasses import dataclass
@@ -19,19 +25,20 @@ import pyarrow as pa
 
 from batchml.monitoring import drift
 from batchml.models import registry
+from batchml.cluster.plan import Unit, units_sql
 from batchml.config import JobConfig
 from batchml.data.extract import PullResult, run_file_batches, run_file_schema
-from batchml.storage.source import pull, set_cutoff
+from batchml.storage.source import pull, register_object_store, set_cutoff
 from batchml.models.scoring import ScoreSummary, make_predictor, score_batches
 from batchml.storage.lake import QUARANTINE, QUARANTINE_SCHEMA, SCORES, STAGING, PartFile, part_path, quarantine_rows, write_part
-from batchml.storage.warehouse import memory_connection, quote_ident
+from batchml.storage.warehouse import memory_connection, quote_ident, quote_literal
 from batchml.storage.writeback import scores_schema
 
 
 
 @dataclass(frozen=True)
 class Partition:
-    """One task's share of the run: rows matching ``where`` whose entity id hashes to ``index``."""
+    """One task's share of the run: rows matching ``where`` in its ``units`` (None: the whole source)."""
 
     config: JobConfig
     project_root: Path
@@ -42,14 +49,25 @@ class Partition:
     columns: dict[str, str]  # the source's columns and types, described once by the client
     index: int
     count: int
+    units: tuple[Unit, ...] | None = None
     memory_limit: str = "256MB"
     pause: tuple[str, float] | None = None  # the client's BATCHML_PAUSE_AT/_SECONDS: crash tests stop a task at a known point
 
-    def filter(self) -> str:
-        return f"({self.where}) AND hash({quote_ident(self.config.source.entity_id)}) % {self.count} = {self.index}"
+    def source(self, units: tuple[Unit, ...] | None = None) -> str | None:
+        """SELECT over this share's rows (or ``units``'), None for the whole source."""
+        units = self.units if units is None else units
+        return None if units is None else units_sql(units, self.columns)
 
     def path(self, kind: str, suffix: str = ".parquet") -> Path:
         return part_path(self.lake, self.config.job, kind, self.run_id, self.index, suffix)
+
+
+@dataclass(frozen=True)
+class Rivals:
+    """Keys of this share that other shares hold too, and those shares' units (read for these keys only)."""
+
+    keys: pa.Table  # __id, __at: the entity id and event time, as the source stores them
+    units: tuple[Unit, ...]
 
 
 @dataclass
@@ -77,11 +95,14 @@ class ModelRef:
     artifact_path: str
     sha256: str
     manifest_sha256: str
+    libraries: tuple[tuple[str, str], ...] = ()  # the compiled libraries registered for it (file, sha256): loaded, not rebuilt
 
     @classmethod
     def of(cls, model: registry.LoadedModel) -> ModelRef:
         manifest = registry.sha256_file(model.path / registry.MANIFEST_FILE)  # as verified when the client loaded it
-        return cls(model.job, model.version, str(model.path), model.sha256, manifest)
+        # registered, or built and verified by the client in this run (registered at its commit)
+        libraries = {**model.libraries, **{built["file"]: built["sha256"] for built in model.unregistered}}
+        return cls(model.job, model.version, str(model.path), model.sha256, manifest, tuple(sorted(libraries.items())))
 
 
 @dataclass
@@ -93,14 +114,63 @@ class ScoredPart:
     sample: np.ndarray  # a share of the scores, for the estimated performance
 
 
-def check_partition(part: Partition, profile: drift.ReferenceProfile | None) -> CheckedPart:
-    """Pull the partition's rows through the data contract (the local engine's own SQL) into a
-    staging run file, write its quarantined rows to the lake and tally its valid rows for drift."""
+def partition_keys(part: Partition) -> str:
+    """Write the share's (entity id, event time) keys to a folder of its own attempt, one
+    ``__bucket=<n>`` folder per hash bucket (``count`` buckets); return the folder."""
+    src = part.config.source
+    entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
+    folder = part.path(STAGING, "-keys")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    con = memory_connection(part.memory_limit, threads=1)
+    try:
+        register_object_store(con, part.config.source.parquet)
+        set_cutoff(con, part.as_of)
+        con.execute(f"""COPY (SELECT {entity} AS __id, {event} AS __at, {part.index} AS __part,
+                                     hash({entity}, {event}) % {part.count} AS __bucket
+                              FROM ({part.source()}) WHERE ({part.where}) AND {entity} IS NOT NULL)
+                        TO {quote_literal(str(folder))} (FORMAT parquet, PARTITION_BY (__bucket))""")
+    finally:
+        con.close()
+    return str(folder)
+
+
+def shared_keys(folders: list[str], bucket: int, memory_limit: str = "256MB") -> pa.Table:
+    """The keys of hash bucket ``bucket`` that more than one share holds, with the shares holding them."""
+    files = sorted(f for folder in folders for f in glob.glob(os.path.join(folder, f"__bucket={bucket}", "*.parquet")))
+    if not files:
+        return pa.table({})
+    con = memory_connection(memory_limit, threads=1)
+    try:
+        listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+        return con.sql(f"""SELECT __id, __at, list(DISTINCT __part ORDER BY __part)::INTEGER[] AS parts
+                               FROM read_parquet({listed}, hive_partitioning = false, union_by_name = true) GROUP BY __id, __at
+                               HAVING count(DISTINCT __part) > 1""").to_arrow_table()
+    finally:
+        con.close()
+
+
+def _others_sql(con, part: Partition, rivals: Rivals | None) -> str | None:
+    """The other shares' rows of the keys this share holds too (``extract.normalised_sql``'s ``others``)."""
+    if rivals is None or rivals.keys.num_rows == 0:
+        return None
+    con.register("__rivals", rivals.keys)
+    src = part.config.source
+    entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
+    return (f"SELECT * FROM ({part.source(rivals.units)}) o WHERE ({part.where}) AND EXISTS "
+            f"(SELECT 1 FROM __rivals r WHERE r.__id = o.{entity} AND r.__at IS NOT DISTINCT FROM o.{event})")
+
+
+def check_partition(part: Partition, profile: drift.ReferenceProfile | None, rivals: Rivals | None = None) -> CheckedPart:
+    """Pull the partition's rows through the data contract (the local engine's own SQL, the
+    duplicate rule ranking against ``rivals``) into a staging run file, write its quarantined rows
+    to the lake and tally its valid rows for drift."""
     staging = part.path(STAGING, ".arrow")
     con = memory_connection(part.memory_limit, threads=1)
     try:
+        register_object_store(con, part.config.source.parquet)
         set_cutoff(con, part.as_of)
-        pulled = pull(con, part.config, part.project_root, part.filter(), staging, columns=part.columns)
+        pulled = pull(con, part.config, part.project_root, part.where, staging, columns=part.columns,
+                      source=part.source(), others=_others_sql(con, part, rivals))
         quarantine = _write_quarantine(con, part, staging)
     finally:
         con.close()
@@ -146,14 +216,16 @@ _MODELS: dict[ModelRef, registry.LoadedModel] = {}  # per worker process: loaded
 def _load(ref: ModelRef) -> registry.LoadedModel:
     if ref not in _MODELS:
         _MODELS[ref] = registry.load({"job": ref.job, "version": ref.version, "artifact_path": ref.artifact_path,
-                                      "sha256": ref.sha256, "manifest_sha256": ref.manifest_sha256})
+                                      "sha256": ref.sha256, "manifest_sha256": ref.manifest_sha256,
+                                      registry.LIBRARIES: dict(ref.libraries)})
     return _MODELS[ref]
 
 
 def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: datetime, keep_share: float,
-                    score_profile: drift.ReferenceProfile) -> ScoredPart:
+                    score_profile: drift.ReferenceProfile, kind: str = SCORES) -> ScoredPart:
     """Score the partition's valid rows with the model (its predictor chosen, compiled and verified
-    on this worker as the local engine does) into a scores file in the lake."""
+    on this worker as the local engine does) into a scores file in the lake (``kind`` SHADOW: the
+    challenger's shadow scores)."""
     config = part.config
     _threads_of_this_worker()
     if part.pause and part.pause[0] == "score_partition":
@@ -172,5 +244,5 @@ def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: dat
     batches = score_batches(run_file_batches(Path(staging)), model, predictor, config, run_id=part.run_id,
                             scored_at=scored_at, summary=summary, on_scores=observe)
     schema = scores_schema(run_file_schema(Path(staging)), config)
-    scores = write_part(batches, schema, part.path(SCORES), SCORES, part.index)
+    scores = write_part(batches, schema, part.path(kind), kind, part.index)
     return ScoredPart(part.index, scores, summary, prediction, np.concatenate(kept) if kept else np.empty(0))

@@ -184,7 +184,7 @@ def quote_source_column(name: str) -> str:
 
 
 def normalised_sql(config: JobConfig, source: str, where: str, columns: dict[str, str] | None = None,
-                   dedupe: bool = True) -> str:
+                   dedupe: bool = True, others: str | None = None) -> str:
     """The ``source`` SELECT (``storage.source.source_sql``) under batchml's column names, filtered
     by ``where`` (on raw columns), with the
     contract's verdict per row and the raw record (JSON of ``columns``) of every rejected row; the
@@ -199,6 +199,11 @@ def normalised_sql(config: JobConfig, source: str, where: str, columns: dict[str
     first, ties broken by a hash of the row): a window over every row would hold the whole batch in
     memory, which then grows with the batch. ``dedupe=False`` is for a batch known to hold no
     duplicate keys (``storage.source.count_rows``).
+
+    ``others`` (the Dask engine's tasks, which read a share of the files each): the rows of other
+    shares whose keys also occur in this one. They take part in the ranking only, so every task
+    finds the same winner of a key split across shares; their ``__file`` / ``__row`` (on both
+    sources) order exact copies the same way everywhere, and only ``source``'s rows come out.
     """
     src, label = config.source, config.label
     entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
@@ -206,7 +211,7 @@ def normalised_sql(config: JobConfig, source: str, where: str, columns: dict[str
     features = [f"{_as_double(n)} AS {quote_ident(n)}" for n in config.features.numeric]
     features += [f"CAST({quote_ident(n)} AS VARCHAR) AS {quote_ident(n)}" for n in config.features.categorical]
     watermark = as_timestamp(src.watermark)
-    tiebreak = f"hash({', '.join(quote_ident(c) for c in required_columns(config))})"
+    tiebreak = f"hash({', '.join(quote_ident(c) for c in required_columns(config))})" + (", __file, __row" if others else "")
     ranked = "SELECT *, 1 AS __rank FROM pulled"
     if dedupe:
         # IS NOT DISTINCT FROM: a null event time is its own rule, but two such rows are still one key
@@ -218,9 +223,12 @@ def normalised_sql(config: JobConfig, source: str, where: str, columns: dict[str
             FROM pulled p WHERE EXISTS (SELECT 1 FROM dups d WHERE {same_key})"""
     dups = (f"dups AS (SELECT {entity} AS __id, {event} AS __at FROM pulled WHERE {entity} IS NOT NULL GROUP BY ALL "
             f"HAVING count(*) > 1),") if dedupe else ""
+    pulled = f"SELECT * FROM src WHERE {where}"
+    if others:
+        pulled = f"SELECT *, true AS __own FROM src WHERE {where} UNION ALL BY NAME SELECT *, false AS __own FROM ({others})"
     return f"""
         WITH src AS ({source}),
-        pulled AS (SELECT * FROM src WHERE {where}),
+        pulled AS ({pulled}),
         {dups}
         ranked AS ({ranked}),
         checked AS (SELECT *, {rule} AS __rule0 FROM ranked),
@@ -240,7 +248,7 @@ def normalised_sql(config: JobConfig, source: str, where: str, columns: dict[str
                {", ".join(features)},
                {RULE}, {REASON},
                CASE WHEN {RULE} IS NOT NULL THEN {record_json(columns or dict.fromkeys(required_columns(config), ""))} END AS {RECORD}
-        FROM verdict
+        FROM verdict{" WHERE __own" if others else ""}
     """
 
 

@@ -38,8 +38,8 @@ from batchml.data.extract import ENTITY, REASON, RECORD, RULE
 from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, registered, table_exists
 from batchml.storage.writeback import latest_sql
 
-SCORES, QUARANTINE, STAGING = "scores", "quarantine", "staging"
-KINDS = (SCORES, QUARANTINE)  # committed kinds; staging files never are
+SCORES, QUARANTINE, SHADOW, STAGING = "scores", "quarantine", "shadow", "staging"
+KINDS = (SCORES, QUARANTINE, SHADOW)  # committed kinds; staging files never are
 
 MANIFESTS_SQL = """
 CREATE TABLE IF NOT EXISTS batchml.manifests (
@@ -134,28 +134,34 @@ def committed_paths(con: duckdb.DuckDBPyConnection, job: str, kind: str | None =
 
 
 def refresh_scores_views(con: duckdb.DuckDBPyConnection, config: JobConfig) -> None:
-    """``scores.<job>`` and its ``_latest`` view over exactly the committed score files."""
-    name = config.scores_table
-    paths = committed_paths(con, config.job, SCORES)
+    """``scores.<job>`` and its ``_latest`` view over exactly the committed score files (and, with
+    ``promotion.shadow``, ``scores.<job>_shadow`` and ``_shadow_latest`` over the shadow files)."""
+    _refresh_views(con, config, SCORES, "")
+    _refresh_views(con, config, SHADOW, "_shadow")
+
+
+def _refresh_views(con: duckdb.DuckDBPyConnection, config: JobConfig, kind: str, suffix: str) -> None:
+    name = config.scores_table + suffix
+    paths = committed_paths(con, config.job, kind)
     if not paths:
         return
-    refuse_local_table(con, config)
+    refuse_local_table(con, config, suffix)
     files = "[" + ", ".join(quote_literal(p) for p in paths) + "]"
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name.split('.')[0])}")
     con.execute(f"CREATE OR REPLACE VIEW {quote_table(name)} AS SELECT * FROM read_parquet({files}, union_by_name = true)")
     con.execute(f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS {latest_sql(quote_table(name), config)}")
 
 
-def refuse_local_table(con: duckdb.DuckDBPyConnection, config: JobConfig) -> None:
+def refuse_local_table(con: duckdb.DuckDBPyConnection, config: JobConfig, suffix: str = "") -> None:
     """A job switched from the local engine keeps its scores in a table of the same name: the lake's
     view cannot take its place without hiding that history."""
-    name = config.scores_table
+    name = config.scores_table + suffix
     schema, _, table = name.rpartition(".")
     kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
                        [schema, table]).fetchall()
     if kind and kind[0][0] == "BASE TABLE":
         raise DataError(f"{name} is a table written by the local engine; the dask engine serves scores as a view over its "
-                        f"lake files: export it (COPY {name} TO '<warehouse dir>/lake/{config.job}/scores/local.parquet') "
+                        f"lake files: export it (COPY {name} TO '<warehouse dir>/lake/{config.job}/{'shadow' if suffix else 'scores'}/local.parquet') "
                         f"and drop it, or set scoring.table to a new name, or keep execution.engine local")
 
 

@@ -1,0 +1,141 @@
+"""Which files and row groups each Dask task reads: the night's share of each task, planned once.
+
+The client lists the source's files (the same glob DuckDB would read), drops the hive folders that
+``source.watermark_partition`` rules out, reads the footers' row-group statistics of the watermark
+column and keeps only the row groups that can hold a row in ``[watermark_from, upper)``. What is
+left is cut into one contiguous run of row groups per partition, balanced by row count, so each
+task reads its own share of the night and nothing else (DuckDB skips the other row groups of a
+file by ``file_row_number``).
+
+Pruning here only spares reading: every task still applies the batch's own filter, so a row group
+kept by mistake costs time, never a row. Statistics that cannot be trusted (no statistics, a
+watermark that is not a plain TIMESTAMP in that file) keep the row group.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import duckdb
+
+from batchml.config import JobConfig
+from batchml.data.extract import quote_source_column
+from batchml.storage.warehouse import quote_literal
+
+PLAIN_TIMESTAMPS = ("TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``[first, end)`` of one Parquet file: whole row groups."""
+
+    file: str
+    first: int
+    end: int
+    whole: bool  # every row of the file: no row-number filter needed
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.first
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The watermarks a batch can hold, and whether its filter includes the hive folders' days."""
+
+    lower: datetime | None
+    upper: datetime
+    hive_days: bool
+
+
+def plan(con: duckdb.DuckDBPyConnection, config: JobConfig, location: str, bounds: Bounds) -> list[Unit]:
+    """The row groups of ``location``'s files that can hold the batch, as units in file order."""
+    files = [row[0] for row in con.execute(f"SELECT file FROM glob({quote_literal(location)}) ORDER BY file").fetchall()]
+    if bounds.hive_days and config.source.watermark_partition:
+        files = [f for f in files if _day_may_hold(f, config.source.watermark_partition, bounds)]
+    if not files:
+        return []
+    listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+    wm = quote_literal(config.source.watermark)
+    # one row per row group: its rows, and the watermark's min/max where the file stores a plain TIMESTAMP
+    groups = con.execute(f"""
+        WITH typed AS (SELECT file_name, name FROM parquet_schema({listed}) WHERE name = {wm} AND duckdb_type IN {PLAIN_TIMESTAMPS})
+        SELECT m.file_name, m.row_group_id, any_value(m.row_group_num_rows),
+               max(try_cast(m.stats_min_value AS TIMESTAMP)) FILTER (WHERE t.name IS NOT NULL),
+               max(try_cast(m.stats_max_value AS TIMESTAMP)) FILTER (WHERE t.name IS NOT NULL)
+        FROM parquet_metadata({listed}) m LEFT JOIN typed t ON t.file_name = m.file_name AND t.name = m.path_in_schema
+        GROUP BY ALL ORDER BY m.file_name, m.row_group_id""").fetchall()
+    units: list[Unit] = []
+    totals: dict[str, int] = {}
+    for file, _, rows, low, high in groups:
+        start = totals.get(file, 0)
+        totals[file] = start + rows
+        if _may_hold(low, high, bounds):
+            units.append(Unit(file, start, start + rows, False))
+    return [Unit(u.file, u.first, u.end, u.first == 0 and u.end == totals[u.file]) for u in _joined(units)]
+
+
+def _may_hold(low: datetime | None, high: datetime | None, bounds: Bounds) -> bool:
+    if low is None or high is None:
+        return True  # no usable statistics
+    return low < bounds.upper and (bounds.lower is None or high >= bounds.lower)
+
+
+def _day_may_hold(file: str, key: str, bounds: Bounds) -> bool:
+    """Whether ``file``'s ``key=YYYY-MM-DD`` folder can hold the batch (``extract._partition_filter``'s days)."""
+    found = re.search(rf"(?:^|/){re.escape(key)}=([^/]+)/", file)
+    if not found:
+        return True
+    try:
+        day = date.fromisoformat(found.group(1)[:10])
+    except ValueError:
+        return True
+    return day <= bounds.upper.date() and (bounds.lower is None or day >= bounds.lower.date())
+
+
+def _joined(units: list[Unit]) -> list[Unit]:
+    """Adjacent row groups of a file as one unit (fewer ranges for DuckDB to test)."""
+    joined: list[Unit] = []
+    for unit in units:
+        if joined and joined[-1].file == unit.file and joined[-1].end == unit.first:
+            joined[-1] = Unit(unit.file, joined[-1].first, unit.end, False)
+        else:
+            joined.append(unit)
+    return joined
+
+
+def balance(units: list[Unit], count: int) -> list[tuple[Unit, ...]]:
+    """At most ``count`` shares of about equal rows, each a contiguous run of the units in order
+    (cut at row-group boundaries, so a share is within one row group of its fair size)."""
+    total = sum(u.rows for u in units)
+    if not units:
+        return []
+    count = max(1, min(count, total))
+    shares: list[list[Unit]] = [[] for _ in range(count)]
+    done = 0
+    for unit in units:
+        share = min(count - 1, done * count // max(total, 1))
+        shares[share].append(unit)
+        done += unit.rows
+    return [tuple(share) for share in shares if share]
+
+
+def units_sql(units: tuple[Unit, ...], columns: dict[str, str]) -> str:
+    """SELECT * over the units' rows, with every column of the whole source (``columns``, as the
+    client described it): a share of files may lack a column the others have (read as NULL, as
+    ``union_by_name`` reads it), and ``__file`` / ``__row`` to order exact copies the same way in every task."""
+    def scan(files: list[str], rows: str = "") -> str:
+        listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+        return (f"SELECT * EXCLUDE (file_row_number), file_row_number AS __row FROM read_parquet({listed}, "
+                f"filename = '__file', file_row_number = true, union_by_name = true){rows}")
+
+    whole = [unit.file for unit in units if unit.whole]
+    selects = [scan(whole)] if whole else []  # one scan of every whole file: a share may hold thousands
+    selects += [scan([unit.file], f" WHERE file_row_number >= {unit.first} AND file_row_number < {unit.end}")
+                for unit in units if not unit.whole]
+    typed = [f"CAST(NULL AS {kind}) AS {quote_source_column(name)}" for name, kind in columns.items()]
+    typed += ["CAST(NULL AS VARCHAR) AS __file", "CAST(NULL AS BIGINT) AS __row"]
+    selects.append(f"SELECT {', '.join(typed)} WHERE false")
+    return "\nUNION ALL BY NAME\n".join(selects)

@@ -1,0 +1,79 @@
+"""Planning the Dask engine's shares: each task reads only the files and row groups that can hold
+its part of the night (row-group statistics on the watermark, hive days), shares balanced by rows."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchml.cluster.plan import Bounds, Unit, balance, plan, units_sql
+from batchml.config import parse_job_config
+from batchml.storage.warehouse import memory_connection
+from conftest import job_config
+
+T0 = datetime(2026, 11, 1)
+
+
+def config(**source):
+    raw = job_config()
+    raw["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at",
+                     "watermark": "ingested_at", **source}
+    return parse_job_config(raw, Path("configs/vuln_risk.yaml"))
+
+
+def rows(first_day: int, days: int, per_day: int, as_text: bool = False) -> pa.Table:
+    """``per_day`` rows landed on each of ``days`` days, in landing order."""
+    landed = [T0 + timedelta(days=first_day + i // per_day, minutes=i % per_day) for i in range(days * per_day)]
+    column = pa.array([t.isoformat(sep=" ") for t in landed]) if as_text else pa.array(landed, pa.timestamp("us"))
+    ids = [f"f{first_day}-{i}" for i in range(len(landed))]
+    return pa.table({"finding_id": ids, "found_at": pa.array(landed, pa.timestamp("us")), "ingested_at": column})
+
+
+def test_only_row_groups_whose_watermark_statistics_meet_the_night_are_read(tmp_path):
+    pq.write_table(rows(0, 10, 100), tmp_path / "a.parquet", row_group_size=100)  # one row group per day
+    pq.write_table(rows(0, 10, 100, as_text=True), tmp_path / "b.parquet", row_group_size=100)  # text: no usable statistics
+    con = memory_connection()
+    night = Bounds(T0 + timedelta(days=3), T0 + timedelta(days=6), hive_days=True)
+    units = plan(con, config(), str(tmp_path / "*.parquet"), night)
+    assert units == [Unit(str(tmp_path / "a.parquet"), 300, 600, False), Unit(str(tmp_path / "b.parquet"), 0, 1000, True)]
+    read = con.execute(f"SELECT count(*), min(ingested_at), max(ingested_at) FROM ({units_sql(tuple(units[:1]), {})})").fetchone()
+    assert read == (300, T0 + timedelta(days=3), T0 + timedelta(days=5, minutes=99))
+    nothing = Bounds(T0 + timedelta(days=20), T0 + timedelta(days=21), hive_days=True)
+    assert [u.file for u in plan(con, config(), str(tmp_path / "*.parquet"), nothing)] == [str(tmp_path / "b.parquet")]
+
+
+def test_hive_days_outside_the_night_are_never_opened_unless_the_filter_ignores_them(tmp_path):
+    for day in range(5):
+        folder = tmp_path / f"day={(T0 + timedelta(days=day)).date()}"
+        folder.mkdir()
+        (folder / "part-0.parquet").write_bytes(b"not parquet: opening it would fail")
+    keep = tmp_path / f"day={(T0 + timedelta(days=2)).date()}" / "part-0.parquet"
+    pq.write_table(rows(2, 1, 10), keep)
+    con = memory_connection()
+    night = Bounds(T0 + timedelta(days=2), T0 + timedelta(days=2, hours=12), hive_days=True)
+    units = plan(con, config(watermark_partition="day"), str(tmp_path / "*" / "*.parquet"), night)
+    assert units == [Unit(str(keep), 0, 10, True)]
+
+
+def test_shares_are_contiguous_cover_every_unit_once_and_are_balanced_by_rows():
+    units = [Unit("a", 0, 100, False), Unit("a", 200, 500, False), Unit("b", 0, 50, True), Unit("c", 0, 250, True),
+             Unit("d", 0, 100, True), Unit("d2", 0, 100, True)]
+    shares = balance(units, 3)
+    assert [u for share in shares for u in share] == units  # in order, each once
+    sizes = [sum(u.rows for u in share) for share in shares]
+    assert len(shares) == 3 and sum(sizes) == 900
+    assert max(sizes) - min(sizes) <= max(u.rows for u in units)  # within one unit of the fair share
+    assert balance(units[:2], 5) == [(units[0],), (units[1],)]  # never an empty share
+    assert balance([], 2) == []
+
+
+def test_a_share_lacking_a_column_reads_it_as_null(tmp_path):
+    pq.write_table(rows(0, 1, 5).append_column("severity", pa.array(["high"] * 5)), tmp_path / "a.parquet")
+    pq.write_table(rows(1, 1, 5), tmp_path / "b.parquet")
+    con = memory_connection()
+    columns = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{tmp_path}/*.parquet', union_by_name = true)").fetchall()}
+    share = (Unit(str(tmp_path / "b.parquet"), 0, 5, True),)
+    assert con.execute(f"SELECT count(*), count(severity) FROM ({units_sql(share, columns)})").fetchone() == (5, 0)
