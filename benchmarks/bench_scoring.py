@@ -88,11 +88,11 @@ def worker_e2e(root: Path, kind: str = "nightly") -> dict:
     from batchml.project import Project
 
     if kind == "backfill-nopredict":
-        import batchml.pipeline.backfill
+        import batchml.pipeline.nightly
 
-        real = batchml.pipeline.backfill.load_for_scoring  # still loads the leaves library and path tables for the reasons
+        real = batchml.pipeline.nightly.load_for_scoring  # still loads the leaves library and path tables for the reasons
         share = float(os.environ["BENCH_HIGH_SHARE"])
-        batchml.pipeline.backfill.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
+        batchml.pipeline.nightly.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
     import_rss = common.peak_rss_mb()
     started, cpu = time.perf_counter(), time.process_time()
     project = Project.open(root)

@@ -108,6 +108,9 @@ class DaskNightlyRun(NightlyRun):
         self.drift_tally = merged(tallies)
         return merged_pull(self.checked, lake.job_root(self.lake, self.config.job))
 
+    def _scores_in_pass(self) -> bool:  # the partitions are scored after training (see _score)
+        return False
+
     def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
         return self.drift_tally if self.drift_tally is not None else drift.CurrentAccumulator(profile)
 
@@ -140,7 +143,7 @@ class DaskNightlyRun(NightlyRun):
         tally = merged([p.prediction for p in self.scored_parts]) or drift.CurrentAccumulator(profile)
         self.prediction_drift = prediction_drift(profile, tally, self.config)
         sample = np.concatenate([p.sample for p in self.scored_parts]) if self.scored_parts else np.empty(0)
-        self.performance.extend(performance.estimated(self.config, self.champion, sample, self.run.as_of))
+        self.estimated = performance.estimated(self.config, self.champion, sample, self.run.as_of)
         log.info("%s: scored %d rows with v%d on %d partition(s) (%s)", self.config.job, self.run.rows_scored,
                  self.champion.version, len(self.scored_parts), self.scored.predictor)
 

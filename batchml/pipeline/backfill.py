@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
 from batchml.models import registry
 from batchml.storage import model_rows
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import event_range_filter
-from batchml.storage.source import pull
 from batchml.pipeline.locks import job_lock
-from batchml.pipeline.nightly import NightlyRun, load_profile, refuse_future_cutoff, run_job
+from batchml.pipeline.nightly import NightlyRun, refuse_future_cutoff, run_job
 from batchml.pipeline.progress import track
 from batchml.project import Project
 from batchml.storage import runlog
 from batchml.storage.runlog import Run
-from batchml.models.scoring import load_for_scoring
 from batchml.storage.warehouse import migrate, table_exists
 from batchml.storage.writeback import scored_between
 
@@ -90,26 +87,20 @@ class BackfillRun(NightlyRun):
         return told
 
     def _pull_and_score(self) -> None:
-        """The valid rows go from DuckDB straight to the model: a backfill of millions of rows never
-        writes them to disk and reads them back (the run file keeps only rejected rows, for the
-        quarantine). So the warehouse stays open while they are scored; another job's run waits
-        for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
-        def load():  # the model's libraries and score profile, while DuckDB describes and counts the rows
-            load_profile(self.champion)
-            return load_for_scoring(self.champion, self.config, self._warn)
+        """The valid rows go from DuckDB straight to the model (``NightlyRun._pull_batch``): a backfill
+        of millions of rows never writes them to disk and reads them back (the run file keeps only
+        rejected rows, for the quarantine). So the warehouse stays open while they are scored; another
+        job's run waits for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
+        self._extract()
 
-        with ThreadPoolExecutor(1, thread_name_prefix="batchml-load") as pool:
-            loading = pool.submit(load)
+    def _scores_in_pass(self) -> bool:
+        return not self.dry_run
 
-            def score(batches, rows: int) -> None:
-                self._score_champion(batches, rows, loading.result())
-
-            with self._connect() as con:
-                config = self._pull_config(con)
-                self._require_fed()
-                self.batch = pull(con, config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
-                                  valid_rows=score, columns=self.source_columns)
-        self._pulled()
+    def _pull_batch(self, con, where: str):
+        self._pull_config(con)
+        if not self.dry_run:
+            self._require_fed()  # before reading every row for nothing
+        return super()._pull_batch(con, where)
 
     def _model_role(self) -> str:
         return "model" if self.version is not None else "champion"

@@ -24,12 +24,14 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from pyarrow import ipc
 
 from batchml import logcontext
 from batchml.monitoring import drift
@@ -48,7 +50,7 @@ from batchml.pipeline.locks import job_lock
 from batchml.pipeline.progress import track
 from batchml.project import Project
 from batchml.storage.runlog import Run
-from batchml.models.scoring import Predictor, ScoreSummary, make_predictor, prepare_engine, score_batches
+from batchml.models.scoring import Predictor, ScoreSummary, load_for_scoring, make_predictor, prepare_engine, score_batches
 from batchml.data.validate import check_batch
 from batchml.storage.warehouse import migrate, transaction
 from batchml.storage.writeback import (
@@ -141,6 +143,10 @@ class NightlyRun:
         self.shadow_model: registry.LoadedModel | None = None
         self.shadow_path: Path | None = None
         self.prediction_drift: list[dict] = []
+        self.estimated: list[dict] = []  # the estimated metric of the stored scores (replaced when they are)
+        self.drift_tally: drift.CurrentAccumulator | None = None  # the batch's valid rows, tallied as they pass
+        self.kept_rows: Path | None = None  # the valid rows, kept only when a later step may read them again
+        self.scored_by: registry.LoadedModel | None = None  # the model whose scores the scores run file holds
 
     # -- orchestration -------------------------------------------------------------------------
 
@@ -175,7 +181,8 @@ class NightlyRun:
         return self.run
 
     def _steps(self) -> None:
-        with self.run.step("extract"):
+        # with a champion the pull scores as it reads: one pass (the step is timed as scoring, as a backfill's)
+        with self.run.step("score" if self._scores_in_pass() else "extract"):
             self._extract()
         checkpoint("extract")
         with self.run.step("validate"):
@@ -246,34 +253,96 @@ class NightlyRun:
         Those the source no longer has are left out and remembered: scoring then fails, naming them."""
         if self.champion is None:
             return self.config
+        if self.source_columns is not None:  # described once per run
+            return self.pull_config
         self.source_columns = columns = describe_source(con, self.config, self.project.root)
         self.champion_missing = [name for name in self.champion.spec.features if name not in columns]
         self.pull_config = with_model_features(self.config, self.champion.spec, leave_out=self.champion_missing)
         return self.pull_config
 
     def _extract(self) -> None:
-        where = self._batch_filter()
         with self._connect() as con:
-            self.batch = self._pull_batch(con, where)
             if self.run.kind in ("nightly", "replay"):
-                self.new_labels = labels.count_new_labels(con, self.config, self.project.root, self.run.as_of)
-                self.last_trained = model_rows.last_trained(con, self.config.job)
-                self.answered = self._answered_triggers(con)
-                self.performance = performance.metric_rows(self.config.promotion.metric, labels.labeled_scores(
-                    con, self.config, self.project.root, self.run.as_of))
-                champion = self.champion_row["version"] if self.champion_row else None
-                self.realised = performance.overall(self.performance, champion)
+                self._read_history(con)
+            self.batch = self._pull_batch(con, self._batch_filter())
         self._pulled()
 
+    def _read_history(self, con) -> None:
+        """What the retrain triggers weigh besides the batch: new labels, the last training, realised performance."""
+        self.new_labels = labels.count_new_labels(con, self.config, self.project.root, self.run.as_of)
+        self.last_trained = model_rows.last_trained(con, self.config.job)
+        self.answered = self._answered_triggers(con)
+        self.performance = performance.metric_rows(self.config.promotion.metric, labels.labeled_scores(
+            con, self.config, self.project.root, self.run.as_of))
+        champion = self.champion_row["version"] if self.champion_row else None
+        self.realised = performance.overall(self.performance, champion)
+
+    def _scores_in_pass(self) -> bool:
+        """Whether the pull scores the rows as it reads them (a night with a champion)."""
+        return self.champion is not None and self.run.kind in ("nightly", "replay")
+
     def _pull_batch(self, con, where: str) -> PullResult:
-        """The batch's rows, checked against the data contract, into the run file."""
-        return pull(con, self._pull_config(con), self.project.root, where, self.scratch / "batch.arrow", columns=self.source_columns)
+        """One pass over the batch: each row is checked against the data contract (rejected rows go
+        to a run file, for the quarantine), and each valid row tallied for drift, scored by the
+        champion and, only when a later step may read it again, kept in a second run file. On the
+        common night (no challenger can be promoted) the rows are read once: not written to disk and
+        read back for drift, then again for scoring."""
+        config = self._pull_config(con)
+        profile = self._drift_reference() if self.champion is not None and self.run.kind != "backfill" else None
+        self.drift_tally = drift.CurrentAccumulator(profile) if profile is not None else None
+        if self._keeps_rows():
+            self.kept_rows = self.scratch / "batch.arrow"
+        scoring = self._scores_in_pass() and not self.champion_missing
+
+        def load():  # the model's libraries and score profile, while DuckDB describes and counts the rows
+            load_profile(self.champion)
+            return load_for_scoring(self.champion, self.config, self._warn)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="batchml-load") as pool:
+            loading = pool.submit(load) if scoring else None
+
+            def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
+                batches = self._observed(batches, profile)
+                if scoring:
+                    self._score_champion(batches, rows, loading.result())
+                else:
+                    for _ in batches:
+                        pass
+
+            return pull(con, config, self.project.root, where, self.scratch / "rejected.arrow",
+                        valid_rows=valid_rows, columns=self.source_columns)
+
+    def _observed(self, batches: Iterator[pa.RecordBatch], profile: drift.ReferenceProfile | None) -> Iterator[pa.RecordBatch]:
+        """``batches`` passed on, each tallied for drift and written to the kept rows on the way."""
+        writer = None
+        try:
+            for batch in batches:
+                if profile is not None:
+                    self.drift_tally.update(**feature_arrays(batch, profile))
+                if self.kept_rows is not None:
+                    writer = writer or ipc.new_file(str(self.kept_rows), batch.schema)
+                    writer.write_batch(batch)
+                yield batch
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _keeps_rows(self) -> bool:
+        """Whether a later step may read the valid rows again: a champion crowned or promoted in this
+        run scores them after training, shadow scores read them, a champion that cannot score leaves
+        them to its error. Decided before the pass, so a retrain that drift alone may call for
+        counts as possible (dataset drift is known only once every row has been tallied)."""
+        if self.run.kind not in ("nightly", "replay"):
+            return False
+        if self.champion is None or self.champion_missing or self.config.promotion.shadow:
+            return True
+        return bool(self._due_triggers(self.answered, dataset_drift=True))
 
     def _pulled(self) -> None:
         self.run.rows_extracted = self.batch.rows
         self.run.rows_quarantined = sum(self.batch.by_rule.values())
         log.info("%s: extracted %d rows (%d quarantined)", self.config.job, self.batch.rows, self.run.rows_quarantined,
-                 extra={"rows_extracted": self.batch.rows, "rows_quarantined": self.run.rows_quarantined})
+                 extra={"rows_extracted": self.batch.rows, "rows_quarantined": self.run.rows_quarantined, "step": "extract"})
 
     def _validate(self) -> None:
         check = check_batch(self.config, self.batch.rows, self.batch.by_rule, self.batch.null_fractions)
@@ -294,15 +363,14 @@ class NightlyRun:
                  self.drift_report.feature_count, " (dataset drift)" if self.drift_report.dataset_drift else "")
 
     def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
-        """The batch's valid rows tallied against ``profile``."""
-        accumulator = drift.CurrentAccumulator(profile)
-        for batch in run_file_batches(self.batch.path):
-            accumulator.update(**feature_arrays(batch, profile))
-        return accumulator
+        """The batch's valid rows tallied against ``profile`` (during the pull)."""
+        return self.drift_tally
 
     def _drift_reference(self) -> drift.ReferenceProfile:
         """The champion's profile of the features the config still has: a feature on one side only
         has nothing to be compared with, so it is skipped (and named) rather than failing the run."""
+        if "drift_reference" in self.champion.cache:  # the pull tallies against it, the drift step compares
+            return self.champion.cache["drift_reference"]
         features = self.config.features
         profile = load_profile(self.champion).restricted(features.numeric, features.categorical)
         measured = {*profile.numeric, *profile.categorical}
@@ -311,6 +379,7 @@ class NightlyRun:
         if champion_only or config_only:
             log.info("%s: drift skips features only one side has: champion v%d only [%s], config only [%s]", self.config.job,
                      self.champion.version, ", ".join(champion_only), ", ".join(config_only))
+        self.champion.cache["drift_reference"] = profile
         return profile
 
     @property
@@ -342,10 +411,11 @@ class NightlyRun:
             return None
         return candidate
 
-    def _due_triggers(self, answered: frozenset[str]) -> list[str]:
+    def _due_triggers(self, answered: frozenset[str], dataset_drift: bool | None = None) -> list[str]:
         return retrain.due_triggers(
             self.config, champion=self.champion_row, as_of=self.run.as_of, force=self.force_retrain,
-            dataset_drift=self.run.dataset_drift, new_labels=self.new_labels, realised=self.realised,
+            dataset_drift=self.run.dataset_drift if dataset_drift is None else dataset_drift,
+            new_labels=self.new_labels, realised=self.realised,
             champion_spec=self.champion.spec if self.champion is not None else None,
             last_trained=self.last_trained, answered=answered,
         )
@@ -456,11 +526,18 @@ class NightlyRun:
             self.shadow_model = registry.load(row)
 
     def _score(self) -> None:
+        """The pull scored the rows with the champion of the night's start; one crowned or promoted
+        since scores them again from the kept rows: the stored scores are always the champion's
+        after the gate."""
         if self.champion is None:
             self._wait_for_model()
             return
         self._require_fed()
-        self._score_champion(run_file_batches(self.batch.path), self.valid_rows)
+        if self.scored_by is not self.champion:
+            if self.kept_rows is None:  # _keeps_rows keeps them whenever a challenger can be trained
+                raise RuntimeError(f"v{self.champion.version} was promoted but the run kept no rows to score")
+            self.scored = ScoreSummary()
+            self._score_champion(run_file_batches(self.kept_rows), self.valid_rows)
         if self.config.promotion.shadow:
             self._score_shadow()
 
@@ -516,10 +593,11 @@ class NightlyRun:
             kept.append(scores if keep_share >= 1.0 else scores[rng.random(len(scores)) < keep_share])
 
         predictor_name = self._score_with(self.champion, batches, rows, self.scores_path, self.scored, observe, predictor)
+        self.scored_by = self.champion
         self.run.rows_scored = self.scored.rows
         self.prediction_drift = prediction_drift(profile, scores_acc, self.config)
         scores = np.concatenate(kept) if kept else np.empty(0)
-        self.performance.extend(performance.estimated(self.config, self.champion, scores, self.run.as_of))
+        self.estimated = performance.estimated(self.config, self.champion, scores, self.run.as_of)
         log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.champion.version, predictor_name,
                  extra={"rows_scored": self.run.rows_scored, "model_version": self.champion.version})
 
@@ -550,12 +628,12 @@ class NightlyRun:
             if row is None:
                 return
             challenger = registry.load(row)
-        missing = [name for name in challenger.spec.features if name not in run_file_schema(self.batch.path).names]
+        missing = [name for name in challenger.spec.features if name not in run_file_schema(self.kept_rows).names]
         if missing:  # a challenger from before a change of the feature list
             self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
             return
         self.shadow_path = self.scratch / "shadow.arrow"
-        self._score_with(challenger, run_file_batches(self.batch.path), self.valid_rows, self.shadow_path, ScoreSummary())
+        self._score_with(challenger, run_file_batches(self.kept_rows), self.valid_rows, self.shadow_path, ScoreSummary())
 
     def _commit(self) -> None:
         job, run = self.config.job, self.run
@@ -602,7 +680,7 @@ class NightlyRun:
         write_drift_rows(con, self.run.run_id, self.config.job, version, rows)
 
     def _write_performance(self, con) -> None:
-        write_performance(con, self.run.run_id, self.config.job, self.performance)
+        write_performance(con, self.run.run_id, self.config.job, [*self.performance, *self.estimated])
 
     # -- failure and aftermath -------------------------------------------------------------------
 
