@@ -97,7 +97,6 @@ class BackfillRun(NightlyRun):
         return not self.dry_run
 
     def _pull_batch(self, con, where: str):
-        self._pull_config(con)
         if not self.dry_run:
             self._require_fed()  # before reading every row for nothing
         return super()._pull_batch(con, where)

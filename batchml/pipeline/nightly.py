@@ -250,18 +250,18 @@ class NightlyRun:
     def _pull_config(self, con) -> JobConfig:
         """The job's config with the champion's features added to its pull: until a model trained on a
         changed feature list is promoted, the champion scores and the gate compares on its columns.
-        Those the source no longer has are left out and remembered: scoring then fails, naming them."""
-        if self.champion is None:
-            return self.config
-        if self.source_columns is not None:  # described once per run
-            return self.pull_config
-        self.source_columns = columns = describe_source(con, self.config, self.project.root)
-        self.champion_missing = [name for name in self.champion.spec.features if name not in columns]
-        self.pull_config = with_model_features(self.config, self.champion.spec, leave_out=self.champion_missing)
+        Those the source no longer has are left out and remembered: scoring then fails, naming them.
+        The source is described (and its columns checked) once per run."""
+        if self.source_columns is None:
+            self.source_columns = columns = describe_source(con, self.config, self.project.root)
+            if self.champion is not None:
+                self.champion_missing = [name for name in self.champion.spec.features if name not in columns]
+                self.pull_config = with_model_features(self.config, self.champion.spec, leave_out=self.champion_missing)
         return self.pull_config
 
     def _extract(self) -> None:
         with self._connect() as con:
+            self._pull_config(con)  # a source without the job's columns fails here, naming them
             if self.run.kind in ("nightly", "replay"):
                 self._read_history(con)
             self.batch = self._pull_batch(con, self._batch_filter())
