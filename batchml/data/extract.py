@@ -376,6 +376,34 @@ def write_run_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
     return rows
 
 
+def write_parquet_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
+    """Stream batches into one Parquet file (no file when there are none); returns the row count.
+    For a run's scores: the commit reads them, then the same file is published for analysts."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    rows = 0
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), batch.schema)
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def parquet_reader(path: Path) -> pa.RecordBatchReader:
+    """A Parquet file's rows as a one-pass reader (DuckDB scans it batch by batch)."""
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(str(path))
+    return pa.RecordBatchReader.from_batches(source.schema_arrow, source.iter_batches())
+
+
 def run_file_schema(path: Path) -> pa.Schema:
     with pa.OSFile(str(path)) as source:
         return ipc.open_file(source).schema

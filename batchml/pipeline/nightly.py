@@ -43,7 +43,7 @@ from batchml.models import retrain
 from batchml.storage import labels, runlog
 from batchml.config import JobConfig
 from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, file_error, interrupted
-from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, training_filter, write_run_file
+from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, training_filter, write_parquet_file
 from batchml.storage.source import describe_source, odd_labels, pull, restrict, set_cutoff
 from batchml.data.features import FeatureSpec, categorical_values, numeric_values
 from batchml.pipeline.locks import job_lock
@@ -138,7 +138,7 @@ class NightlyRun:
         self.answered: frozenset[str] = frozenset()  # triggers its last, unpromoted challenger was trained for
         self.realised: float | None = None
         self.performance: list[dict] = []
-        self.scores_path = self.scratch / "scores.arrow"
+        self.scores_path = self.scratch / "scores.parquet"  # committed, then published as it is
         self.scored = ScoreSummary()
         self.shadow_model: registry.LoadedModel | None = None
         self.shadow_path: Path | None = None
@@ -156,6 +156,16 @@ class NightlyRun:
 
     def _execute(self) -> Run:
         self._begin()
+        try:  # the run files live until publishing: the committed scores file becomes the published one
+            self._run_steps()
+            self._record_commit_time()
+            self._after_commit()
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        return self.run
+
+    def _run_steps(self) -> None:
+        """The steps, or the failure recorded (and raised, unless the commit went through after all)."""
         try:
             self._load_champion()  # a missing or tampered artifact fails the run: recorded, mailed
             self._steps()
@@ -174,11 +184,6 @@ class NightlyRun:
                 if exc is caught:
                     raise
                 raise exc from caught
-        finally:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-        self._record_commit_time()
-        self._after_commit()
-        return self.run
 
     def _steps(self) -> None:
         # with a champion the pull scores as it reads: one pass (the step is timed as scoring, as a backfill's)
@@ -608,7 +613,7 @@ class NightlyRun:
         batches = track(batches, total=rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
         batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
                                 scored_at=registry.utcnow(), summary=summary, on_scores=observe)
-        write_run_file(batches, path)
+        write_parquet_file(batches, path)
         return predictor.name
 
     def _wait_for_model(self) -> None:
@@ -632,7 +637,7 @@ class NightlyRun:
         if missing:  # a challenger from before a change of the feature list
             self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
             return
-        self.shadow_path = self.scratch / "shadow.arrow"
+        self.shadow_path = self.scratch / "shadow.parquet"
         self._score_with(challenger, run_file_batches(self.kept_rows), self.valid_rows, self.shadow_path, ScoreSummary())
 
     def _commit(self) -> None:
@@ -750,7 +755,8 @@ class NightlyRun:
 
         try:
             # this run and any an earlier process committed but died before publishing
-            publish.publish_pending(self.project, self.config)
+            own = {self.run.run_id: self.scores_path} if self.run.status == "succeeded" and self.scores_path.exists() else {}
+            publish.publish_pending(self.project, self.config, own)
         except (BatchMLError, OSError) as exc:  # e.g. a full disk under published/
             message = file_error(exc) if isinstance(exc, OSError) else exc
             recorded = "the run itself is committed" if self.run.status == "succeeded" else f"the run is recorded as {self.run.status}"

@@ -12,7 +12,7 @@ import pyarrow as pa
 from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import DataError
-from batchml.data.extract import ENTITY, REASON, RECORD, RULE, run_file_reader, run_file_schema
+from batchml.data.extract import ENTITY, REASON, RECORD, RULE, parquet_reader
 from batchml.models.reasons import REASON_TYPE
 from batchml.models.scoring import score_rows
 from batchml.storage.warehouse import quote_ident, quote_table, registered, setting
@@ -48,11 +48,12 @@ def write_performance(con, run_id: str, job: str, rows: list[dict]) -> None:
 
 
 def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
-    """Append a run's scores (from its run file) and keep the ``_latest`` view in place."""
-    table = ensure_scores_table(con, config, run_file_schema(path), suffix)
-    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory;
+    """Append a run's scores (from its Parquet scores file) and keep the ``_latest`` view in place."""
+    reader = parquet_reader(path)
+    table = ensure_scores_table(con, config, reader.schema, suffix)
+    # DuckDB scans the file's batches as they are read: no copy of the whole run in memory;
     # in whatever order its threads finish them (2M rows: 0.3 s instead of 0.5 s; readers sort anyway)
-    with registered(con, "__scores", run_file_reader(path)), setting(con, "preserve_insertion_order", False):
+    with registered(con, "__scores", reader), setting(con, "preserve_insertion_order", False):
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
 
 
