@@ -45,8 +45,8 @@ class BackfillRun(NightlyRun):
                 row = model_rows.get(con, self.config.job, self.version)
             if row is None:
                 raise ConfigError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
-            self.champion = registry.load(row)
-        if self.champion is None:
+            self.state.champion = registry.load(row)
+        if self.state.champion is None:
             raise ModelError(f"job {self.config.job} has no champion to backfill with; run it once first")
 
     def _steps(self) -> None:
@@ -59,7 +59,7 @@ class BackfillRun(NightlyRun):
                 self._validate()
             self._require_fed()
             # the row keeps what was pulled and would be quarantined: rows_scored 0 says nothing was written
-            self.run.note = (f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}, "
+            self.run.note = (f"dry run: {self.valid_rows} rows would be scored with v{self.state.champion.version}, "
                              f"{self.run.rows_quarantined} quarantined; nothing written")
             log.info("%s: %s", self.config.job, self.run.note)
         else:
@@ -124,14 +124,14 @@ class DriftRun(NightlyRun):
         super().__init__(project, config, as_of, "drift", False, False)
 
     def _steps(self) -> None:
-        if self.champion is None:  # before pulling every row for nothing
+        if self.state.champion is None:  # before pulling every row for nothing
             raise ModelError(f"job {self.config.job} has no champion yet, so there is no reference to measure drift against")
         with self.run.step("extract"):
             self._extract()
         with self.run.step("drift"):
             self._drift()
         # the row says what was pulled (rows_extracted) and what a run would quarantine; rows_scored 0
-        self.pending.clear()
+        self.state.pending.clear()
         with self.run.step("commit"):
             self._commit()
 
