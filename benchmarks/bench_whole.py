@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +153,22 @@ def fresh_copy(template: Path, name: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def contenders(template: Path, job: str, as_of: dt.datetime, start: dt.date, end: dt.date, minimal_args, repeats: int) -> dict:
-    """Each contender ``repeats`` times, interleaved, each in a fresh copy of ``template``; the fastest kept."""
+def batchml_command(before: Path | None) -> list[str]:
+    """The CLI of this checkout, or (``before``: a folder holding an earlier ``batchml/``, e.g. from
+    ``git archive``) that earlier code run with the same interpreter and packages."""
+    if before is None:
+        return [BATCHML]
+    return ["env", f"PYTHONPATH={before}", common.PYTHON, "-m", "batchml.cli"]
+
+
+def contenders(template: Path, job: str, as_of: dt.datetime, start: dt.date, end: dt.date, minimal_args, repeats: int,
+               before: Path | None = None) -> dict:
+    """Each contender ``repeats`` times, interleaved, each in a fresh copy of ``template``; the fastest
+    kept. With ``before``: also ``run@before`` and ``backfill@before``, the same commands of earlier code."""
     results: dict[str, dict] = {}
+    names = ["minimal", "run", "backfill", *(["run@before", "backfill@before"] if before else [])]
     for _ in range(repeats):
-        for name in ("minimal", "run", "backfill"):
+        for name in names:
             root = fresh_copy(template, f"{job}-{name}")
             warehouse = root / "warehouse" / "warehouse.duckdb"
             if name == "minimal":
@@ -164,12 +176,13 @@ def contenders(template: Path, job: str, as_of: dt.datetime, start: dt.date, end
                 result = timed([common.PYTHON, str(MINIMAL), *minimal_args(root, out)])
                 result["rows"] = json.loads(result["stdout"].strip().splitlines()[-1])["rows"]
             else:
-                args = (["run", job, "--as-of", f"{as_of:%Y-%m-%d %H:%M}"] if name == "run"
+                command, _, earlier = name.partition("@")
+                args = (["run", job, "--as-of", f"{as_of:%Y-%m-%d %H:%M}"] if command == "run"
                         else ["backfill", job, "--start", f"{start}", "--end", f"{end}"])
-                result = timed([BATCHML, "--project", str(root), *args])
+                result = timed([*batchml_command(before if earlier else None), "--project", str(root), *args])
                 result.update(run_timings(warehouse))
                 result["steps"] = sum(result["timings"].values())
-                if name == "run":
+                if command == "run":
                     result["diff"] = stored_vs_booster(root, job, result)
             result.pop("stdout"), result.pop("stderr")
             _progress(f"{job} {name}: {result['wall']:.2f} s")
@@ -192,9 +205,10 @@ def stored_vs_booster(root: Path, job: str, result: dict) -> float | None:
         source = (f"read_parquet('{root / config['source']['parquet']}')" if "parquet" in config["source"] else config["source"]["table"])
         entity = config["source"]["entity_id"]
         columns = ", ".join(f'f."{c}"' for c in manifest["features"])
+        warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")  # a copy: fine here
         table = con.execute(f"SELECT s.score, {columns} FROM scores.{job} s JOIN {source} f USING ({entity}) "
                             f"WHERE s.run_id = (SELECT run_id FROM batchml.runs WHERE kind = 'nightly' ORDER BY started_at DESC LIMIT 1) "
-                            f"ORDER BY s.{entity} LIMIT 200000").arrow()
+                            f"ORDER BY s.{entity} LIMIT 200000").to_arrow_table()
     finally:
         con.close()
     if table.num_rows == 0:
@@ -209,7 +223,7 @@ def stored_vs_booster(root: Path, job: str, result: dict) -> float | None:
     return float(np.max(np.abs(booster.predict(matrix) - table.column("score").to_numpy())))
 
 
-def measure(quick: bool = False) -> dict:
+def measure(quick: bool = False, before: Path | None = None) -> dict:
     import bench_scoring
 
     sizes = common.Sizes.of(quick)
@@ -227,7 +241,7 @@ def measure(quick: bool = False) -> dict:
                 str(root / "warehouse" / "models" / SMALL / "v1"), str(out)]
 
     end = (D0 + dt.timedelta(days=NEW_DAYS - 1)).date()
-    figures["small"] = contenders(small, SMALL, D0 + dt.timedelta(days=NEW_DAYS), D0.date(), end, small_minimal, 2)
+    figures["small"] = contenders(small, SMALL, D0 + dt.timedelta(days=NEW_DAYS), D0.date(), end, small_minimal, 2, before)
 
     _progress(f"(a) 35 features x {sizes.trees} trees: template with {sizes.rows:,} rows")
     row = common.scoring_model(sizes)
@@ -246,7 +260,7 @@ def measure(quick: bool = False) -> dict:
         return ["raw.findings", "finding_id", "ingested_at", "1970-01-01", f"{common.AS_OF}", str(Path(row["artifact_path"])),
                 str(out), str(root / "warehouse" / "warehouse.duckdb")]
 
-    figures["big"] = contenders(big, common.JOB, common.AS_OF, common.T0.date(), common.AS_OF.date(), big_minimal, 2)
+    figures["big"] = contenders(big, common.JOB, common.AS_OF, common.T0.date(), common.AS_OF.date(), big_minimal, 2, before)
     figures["machine_load_end"] = os.getloadavg()
     return figures
 
@@ -270,11 +284,12 @@ def markdown(f: dict) -> str:
         base = r["minimal"]["wall"]
         lines += [f"### {title}", "", "| contender | wall | vs minimal | steps | after the steps | target |", "|---|---:|---:|---:|---:|---|"]
         lines.append(f"| minimal script | {base:.2f} s | 1.00× | | | |")
-        for name in ("run", "backfill"):
+        for name in [n for n in ("run", "backfill", "run@before", "backfill@before") if n in r]:
             c = r[name]
             target = targets.get((key, name))
             verdict = f"≤ {target}×: {'met' if c['wall'] <= target * base else 'not met'}" if target else ""
-            lines.append(f"| `batchml {name}` | {c['wall']:.2f} s | {c['wall'] / base:.2f}× | {c['steps']:.2f} s | "
+            label = f"`batchml {name.split('@')[0]}`" + (f" before ({f.get('before')})" if "@" in name else "")
+            lines.append(f"| {label} | {c['wall']:.2f} s | {c['wall'] / base:.2f}× | {c['steps']:.2f} s | "
                          f"{c['wall'] - c['steps']:.2f} s | {verdict} |")
         steps = ", ".join(f"{k} {v:.2f}" for k, v in r["run"]["timings"].items())
         bsteps = ", ".join(f"{k} {v:.2f}" for k, v in r["backfill"]["timings"].items())
@@ -288,8 +303,12 @@ def markdown(f: dict) -> str:
 
 
 def main() -> None:
+    """``--quick``: small sizes; ``--before DIR``: also time the batchml/ found in DIR (``git archive COMMIT batchml | tar -x -C DIR``)."""
     quick = "--quick" in sys.argv
-    figures = measure(quick)
+    before = Path(sys.argv[sys.argv.index("--before") + 1]) if "--before" in sys.argv else None
+    figures = measure(quick, before)
+    if before is not None:
+        figures["before"] = os.environ.get("BENCH_BEFORE_LABEL", str(before))
     text = markdown(figures)
     out = common.DATA / ("WHOLE-quick.md" if quick else "WHOLE.md")
     out.write_text(text)

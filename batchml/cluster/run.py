@@ -29,7 +29,8 @@ from batchml.config import JobConfig, distributed_source_problem
 from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
 from batchml.storage.source import describe_source
-from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun, load_profile, prediction_drift
+from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun
+from batchml.pipeline.shared import load_profile, prediction_drift
 from batchml.project import Project
 from batchml.storage import lake
 from batchml.storage.writeback import scores_schema
@@ -163,7 +164,7 @@ class DaskNightlyRun(NightlyRun):
         return lake.write_part([], schema, path, lake.SCORES, 0)
 
     def _write_quarantine(self, con) -> None:
-        if not self.run.rows_quarantined:
+        if not self.duties.quarantine or not self.run.rows_quarantined:
             return
         parts = [c.quarantine for c in self.checked if c.quarantine.rows]
         now = registry.utcnow()

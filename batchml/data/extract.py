@@ -386,22 +386,14 @@ def write_parquet_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
     rows = 0
     try:
         for batch in batches:
-            if writer is None:
-                writer = pq.ParquetWriter(str(path), batch.schema)
+            if writer is None:  # dictionaries cost 2 of 2.9 s at 2M score rows, and saved 10 % of the size
+                writer = pq.ParquetWriter(str(path), batch.schema, use_dictionary=False)
             writer.write_batch(batch)
             rows += batch.num_rows
     finally:
         if writer is not None:
             writer.close()
     return rows
-
-
-def parquet_reader(path: Path) -> pa.RecordBatchReader:
-    """A Parquet file's rows as a one-pass reader (DuckDB scans it batch by batch)."""
-    import pyarrow.parquet as pq
-
-    source = pq.ParquetFile(str(path))
-    return pa.RecordBatchReader.from_batches(source.schema_arrow, source.iter_batches())
 
 
 def run_file_schema(path: Path) -> pa.Schema:

@@ -10,7 +10,8 @@ from batchml.storage import model_rows
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import event_range_filter
 from batchml.pipeline.locks import job_lock
-from batchml.pipeline.nightly import NightlyRun, refuse_future_cutoff, run_job
+from batchml.pipeline.nightly import Duties, NightlyRun, run_job
+from batchml.pipeline.shared import refuse_future_cutoff
 from batchml.pipeline.progress import track
 from batchml.project import Project
 from batchml.storage import runlog
@@ -32,7 +33,8 @@ class BackfillRun(NightlyRun):
     """
 
     def __init__(self, project: Project, config, start: date, end: date, version: int | None, dry_run: bool):
-        super().__init__(project, config, registry.utcnow(), "backfill", False, False)
+        # appends scores, never moves the watermark; a dry run writes nothing but its run row
+        super().__init__(project, config, registry.utcnow(), "backfill", False, False, Duties(not dry_run, not dry_run, not dry_run))
         self.start, self.end, self.version, self.dry_run = start, end, version, dry_run
         self.run.dry_run = dry_run
 
@@ -108,20 +110,13 @@ class BackfillRun(NightlyRun):
         return (f"backfill with a model trained on the current features (--model-version N, see "
                 f"`batchml models list {self.config.job}`)")
 
-    def _write_quarantine(self, con) -> None:
-        if not self.dry_run:
-            super()._write_quarantine(con)
-
-    def _after_commit(self) -> None:
-        if not self.dry_run:
-            super()._after_commit()
-
 
 class DriftRun(NightlyRun):
     """Drift of the rows a nightly run would pull now; writes only the drift rows of a 'drift' run."""
 
     def __init__(self, project: Project, config, as_of: datetime):
-        super().__init__(project, config, as_of, "drift", False, False)
+        # quarantines nothing; its drift rows go to the analysts' catalog, no report, no mail
+        super().__init__(project, config, as_of, "drift", False, False, Duties(quarantine=False, report=False))
 
     def _steps(self) -> None:
         if self.state.champion is None:  # before pulling every row for nothing
@@ -135,11 +130,6 @@ class DriftRun(NightlyRun):
         with self.run.step("commit"):
             self._commit()
 
-    def _write_quarantine(self, con) -> None:  # a drift run quarantines nothing
-        return
-
-    def _after_commit(self) -> None:  # its drift rows go to the analysts' catalog; no report, no mail
-        self._publish()
 
 
 def backfill(project: Project, job: str, start: date, end: date, *, version: int | None = None, dry_run: bool = False,

@@ -1,32 +1,32 @@
 """One run of a job, step by step.
 
     begin     migrate, mark runs left 'running' by dead processes as crashed, record this run
-    extract   pull [watermark, as_of) into a run file, checked against the data contract
+    extract   one pass over [watermark, as_of): each row checked against the data contract, each
+              valid row tallied for drift and (with a champion) scored; timed as ``score`` then
     validate  quarantine bad rows; reject the batch when too many are bad (exit 3)
-    drift     compare the batch with the champion's reference profile
+    drift     judge the tally against the champion's reference profile
     train     retrain when a trigger fires; the challenger goes through the gate
-    score     stream the valid rows through the (possibly new) champion
+    score     a champion crowned or promoted in this run scores the kept rows again
     commit    one transaction: quarantine, drift, registry, scores, performance, watermark, run row
-    publish   Parquet copies for analysts; then the report and the mail
+    publish   the committed scores file moved into published/ for analysts; then the report, the mail
 
 The warehouse is opened only for ``begin``, ``extract`` (and the training pull) and ``commit``; the
-steps between work on run files in ``<warehouse dir>/tmp/<run_id>/``. A crash anywhere before the
-commit leaves the warehouse as it was, so the next run simply does the work again. (A backfill pulls
-and scores in one pass instead: see ``backfill.BackfillRun``.)
+steps between work on run files in ``<warehouse dir>/tmp/<run_id>/``: the rejected rows, the scores,
+and the valid rows only when a later step may read them again (``NightlyRun._keeps_rows``). A crash
+anywhere before the commit leaves the warehouse as it was, so the next run simply does the work
+again. Backfills and drift runs (``backfill``) take the same pass; the run's state is one
+``state.RunState``; helpers shared with ``batchml try`` and the Dask engine are in ``shared``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +41,20 @@ from batchml.storage import model_rows
 from batchml.models import retrain
 from batchml.storage import labels, runlog
 from batchml.config import JobConfig
-from batchml.errors import BatchMLError, ConfigError, DataError, ModelError, RejectedError, file_error, interrupted
-from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, training_filter, write_parquet_file
-from batchml.storage.source import describe_source, odd_labels, pull, restrict, set_cutoff
-from batchml.data.features import FeatureSpec, categorical_values, numeric_values
+from batchml.errors import BatchMLError, DataError, ModelError, RejectedError, file_error, interrupted
+from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, write_parquet_file
+from batchml.storage.source import describe_source, pull, restrict, set_cutoff
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.progress import track
+from batchml.pipeline.shared import (
+    checkpoint,
+    feature_arrays,
+    load_profile,
+    prediction_drift,
+    pull_training_rows,
+    refuse_future_cutoff,
+    with_model_features,
+)
 from batchml.pipeline.state import RunState
 from batchml.project import Project
 from batchml.storage.runlog import Run
@@ -64,26 +72,6 @@ from batchml.storage.writeback import (
 
 log = logging.getLogger("batchml")
 ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
-
-
-def checkpoint(step: str) -> None:
-    """Crash-test aid: with ``BATCHML_PAUSE_AT=<step>`` the run announces itself and waits there,
-    so a test can ``kill -9`` it at a known point (after extract / train / score, inside commit)."""
-    if os.environ.get("BATCHML_PAUSE_AT") == step:
-        print(f"batchml: paused at {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        time.sleep(float(os.environ.get("BATCHML_PAUSE_SECONDS", "60")))
-
-
-FUTURE_TOLERANCE = timedelta(minutes=1)
-
-
-def refuse_future_cutoff(as_of: datetime, what: str) -> None:
-    """A cut-off after now would move the watermark past rows that have not landed yet: once they
-    land they would be before it, and never pulled."""
-    now = registry.utcnow()
-    if as_of > now + FUTURE_TOLERANCE:
-        raise ConfigError(f"{what} {as_of:%Y-%m-%d %H:%M} UTC is in the future (now {now:%Y-%m-%d %H:%M} UTC); "
-                          f"rows landing before it later would never be scored: use a past cut-off, or none for now")
 
 
 def run_job(
@@ -115,11 +103,21 @@ def nightly_run(project: Project, config: JobConfig, as_of: datetime, kind: str,
     return NightlyRun(project, config, as_of, kind, force_retrain, notify)
 
 
+@dataclass(frozen=True)
+class Duties:
+    """What a kind of run does besides scoring and recording itself; a nightly run does all of it."""
+
+    quarantine: bool = True  # its rejected rows into batchml.quarantine
+    publish: bool = True  # after the commit: the analysts' Parquet files and catalog ...
+    report: bool = True  # ... then the run's report (and mail) and the history page
+
+
 class NightlyRun:
     """One run's steps (see the module docstring for the order); what they find goes to ``self.state``."""
 
-    def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool):
-        self.project, self.config = project, config
+    def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
+                 duties: Duties = Duties()):
+        self.project, self.config, self.duties = project, config, duties
         self.run = Run(job=config.job, kind=kind, as_of=as_of)
         self.force_retrain, self.notify = force_retrain, notify
         self.scratch = project.scratch / self.run.run_id
@@ -192,8 +190,9 @@ class NightlyRun:
             yield con
 
     def _own_folders(self) -> tuple[Path, ...]:
-        """Folders of the job's own files its connections must read besides the source (none here)."""
-        return ()
+        """Folders of the job's own files its connections must read besides the source: the run's
+        (the commit reads its scores file)."""
+        return (self.scratch,)
 
     def _warn(self, message: str) -> None:
         log.warning("%s: %s", self.config.job, message)
@@ -652,7 +651,7 @@ class NightlyRun:
             ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.state.batch.path), self.config))
 
     def _write_quarantine(self, con) -> None:
-        if not self.run.rows_quarantined:
+        if not self.duties.quarantine or not self.run.rows_quarantined:
             return
         write_quarantine(con, self.run.run_id, self.config.job, read_run_file(self.state.batch.path, valid=False))
 
@@ -711,11 +710,14 @@ class NightlyRun:
             log.warning("%s: could not record the commit time of run %s: %s", self.config.job, self.run.run_id, exc)
 
     def _after_commit(self) -> None:
+        if not self.duties.publish:
+            return
         if self.run.promoted:
             prepare_engine(self.state.champion, self.config.scoring.engine, warn=self._warn)
             self._register_libraries()
         self._publish()
-        self._report_and_notify()
+        if self.duties.report:
+            self._report_and_notify()
 
     def _register_libraries(self) -> None:
         """The new champion's compiled libraries into the warehouse: unregistered, no run would load them."""
@@ -749,52 +751,3 @@ class NightlyRun:
             log.warning("%s: report not delivered: %s", self.config.job, exc)
         if self.run.kind == "nightly":  # a replay refreshes the page once, after its last night
             reporting.refresh_history(self.project, self.config, self.run.run_id, send=self.notify)
-
-
-def pull_training_rows(con, config: JobConfig, pull_config: JobConfig, root: Path, as_of: datetime, path: Path,
-                       columns: dict[str, str] | None = None, warn=log.warning) -> PullResult:
-    """The labeled rows a challenger trained at ``as_of`` learns from (its holdout included) into run file
-    ``path``. ``pull_config`` is ``config`` with the champion's features added (:func:`with_model_features`):
-    the holdout must hold the champion's columns too, for the gate. Used by nightly runs and ``batchml try``."""
-    pulled = pull(con, pull_config, root, training_filter(config, as_of), path, columns=columns)
-    odd, values = odd_labels(con, config, root, training_filter(config, as_of, labeled_only=False))
-    if odd:
-        warn(f"{odd} row(s) in the training window have a {config.label.column} (label.column) other than 0/1 "
-             f"({', '.join(f'{v:g}' for v in values)}) and were left out as unlabeled; map the label to 0/1")
-    if pulled.by_rule:  # every labeled row of the window trains or judges, unless the contract rejects it
-        reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(pulled.by_rule.items()))
-        warn(f"{sum(pulled.by_rule.values())} of {pulled.rows} labeled row(s) in the training window left out of "
-             f"training and holdout ({reasons}); see batchml.models.drop_reasons")
-    return pulled
-
-
-def feature_arrays(batch: pa.RecordBatch, profile: drift.ReferenceProfile) -> dict:
-    """The batch's columns of the features ``profile`` holds, for the drift accumulator."""
-    return {
-        "numeric": {n: numeric_values(batch, n) for n in profile.numeric},
-        "categorical": {n: categorical_values(batch, n) for n in profile.categorical},
-    }
-
-
-def with_model_features(config: JobConfig, spec: FeatureSpec, leave_out: tuple[str, ...] | list[str] = ()) -> JobConfig:
-    """``config`` pulling a model's features too (except ``leave_out``); a name the config already
-    has keeps the config's kind. Training still reads the features of ``config`` itself."""
-    extra = [name for name in spec.features if name not in config.features.all and name not in leave_out]
-    features = config.features.model_copy(update={
-        "numeric": [*config.features.numeric, *(n for n in extra if n in spec.numeric)],
-        "categorical": [*config.features.categorical, *(n for n in extra if n in spec.categorical)],
-    })
-    return config.model_copy(update={"features": features})
-
-
-def load_profile(model: registry.LoadedModel) -> drift.ReferenceProfile:
-    """The model's drift reference, parsed once per loaded model (drift and scoring both need it)."""
-    if "profile" not in model.cache:
-        model.cache["profile"] = drift.ReferenceProfile.from_dict(json.loads((model.path / retrain.PROFILE_FILE).read_text()))
-    return model.cache["profile"]
-
-
-def prediction_drift(profile: drift.ReferenceProfile, accumulator: drift.CurrentAccumulator, config: JobConfig) -> list[dict]:
-    """The drift row of the model's own scores (current vs its holdout scores)."""
-    report = drift.compute_drift(profile, accumulator, config.drift)
-    return [row for row in report.to_rows() if row["kind"] == "prediction"]
