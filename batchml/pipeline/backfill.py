@@ -34,7 +34,8 @@ class BackfillRun(NightlyRun):
 
     def __init__(self, project: Project, config, start: date, end: date, version: int | None, dry_run: bool):
         # appends scores, never moves the watermark; a dry run writes nothing but its run row
-        super().__init__(project, config, registry.utcnow(), "backfill", False, False, Duties(not dry_run, not dry_run, not dry_run))
+        duties = Duties(quarantine=not dry_run, publish=not dry_run, report=not dry_run)
+        super().__init__(project, config, registry.utcnow(), "backfill", False, False, duties)
         self.start, self.end, self.version, self.dry_run = start, end, version, dry_run
         self.run.dry_run = dry_run
 
