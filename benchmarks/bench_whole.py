@@ -179,7 +179,9 @@ def contenders(template: Path, job: str, as_of: dt.datetime, start: dt.date, end
                 command, _, earlier = name.partition("@")
                 args = (["run", job, "--as-of", f"{as_of:%Y-%m-%d %H:%M}"] if command == "run"
                         else ["backfill", job, "--start", f"{start}", "--end", f"{end}"])
-                result = timed([*batchml_command(before if earlier else None), "--project", str(root), *args])
+                # earlier code runs from its own folder: `python -m` puts the working directory first on sys.path
+                result = timed([*batchml_command(before if earlier else None), "--project", str(root), *args],
+                               cwd=before if earlier else None)
                 result.update(run_timings(warehouse))
                 result["steps"] = sum(result["timings"].values())
                 if command == "run":
