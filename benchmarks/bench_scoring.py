@@ -88,11 +88,11 @@ def worker_e2e(root: Path, kind: str = "nightly") -> dict:
     from batchml.project import Project
 
     if kind == "backfill-nopredict":
-        import batchml.pipeline.backfill
+        import batchml.pipeline.nightly
 
-        real = batchml.pipeline.backfill.load_for_scoring  # still loads the leaves library and path tables for the reasons
+        real = batchml.pipeline.nightly.load_for_scoring  # still loads the leaves library and path tables for the reasons
         share = float(os.environ["BENCH_HIGH_SHARE"])
-        batchml.pipeline.backfill.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
+        batchml.pipeline.nightly.load_for_scoring = lambda *args, **kwargs: (real(*args, **kwargs), _NoPredict(share))[1]
     import_rss = common.peak_rss_mb()
     started, cpu = time.perf_counter(), time.process_time()
     project = Project.open(root)
@@ -116,8 +116,8 @@ def worker_e2e(root: Path, kind: str = "nightly") -> dict:
     scored = [m for _, m in collect.messages if " rows with v" in m]
     return {
         "wall": wall, "cpu": cpu, "steps_cpu": steps_cpu[0], "timings": run.timings, "status": run.status, "rows_scored": run.rows_scored,
-        "rows_quarantined": run.rows_quarantined, "predict_seconds": nightly.scored.predict_seconds,
-        "reason_seconds": nightly.scored.reason_seconds, "predictor": nightly.scored.predictor or (scored[0] if scored else "?"),
+        "rows_quarantined": run.rows_quarantined, "predict_seconds": nightly.state.scored.predict_seconds,
+        "reason_seconds": nightly.state.scored.reason_seconds, "predictor": nightly.state.scored.predictor or (scored[0] if scored else "?"),
         "warnings": [m for level, m in collect.messages if level >= logging.WARNING],
         "import_rss_mb": import_rss, "peak_rss_mb": common.peak_rss_mb(), "memory_limit": project.settings.memory_limit,
     }

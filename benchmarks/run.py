@@ -5,7 +5,8 @@
 
 Sections: 1-2 scoring end to end and its peak RSS (``bench_scoring``), 3 drift (``bench_drift``,
 written separately), 4 training overhead (``bench_training``), 5 the Dask engine against the local
-one (``bench_cluster``), 6 distributed training against local (``bench_distributed_training``).
+one (``bench_cluster``), 6 distributed training against local (``bench_distributed_training``),
+7 whole ``batchml run`` / ``backfill`` processes against a minimal hand-written script (``bench_whole``).
 Sections 5 and 6 take their sizes from ``BATCHML_BENCH_*`` variables (see their modules);
 ``--section NAME`` runs one section and prints its Markdown and figures as JSON. A section that fails is reported
 in the results with its error; the others still run. All ratios compare figures measured in this
@@ -38,6 +39,7 @@ SECTIONS = {
     "training": ("4. Training overhead", "bench_training", True),
     "cluster": ("5. Dask engine", "bench_cluster", True),
     "dtraining": ("6. Distributed training", "bench_distributed_training", True),
+    "whole": ("7. Whole processes vs a minimal script", "bench_whole", True),
 }
 
 
@@ -81,7 +83,23 @@ def _floor_row(scoring: dict) -> list[str]:
             f"| {floor:.2f} s | {c:.2f} s | {common.speed(floor, c)} | (see section 1) |"]
 
 
-def summary(scoring: dict | None, training: dict | None) -> list[str]:
+def _whole_rows(whole: dict | None) -> list[str]:
+    """Section 6's targets: whole processes against the minimal script, nightly steps against the backfill's."""
+    if not whole:
+        return []
+    small, big = whole["small"], whole["big"]
+    base = small["minimal"]["wall"]
+    return [
+        f"| `batchml run` vs minimal script, small model, whole processes | {small['run']['wall']:.2f} s | {base:.2f} s | "
+        f"{small['run']['wall'] / base:.2f}× | ≤ 1.5× |",
+        f"| `batchml backfill` vs minimal script, small model, whole processes | {small['backfill']['wall']:.2f} s | {base:.2f} s | "
+        f"{small['backfill']['wall'] / base:.2f}× | ≤ 1.3× |",
+        f"| nightly steps vs backfill steps, 300-tree model | {big['run']['steps']:.2f} s | {big['backfill']['steps']:.2f} s | "
+        f"{big['run']['steps'] / big['backfill']['steps']:.2f}× | ≤ 1.15× |",
+    ]
+
+
+def summary(scoring: dict | None, training: dict | None, whole: dict | None = None) -> list[str]:
     """The headline ratios, side by side, from figures of this run."""
     lines = ["## Summary (all figures from this run)", "", "| comparison | batchml | baseline | ratio | target |", "|---|---:|---:|---:|---|"]
     if scoring:
@@ -111,7 +129,7 @@ def summary(scoring: dict | None, training: dict | None) -> list[str]:
         ours, bare = training["batchml"], training["bare"]
         lines += [f"| train.fit vs bare lightgbm.train | {ours['fit']:.2f} s | {bare:.2f} s | {ours['fit'] / bare:.2f}× | |",
                   f"| retrain.train_candidate vs bare lightgbm.train | {ours['total']:.2f} s | {bare:.2f} s | {ours['total'] / bare:.2f}× | |"]
-    return lines + [""]
+    return lines + _whole_rows(whole) + [""]
 
 
 def header(quick: bool, before: dict, seconds: float) -> list[str]:
@@ -142,13 +160,13 @@ def main() -> None:
         return
     started, machine = time.perf_counter(), common.machine()
     results = {name: _section(name, args.quick) for name in SECTIONS}
-    scoring, training = results["scoring"][1], results["training"][1]
-    text = "\n".join(header(args.quick, machine, time.perf_counter() - started) + summary(scoring, training)
+    scoring, training, whole = results["scoring"][1], results["training"][1], results["whole"][1]
+    text = "\n".join(header(args.quick, machine, time.perf_counter() - started) + summary(scoring, training, whole)
                      + [markdown for markdown, _ in results.values()])
     output = args.output or (QUICK_RESULTS if args.quick else RESULTS)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    print("\n".join(summary(scoring, training)))
+    print("\n".join(summary(scoring, training, whole)))
     print(f"wrote {output}")
 
 

@@ -12,6 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import duckdb
+import lightgbm as lgb
+import numpy as np
 import pytest
 
 from batchml.models import retrain
@@ -53,6 +55,36 @@ def test_a_concept_change_leads_to_a_promotion(promoted):
     history = "SELECT version FROM batchml.champion_history WHERE champion_from <= ? AND (champion_until IS NULL OR champion_until > ?)"
     assert p.query(history, [day(100), day(100)]) == [(1,)]
     assert p.query(history, [day(140), day(140)]) == [(2,)]
+
+
+def test_a_night_with_a_promotion_stores_the_new_champions_scores(promoted):
+    """The pull scores the rows with the night's first champion (v1); v2, promoted after the gate,
+    must replace every one of those scores: each stored score is LightGBM's predict of v2's model.txt."""
+    p, run = promoted
+
+    def predicted(version: int, features: list[str], rows: list[tuple]) -> np.ndarray:
+        folder = Path(p.scalar("SELECT artifact_path FROM batchml.models WHERE version = ?", [version]))
+        manifest = json.loads((folder / "model.json").read_text())
+
+        def encode(name, value):  # the encoding as model.json documents it, independent of batchml.features
+            if name in manifest["categories"]:
+                levels = manifest["categories"][name]
+                return float(levels.index(value)) if value in levels else np.nan
+            return np.nan if value is None else float(value)
+
+        columns = [features.index(name) for name in manifest["features"]]
+        matrix = np.array([[encode(n, row[i]) for n, i in zip(manifest["features"], columns)] for row in rows], dtype=np.float64)
+        return lgb.Booster(model_file=str(folder / "model.txt")).predict(matrix)
+
+    features = [*job_config()["features"]["numeric"], *job_config()["features"]["categorical"]]
+    rows = p.query(f"SELECT s.score, s.model_version, {', '.join('f.' + c for c in features)} FROM scores.vuln_risk s "
+                   "JOIN raw.vuln_findings f USING (finding_id) WHERE s.run_id = ? ORDER BY s.finding_id", [run.run_id])
+
+    assert len(rows) == run.rows_scored > 0 and {row[1] for row in rows} == {2}
+    stored = np.array([row[0] for row in rows])
+    values = [row[2:] for row in rows]
+    assert np.max(np.abs(predicted(2, features, values) - stored)) <= 1e-9
+    assert np.max(np.abs(predicted(1, features, values) - stored)) > 1e-3  # v1's scores would have been told apart
 
 
 def test_the_gate_does_not_promote_noise_on_identical_data(demo_project):

@@ -68,6 +68,28 @@ def test_incremental_runs_score_each_landed_row_exactly_once(demo_project):
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(62)
 
 
+@pytest.mark.parametrize("on_drift", [False, True])
+def test_a_night_without_a_possible_retrain_reads_its_batch_once(demo_project, monkeypatch, on_drift):
+    """With a champion and no trigger that can fire, the pull scores as it reads: the run's folder
+    holds the rejected rows and the scores, not the batch (kept only when a retrain may need it)."""
+    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    retrain = {"every_days": None, "on_drift": on_drift, "min_new_labels": None, "max_decay": None}
+    demo_project.write_config(job_config(**{"training.retrain": retrain}))
+    seen: dict[str, list[str]] = {}
+
+    def look(step: str) -> None:  # what the run's folder holds when each step is done
+        folders = list((demo_project.root / "warehouse" / "tmp").glob("vuln_risk-*"))
+        seen[step] = sorted(f.name for f in folders[0].iterdir()) if folders else []
+
+    monkeypatch.setattr("batchml.pipeline.nightly.checkpoint", look)
+    run = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert run.status == "succeeded" and run.rows_scored == valid_landed(demo_project, day(60), day(61)) > 0
+    assert "scores.parquet" in seen["extract"] and "rejected.arrow" in seen["extract"]
+    assert ("batch.arrow" in seen["extract"]) == on_drift  # drift could call for a retrain: the rows are kept
+    assert run.timings["score"] > 0 and "extract" not in run.timings
+
+
 def test_without_enough_labels_nothing_is_scored_and_rows_wait(demo_project):
     waiting = run_job(demo_project.project, "vuln_risk", as_of=day(20), notify=False)
 

@@ -36,7 +36,8 @@ from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
 from batchml.data.sources import parquet_location
 from batchml.storage.source import describe_source, register_object_store
-from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun, load_profile, prediction_drift
+from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun
+from batchml.pipeline.shared import load_profile, prediction_drift
 from batchml.project import Project
 from batchml.storage import lake
 from batchml.storage.writeback import scores_schema
@@ -60,7 +61,6 @@ class DaskNightlyRun(NightlyRun):
         self.partitions: list[Partition] = []
         self.checked: list[CheckedPart] = []
         self.scored_parts: list[ScoredPart] = []
-        self.drift_tally: drift.CurrentAccumulator | None = None
         self.shadow_parts: list[lake.PartFile] = []
 
     def _own_folders(self) -> tuple[Path, ...]:
@@ -102,8 +102,8 @@ class DaskNightlyRun(NightlyRun):
 
     def _pull_batch(self, con, where: str) -> PullResult:
         config = self._pull_config(con)
-        columns = self.source_columns or describe_source(con, config, self.project.root)
-        profile = self._drift_reference() if self.champion is not None and self.run.kind in ("nightly", "replay") else None
+        columns = self.state.source_columns or describe_source(con, config, self.project.root)
+        profile = self._drift_reference() if self.state.champion is not None and self.run.kind in ("nightly", "replay") else None
         register_object_store(con, config.source.parquet)
         units = plan.plan(con, config, parquet_location(config.source.parquet, self.project.root), self._watermark_bounds())
         shares = plan.balance(units, worker_count(self.client)) or [None]  # no row group can hold the night: one task, to say so
@@ -117,7 +117,7 @@ class DaskNightlyRun(NightlyRun):
         self.partitions = parts
         self.checked = sorted(self._gather(futures, "pulling the batch"), key=lambda c: c.index)
         tallies = [c.drift for c in self.checked if c.drift is not None]
-        self.drift_tally = merged(tallies)
+        self.state.drift_tally = merged(tallies)
         return merged_pull(self.checked, lake.job_root(self.lake, self.config.job))
 
     def _watermark_bounds(self) -> plan.Bounds:
@@ -150,13 +150,16 @@ class DaskNightlyRun(NightlyRun):
             rivals.append(Rivals(mine.select(["__id", "__at"]), units) if mine.num_rows else None)
         return rivals
 
+    def _scores_in_pass(self) -> bool:  # the partitions are scored after training (see _score)
+        return False
+
     def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
-        return self.drift_tally if self.drift_tally is not None else drift.CurrentAccumulator(profile)
+        return self.state.drift_tally if self.state.drift_tally is not None else drift.CurrentAccumulator(profile)
 
     # -- scoring: one task per partition, with the (possibly new) champion ---------------------------
 
     def _score(self) -> None:
-        if self.champion is None:
+        if self.state.champion is None:
             self._wait_for_model()
             return
         self._require_fed()
@@ -167,13 +170,13 @@ class DaskNightlyRun(NightlyRun):
     def _shadow_on_cluster(self) -> None:
         """``promotion.shadow``: the newest challenger scores the same partitions into shadow lake
         files (``scores.<job>_shadow`` reads the committed ones), as ``NightlyRun._score_shadow``."""
-        challenger = self.shadow_model
+        challenger = self.state.shadow_model
         if challenger is None:
             with self._connect() as con:
-                row = model_rows.newest_challenger(con, self.config.job, self.champion.version)
+                row = model_rows.newest_challenger(con, self.config.job, self.state.champion.version)
             if row is None:
                 return
-            challenger = self.shadow_model = registry.load(row)
+            challenger = self.state.shadow_model = registry.load(row)
         pulled = run_file_schema(Path(self.checked[0].staging)).names
         missing = [name for name in challenger.spec.features if name not in pulled]
         if missing:  # a challenger from before a change of the feature list
@@ -187,26 +190,26 @@ class DaskNightlyRun(NightlyRun):
         self.shadow_parts = [p.scores for p in self._gather(futures, "shadow scoring")]
 
     def _score_on_cluster(self) -> None:
-        self.run.champion_version = self.champion.version
-        profile = drift.ReferenceProfile({}, {}, load_profile(self.champion).score)
+        self.run.champion_version = self.state.champion.version
+        profile = drift.ReferenceProfile({}, {}, load_profile(self.state.champion).score)
         keep_share = min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1))
-        ref, scored_at = ModelRef.of(self.champion), registry.utcnow()
+        ref, scored_at = ModelRef.of(self.state.champion), registry.utcnow()
         futures = [self.client.submit(score_partition, part, checked.staging, ref, scored_at, keep_share, profile,
                                       key=f"score-{self.run.run_id}-{part.index}", pure=False)
                    for part, checked in zip(self.partitions, self.checked)]
         self.scored_parts = sorted(self._gather(futures, "scoring"), key=lambda s: s.index)
-        self.run.rows_scored = self.scored.rows = sum(p.summary.rows for p in self.scored_parts)
+        self.run.rows_scored = self.state.scored.rows = sum(p.summary.rows for p in self.scored_parts)
         for part in self.scored_parts:
-            self.scored.bands.update(part.summary.bands)
-            self.scored.predict_seconds += part.summary.predict_seconds
-            self.scored.reason_seconds += part.summary.reason_seconds
-            self.scored.predictor = part.summary.predictor
+            self.state.scored.bands.update(part.summary.bands)
+            self.state.scored.predict_seconds += part.summary.predict_seconds
+            self.state.scored.reason_seconds += part.summary.reason_seconds
+            self.state.scored.predictor = part.summary.predictor
         tally = merged([p.prediction for p in self.scored_parts]) or drift.CurrentAccumulator(profile)
-        self.prediction_drift = prediction_drift(profile, tally, self.config)
+        self.state.prediction_drift = prediction_drift(profile, tally, self.config)
         sample = np.concatenate([p.sample for p in self.scored_parts]) if self.scored_parts else np.empty(0)
-        self.performance.extend(performance.estimated(self.config, self.champion, sample, self.run.as_of))
+        self.state.estimated = performance.estimated(self.config, self.state.champion, sample, self.run.as_of)
         log.info("%s: scored %d rows with v%d on %d partition(s) (%s)", self.config.job, self.run.rows_scored,
-                 self.champion.version, len(self.scored_parts), self.scored.predictor)
+                 self.state.champion.version, len(self.scored_parts), self.state.scored.predictor)
 
     # -- commit: manifests and views instead of table inserts ----------------------------------------
 
@@ -227,7 +230,7 @@ class DaskNightlyRun(NightlyRun):
         return lake.write_part([], schema, path, lake.SCORES, 0)
 
     def _write_quarantine(self, con) -> None:
-        if not self.run.rows_quarantined:
+        if not self.duties.quarantine or not self.run.rows_quarantined:
             return
         parts = [c.quarantine for c in self.checked if c.quarantine.rows]
         now = registry.utcnow()
@@ -250,7 +253,7 @@ class DaskBackfillRun(DaskNightlyRun, BackfillRun):
         with self._connect() as con:
             self._pull_config(con)
             self._require_fed()
-            self.batch = self._pull_batch(con, self._batch_filter())
+            self.state.batch = self._pull_batch(con, self._batch_filter())
         self._pulled()
         self._score_on_cluster()
 

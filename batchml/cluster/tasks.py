@@ -189,7 +189,7 @@ def _write_quarantine(con, part: Partition, staging: Path) -> PartFile:
 def _tally(profile: drift.ReferenceProfile | None, staging: Path, index: int, valid: int) -> drift.CurrentAccumulator | None:
     if profile is None or valid == 0:
         return None
-    from batchml.pipeline.nightly import feature_arrays
+    from batchml.pipeline.shared import feature_arrays
 
     accumulator = drift.CurrentAccumulator(profile, seed=index + 1)  # distinct seeds: the merged sample stays uniform
     for batch in run_file_batches(staging):

@@ -392,6 +392,26 @@ def write_run_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
     return rows
 
 
+def write_parquet_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
+    """Stream batches into one Parquet file (no file when there are none); returns the row count.
+    For a run's scores: the commit reads them, then the same file is published for analysts."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    rows = 0
+    try:
+        for batch in batches:
+            if writer is None:  # dictionaries cost 2 of 2.9 s at 2M score rows, and saved 10 % of the size
+                writer = pq.ParquetWriter(str(path), batch.schema, use_dictionary=False)
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
 def run_file_schema(path: Path) -> pa.Schema:
     with pa.OSFile(str(path)) as source:
         return ipc.open_file(source).schema

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 
 from batchml.models import registry
 from batchml.storage import model_rows
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import event_range_filter
-from batchml.storage.source import pull
 from batchml.pipeline.locks import job_lock
-from batchml.pipeline.nightly import NightlyRun, load_profile, refuse_future_cutoff, run_job
+from batchml.pipeline.nightly import Duties, NightlyRun, run_job
+from batchml.pipeline.shared import refuse_future_cutoff
 from batchml.pipeline.progress import track
 from batchml.project import Project
 from batchml.storage import runlog
 from batchml.storage.runlog import Run
-from batchml.models.scoring import load_for_scoring
 from batchml.storage.warehouse import migrate, table_exists
 from batchml.storage.writeback import scored_between
 
@@ -35,7 +33,9 @@ class BackfillRun(NightlyRun):
     """
 
     def __init__(self, project: Project, config, start: date, end: date, version: int | None, dry_run: bool):
-        super().__init__(project, config, registry.utcnow(), "backfill", False, False)
+        # appends scores, never moves the watermark; a dry run writes nothing but its run row
+        duties = Duties(quarantine=not dry_run, publish=not dry_run, report=not dry_run)
+        super().__init__(project, config, registry.utcnow(), "backfill", False, False, duties)
         self.start, self.end, self.version, self.dry_run = start, end, version, dry_run
         self.run.dry_run = dry_run
 
@@ -48,8 +48,8 @@ class BackfillRun(NightlyRun):
                 row = model_rows.get(con, self.config.job, self.version)
             if row is None:
                 raise ConfigError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
-            self.champion = registry.load(row)
-        if self.champion is None:
+            self.state.champion = registry.load(row)
+        if self.state.champion is None:
             raise ModelError(f"job {self.config.job} has no champion to backfill with; run it once first")
 
     def _steps(self) -> None:
@@ -62,7 +62,7 @@ class BackfillRun(NightlyRun):
                 self._validate()
             self._require_fed()
             # the row keeps what was pulled and would be quarantined: rows_scored 0 says nothing was written
-            self.run.note = (f"dry run: {self.valid_rows} rows would be scored with v{self.champion.version}, "
+            self.run.note = (f"dry run: {self.valid_rows} rows would be scored with v{self.state.champion.version}, "
                              f"{self.run.rows_quarantined} quarantined; nothing written")
             log.info("%s: %s", self.config.job, self.run.note)
         else:
@@ -90,26 +90,19 @@ class BackfillRun(NightlyRun):
         return told
 
     def _pull_and_score(self) -> None:
-        """The valid rows go from DuckDB straight to the model: a backfill of millions of rows never
-        writes them to disk and reads them back (the run file keeps only rejected rows, for the
-        quarantine). So the warehouse stays open while they are scored; another job's run waits
-        for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
-        def load():  # the model's libraries and score profile, while DuckDB describes and counts the rows
-            load_profile(self.champion)
-            return load_for_scoring(self.champion, self.config, self._warn)
+        """The valid rows go from DuckDB straight to the model (``NightlyRun._pull_batch``): a backfill
+        of millions of rows never writes them to disk and reads them back (the run file keeps only
+        rejected rows, for the quarantine). So the warehouse stays open while they are scored; another
+        job's run waits for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
+        self._extract()
 
-        with ThreadPoolExecutor(1, thread_name_prefix="batchml-load") as pool:
-            loading = pool.submit(load)
+    def _scores_in_pass(self) -> bool:
+        return not self.dry_run
 
-            def score(batches, rows: int) -> None:
-                self._score_champion(batches, rows, loading.result())
-
-            with self._connect() as con:
-                config = self._pull_config(con)
-                self._require_fed()
-                self.batch = pull(con, config, self.project.root, self._batch_filter(), self.scratch / "rejected.arrow",
-                                  valid_rows=score, columns=self.source_columns)
-        self._pulled()
+    def _pull_batch(self, con, where: str):
+        if not self.dry_run:
+            self._require_fed()  # before reading every row for nothing
+        return super()._pull_batch(con, where)
 
     def _model_role(self) -> str:
         return "model" if self.version is not None else "champion"
@@ -118,38 +111,26 @@ class BackfillRun(NightlyRun):
         return (f"backfill with a model trained on the current features (--model-version N, see "
                 f"`batchml models list {self.config.job}`)")
 
-    def _write_quarantine(self, con) -> None:
-        if not self.dry_run:
-            super()._write_quarantine(con)
-
-    def _after_commit(self) -> None:
-        if not self.dry_run:
-            super()._after_commit()
-
 
 class DriftRun(NightlyRun):
     """Drift of the rows a nightly run would pull now; writes only the drift rows of a 'drift' run."""
 
     def __init__(self, project: Project, config, as_of: datetime):
-        super().__init__(project, config, as_of, "drift", False, False)
+        # quarantines nothing; its drift rows go to the analysts' catalog, no report, no mail
+        super().__init__(project, config, as_of, "drift", False, False, Duties(quarantine=False, report=False))
 
     def _steps(self) -> None:
-        if self.champion is None:  # before pulling every row for nothing
+        if self.state.champion is None:  # before pulling every row for nothing
             raise ModelError(f"job {self.config.job} has no champion yet, so there is no reference to measure drift against")
         with self.run.step("extract"):
             self._extract()
         with self.run.step("drift"):
             self._drift()
         # the row says what was pulled (rows_extracted) and what a run would quarantine; rows_scored 0
-        self.pending.clear()
+        self.state.pending.clear()
         with self.run.step("commit"):
             self._commit()
 
-    def _write_quarantine(self, con) -> None:  # a drift run quarantines nothing
-        return
-
-    def _after_commit(self) -> None:  # its drift rows go to the analysts' catalog; no report, no mail
-        self._publish()
 
 
 def backfill(project: Project, job: str, start: date, end: date, *, version: int | None = None, dry_run: bool = False,

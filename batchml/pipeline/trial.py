@@ -42,7 +42,7 @@ from batchml.config import JobConfig, load_job_config, with_model_classes
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import read_run_file
 from batchml.storage.source import describe_source, set_cutoff
-from batchml.pipeline.nightly import (
+from batchml.pipeline.shared import (
     feature_arrays,
     load_profile,
     prediction_drift,

@@ -39,23 +39,25 @@ PER_RUN = ("drift", "quarantine", "performance")
 SNAPSHOTS = ("runs", "models", "model_events", "watermarks", "notifications")
 
 
-def _copy(con: duckdb.DuckDBPyConnection, query: str, target: Path, params: list | None = None) -> None:
+def _copy(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
     """COPY a query to ``target`` atomically: readers see the old file or the new one, never half."""
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    sql = f"COPY ({query}) TO {quote_literal(str(temp))} (FORMAT parquet)"
-    if params:
-        # COPY cannot bind parameters: materialise the filtered rows as a temp table first
-        con.execute(f"CREATE OR REPLACE TEMP TABLE __publish AS {query}", params)
-        sql = f"COPY __publish TO {quote_literal(str(temp))} (FORMAT parquet)"
-    con.execute(sql)
+    con.execute(f"COPY ({query}) TO {quote_literal(str(temp))} (FORMAT parquet)")
     os.replace(temp, target)
 
 
-def publish_pending(project: Project, config: JobConfig) -> int:
+def _of_run(table: str, run_id: str) -> str:
+    """The rows of one run. COPY cannot bind parameters, so the run id (batchml's own, quoted) is
+    written into the query: filtering a temp copy of the rows instead wrote every score twice."""
+    return f"SELECT * FROM {table} WHERE run_id = {quote_literal(run_id)}"
+
+
+def publish_pending(project: Project, config: JobConfig, own: dict[str, Path] | None = None) -> int:
     """Publish every finished run of ``config.job`` that has no published file yet — the run just
     committed, and any whose process died between its commit and publishing — then refresh the
-    small snapshots and the catalog. Idempotent."""
+    small snapshots and the catalog. Idempotent. ``own``: run id -> the Parquet scores file that
+    run committed, moved into place instead of written a second time from the table."""
     with project.connect() as con:
         run_ids = [r[0] for r in con.execute(
             "SELECT run_id FROM batchml.runs WHERE job = ? AND status NOT IN ('running') ORDER BY started_at", [config.job]
@@ -63,7 +65,7 @@ def publish_pending(project: Project, config: JobConfig) -> int:
         done = 0
         for run_id in run_ids:
             if not _marker(project, config, run_id).exists():
-                _publish_run_files(con, project, config, run_id)
+                _publish_run_files(con, project, config, run_id, (own or {}).get(run_id))
                 done += 1
         publish_snapshots(con, project)
     ensure_catalog(project, [config])
@@ -90,16 +92,30 @@ def _marker(project: Project, config: JobConfig, run_id: str) -> Path:
     return project.published / "batchml" / "performance" / f"{config.job}__{run_id}.parquet"
 
 
-def _publish_run_files(con: duckdb.DuckDBPyConnection, project: Project, config: JobConfig, run_id: str) -> None:
+def _publish_run_files(con: duckdb.DuckDBPyConnection, project: Project, config: JobConfig, run_id: str,
+                       scores_file: Path | None = None) -> None:
     if table_exists(con, config.scores_table):
         target = project.published / "scores" / config.job / f"{run_id}.parquet"
-        if not target.exists():
-            _copy(con, f"SELECT * FROM {quote_table(config.scores_table)} WHERE run_id = ?", target, [run_id])
+        if not target.exists() and not _moved(scores_file, target):
+            _copy(con, _of_run(quote_table(config.scores_table), run_id), target)
     # performance last: its file marks the run as fully published
     for table in PER_RUN:
         target = project.published / "batchml" / table / f"{config.job}__{run_id}.parquet"
         if not target.exists():
-            _copy(con, f"SELECT * FROM batchml.{table} WHERE run_id = ?", target, [run_id])
+            _copy(con, _of_run(f"batchml.{table}", run_id), target)
+
+
+def _moved(scores_file: Path | None, target: Path) -> bool:
+    """Move the run's committed scores file into place (a rename: atomic, no second write of every
+    score); False when there is none, or it lies on another file system."""
+    if scores_file is None or not scores_file.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(scores_file, target)
+    except OSError:  # e.g. tmp/ on another device: written from the table instead
+        return False
+    return True
 
 
 def catalog_views(project: Project, configs: list[JobConfig]) -> dict[str, str]:

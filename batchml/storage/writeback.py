@@ -12,10 +12,10 @@ import pyarrow as pa
 from batchml.models import registry
 from batchml.config import JobConfig
 from batchml.errors import DataError
-from batchml.data.extract import ENTITY, REASON, RECORD, RULE, run_file_reader, run_file_schema
+from batchml.data.extract import ENTITY, REASON, RECORD, RULE
 from batchml.models.reasons import REASON_TYPE
 from batchml.models.scoring import score_rows
-from batchml.storage.warehouse import quote_ident, quote_table, registered, setting
+from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, registered, setting
 
 
 def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list[dict]) -> None:
@@ -48,12 +48,14 @@ def write_performance(con, run_id: str, job: str, rows: list[dict]) -> None:
 
 
 def write_scores(con, config: JobConfig, path: Path, suffix: str = "") -> None:
-    """Append a run's scores (from its run file) and keep the ``_latest`` view in place."""
-    table = ensure_scores_table(con, config, run_file_schema(path), suffix)
-    # DuckDB scans the run file's Arrow batches as they are read: no copy of the whole run in memory;
-    # in whatever order its threads finish them (2M rows: 0.3 s instead of 0.5 s; readers sort anyway)
-    with registered(con, "__scores", run_file_reader(path)), setting(con, "preserve_insertion_order", False):
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __scores")
+    """Append a run's scores (from its Parquet scores file, in the run's folder, which its
+    connections may read) and keep the ``_latest`` view in place."""
+    import pyarrow.parquet as pq
+
+    table = ensure_scores_table(con, config, pq.read_schema(str(path)), suffix)
+    # DuckDB reads the file with all its threads, in whatever order they finish them (readers sort anyway)
+    with setting(con, "preserve_insertion_order", False):
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet({quote_literal(str(path))})")
 
 
 def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str = "") -> str:
