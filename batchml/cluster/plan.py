@@ -18,10 +18,9 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime
 
-import duckdb
-
 from batchml.config import JobConfig
 from batchml.data.extract import quote_source_column
+from batchml.storage.source import row_group_watermarks, source_files
 from batchml.storage.warehouse import quote_literal
 
 PLAIN_TIMESTAMPS = ("TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
@@ -50,26 +49,16 @@ class Bounds:
     hive_days: bool
 
 
-def plan(con: duckdb.DuckDBPyConnection, config: JobConfig, location: str, bounds: Bounds) -> list[Unit]:
+def plan(con, config: JobConfig, location: str, bounds: Bounds) -> list[Unit]:
     """The row groups of ``location``'s files that can hold the batch, as units in file order."""
-    files = [row[0] for row in con.execute(f"SELECT file FROM glob({quote_literal(location)}) ORDER BY file").fetchall()]
+    files = source_files(con, location)
     if bounds.hive_days and config.source.watermark_partition:
         files = [f for f in files if _day_may_hold(f, config.source.watermark_partition, bounds)]
     if not files:
         return []
-    listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
-    wm = quote_literal(config.source.watermark)
-    # one row per row group: its rows, and the watermark's min/max where the file stores a plain TIMESTAMP
-    groups = con.execute(f"""
-        WITH typed AS (SELECT file_name, name FROM parquet_schema({listed}) WHERE name = {wm} AND duckdb_type IN {PLAIN_TIMESTAMPS})
-        SELECT m.file_name, m.row_group_id, any_value(m.row_group_num_rows),
-               max(try_cast(m.stats_min_value AS TIMESTAMP)) FILTER (WHERE t.name IS NOT NULL),
-               max(try_cast(m.stats_max_value AS TIMESTAMP)) FILTER (WHERE t.name IS NOT NULL)
-        FROM parquet_metadata({listed}) m LEFT JOIN typed t ON t.file_name = m.file_name AND t.name = m.path_in_schema
-        GROUP BY ALL ORDER BY m.file_name, m.row_group_id""").fetchall()
     units: list[Unit] = []
     totals: dict[str, int] = {}
-    for file, _, rows, low, high in groups:
+    for file, rows, low, high in row_group_watermarks(con, files, config.source.watermark, PLAIN_TIMESTAMPS):
         start = totals.get(file, 0)
         totals[file] = start + rows
         if _may_hold(low, high, bounds):

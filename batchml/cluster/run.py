@@ -25,7 +25,6 @@ import pyarrow.compute as pc
 from batchml.monitoring import drift
 from batchml.monitoring import performance
 from batchml.models import registry
-from batchml.storage import model_rows
 from batchml.pipeline.backfill import BackfillRun
 from batchml.cluster.connect import open_client, scheduler_address, worker_count
 from batchml.cluster import plan
@@ -170,13 +169,9 @@ class DaskNightlyRun(NightlyRun):
     def _shadow_on_cluster(self) -> None:
         """``promotion.shadow``: the newest challenger scores the same partitions into shadow lake
         files (``scores.<job>_shadow`` reads the committed ones), as ``NightlyRun._score_shadow``."""
-        challenger = self.state.shadow_model
+        challenger = self._shadow_challenger()
         if challenger is None:
-            with self._connect() as con:
-                row = model_rows.newest_challenger(con, self.config.job, self.state.champion.version)
-            if row is None:
-                return
-            challenger = self.state.shadow_model = registry.load(row)
+            return
         pulled = run_file_schema(Path(self.checked[0].staging)).names
         missing = [name for name in challenger.spec.features if name not in pulled]
         if missing:  # a challenger from before a change of the feature list

@@ -602,15 +602,20 @@ class NightlyRun:
         self.run.note += f"; {self.run.rows_pending} rows wait for a model (watermark unchanged)"
         log.warning("%s: %s", self.config.job, self.run.note)
 
-    def _score_shadow(self) -> None:
-        """``promotion.shadow``: the newest challenger scores the same rows into ``<scores>_shadow``."""
-        challenger = self.state.shadow_model
-        if challenger is None:
+    def _shadow_challenger(self) -> registry.LoadedModel | None:
+        """The challenger that writes shadow scores: this run's rejected one, else the newest registered."""
+        if self.state.shadow_model is None:
             with self._connect() as con:
                 row = model_rows.newest_challenger(con, self.config.job, self.state.champion.version)
-            if row is None:
-                return
-            challenger = registry.load(row)
+            if row is not None:
+                self.state.shadow_model = registry.load(row)
+        return self.state.shadow_model
+
+    def _score_shadow(self) -> None:
+        """``promotion.shadow``: the newest challenger scores the same rows into ``<scores>_shadow``."""
+        challenger = self._shadow_challenger()
+        if challenger is None:
+            return
         missing = [name for name in challenger.spec.features if name not in run_file_schema(self.state.kept_rows).names]
         if missing:  # a challenger from before a change of the feature list
             self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")

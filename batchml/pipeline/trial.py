@@ -42,14 +42,8 @@ from batchml.config import JobConfig, load_job_config, with_model_classes
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import read_run_file
 from batchml.storage.source import describe_source, set_cutoff
-from batchml.pipeline.shared import (
-    feature_arrays,
-    load_profile,
-    prediction_drift,
-    pull_training_rows,
-    refuse_future_cutoff,
-    with_model_features,
-)
+from batchml.pipeline.shared import feature_arrays, load_profile, prediction_drift, pull_training_rows
+from batchml.pipeline.shared import refuse_future_cutoff, with_model_features
 from batchml.project import Project
 from batchml.models.objectives import objective_of
 from batchml.models.train import labels

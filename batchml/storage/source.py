@@ -35,7 +35,7 @@ from batchml.data.extract import (
 from batchml.data.sources import OBJECT_STORES, protocol, storage_options
 from batchml.models.objectives import objective_of
 from batchml.errors import ConfigError, DataError, WarehouseError, file_error, os_errno
-from batchml.storage.warehouse import is_restricted, quote_ident, restrict_external_access, setting, size_bytes
+from batchml.storage.warehouse import is_restricted, quote_ident, quote_literal, restrict_external_access, setting, size_bytes
 
 
 def set_cutoff(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
@@ -325,3 +325,26 @@ def register_object_store(con: duckdb.DuckDBPyConnection, location: str | None) 
         raise ConfigError(f"source.parquet {location} needs s3fs: pip install 'batchml[dask]' (or s3fs)") from exc
     # fresh instances: s3fs caches one per options, and a cached one may belong to a closed event loop
     con.register_filesystem(s3fs.S3FileSystem(skip_instance_cache=True, **storage_options()))
+
+
+def source_files(con: duckdb.DuckDBPyConnection, location: str) -> list[str]:
+    """The files a Parquet location (path, glob or URL) names, as DuckDB's reader would read them, in order."""
+    return [row[0] for row in con.execute(f"SELECT file FROM glob({quote_literal(location)}) ORDER BY file").fetchall()]
+
+
+def row_group_watermarks(con: duckdb.DuckDBPyConnection, files: list[str], watermark: str,
+                         trusted_types: tuple[str, ...]) -> list[tuple[str, int, datetime | None, datetime | None]]:
+    """One ``(file, rows, min, max)`` per row group, from the footers only, in file and row-group order.
+    min/max are the watermark column's statistics where the file stores it as one of
+    ``trusted_types`` (else None: the row group may hold anything)."""
+    listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+    wm = quote_literal(watermark)
+    types = "(" + ", ".join(quote_literal(t) for t in trusted_types) + ")"
+    rows = con.execute(f"""
+        WITH typed AS (SELECT file_name, name FROM parquet_schema({listed}) WHERE name = {wm} AND duckdb_type IN {types})
+        SELECT m.file_name, m.row_group_id, any_value(m.row_group_num_rows),
+               max(try_cast(m.stats_min_value AS TIMESTAMP)) FILTER (WHERE t.name IS NOT NULL),
+               max(try_cast(m.stats_max_value AS TIMESTAMP)) FILTER (WHERE t.name IS NOT NULL)
+        FROM parquet_metadata({listed}) m LEFT JOIN typed t ON t.file_name = m.file_name AND t.name = m.path_in_schema
+        GROUP BY ALL ORDER BY m.file_name, m.row_group_id""").fetchall()
+    return [(file, count, low, high) for file, _, count, low, high in rows]
