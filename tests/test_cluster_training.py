@@ -184,3 +184,100 @@ def test_a_worker_killed_in_the_retry_too_fails_the_run_in_one_line(tmp_path, so
     project.write_config(config)
     run = run_job(project.project, "vuln_risk", as_of=day(62), notify=False)
     assert run.status == "succeeded" and run.champion_version == 1 and run.rows_scored > 0
+
+
+# -- the training window read by the workers (a Parquet source) ------------------------------------
+
+
+def lake_source(root: Path, source: pa.Table, files: int, row_group_size: int):
+    """``source`` as Parquet files in ``root`` (with a few keys landed twice, one copy in another
+    file: the duplicate rule must rank across shares) and the job's config reading them."""
+    import pyarrow.parquet as pq
+
+    again = source.slice(700, 5)
+    later = pc.add(again.column("ingested_at"), pa.scalar(3_600_000_000, pa.duration("us")))
+    again = again.set_column(again.schema.get_field_index("ingested_at"), "ingested_at", later.cast(again.schema.field("ingested_at").type))
+    table = pa.concat_tables([source, again])
+    (root / "landing").mkdir(parents=True)
+    cuts = np.linspace(0, table.num_rows, files + 1).astype(int)
+    for i in range(files):
+        pq.write_table(table.slice(cuts[i], cuts[i + 1] - cuts[i]), root / "landing" / f"part-{i}.parquet", row_group_size=row_group_size)
+    raw = job_config()
+    raw["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
+    raw["training"]["engine"] = "dask"
+    return parse_job_config(raw, Path("vuln_risk.yaml"))
+
+
+def local_window(root: Path, config, as_of):
+    """The local engine's training pull and split of the same window."""
+    from batchml.data.extract import read_run_file, training_filter
+    from batchml.storage.source import pull
+    from batchml.storage.warehouse import memory_connection
+
+    con = memory_connection("1GB")
+    try:
+        pulled = pull(con, config, root, training_filter(config, as_of), root / "local-train.arrow")
+    finally:
+        con.close()
+    return pulled, split_by_time(read_run_file(root / "local-train.arrow"), config)
+
+
+def window_on(client, root: Path, config, as_of):
+    from batchml.cluster.window import pull_window
+    from batchml.storage.source import describe_source
+    from batchml.storage.warehouse import memory_connection
+
+    con = memory_connection("1GB")
+    try:
+        columns = describe_source(con, config, root)
+        return pull_window(client, client.gather, config, config, root, root / "lake", "run-1", as_of, columns, "256MB", con)
+    finally:
+        con.close()
+
+
+def same_rows(a: pa.Table, b: pa.Table) -> bool:
+    columns = [c for c in a.column_names if not c.startswith("__rule") and c != "__reason" and c != "__record"]
+    return a.select(columns).equals(b.select(columns))
+
+
+def test_the_workers_read_the_window_and_split_it_as_locally(tmp_path, source, cluster):
+    """Two workers pull their shares of 3 files x 97-row row groups (duplicates across files); the
+    client's split from their answers holds the local split's validation and holdout rows, in its
+    order, and its fit rows are the local fit rows (counted, and encoded with the same levels)."""
+    from batchml.cluster.window import encode_on_workers
+    from batchml.data.features import fit_spec
+
+    config = lake_source(tmp_path, source, 3, 97)
+    as_of = day(100)
+    pulled, split = local_window(tmp_path, config, as_of)
+    with distributed.Client(cluster.scheduler_address) as client:
+        window = window_on(client, tmp_path, config, as_of)
+        assert len(window.shares) == 2 and all(s.valid for s in window.shares)
+        spec = encode_on_workers(client, client.gather, window, config)
+        fit_rows = [client.gather(x).shape[0] for x, _, _ in window.matrices]
+    assert window.pulled.rows == pulled.rows and window.pulled.by_rule == pulled.by_rule and pulled.by_rule.get("duplicate")
+    assert window.split.holdout.num_rows > 0 and window.split.validation.num_rows > 0
+    assert same_rows(window.split.holdout, split.holdout)
+    assert same_rows(window.split.validation, split.validation)
+    assert window.fit_rows == sum(fit_rows) == split.fit.num_rows
+    assert window.fit_range == tuple(pc.min_max(split.fit.column(EVENT_TIME)).as_py().values())
+    assert spec == fit_spec(split.fit, config.features.numeric, config.features.categorical)
+
+
+def test_on_one_worker_the_window_read_there_trains_the_local_model(tmp_path, source, one_worker):
+    """One worker reads the window from Parquet and trains where the rows are: the model local
+    training builds from the local pull (measured: every holdout probability equal)."""
+    from batchml.cluster.window import fit_resident
+
+    config = lake_source(tmp_path, source, 2, 200)
+    as_of = day(100)
+    _, split = local_window(tmp_path, config, as_of)
+    local = fit(split, config)
+    with distributed.Client(one_worker.scheduler_address) as client:
+        window = window_on(client, tmp_path, config, as_of)
+        on_cluster = fit_resident(client, client.gather, window, config)
+    assert on_cluster.spec == local.spec and on_cluster.best_iteration == local.best_iteration
+    assert (on_cluster.train_rows, on_cluster.train_start, on_cluster.train_end) == (local.train_rows, local.train_start, local.train_end)
+    p_local = predict(local.booster, split.holdout, local.spec)
+    p_dask = predict(on_cluster.booster, window.split.holdout, on_cluster.spec)
+    assert np.max(np.abs(p_local - p_dask)) <= PROBABILITY_TOLERANCE
