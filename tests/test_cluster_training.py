@@ -5,12 +5,14 @@ killed during training (a retry, then one clear failure, never a hang)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import signal
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightgbm as lgb
 import numpy as np
@@ -25,6 +27,7 @@ from batchml.data.features import FeatureSpec, to_matrix
 from batchml.demo import data as demo_data
 from batchml.errors import ClusterError
 from batchml.models import evaluate
+from batchml.models.retrain import build_profile
 from batchml.models.train import fit, labels, predict, split_by_time
 from batchml.pipeline.nightly import run_job
 from conftest import START, DemoProject, day, job_config, load_source
@@ -34,6 +37,7 @@ distributed = pytest.importorskip("distributed", reason="the dask extra is insta
 # a one-worker cluster against local training on the same rows (measured: 0 and 0)
 AUC_TOLERANCE = 1e-9
 PROBABILITY_TOLERANCE = 1e-9
+MOMENT_TOLERANCE = 1e-12  # a merged profile's mean and std: Chan's merge of the parts' moments, not one pass
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,7 @@ def test_on_one_worker_it_trains_the_local_model(source, one_worker):
     p_local, p_dask = predict(local.booster, split.holdout, local.spec), predict(on_cluster.booster, split.holdout, on_cluster.spec)
     assert abs(evaluate.compute_metrics(y, p_local)["roc_auc"] - evaluate.compute_metrics(y, p_dask)["roc_auc"]) <= AUC_TOLERANCE
     assert np.max(np.abs(p_local - p_dask)) <= PROBABILITY_TOLERANCE
+    assert_same_profile(merged, build_profile(split, local, scores, config.training.seed).to_dict(), same_sample=True)
 
 
 def test_early_stopping_keeps_the_rounds_lightgbms_callback_keeps():
@@ -244,7 +249,7 @@ def test_the_workers_read_the_window_and_split_it_as_locally(tmp_path, source, c
     """Two workers pull their shares of 3 files x 97-row row groups (duplicates across files); the
     client's split from their answers holds the local split's validation and holdout rows, in its
     order, and its fit rows are the local fit rows (counted, and encoded with the same levels)."""
-    from batchml.cluster.window import encode_on_workers
+    from batchml.cluster.window import encode_on_workers, reference_profile
     from batchml.data.features import fit_spec
 
     config = lake_source(tmp_path, source, 3, 97)
@@ -255,6 +260,8 @@ def test_the_workers_read_the_window_and_split_it_as_locally(tmp_path, source, c
         assert len(window.shares) == 2 and all(s.valid for s in window.shares)
         spec = encode_on_workers(client, client.gather, window, config)
         fit_rows = [client.gather(x).shape[0] for x, _, _ in window.matrices]
+        scores = np.linspace(0.01, 0.99, window.split.holdout.num_rows)
+        merged = reference_profile(client, client.gather, window, config, scores).to_dict()
     assert window.pulled.rows == pulled.rows and window.pulled.by_rule == pulled.by_rule and pulled.by_rule.get("duplicate")
     assert window.split.holdout.num_rows > 0 and window.split.validation.num_rows > 0
     assert same_rows(window.split.holdout, split.holdout)
@@ -262,12 +269,31 @@ def test_the_workers_read_the_window_and_split_it_as_locally(tmp_path, source, c
     assert window.fit_rows == sum(fit_rows) == split.fit.num_rows
     assert window.fit_range == tuple(pc.min_max(split.fit.column(EVENT_TIME)).as_py().values())
     assert spec == fit_spec(split.fit, config.features.numeric, config.features.categorical)
+    # the reference profile from the parts' counts: the local one (the sample: another uniform sample)
+    local_profile = build_profile(split, SimpleNamespace(spec=spec), scores, config.training.seed).to_dict()
+    assert_same_profile(merged, local_profile, same_sample=False)
+
+
+def assert_same_profile(merged: dict, local: dict, same_sample: bool) -> None:
+    """Edges, counts, missing and levels equal; moments to float rounding; the numeric sample equal
+    (one worker: the same keys) or of the same size (several: the same stream, dealt otherwise)."""
+    assert merged["categorical"] == local["categorical"] and merged["score"] == local["score"]
+    assert merged["numeric"].keys() == local["numeric"].keys()
+    for name, ours in merged["numeric"].items():
+        theirs = local["numeric"][name]
+        assert (ours["edges"], ours["counts"], ours["missing"]) == (theirs["edges"], theirs["counts"], theirs["missing"]), name
+        assert ours["mean"] == pytest.approx(theirs["mean"], rel=MOMENT_TOLERANCE, abs=1e-12), name
+        assert ours["std"] == pytest.approx(theirs["std"], rel=MOMENT_TOLERANCE, abs=1e-12), name
+        if same_sample:
+            assert ours["sample"] == theirs["sample"], name
+        else:
+            assert len(ours["sample"]) == len(theirs["sample"]) and ours["sample"] != theirs["sample"], name
 
 
 def test_on_one_worker_the_window_read_there_trains_the_local_model(tmp_path, source, one_worker):
     """One worker reads the window from Parquet and trains where the rows are: the model local
     training builds from the local pull (measured: every holdout probability equal)."""
-    from batchml.cluster.window import fit_resident
+    from batchml.cluster.window import fit_resident, reference_profile
 
     config = lake_source(tmp_path, source, 2, 200)
     as_of = day(100)
@@ -276,8 +302,44 @@ def test_on_one_worker_the_window_read_there_trains_the_local_model(tmp_path, so
     with distributed.Client(one_worker.scheduler_address) as client:
         window = window_on(client, tmp_path, config, as_of)
         on_cluster = fit_resident(client, client.gather, window, config)
+        scores = predict(on_cluster.booster, window.split.holdout, on_cluster.spec)
+        merged = reference_profile(client, client.gather, window, config, scores).to_dict()
     assert on_cluster.spec == local.spec and on_cluster.best_iteration == local.best_iteration
     assert (on_cluster.train_rows, on_cluster.train_start, on_cluster.train_end) == (local.train_rows, local.train_start, local.train_end)
     p_local = predict(local.booster, split.holdout, local.spec)
     p_dask = predict(on_cluster.booster, window.split.holdout, on_cluster.spec)
     assert np.max(np.abs(p_local - p_dask)) <= PROBABILITY_TOLERANCE
+    assert_same_profile(merged, build_profile(split, local, scores, config.training.seed).to_dict(), same_sample=True)
+
+
+@pytest.mark.parametrize("pivots", [1, 4, 2048])
+def test_a_profile_merged_from_parts_has_the_edges_and_counts_of_one_pass(monkeypatch, pivots):
+    """The distributed selection finds every quantile edge exactly, whether a rank falls on a pivot
+    or in a gap between pivots (few pivots: wide gaps), over ties, missing and infinite values, and
+    parts of very different sizes (one empty)."""
+    from batchml.cluster import reference
+    from batchml.monitoring.profiles import build_profile as one_pass
+
+    monkeypatch.setattr(reference, "PIVOTS", pivots)
+    rng = np.random.default_rng(5)
+    n = 5_000
+    heavy = np.where(rng.random(n) < 0.6, 0.0, rng.exponential(3.0, n))  # 60 % zeros: edges on a tie
+    spread = rng.normal(10, 2, n)
+    spread[rng.random(n) < 0.05] = np.nan
+    spread[:3] = [np.inf, -np.inf, np.inf]
+    few = rng.integers(0, 4, n).astype(np.float64)
+    matrix = np.column_stack([heavy, spread, few])
+    cuts = [0, 0, 700, 4_100, n]  # a part with no rows
+    parts = [matrix[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def run_on_parts(fn, *args):
+        return [fn(part, i, *args) for i, part in enumerate(parts)]
+
+    levels = Counter(rng.choice(["a", "b", "c"], n).tolist())
+    scores = rng.random(300)
+    merged = reference.merged_profile(run_on_parts, ["heavy", "spread", "few"], {"kind": levels}, {"kind": 0}, cuts[:-1],
+                                      scores, seed=3).to_dict()
+    local = one_pass({"heavy": heavy, "spread": spread, "few": few}, {"kind": np.array(sum(([k] * c for k, c in levels.items()), []),
+                                                                                            dtype=object)}, scores, seed=3).to_dict()
+    assert merged["numeric"]["heavy"]["edges"][0] == 0.0  # the tie is an edge
+    assert_same_profile(merged, local, same_sample=True)  # one stream of keys, dealt by offset: the same sample

@@ -291,3 +291,27 @@ def fit_resident(client, gather, window: ResidentWindow, config: JobConfig) -> T
     return TrainedModel(booster=booster, spec=spec, params=recorded_params(config, workers, False, window="workers"),
                         train_start=low, train_end=high, train_rows=window.fit_rows + window.split.validation.num_rows,
                         best_iteration=booster.current_iteration(), seconds=time.perf_counter() - started)
+
+
+def reference_profile(client, gather, window: ResidentWindow, config: JobConfig, scores: np.ndarray):
+    """The challenger's drift reference from the parts of its reference rows (the fit matrices on
+    the workers, then the validation tail here): :mod:`batchml.cluster.reference`, equal to the
+    profile local training builds from every row (moments to float rounding)."""
+    from batchml.cluster.reference import merged_profile
+
+    spec = window.spec
+    validation = np.ascontiguousarray(to_matrix(window.split.validation, spec))
+    fit_x = [x for x, _, _ in window.matrices]
+    offsets = list(np.cumsum([0] + [rows for _, _, rows in window.matrices]))
+
+    def run_on_parts(fn, *args) -> list:
+        remote = gather([client.submit(fn, x, i, *args, pure=False) for i, x in enumerate(fit_x)], "profiling the training window")
+        return [*remote, fn(validation, len(fit_x), *args)]
+
+    levels: dict[str, Counter] = {name: Counter() for name in spec.categorical}
+    for counts in [h.levels for h in window.held] + [level_counts(window.split.validation, spec.categorical)]:
+        for name, counted in counts.items():
+            levels[name].update(counted)
+    rows = window.fit_rows + window.split.validation.num_rows
+    missing = {name: rows - sum(counted.values()) for name, counted in levels.items()}
+    return merged_profile(run_on_parts, spec.numeric, levels, missing, [int(o) for o in offsets], scores, config.training.seed)
