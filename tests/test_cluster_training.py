@@ -113,7 +113,6 @@ def test_on_one_worker_it_trains_the_local_model(source, one_worker):
     p_local, p_dask = predict(local.booster, split.holdout, local.spec), predict(on_cluster.booster, split.holdout, on_cluster.spec)
     assert abs(evaluate.compute_metrics(y, p_local)["roc_auc"] - evaluate.compute_metrics(y, p_dask)["roc_auc"]) <= AUC_TOLERANCE
     assert np.max(np.abs(p_local - p_dask)) <= PROBABILITY_TOLERANCE
-    assert_same_profile(merged, build_profile(split, local, scores, config.training.seed).to_dict(), same_sample=True)
 
 
 def test_early_stopping_keeps_the_rounds_lightgbms_callback_keeps():
@@ -343,3 +342,40 @@ def test_a_profile_merged_from_parts_has_the_edges_and_counts_of_one_pass(monkey
                                                                                             dtype=object)}, scores, seed=3).to_dict()
     assert merged["numeric"]["heavy"]["edges"][0] == 0.0  # the tie is an edge
     assert_same_profile(merged, local, same_sample=True)  # one stream of keys, dealt by offset: the same sample
+
+
+@pytest.mark.parametrize("execution", ["local", "dask"])
+def test_a_challenger_trained_on_the_window_the_workers_read_goes_through_the_whole_loop(tmp_path, source, cluster, execution):
+    """A Parquet source: the workers read the window, the challenger is trained where its rows are,
+    profiled from the parts, gated, registered and scores as any model (either execution engine)."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "project"
+    (root / "landing").mkdir(parents=True)
+    for i, cut in enumerate(np.array_split(np.arange(source.num_rows), 3)):
+        pq.write_table(source.take(cut), root / "landing" / f"part-{i}.parquet", row_group_size=300)
+    project = DemoProject(root, source)
+    config = job_config()
+    config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
+    config["execution"] = {"engine": execution, "scheduler": cluster.scheduler_address}
+    config["training"].update(engine="dask", time_out_minutes=1)
+    project.write_config(config)
+    for night in (60, 100):
+        run = run_job(project.project, "vuln_risk", as_of=day(night), notify=False, force_retrain=night == 100)
+        assert run.status == "succeeded", run.error
+    models = project.query("SELECT version, params, artifact_path, train_rows, holdout_rows FROM batchml.models ORDER BY version")
+    assert len(models) == 2
+    for _, params, folder, train_rows, holdout_rows in models:
+        params = json.loads(params)
+        assert params["window"] == "workers" and params["num_machines"] == 2 and train_rows > 0 and holdout_rows > 0
+        assert json.loads((Path(folder) / "profile.json").read_text())["numeric"]  # the merged reference profile
+    assert {e for (e,) in project.query("SELECT event FROM batchml.model_events WHERE version = 2")} & {"promoted", "rejected"}
+    champion = project.scalar("SELECT champion_version FROM batchml.runs WHERE as_of = ?", [day(100)])
+    folder = Path(next(path for version, _, path, _, _ in models if version == champion))
+    booster = lgb.Booster(model_file=str(folder / "model.txt"))
+    spec = FeatureSpec.from_dict(json.loads((folder / "model.json").read_text()))
+    scored = project.query("SELECT finding_id, score FROM scores.vuln_risk WHERE model_version = ? ORDER BY finding_id", [champion])
+    assert len(scored) > 100
+    rows = source.filter(pc.is_in(source.column("finding_id"), value_set=pa.array([i for i, _ in scored], pa.int64()))).sort_by("finding_id")
+    assert np.max(np.abs(booster.predict(to_matrix(rows, spec)) - np.array([s for _, s in scored]))) <= 1e-9
+    assert not list((root / "warehouse").rglob("*-window.arrow"))  # the window's staging files are gone

@@ -16,8 +16,9 @@ The split is decided on the client from small per-share answers, exactly as
    its fit row count, event-time range, label values and categorical level counts (summed: the
    encoder's level lists, as :func:`~batchml.data.features.fit_spec` ranks them).
 
-The fit rows never leave their worker: each share's matrix is built there with the encoder and
-kept (a persisted future) for ``lightgbm.dask``.
+The fit rows never reach the client: each share's matrix is built on its worker with the encoder,
+dealt out row by row to every worker (worker to worker) and kept there (persisted futures) for
+``lightgbm.dask``; the reference profile is merged from the parts (:mod:`batchml.cluster.reference`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyarrow import ipc
 
 from batchml.cluster import plan
 from batchml.cluster.tasks import Partition, Rivals, _others_sql
 from batchml.config import JobConfig
-from batchml.data.extract import ENTITY, EVENT_TIME, LABEL, PullResult, read_run_file, training_filter, write_run_file
+from batchml.data.extract import ENTITY, EVENT_TIME, LABEL, PullResult, read_run_file, training_filter
 from batchml.data.features import FeatureSpec, level_counts, spec_from_counts, to_matrix
 from batchml.data.sources import parquet_location
 from batchml.errors import DataError
@@ -124,7 +126,8 @@ def pull_window_share(part: Partition, rivals: Rivals | None) -> WindowShare:
         con.close()
     rows = read_run_file(raw).sort_by(ORDER)
     raw.unlink(missing_ok=True)
-    write_run_file(rows.to_batches(), staging)
+    with ipc.new_file(str(staging), rows.schema) as writer:  # a share with no rows in the window too
+        writer.write_table(rows)
     latest = pc.max(rows.column(EVENT_TIME)).as_py() if rows.num_rows else None
     return WindowShare(part.index, get_worker().address, str(staging), pulled, rows.num_rows, latest)
 
@@ -233,8 +236,10 @@ def _merged_pull(shares: list[WindowShare], folder) -> PullResult:
 
 
 def encode_on_workers(client, gather, window: ResidentWindow, config: JobConfig) -> FeatureSpec:
-    """The encoder from the summed level counts, and each share's fit matrix built and kept on its
-    worker (persisted futures). Raises as local training does when there is too little to fit."""
+    """The encoder from the summed level counts, and each share's fit matrix built on its worker and
+    dealt out row by row to every worker, where it is kept (persisted futures): the workers train
+    on about equal rows even when the shares are time-ordered (the latest share holding the
+    holdout), and each bins its features on a sample of the whole window, not on one period. Raises as local training does when there is too little to fit."""
     if window.fit_rows < config.training.min_train_rows:
         held = (f", {window.split.holdout.num_rows} more are held out (the last {config.training.holdout_days} days)"
                 if window.split.holdout.num_rows else "")
@@ -249,18 +254,39 @@ def encode_on_workers(client, gather, window: ResidentWindow, config: JobConfig)
         for name, counted in h.levels.items():
             counts[name].update(counted)
     spec = spec_from_counts(config.features.numeric, config.features.categorical, counts)
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"]) or [None]
     matrices = []
     for share, held in zip(window.shares, window.held):
         if held.fit_rows == 0:
             continue
         both = client.submit(share_matrix, share.staging, window.cut, spec, config, pure=False, workers=[share.worker],
                              allow_other_workers=True)
-        x = client.submit(operator.getitem, both, 0, workers=[share.worker], allow_other_workers=True)
-        y = client.submit(operator.getitem, both, 1, workers=[share.worker], allow_other_workers=True)
-        matrices.append((x, y, held.fit_rows))
-    gather([x for x, _, _ in matrices], "encoding the training window")  # built (persisted) before the fit starts
+        for k, target in enumerate(workers):  # dealt out: every worker a sample of every share
+            rows = len(range(k, held.fit_rows, len(workers)))
+            if rows == 0:
+                continue
+            piece = client.submit(every, both, k, len(workers), pure=False, workers=[share.worker], allow_other_workers=True)
+            there = {"workers": [target], "allow_other_workers": True} if target else {}
+            matrices.append((client.submit(operator.getitem, piece, 0, **there), client.submit(operator.getitem, piece, 1, **there), rows))
+    _built([f for x, y, _ in matrices for f in (x, y)], gather)
     window.spec, window.matrices = spec, matrices
     return spec
+
+
+def every(both: tuple[np.ndarray, np.ndarray], k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows k, k + n, k + 2n, ... of a share's matrix and labels."""
+    x, y = both
+    return np.ascontiguousarray(x[k::n]), np.ascontiguousarray(y[k::n])
+
+
+def _built(futures: list, gather) -> None:
+    """Wait for the fit matrices to be built where they are kept (they are not brought here)."""
+    from distributed import wait
+
+    wait(futures)
+    failed = [f for f in futures if f.status != "finished"]
+    if failed:
+        gather(failed[:1], "encoding the training window")  # raises, naming the step
 
 
 def resident(window: ResidentWindow):
@@ -315,3 +341,66 @@ def reference_profile(client, gather, window: ResidentWindow, config: JobConfig,
     rows = window.fit_rows + window.split.validation.num_rows
     missing = {name: rows - sum(counted.values()) for name, counted in levels.items()}
     return merged_profile(run_on_parts, spec.numeric, levels, missing, [int(o) for o in offsets], scores, config.training.seed)
+
+
+# -- a nightly run's challenger, trained where the rows are ----------------------------------------
+
+
+def on_workers(config: JobConfig) -> bool:
+    """Whether the challenger's window is read by the workers: ``training.engine: dask`` over a
+    Parquet source the Dask engine can split (no ``features.sql``). Forced bins need a sample of
+    every fit row on the client, so they keep the client's pull."""
+    from batchml.config import distributed_source_problem
+
+    if config.training.engine != "dask" or config.training.forced_bins:
+        return False
+    try:
+        distributed_source_problem(config)
+    except ValueError:
+        return False
+    return True
+
+
+def gatherer(client, address: str | None):
+    """``gather(futures, what)``: the results, or one line naming the step when a task failed for good."""
+    from batchml.errors import BatchMLError, ClusterError
+
+    def gather(futures: list, what: str) -> list:
+        try:
+            return client.gather(futures)
+        except BatchMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a task failed after the scheduler's retries
+            raise ClusterError(f"{what} failed on the Dask cluster{f' at {address}' if address else ''}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    return gather
+
+
+def train_candidate_on_workers(client, address: str | None, config: JobConfig, pull_config: JobConfig, root: Path, lake: Path,
+                               run_id: str, as_of: datetime, columns: dict[str, str], memory_limit: str, models_root: Path,
+                               version: int, warn=log.warning):
+    """Challenger ``version``: the window read and split on the workers, trained where its fit rows
+    are, profiled from the parts, then evaluated and written as every challenger
+    (:func:`batchml.models.retrain.candidate_of`)."""
+    from batchml.models import retrain
+
+    gather = gatherer(client, address)
+    con = memory_connection(memory_limit, threads=1)
+    try:
+        window = pull_window(client, gather, config, pull_config, root, lake, run_id, as_of, columns, memory_limit, con)
+    finally:
+        con.close()
+    try:
+        dropped = window.pulled.by_rule
+        if dropped:  # every labeled row of the window trains or judges, unless the contract rejects it
+            reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(dropped.items()))
+            warn(f"{sum(dropped.values())} of {window.pulled.rows} labeled row(s) in the training window left out of "
+                 f"training and holdout ({reasons}); see batchml.models.drop_reasons")
+        trained = fit_resident(client, gather, window, config)
+        candidate = retrain.candidate_of(config, window.split, trained, models_root, version, as_of, dropped,
+                                         lambda scores: reference_profile(client, gather, window, config, scores))
+        return candidate, window.pulled
+    finally:
+        window.matrices = []  # the workers free the fit rows
+        for share in window.shares:
+            Path(share.staging).unlink(missing_ok=True)

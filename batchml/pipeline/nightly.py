@@ -392,6 +392,10 @@ class NightlyRun:
         return True
 
     def _train_candidate(self) -> retrain.Candidate:
+        from batchml.cluster.window import on_workers
+
+        if on_workers(self.config):
+            return self._train_candidate_on_workers()
         path = self.scratch / "train.arrow"
         with self._connect() as con:
             pulled = pull_training_rows(con, self.config, self.pull_config, self.project.root, self.run.as_of, path,
@@ -404,6 +408,35 @@ class NightlyRun:
         log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
                  self.config.job, version, pulled.rows, candidate.trained.train_rows, candidate.split.holdout.num_rows,
                  sum(pulled.by_rule.values()))
+        return candidate
+
+    def _train_candidate_on_workers(self) -> retrain.Candidate:
+        """``training.engine: dask`` over Parquet: the workers read the window (:mod:`batchml.cluster.window`)."""
+        from batchml.cluster.connect import open_client, scheduler_address
+        from batchml.cluster.window import train_candidate_on_workers
+        from batchml.storage import lake
+
+        config, root = self.config, self.project.root
+        with self._connect() as con:
+            columns = self.source_columns or describe_source(con, self.pull_config, root)
+            odd, values = odd_labels(con, config, root, training_filter(config, self.run.as_of, labeled_only=False))
+            version = model_rows.next_version(con, config.job)
+        if odd:
+            self._warn(objective_of(config.label.objective).odd_labels_message(odd, values, config.label.column))
+        own = getattr(self, "client", None)
+        address = getattr(self, "address", None) if own is not None else scheduler_address(config, None)
+        home = self.project.home / "lake"
+        with nullcontext(own) if own is not None else open_client(config, address) as client:
+            try:
+                candidate, pulled = train_candidate_on_workers(
+                    client, address, config, self.pull_config, root, home, self.run.run_id, self.run.as_of, columns,
+                    self.project.settings.memory_limit, self.project.models, version, warn=self._warn)
+            finally:
+                if own is None:  # the Dask engine's run removes its staging (scoring still reads it) at its end
+                    lake.remove_staging(home, config.job, self.run.run_id)
+        log.info("%s: v%d: %d labeled rows in the window, read by the workers: %d trained on (fit and early stopping), "
+                 "%d held out, %d left out", config.job, version, pulled.rows, candidate.trained.train_rows,
+                 candidate.split.holdout.num_rows, sum(pulled.by_rule.values()))
         return candidate
 
     def _trainer(self):
