@@ -248,7 +248,7 @@ def test_the_workers_read_the_window_and_split_it_as_locally(tmp_path, source, c
     """Two workers pull their shares of 3 files x 97-row row groups (duplicates across files); the
     client's split from their answers holds the local split's validation and holdout rows, in its
     order, and its fit rows are the local fit rows (counted, and encoded with the same levels)."""
-    from batchml.cluster.window import encode_on_workers, reference_profile
+    from batchml.cluster.window import build_matrices, encode_on_workers, reference_profile
     from batchml.data.features import fit_spec
 
     config = lake_source(tmp_path, source, 3, 97)
@@ -258,6 +258,7 @@ def test_the_workers_read_the_window_and_split_it_as_locally(tmp_path, source, c
         window = window_on(client, tmp_path, config, as_of)
         assert len(window.shares) == 2 and all(s.valid for s in window.shares)
         spec = encode_on_workers(client, client.gather, window, config)
+        build_matrices(client, window, config, sorted(client.scheduler_info(n_workers=-1)["workers"]))
         fit_rows = [client.gather(x).shape[0] for x, _, _ in window.matrices]
         scores = np.linspace(0.01, 0.99, window.split.holdout.num_rows)
         merged = reference_profile(client, client.gather, window, config, scores).to_dict()
@@ -344,22 +345,28 @@ def test_a_profile_merged_from_parts_has_the_edges_and_counts_of_one_pass(monkey
     assert_same_profile(merged, local, same_sample=True)  # one stream of keys, dealt by offset: the same sample
 
 
-@pytest.mark.parametrize("execution", ["local", "dask"])
-def test_a_challenger_trained_on_the_window_the_workers_read_goes_through_the_whole_loop(tmp_path, source, cluster, execution):
-    """A Parquet source: the workers read the window, the challenger is trained where its rows are,
-    profiled from the parts, gated, registered and scores as any model (either execution engine)."""
+def parquet_dask_project(root: Path, source: pa.Table, address: str, execution: str = "local", **training):
+    """A project reading ``source`` from 3 Parquet files (300-row row groups), training on the cluster."""
     import pyarrow.parquet as pq
 
-    root = tmp_path / "project"
     (root / "landing").mkdir(parents=True)
     for i, cut in enumerate(np.array_split(np.arange(source.num_rows), 3)):
         pq.write_table(source.take(cut), root / "landing" / f"part-{i}.parquet", row_group_size=300)
     project = DemoProject(root, source)
     config = job_config()
     config["source"] = {"parquet": "landing/*.parquet", "entity_id": "finding_id", "event_time": "found_at", "watermark": "ingested_at"}
-    config["execution"] = {"engine": execution, "scheduler": cluster.scheduler_address}
-    config["training"].update(engine="dask", time_out_minutes=1)
+    config["execution"] = {"engine": execution, "scheduler": address}
+    config["training"].update(engine="dask", time_out_minutes=1, **training)
     project.write_config(config)
+    return project, config
+
+
+@pytest.mark.parametrize("execution", ["local", "dask"])
+def test_a_challenger_trained_on_the_window_the_workers_read_goes_through_the_whole_loop(tmp_path, source, cluster, execution):
+    """A Parquet source: the workers read the window, the challenger is trained where its rows are,
+    profiled from the parts, gated, registered and scores as any model (either execution engine)."""
+    root = tmp_path / "project"
+    project, _ = parquet_dask_project(root, source, cluster.scheduler_address, execution)
     for night in (60, 100):
         run = run_job(project.project, "vuln_risk", as_of=day(night), notify=False, force_retrain=night == 100)
         assert run.status == "succeeded", run.error
@@ -379,3 +386,14 @@ def test_a_challenger_trained_on_the_window_the_workers_read_goes_through_the_wh
     rows = source.filter(pc.is_in(source.column("finding_id"), value_set=pa.array([i for i, _ in scored], pa.int64()))).sort_by("finding_id")
     assert np.max(np.abs(booster.predict(to_matrix(rows, spec)) - np.array([s for _, s in scored]))) <= 1e-9
     assert not list((root / "warehouse").rglob("*-window.arrow"))  # the window's staging files are gone
+
+
+def test_a_worker_killed_while_training_on_the_window_the_workers_read_costs_a_retry(tmp_path, source, doomed_cluster, caplog):
+    """The fit rows kept on the workers: a killed worker's are rebuilt from the staged window for the retry."""
+    address = doomed_cluster.scheduler_address
+    project, config = parquet_dask_project(tmp_path / "project", source, address, params=SLOW_TRAINING)
+    with killed_during_training(project, config, address, 1, caplog):
+        run = run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
+    assert run.status == "succeeded" and run.challenger_version == 2
+    params = json.loads(project.scalar("SELECT params FROM batchml.models WHERE version = 2"))
+    assert params["engine"] == "dask" and params["window"] == "workers"

@@ -39,7 +39,7 @@ from pyarrow import ipc
 from batchml.cluster import plan
 from batchml.cluster.tasks import Partition, Rivals, _others_sql
 from batchml.config import JobConfig
-from batchml.data.extract import ENTITY, EVENT_TIME, LABEL, PullResult, read_run_file, training_filter
+from batchml.data.extract import ENTITY, EVENT_TIME, PullResult, read_run_file, training_filter
 from batchml.data.features import FeatureSpec, level_counts, spec_from_counts, to_matrix
 from batchml.data.sources import parquet_location
 from batchml.errors import DataError
@@ -236,10 +236,10 @@ def _merged_pull(shares: list[WindowShare], folder) -> PullResult:
 
 
 def encode_on_workers(client, gather, window: ResidentWindow, config: JobConfig) -> FeatureSpec:
-    """The encoder from the summed level counts, and each share's fit matrix built on its worker and
-    dealt out row by row to every worker, where it is kept (persisted futures): the workers train
-    on about equal rows even when the shares are time-ordered (the latest share holding the
-    holdout), and each bins its features on a sample of the whole window, not on one period. Raises as local training does when there is too little to fit."""
+    """The encoder, from the summed level counts. (:func:`build_matrices` then deals each share's
+    fit rows out row by row to every worker: the workers train on about equal rows even when the
+    shares are time-ordered (the latest share holding the holdout), and each bins its features on
+    a sample of the whole window, not on one period.) Raises as local training does when there is too little to fit."""
     if window.fit_rows < config.training.min_train_rows:
         held = (f", {window.split.holdout.num_rows} more are held out (the last {config.training.holdout_days} days)"
                 if window.split.holdout.num_rows else "")
@@ -253,13 +253,20 @@ def encode_on_workers(client, gather, window: ResidentWindow, config: JobConfig)
     for h in window.held:
         for name, counted in h.levels.items():
             counts[name].update(counted)
-    spec = spec_from_counts(config.features.numeric, config.features.categorical, counts)
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"]) or [None]
+    window.spec = spec_from_counts(config.features.numeric, config.features.categorical, counts)
+    return window.spec
+
+
+def build_matrices(client, window: ResidentWindow, config: JobConfig, workers: list[str]) -> None:
+    """Each share's fit matrix built on its worker, dealt out row by row to ``workers`` and kept
+    there (persisted futures, in ``window.matrices``). Built anew for each attempt of the fit: a
+    retry after a lost worker reads the staged window again rather than trusting lost results."""
+    workers = workers or [None]
     matrices = []
     for share, held in zip(window.shares, window.held):
         if held.fit_rows == 0:
             continue
-        both = client.submit(share_matrix, share.staging, window.cut, spec, config, pure=False, workers=[share.worker],
+        both = client.submit(share_matrix, share.staging, window.cut, window.spec, config, pure=False, workers=[share.worker],
                              allow_other_workers=True)
         for k, target in enumerate(workers):  # dealt out: every worker a sample of every share
             rows = len(range(k, held.fit_rows, len(workers)))
@@ -268,9 +275,8 @@ def encode_on_workers(client, gather, window: ResidentWindow, config: JobConfig)
             piece = client.submit(every, both, k, len(workers), pure=False, workers=[share.worker], allow_other_workers=True)
             there = {"workers": [target], "allow_other_workers": True} if target else {}
             matrices.append((client.submit(operator.getitem, piece, 0, **there), client.submit(operator.getitem, piece, 1, **there), rows))
-    _built([f for x, y, _ in matrices for f in (x, y)], gather)
-    window.spec, window.matrices = spec, matrices
-    return spec
+    _built([f for x, y, _ in matrices for f in (x, y)])
+    window.matrices = matrices
 
 
 def every(both: tuple[np.ndarray, np.ndarray], k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -279,20 +285,23 @@ def every(both: tuple[np.ndarray, np.ndarray], k: int, n: int) -> tuple[np.ndarr
     return np.ascontiguousarray(x[k::n]), np.ascontiguousarray(y[k::n])
 
 
-def _built(futures: list, gather) -> None:
-    """Wait for the fit matrices to be built where they are kept (they are not brought here)."""
+def _built(futures: list) -> None:
+    """Wait for the fit matrices to be built where they are kept (they are not brought here); a
+    failed build raises its task's error (a lost attempt of the fit, retried by ``fit_with_retry``)."""
     from distributed import wait
 
     wait(futures)
     failed = [f for f in futures if f.status != "finished"]
     if failed:
-        gather(failed[:1], "encoding the training window")  # raises, naming the step
+        failed[0].result()
 
 
-def resident(window: ResidentWindow):
-    """Placement (``training.fit_once``) of the fit rows where the workers built them."""
+def resident(window: ResidentWindow, config: JobConfig):
+    """Placement (``training.fit_once``) of the fit rows: built on the workers for this attempt."""
     def place(client, workers: list[str]) -> tuple[list, list, list[str]]:
         import dask.array as da
+
+        build_matrices(client, window, config, workers)
 
         width = len(window.spec.features)
         x_parts = [da.from_delayed(x, shape=(rows, width), dtype=np.float64) for x, _, rows in window.matrices]
@@ -308,7 +317,7 @@ def fit_resident(client, gather, window: ResidentWindow, config: JobConfig) -> T
 
     started = time.perf_counter()
     spec = window.spec or encode_on_workers(client, gather, window, config)
-    booster, workers = fit_with_retry(client, config, resident(window), spec)
+    booster, workers = fit_with_retry(client, config, resident(window, config), spec)
     booster = cut_at_early_stop(booster, config, window.split.validation, spec)
     low, high = window.fit_range
     if window.split.validation.num_rows:
