@@ -123,31 +123,7 @@ class DaskNightlyRun(NightlyRun):
         return plan.Bounds(self.run.watermark_from, self.run.as_of, hive_days=True)  # extract.batch_filter's
 
     def _rivals(self, parts: list[Partition]) -> list[Rivals | None]:
-        """For each share, the keys that other shares hold too (the duplicate rule must see every
-        row of a key): the shares' keys written bucketed by hash, one task per bucket finds those
-        held twice. One share has no rivals."""
-        if len(parts) < 2:
-            return [None] * len(parts)
-        run_id = self.run.run_id
-        folders = self._gather([self.client.submit(partition_keys, part, key=f"keys-{run_id}-{part.index}", pure=False)
-                                for part in parts], "reading the batch's keys")
-        limit = self.project.settings.memory_limit
-        found = self._gather([self.client.submit(shared_keys, folders, bucket, limit, key=f"shared-{run_id}-{bucket}", pure=False)
-                              for bucket in range(len(parts))], "finding keys held by several partitions")
-        found = [table for table in found if table.num_rows]
-        if not found:
-            return [None] * len(parts)
-        shared = pa.concat_tables(found, promote_options="permissive")
-        log.info("%s: %d key(s) occur in more than one partition; their rows are ranked together", self.config.job, shared.num_rows)
-        rivals: list[Rivals | None] = []
-        holders = pc.list_flatten(shared["parts"]).to_numpy()
-        key_of = pc.list_parent_indices(shared["parts"]).to_numpy()
-        for part in parts:
-            mine = shared.take(np.unique(key_of[holders == part.index]))
-            others = set(pc.list_flatten(mine["parts"]).to_pylist()) - {part.index}
-            units = tuple(u for other in sorted(others) for u in parts[other].units)
-            rivals.append(Rivals(mine.select(["__id", "__at"]), units) if mine.num_rows else None)
-        return rivals
+        return share_rivals(self.client, parts, self._gather, self.config.job)
 
     def _scores_in_pass(self) -> bool:  # the partitions are scored after training (see _score)
         return False
@@ -251,6 +227,34 @@ class DaskBackfillRun(DaskNightlyRun, BackfillRun):
             self.state.batch = self._pull_batch(con, self._batch_filter())
         self._pulled()
         self._score_on_cluster()
+
+
+def share_rivals(client, parts: list[Partition], gather, job: str) -> list[Rivals | None]:
+    """For each share, the keys that other shares hold too (the duplicate rule must see every
+    row of a key): the shares' keys written bucketed by hash, one task per bucket finds those
+    held twice (``gather``: the caller's, mapping task failures). One share has no rivals."""
+    if len(parts) < 2:
+        return [None] * len(parts)
+    run_id = parts[0].run_id
+    folders = gather([client.submit(partition_keys, part, key=f"keys-{run_id}-{part.index}", pure=False)
+                      for part in parts], "reading the batch's keys")
+    limit = parts[0].memory_limit
+    found = gather([client.submit(shared_keys, folders, bucket, limit, key=f"shared-{run_id}-{bucket}", pure=False)
+                    for bucket in range(len(parts))], "finding keys held by several partitions")
+    found = [table for table in found if table.num_rows]
+    if not found:
+        return [None] * len(parts)
+    shared = pa.concat_tables(found, promote_options="permissive")
+    log.info("%s: %d key(s) occur in more than one partition; their rows are ranked together", job, shared.num_rows)
+    rivals: list[Rivals | None] = []
+    holders = pc.list_flatten(shared["parts"]).to_numpy()
+    key_of = pc.list_parent_indices(shared["parts"]).to_numpy()
+    for part in parts:
+        mine = shared.take(np.unique(key_of[holders == part.index]))
+        others = set(pc.list_flatten(mine["parts"]).to_pylist()) - {part.index}
+        units = tuple(u for other in sorted(others) for u in parts[other].units)
+        rivals.append(Rivals(mine.select(["__id", "__at"]), units) if mine.num_rows else None)
+    return rivals
 
 
 def task_pause() -> tuple[str, float] | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import glob
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -121,16 +123,11 @@ def partition_keys(part: Partition) -> str:
     entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
     folder = part.path(STAGING, "-keys")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    con = memory_connection(part.memory_limit, threads=1)
-    try:
-        register_object_store(con, part.config.source.parquet)
-        set_cutoff(con, part.as_of)
+    with share_connection(part) as con:
         con.execute(f"""COPY (SELECT {entity} AS __id, {event} AS __at, {part.index} AS __part,
                                      hash({entity}, {event}) % {part.count} AS __bucket
                               FROM ({part.source()}) WHERE ({part.where}) AND {entity} IS NOT NULL)
                         TO {quote_literal(str(folder))} (FORMAT parquet, PARTITION_BY (__bucket))""")
-    finally:
-        con.close()
     return str(folder)
 
 
@@ -160,20 +157,33 @@ def _others_sql(con, part: Partition, rivals: Rivals | None) -> str | None:
             f"(SELECT 1 FROM __rivals r WHERE r.__id = o.{entity} AND r.__at IS NOT DISTINCT FROM o.{event})")
 
 
+@contextmanager
+def share_connection(part: Partition) -> Iterator:
+    """A worker's own in-memory DuckDB connection for one share: the source's object store, the cut-off."""
+    con = memory_connection(part.memory_limit, threads=1)
+    try:
+        register_object_store(con, part.config.source.parquet)
+        set_cutoff(con, part.as_of)
+        yield con
+    finally:
+        con.close()
+
+
+def pull_share(con, part: Partition, rivals: Rivals | None, path: Path) -> PullResult:
+    """The share's rows of ``part.where`` through the data contract (the local engine's own SQL, the
+    duplicate rule ranking against ``rivals``) into run file ``path``."""
+    return pull(con, part.config, part.project_root, part.where, path, columns=part.columns,
+                source=part.source(), others=_others_sql(con, part, rivals))
+
+
 def check_partition(part: Partition, profile: drift.ReferenceProfile | None, rivals: Rivals | None = None) -> CheckedPart:
     """Pull the partition's rows through the data contract (the local engine's own SQL, the
     duplicate rule ranking against ``rivals``) into a staging run file, write its quarantined rows
     to the lake and tally its valid rows for drift."""
     staging = part.path(STAGING, ".arrow")
-    con = memory_connection(part.memory_limit, threads=1)
-    try:
-        register_object_store(con, part.config.source.parquet)
-        set_cutoff(con, part.as_of)
-        pulled = pull(con, part.config, part.project_root, part.where, staging, columns=part.columns,
-                      source=part.source(), others=_others_sql(con, part, rivals))
+    with share_connection(part) as con:
+        pulled = pull_share(con, part, rivals, staging)
         quarantine = _write_quarantine(con, part, staging)
-    finally:
-        con.close()
     valid = pulled.rows - sum(pulled.by_rule.values())
     null_counts = {name: round(share * valid) for name, share in pulled.null_fractions.items()}  # the shares of exact counts
     return CheckedPart(part.index, str(staging), pulled, null_counts, quarantine, _tally(profile, staging, part.index, valid))

@@ -73,39 +73,79 @@ def fit_on_cluster(split: Split, config: JobConfig, client) -> TrainedModel:
     y_fit = trainable_labels(split, config)
     started = time.perf_counter()
     spec = fit_spec(split.fit, config.features.numeric, config.features.categorical)
-    params, rounds, early = lightgbm_params(config)
-    params.update(tree_learner="data", time_out=config.training.time_out_minutes)
     x_fit = to_matrix(split.fit, spec)
+    params = cluster_params(config)
     bins = forced_bins(x_fit, spec, int(params.get("max_bin", 255)), config.training.seed) if config.training.forced_bins else None
-    booster, workers = None, 0
+    booster, workers = fit_with_retry(client, config, scattered(x_fit, y_fit), spec, bins)
+    booster = cut_at_early_stop(booster, config, split.validation, spec)
+    return trained_model(booster, spec, recorded_params(config, workers, bins is not None), split, started)
+
+
+def cluster_params(config: JobConfig) -> dict:
+    params, _, _ = lightgbm_params(config)
+    params.update(tree_learner="data", time_out=config.training.time_out_minutes)
+    return params
+
+
+def recorded_params(config: JobConfig, workers: int, forced: bool, **more) -> dict:
+    """What ``params`` records of a distributed fit."""
+    params, rounds, early = lightgbm_params(config)
+    return {**cluster_params(config), "num_boost_round": rounds, "early_stopping_rounds": early, "engine": "dask",
+            "num_machines": workers, "forced_bins": forced, **more}
+
+
+def fit_with_retry(client, config: JobConfig, place, spec: FeatureSpec, bins: list[dict] | None = None) -> tuple[lgb.Booster, int]:
+    """The distributed fit of the rows ``place`` puts on the workers, retried once when a worker is
+    lost; a second loss fails the run in one line."""
+    _, rounds, _ = lightgbm_params(config)
+    params = cluster_params(config)
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            booster, workers = fit_once(client, x_fit, y_fit, spec, params, rounds, bins)
-            break
+            return fit_once(client, place, spec, params, rounds, bins)
         except TrainingLost as exc:
             if attempt == ATTEMPTS:
                 raise ClusterError(f"training {config.job} on the Dask cluster failed twice ({exc}); nothing was committed and "
                                    f"the champion keeps scoring; check the workers (memory, logs) and rerun, or set "
                                    f"training.engine: local") from None
             log.warning("%s: distributed training failed (%s); retrying the whole fit once", config.job, exc)
-            rejoin(client, workers or 1)
+            rejoin(client, 1)
+    raise AssertionError("unreachable")
+
+
+def cut_at_early_stop(booster: lgb.Booster, config: JobConfig, validation, spec: FeatureSpec) -> lgb.Booster:
+    """The booster cut at the round ``lgb.early_stopping`` would keep for the validation tail's losses."""
+    _, _, early = lightgbm_params(config)
     best = booster.current_iteration()
-    if early and split.validation.num_rows:
-        best = early_stopping_round(validation_losses(booster, to_matrix(split.validation, spec), labels(split.validation)), early)
+    if early and validation.num_rows:
+        best = early_stopping_round(validation_losses(booster, to_matrix(validation, spec), labels(validation)), early)
     if best < booster.current_iteration():  # model.txt alone must reproduce every score: keep only those trees
         booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
-    recorded = {**params, "num_boost_round": rounds, "early_stopping_rounds": early, "engine": "dask", "num_machines": workers,
-                "forced_bins": bins is not None}
-    return trained_model(booster, spec, recorded, split, started)
+    return booster
 
 
-def fit_once(client, x_fit: np.ndarray, y_fit: np.ndarray, spec: FeatureSpec, params: dict, rounds: int,
-             bins: list[dict] | None) -> tuple[lgb.Booster, int]:
-    """One attempt: the fit rows scattered, one share per worker, and ``DaskLGBMClassifier`` trained
-    on them under the watchdog. Returns the booster and the number of workers that trained it."""
+def scattered(x_fit: np.ndarray, y_fit: np.ndarray):
+    """Placement of rows the client holds: dealt round-robin to the workers (every share a sample
+    of the whole window) and scattered."""
+    def place(client, workers: list[str]) -> tuple[list, list, list[str]]:
+        import dask.array as da
+
+        n = min(len(workers), len(x_fit))
+        x_parts, y_parts = [], []
+        for i, worker in enumerate(workers[:n]):
+            x, y = np.ascontiguousarray(x_fit[i::n]), y_fit[i::n]
+            x_parts.append(da.from_delayed(client.scatter(x, workers=[worker], hash=False), shape=x.shape, dtype=np.float64))
+            y_parts.append(da.from_delayed(client.scatter(y, workers=[worker], hash=False), shape=y.shape, dtype=np.float64))
+        return x_parts, y_parts, workers[:n]
+    return place
+
+
+def fit_once(client, place, spec: FeatureSpec, params: dict, rounds: int, bins: list[dict] | None) -> tuple[lgb.Booster, int]:
+    """One attempt: the fit rows on the workers (``place(client, workers)`` -> x parts, y parts, the
+    workers holding them) and ``DaskLGBMClassifier`` trained on them under the watchdog.
+    Returns the booster and the number of workers that trained it."""
     held_before = set(client.futures)
     try:
-        return _fit_once(client, x_fit, y_fit, spec, params, rounds, bins, held_before)
+        return _fit_once(client, place, spec, params, rounds, bins, held_before)
     except (TrainingLost, ClusterError):
         raise
     except Exception as exc:  # the data could not reach a worker (one died or restarts): this attempt is lost
@@ -113,7 +153,7 @@ def fit_once(client, x_fit: np.ndarray, y_fit: np.ndarray, spec: FeatureSpec, pa
         raise TrainingLost(one_line(exc)) from exc
 
 
-def _fit_once(client, x_fit, y_fit, spec, params, rounds, bins, held_before) -> tuple[lgb.Booster, int]:
+def _fit_once(client, place, spec, params, rounds, bins, held_before) -> tuple[lgb.Booster, int]:
     import dask.array as da
 
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
@@ -122,18 +162,13 @@ def _fit_once(client, x_fit, y_fit, spec, params, rounds, bins, held_before) -> 
     params = dict(params)
     if bins is not None:
         params["forcedbins_filename"] = share_file(client, workers, json.dumps(bins))
-    n = min(len(workers), len(x_fit))
-    x_parts, y_parts = [], []
-    for i, worker in enumerate(workers[:n]):  # round-robin rows: every share a sample of the whole window
-        x, y = np.ascontiguousarray(x_fit[i::n]), y_fit[i::n]
-        x_parts.append(da.from_delayed(client.scatter(x, workers=[worker], hash=False), shape=x.shape, dtype=np.float64))
-        y_parts.append(da.from_delayed(client.scatter(y, workers=[worker], hash=False), shape=y.shape, dtype=np.float64))
+    x_parts, y_parts, training = place(client, workers)
     model = lgb.DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
     cat = spec.categorical_indices or "auto"
-    fitted = watched(client, workers[:n], held_before,
+    fitted = watched(client, training, held_before,
                      lambda: model.fit(da.concatenate(x_parts), da.concatenate(y_parts), feature_name=spec.features,
                                        categorical_feature=cat))
-    return lgb.Booster(model_str=fitted.booster_.model_to_string()), n
+    return lgb.Booster(model_str=fitted.booster_.model_to_string()), len(training)
 
 
 def watched(client, workers: list[str], held_before: set, fit):

@@ -45,10 +45,19 @@ class FeatureSpec:
 
 def fit_spec(table: pa.Table, numeric: list[str], categorical: list[str]) -> FeatureSpec:
     """Learn the level list of each categorical from training rows (most frequent first, then by name)."""
+    return spec_from_counts(numeric, categorical, level_counts(table, categorical))
+
+
+def level_counts(table: pa.Table, categorical: list[str]) -> dict[str, Counter]:
+    """Each categorical's level counts in ``table`` (nulls left out): sums across shares of the rows."""
+    return {name: Counter(v for v in table.column(name).to_pylist() if v is not None) for name in categorical}
+
+
+def spec_from_counts(numeric: list[str], categorical: list[str], counts: dict[str, Counter]) -> FeatureSpec:
+    """The spec whose level lists rank ``counts`` (of all training rows) as :func:`fit_spec` does."""
     categories = {}
     for name in categorical:
-        counts = Counter(v for v in table.column(name).to_pylist() if v is not None)
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_LEVELS]
+        ranked = sorted(counts.get(name, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_LEVELS]
         categories[name] = [level for level, _ in ranked]
     return FeatureSpec(list(numeric), list(categorical), categories)
 

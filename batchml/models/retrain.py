@@ -149,13 +149,21 @@ def train_candidate(config: JobConfig, table: pa.Table, models_root: Path, versi
     (``training.engine: dask``, :mod:`batchml.cluster.training`): the rest is the same for both)."""
     split = split_by_time(table, config)
     trained = fitter(split, config)
+    return candidate_of(config, split, trained, models_root, version, as_of, dropped,
+                        lambda scores: build_profile(split, trained, scores, config.training.seed))
+
+
+def candidate_of(config: JobConfig, split: Split, trained: TrainedModel, models_root: Path, version: int, as_of: datetime,
+                 dropped: dict[str, int] | None, profile_of: Callable[[np.ndarray], drift.ReferenceProfile]) -> Candidate:
+    """Evaluate, profile and write the artifact of a trained challenger (``profile_of(holdout
+    scores)``: its reference profile, from the rows it learnt from wherever they are)."""
     holdout_scores = predict(trained.booster, split.holdout, trained.spec)
     y_holdout = labels(split.holdout, config, trained.classes)
     metrics = {"holdout": _safe_metrics(y_holdout, holdout_scores, config), "best_iteration": trained.best_iteration}
     folder = registry.model_dir(models_root, config.job, version)
     registry.clear_orphan(folder)
     folder.mkdir(parents=True)
-    profile = build_profile(split, trained, score_of(trained.objective, holdout_scores), config.training.seed)
+    profile = profile_of(score_of(trained.objective, holdout_scores))
     (folder / PROFILE_FILE).write_text(_json(profile.to_dict()))
     write_golden(folder / GOLDEN_FILE, split, trained, config)
     manifest = {

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from batchml.config import JobConfig, thread_count
 from batchml.errors import DataError
-from batchml.data.extract import EVENT_TIME, LABEL
+from batchml.data.extract import ENTITY, EVENT_TIME, LABEL
 from batchml.data.features import FeatureSpec, fit_spec, to_matrix
 from batchml.models.objectives import objective_of
 
@@ -49,7 +49,10 @@ class TrainedModel:
 
 
 def _sorted_by_time(table: pa.Table) -> pa.Table:
-    return table.sort_by([(EVENT_TIME, "ascending")])
+    """By event time, then entity id (when pulled): one order however the rows arrived, so the
+    Dask engine's shares, each sorted so, give the same split and the same fit rows in order."""
+    keys = [(EVENT_TIME, "ascending")] + ([(ENTITY, "ascending")] if ENTITY in table.column_names else [])
+    return table.sort_by(keys)
 
 
 def split_by_time(table: pa.Table, config: JobConfig) -> Split:

@@ -53,6 +53,7 @@ from batchml.pipeline.shared import (
     prediction_drift,
     pull_training_rows,
     refuse_future_cutoff,
+    warn_odd_labels,
     with_model_features,
 )
 from batchml.pipeline.state import RunState
@@ -443,6 +444,10 @@ class NightlyRun:
         return True
 
     def _train_candidate(self) -> retrain.Candidate:
+        from batchml.cluster.window import on_workers
+
+        if on_workers(self.config):
+            return self._train_candidate_on_workers()
         path = self.scratch / "train.arrow"
         with self._connect() as con:
             pulled = pull_training_rows(con, self.config, self.state.pull_config, self.project.root, self.run.as_of, path,
@@ -455,6 +460,33 @@ class NightlyRun:
         log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
                  self.config.job, version, pulled.rows, candidate.trained.train_rows, candidate.split.holdout.num_rows,
                  sum(pulled.by_rule.values()))
+        return candidate
+
+    def _train_candidate_on_workers(self) -> retrain.Candidate:
+        """``training.engine: dask`` over Parquet: the workers read the window (:mod:`batchml.cluster.window`)."""
+        from batchml.cluster.connect import open_client, scheduler_address
+        from batchml.cluster.window import train_candidate_on_workers
+        from batchml.storage import lake
+
+        config, root = self.config, self.project.root
+        with self._connect() as con:
+            columns = self.state.source_columns or describe_source(con, self.state.pull_config, root)
+            warn_odd_labels(con, config, root, self.run.as_of, self._warn)
+            version = model_rows.next_version(con, config.job)
+        own = getattr(self, "client", None)
+        address = getattr(self, "address", None) if own is not None else scheduler_address(config, None)
+        home = self.project.home / "lake"
+        with nullcontext(own) if own is not None else open_client(config, address) as client:
+            try:
+                candidate, pulled = train_candidate_on_workers(
+                    client, address, config, self.state.pull_config, root, home, self.run.run_id, self.run.as_of, columns,
+                    self.project.settings.memory_limit, self.project.models, version, warn=self._warn)
+            finally:
+                if own is None:  # the Dask engine's run removes its staging (scoring still reads it) at its end
+                    lake.remove_staging(home, config.job, self.run.run_id)
+        log.info("%s: v%d: %d labeled rows in the window, read by the workers: %d trained on (fit and early stopping), "
+                 "%d held out, %d left out", config.job, version, pulled.rows, candidate.trained.train_rows,
+                 candidate.split.holdout.num_rows, sum(pulled.by_rule.values()))
         return candidate
 
     def _trainer(self):

@@ -53,14 +53,19 @@ def pull_training_rows(con, config: JobConfig, pull_config: JobConfig, root: Pat
     ``path``. ``pull_config`` is ``config`` with the champion's features added (:func:`with_model_features`):
     the holdout must hold the champion's columns too, for the gate. Used by nightly runs and ``batchml try``."""
     pulled = pull(con, pull_config, root, training_filter(config, as_of), path, columns=columns)
-    odd, values = odd_labels(con, config, root, training_filter(config, as_of, labeled_only=False))
-    if odd:
-        warn(objective_of(config.label.objective).odd_labels_message(odd, values, config.label.column))
+    warn_odd_labels(con, config, root, as_of, warn)
     if pulled.by_rule:  # every labeled row of the window trains or judges, unless the contract rejects it
         reasons = ", ".join(f"{rule}: {n}" for rule, n in sorted(pulled.by_rule.items()))
         warn(f"{sum(pulled.by_rule.values())} of {pulled.rows} labeled row(s) in the training window left out of "
              f"training and holdout ({reasons}); see batchml.models.drop_reasons")
     return pulled
+
+
+def warn_odd_labels(con, config: JobConfig, root: Path, as_of: datetime, warn=log.warning) -> None:
+    """Warn about the training window's labels the objective cannot read (left out as unlabeled)."""
+    odd, values = odd_labels(con, config, root, training_filter(config, as_of, labeled_only=False))
+    if odd:
+        warn(objective_of(config.label.objective).odd_labels_message(odd, values, config.label.column))
 
 
 def feature_arrays(batch: pa.RecordBatch, profile: drift.ReferenceProfile) -> dict:
