@@ -18,8 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/batchml demo
 
+# --dist loadscope: a module's tests stay on one xdist worker, so a module-scoped Dask cluster starts once
+# (measured idle: 413 s against 447 s with the default scheduling, 486 tests)
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadscope -q
 
 $(VENV)/.installed-bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,compiled,dask,bench]'
