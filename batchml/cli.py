@@ -411,7 +411,7 @@ def runs_list(job: str, limit: Annotated[int, typer.Option("--limit", help="How 
                       str(r["rows_scored"]), (f"v{r['champion_version']}" if r["champion_version"] else "-")
                       + (f", {_challenger(r)}" if r["challenger_version"] is not None else ""), ", ".join(r["triggers"]) or "-")
     console.print(table)
-    console.print(f"details: batchml runs show RUN_ID", highlight=False)
+    console.print("details: batchml runs show RUN_ID", highlight=False)
 
 
 @runs_app.command("show")
