@@ -161,13 +161,17 @@ def killed_during_training(project, config: dict, address: str, times: int, capl
 SLOW_TRAINING = {"num_leaves": 15, "learning_rate": 0.02, "num_boost_round": 3000}  # long enough to be killed in
 
 
-def test_a_worker_killed_during_training_costs_a_retry(tmp_path, source, doomed_cluster, caplog):
+@pytest.mark.parametrize("window", [None, "workers"], ids=["client-split", "window-read-by-workers"])
+def test_a_worker_killed_during_training_costs_a_retry(tmp_path, source, doomed_cluster, caplog, window):
+    """With the window read by the workers, a killed worker's fit rows are rebuilt from the staged window."""
     address = doomed_cluster.scheduler_address
-    project, config = dask_project(tmp_path / "project", source, address, params=SLOW_TRAINING)
+    build = parquet_dask_project if window == "workers" else dask_project
+    project, config = build(tmp_path / "project", source, address, params=SLOW_TRAINING)
     with killed_during_training(project, config, address, 1, caplog):
         run = run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
     assert run.status == "succeeded" and run.challenger_version == 2
-    assert json.loads(project.scalar("SELECT params FROM batchml.models WHERE version = 2"))["engine"] == "dask"
+    params = json.loads(project.scalar("SELECT params FROM batchml.models WHERE version = 2"))
+    assert params["engine"] == "dask" and params.get("window") == window
 
 
 def test_a_worker_killed_in_the_retry_too_fails_the_run_in_one_line(tmp_path, source, doomed_cluster, caplog):
@@ -386,14 +390,3 @@ def test_a_challenger_trained_on_the_window_the_workers_read_goes_through_the_wh
     rows = source.filter(pc.is_in(source.column("finding_id"), value_set=pa.array([i for i, _ in scored], pa.int64()))).sort_by("finding_id")
     assert np.max(np.abs(booster.predict(to_matrix(rows, spec)) - np.array([s for _, s in scored]))) <= 1e-9
     assert not list((root / "warehouse").rglob("*-window.arrow"))  # the window's staging files are gone
-
-
-def test_a_worker_killed_while_training_on_the_window_the_workers_read_costs_a_retry(tmp_path, source, doomed_cluster, caplog):
-    """The fit rows kept on the workers: a killed worker's are rebuilt from the staged window for the retry."""
-    address = doomed_cluster.scheduler_address
-    project, config = parquet_dask_project(tmp_path / "project", source, address, params=SLOW_TRAINING)
-    with killed_during_training(project, config, address, 1, caplog):
-        run = run_job(project.project, "vuln_risk", as_of=day(61), notify=False, force_retrain=True)
-    assert run.status == "succeeded" and run.challenger_version == 2
-    params = json.loads(project.scalar("SELECT params FROM batchml.models WHERE version = 2"))
-    assert params["engine"] == "dask" and params["window"] == "workers"

@@ -141,7 +141,10 @@ class Objective:
         return BootstrapResult(float(self.improvement(metric, *full)), float(low), float(high), int(diffs.size))
 
     def _weighted(self, metric: str, y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """``metric`` once per row of ``counts`` (rows: resamples, columns: how often each row was drawn).
+        Regression and multiclass define it; binary overrides the methods that call it and uses
+        ``evaluate``'s metrics and bootstrap, so the binary gate is exactly today's."""
+        raise NotImplementedError(f"{type(self).__name__} computes its metrics without _weighted")
 
     # --- realised performance: arrived labels and what the scores table stored for their rows ----
 
