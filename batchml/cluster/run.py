@@ -35,7 +35,8 @@ from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
 from batchml.data.sources import parquet_location
 from batchml.storage.source import describe_source, register_object_store
-from batchml.pipeline.nightly import ESTIMATE_SAMPLE, NightlyRun
+from batchml.pipeline.nightly import NightlyRun
+from batchml.pipeline.score_step import ESTIMATE_SAMPLE
 from batchml.pipeline.shared import load_profile, prediction_drift
 from batchml.project import Project
 from batchml.storage import lake

@@ -15,7 +15,8 @@ steps between work on run files in ``<warehouse dir>/tmp/<run_id>/``: the reject
 and the valid rows only when a later step may read them again (``NightlyRun._keeps_rows``). A crash
 anywhere before the commit leaves the warehouse as it was, so the next run simply does the work
 again. Backfills and drift runs (``backfill``) take the same pass; the run's state is one
-``state.RunState``; helpers shared with ``batchml try`` and the Dask engine are in ``shared``.
+``state.RunState``; the train and evaluate steps are in ``train_step``, the score step in
+``score_step``; helpers shared with ``batchml try`` and the Dask engine are in ``shared``.
 """
 
 from __future__ import annotations
@@ -24,43 +25,31 @@ import logging
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
 from batchml import logcontext
-from batchml.monitoring import drift
-from batchml.monitoring import performance
-from batchml.models import registry
-from batchml.storage import model_rows
-from batchml.models import retrain
-from batchml.storage import labels, runlog
 from batchml.config import JobConfig, with_model_classes
-from batchml.errors import BatchMLError, DataError, ModelError, RejectedError, file_error, interrupted
-from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_batches, run_file_schema, write_parquet_file
-from batchml.storage.source import describe_source, pull, restrict, set_cutoff
-from batchml.pipeline.locks import job_lock
-from batchml.pipeline.progress import track
-from batchml.pipeline.shared import (
-    checkpoint,
-    feature_arrays,
-    load_profile,
-    prediction_drift,
-    pull_training_rows,
-    refuse_future_cutoff,
-    warn_odd_labels,
-    with_model_features,
-)
-from batchml.pipeline.state import RunState
-from batchml.project import Project
-from batchml.storage.runlog import Run
-from batchml.models.scoring import Predictor, ScoreSummary, load_for_scoring, make_predictor, prepare_engine, score_batches
+from batchml.data.extract import PullResult, batch_filter, read_run_file, run_file_schema
 from batchml.data.validate import check_batch
+from batchml.errors import BatchMLError, RejectedError, file_error, interrupted
+from batchml.models import registry
+from batchml.models.scoring import load_for_scoring, prepare_engine
+from batchml.monitoring import drift, performance
+from batchml.pipeline.locks import job_lock
+from batchml.pipeline.score_step import ScoreStep
+from batchml.pipeline.shared import checkpoint, feature_arrays, load_profile, refuse_future_cutoff, with_model_features
+from batchml.pipeline.state import RunState
+from batchml.pipeline.train_step import TrainSteps
+from batchml.project import Project
+from batchml.storage import labels, model_rows, runlog
+from batchml.storage.runlog import Run
+from batchml.storage.source import describe_source, pull, restrict, set_cutoff
 from batchml.storage.warehouse import migrate, transaction
 from batchml.storage.writeback import (
     ensure_scores_table,
@@ -72,7 +61,6 @@ from batchml.storage.writeback import (
 )
 
 log = logging.getLogger("batchml")
-ESTIMATE_SAMPLE = 200_000  # scores kept for the confidence-based performance estimate
 
 
 def run_job(
@@ -113,7 +101,7 @@ class Duties:
     report: bool = True  # ... then the run's report (and mail) and the history page
 
 
-class NightlyRun:
+class NightlyRun(TrainSteps, ScoreStep):
     """One run's steps (see the module docstring for the order); what they find goes to ``self.state``."""
 
     def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
@@ -369,291 +357,6 @@ class NightlyRun:
     @property
     def valid_rows(self) -> int:
         return self.run.rows_extracted - self.run.rows_quarantined
-
-    def _retrain(self) -> retrain.Candidate | None:
-        """Train a challenger if a trigger fires; the first model is crowned at once, others are returned for the gate."""
-        self.run.triggers = self._due_triggers(self.state.answered)
-        silent = [t for t in self._due_triggers(frozenset()) if t not in self.run.triggers]
-        if silent:
-            self._add_note(f"{', '.join(silent)} not retrained for again: challenger v{self.state.last_trained['version']} was "
-                           f"trained for it at {self.state.last_trained['created_at']:%Y-%m-%d %H:%M} under champion "
-                           f"v{self.state.champion_row['version']} and not promoted; the next challenger waits for new labels "
-                           f"(training.retrain.min_new_labels) or age (every_days)")
-        if not self.run.triggers or self._before_champion() or self._trained_already():
-            return None
-        log.info("%s: retraining (%s)", self.config.job, ", ".join(self.run.triggers))
-        try:
-            candidate = self._train_candidate()
-        except DataError as exc:
-            self.run.note = f"no challenger trained: {exc}"
-            if self.state.champion is not None:  # without one, _wait_for_model warns with the whole story
-                log.warning("%s: %s", self.config.job, self.run.note)
-            return None
-        self.run.challenger_version = candidate.version
-        if self.state.champion is None:
-            self._crown_first(candidate)
-            return None
-        return candidate
-
-    def _due_triggers(self, answered: frozenset[str], dataset_drift: bool | None = None) -> list[str]:
-        return retrain.due_triggers(
-            self.config, champion=self.state.champion_row, as_of=self.run.as_of, force=self.force_retrain,
-            dataset_drift=self.run.dataset_drift if dataset_drift is None else dataset_drift,
-            new_labels=self.state.new_labels, realised=self.state.realised,
-            champion_spec=self.state.champion.spec if self.state.champion is not None else None,
-            last_trained=self.state.last_trained, answered=answered,
-        )
-
-    def _answered_triggers(self, con) -> frozenset[str]:
-        """Drift and decay that the job's last training already answered under the current champion
-        with a challenger that was not promoted (see ``retrain.due_triggers``)."""
-        seen, champion = self.state.last_trained, self.state.champion_row
-        if seen is None or champion is None or seen["version"] == champion["version"] or seen["created_at"] > self.run.as_of:
-            return frozenset()
-        trained_by = runlog.get_run(con, seen.get("run_id"))
-        if trained_by is None or trained_by["champion_version"] != champion["version"]:
-            return frozenset()
-        return frozenset({"drift", "decay"} & set(trained_by["triggers"]))
-
-    def _before_champion(self) -> bool:
-        """A cut-off before the champion's own: a challenger trained then would be judged on a
-        holdout the champion learnt from, and could replace a newer model. Even when forced."""
-        champion = self.state.champion_row
-        if champion is None or self.run.as_of >= champion["created_at"]:
-            return False
-        self._add_note(f"retrain triggers ({', '.join(self.run.triggers)}) fired, but the cut-off is before champion "
-                       f"v{champion['version']}'s own ({champion['created_at']:%Y-%m-%d %H:%M}): no challenger is trained "
-                       f"behind the champion")
-        return True
-
-    def _add_note(self, note: str) -> None:
-        self.run.note = f"{self.run.note}; {note}" if self.run.note else note
-        log.info("%s: %s", self.config.job, note)
-
-    def _trained_already(self) -> bool:
-        """A rerun of a cut-off (or an earlier one) would train on the rows a model trained at that
-        cut-off already saw: the same challenger again, rejected again. Only data-driven triggers
-        are skipped this way; ``--force-retrain`` and a job without a champion still train."""
-        seen = self.state.last_trained
-        if seen is None or seen["created_at"] < self.run.as_of or {"forced", "no_champion"} & set(self.run.triggers):
-            return False
-        if self._on_current_features(seen) is False:
-            return False  # trained on another feature list: the config's would make a different challenger
-        self._add_note(f"retrain triggers ({', '.join(self.run.triggers)}) fired, but v{seen['version']} was trained at cut-off "
-                       f"{seen['created_at']:%Y-%m-%d %H:%M} from the same rows: no new challenger (--force-retrain trains one anyway)")
-        return True
-
-    def _train_candidate(self) -> retrain.Candidate:
-        from batchml.cluster.window import on_workers
-
-        if on_workers(self.config):
-            return self._train_candidate_on_workers()
-        path = self.scratch / "train.arrow"
-        with self._connect() as con:
-            pulled = pull_training_rows(con, self.config, self.state.pull_config, self.project.root, self.run.as_of, path,
-                                        columns=self.state.source_columns, warn=self._warn)
-            version = model_rows.next_version(con, self.config.job)
-        table = read_run_file(path)
-        with self._trainer() as fitter:
-            candidate = retrain.train_candidate(self.config, table, self.project.models, version, self.run.as_of, pulled.by_rule,
-                                                fitter=fitter)
-        log.info("%s: v%d: %d labeled rows in the window: %d trained on (fit and early stopping), %d held out, %d left out",
-                 self.config.job, version, pulled.rows, candidate.trained.train_rows, candidate.split.holdout.num_rows,
-                 sum(pulled.by_rule.values()))
-        return candidate
-
-    def _train_candidate_on_workers(self) -> retrain.Candidate:
-        """``training.engine: dask`` over Parquet: the workers read the window (:mod:`batchml.cluster.window`)."""
-        from batchml.cluster.connect import open_client, scheduler_address
-        from batchml.cluster.window import train_candidate_on_workers
-        from batchml.storage import lake
-
-        config, root = self.config, self.project.root
-        with self._connect() as con:
-            columns = self.state.source_columns or describe_source(con, self.state.pull_config, root)
-            warn_odd_labels(con, config, root, self.run.as_of, self._warn)
-            version = model_rows.next_version(con, config.job)
-        own = getattr(self, "client", None)
-        address = getattr(self, "address", None) if own is not None else scheduler_address(config, None)
-        home = self.project.home / "lake"
-        with nullcontext(own) if own is not None else open_client(config, address) as client:
-            try:
-                candidate, pulled = train_candidate_on_workers(
-                    client, address, config, self.state.pull_config, root, home, self.run.run_id, self.run.as_of, columns,
-                    self.project.settings.memory_limit, self.project.models, version, warn=self._warn)
-            finally:
-                if own is None:  # the Dask engine's run removes its staging (scoring still reads it) at its end
-                    lake.remove_staging(home, config.job, self.run.run_id)
-        log.info("%s: v%d: %d labeled rows in the window, read by the workers: %d trained on (fit and early stopping), "
-                 "%d held out, %d left out", config.job, version, pulled.rows, candidate.trained.train_rows,
-                 candidate.split.holdout.num_rows, sum(pulled.by_rule.values()))
-        return candidate
-
-    def _trainer(self):
-        """How the challenger is fitted: in this process, or on the Dask cluster (``training.engine: dask``;
-        the run's own client when it runs on the Dask engine)."""
-        if self.config.training.engine == "local":
-            return nullcontext(retrain.fit)
-        from batchml.cluster.training import dask_trainer
-
-        return dask_trainer(self.config, client=getattr(self, "client", None))
-
-    def _crown_first(self, candidate: retrain.Candidate) -> None:
-        job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of
-        row = candidate.registry_row(job, run_id, as_of, registry.CHALLENGER)
-
-        def write(con):
-            model_rows.register(con, row)
-            model_rows.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
-                                   reason="first champion: no model existed", metrics=candidate.metrics, at=as_of)
-
-        self.state.pending.append(write)
-        self.state.champion = registry.load(row)
-        self.run.promoted = True
-        log.info("%s: trained first champion v%d on %d rows", job, candidate.version, candidate.trained.train_rows)
-
-    def _gate(self, candidate: retrain.Candidate) -> None:
-        job, run_id, as_of = self.config.job, self.run.run_id, self.run.as_of
-        self.state.decision = retrain.gate(candidate, self.state.champion, self.config)
-        promoted = self.state.decision.outcome == "promoted"
-        status = registry.CHALLENGER if promoted else registry.REJECTED
-        if self.state.decision.outcome == "no_decision":
-            status = registry.CHALLENGER
-        row = candidate.registry_row(job, run_id, as_of, status)
-        decision = self.state.decision.to_dict()
-
-        def write(con):
-            model_rows.register(con, row)
-            if promoted:
-                model_rows.make_champion(con, job, candidate.version, "promoted", run_id=run_id,
-                                       reason=decision["reason"], metrics=decision, at=as_of)
-            else:
-                model_rows.record_event(con, job, candidate.version, self.state.decision.outcome, run_id=run_id,
-                                      reason=decision["reason"], metrics=decision, at=as_of,
-                                      previous_champion=self.state.champion_row["version"])
-
-        self.state.pending.append(write)
-        self.run.promoted = promoted
-        log.info("%s: challenger v%d %s: %s", job, candidate.version, self.state.decision.outcome, self.state.decision.reason)
-        if promoted:
-            self.state.champion = registry.load(row)
-        else:
-            self.state.shadow_model = registry.load(row)
-
-    def _score(self) -> None:
-        """The pull scored the rows with the champion of the night's start; one crowned or promoted
-        since scores them again from the kept rows: the stored scores are always the champion's
-        after the gate."""
-        if self.state.champion is None:
-            self._wait_for_model()
-            return
-        self._require_fed()
-        if self.state.scored_by is not self.state.champion:
-            if self.state.kept_rows is None:  # _keeps_rows keeps them whenever a challenger can be trained
-                raise RuntimeError(f"v{self.state.champion.version} was promoted but the run kept no rows to score")
-            self.state.scored = ScoreSummary()
-            self._score_champion(run_file_batches(self.state.kept_rows), self.valid_rows)
-        if self.config.promotion.shadow:
-            self._score_shadow()
-
-    def _require_fed(self) -> None:
-        """Refuse to score with a champion that needs columns the source lost, naming them and the way
-        out; a challenger this run trained on the current features is that way out, so it is kept."""
-        if not self.state.champion_missing:
-            return
-        self.state.keep_challenger = self.run.challenger_version is not None
-        raise ModelError(f"{self._model_role()} v{self.state.champion.version} of {self.config.job} cannot score: it needs "
-                         f"{', '.join(self.state.champion_missing)}, which the source no longer has; {self._unfed_fix()}")
-
-    def _model_role(self) -> str:
-        return "champion"  # what scores the rows; a backfill may name another version
-
-    def _unfed_fix(self) -> str:
-        job, challenger = self.config.job, self._challenger_on_current_features()
-        if challenger is not None:
-            return (f"challenger v{challenger}, trained on the current features, is registered but the gate cannot compare it "
-                    f"with the champion: promote it by hand with `batchml models promote {job} {challenger}` (the rows wait, "
-                    f"watermark unchanged)")
-        return f"{retrain.retrain_then_promote(job)} (the rows wait, watermark unchanged)"
-
-    def _challenger_on_current_features(self) -> int | None:
-        """This run's challenger, else the latest model trained on the config's features (a rerun does not train it again)."""
-        if self.run.challenger_version is not None:
-            return self.run.challenger_version
-        seen = self.state.last_trained
-        if seen is None or seen["status"] == registry.CHAMPION:
-            return None
-        return seen["version"] if self._on_current_features(seen) else None
-
-    def _on_current_features(self, row: dict) -> bool | None:
-        """Whether registered model ``row`` was trained on the config's feature list (None: its manifest is unreadable)."""
-        spec = registry.manifest_spec(row)
-        return None if spec is None else not any(retrain.feature_change(self.config, spec))
-
-    def _score_champion(self, batches: Iterator[pa.RecordBatch], rows: int, predictor: Predictor | None = None) -> None:
-        """Stream ``batches`` (at most ``rows`` rows) through the champion into the scores run file,
-        with the prediction drift and the estimated performance of its scores."""
-        self.run.champion_version = self.state.champion.version
-        # prediction drift needs only the score distribution: a profile without features
-        profile = drift.ReferenceProfile({}, {}, load_profile(self.state.champion).score)
-        scores_acc = drift.CurrentAccumulator(profile)
-        kept: list[np.ndarray] = []
-
-        # the estimated metric needs a sample of scores, not all of them (memory stays flat)
-        keep_share = min(1.0, ESTIMATE_SAMPLE / max(rows, 1))
-        rng = np.random.default_rng(self.config.training.seed)
-
-        def observe(batch: pa.RecordBatch, scores: np.ndarray) -> None:
-            scores_acc.update({}, {}, scores=scores)
-            kept.append(scores if keep_share >= 1.0 else scores[rng.random(len(scores)) < keep_share])
-
-        predictor_name = self._score_with(self.state.champion, batches, rows, self.scores_path, self.state.scored, observe, predictor)
-        self.state.scored_by = self.state.champion
-        self.run.rows_scored = self.state.scored.rows
-        self.state.prediction_drift = prediction_drift(profile, scores_acc, self.config)
-        scores = np.concatenate(kept) if kept else np.empty(0)
-        self.state.estimated = performance.estimated(self.config, self.state.champion, scores, self.run.as_of)
-        log.info("%s: scored %d rows with v%d (%s)", self.config.job, self.run.rows_scored, self.state.champion.version, predictor_name,
-                 extra={"rows_scored": self.run.rows_scored, "model_version": self.state.champion.version})
-
-    def _score_with(self, model: registry.LoadedModel, batches: Iterator[pa.RecordBatch], rows: int, path: Path,
-                    summary: ScoreSummary, observe=None, predictor: Predictor | None = None) -> str:
-        """Stream ``batches`` through ``model`` (with ``predictor``, else its own) into the run file ``path``."""
-        predictor = predictor or make_predictor(model, self.config.scoring.engine, warn=self._warn)
-        batches = track(batches, total=rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
-        batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
-                                scored_at=registry.utcnow(), summary=summary, on_scores=observe)
-        write_parquet_file(batches, path)
-        return predictor.name
-
-    def _wait_for_model(self) -> None:
-        """No champion: nothing is consumed, the rows (good and bad) wait for the next run."""
-        self.run.rows_pending = self.run.rows_extracted
-        self.run.rows_extracted = self.run.rows_quarantined = 0
-        self.run.note = self.run.note or "no champion yet: not enough labeled rows to train one"
-        self.run.note += f"; {self.run.rows_pending} rows wait for a model (watermark unchanged)"
-        log.warning("%s: %s", self.config.job, self.run.note)
-
-    def _shadow_challenger(self) -> registry.LoadedModel | None:
-        """The challenger that writes shadow scores: this run's rejected one, else the newest registered."""
-        if self.state.shadow_model is None:
-            with self._connect() as con:
-                row = model_rows.newest_challenger(con, self.config.job, self.state.champion.version)
-            if row is not None:
-                self.state.shadow_model = registry.load(row)
-        return self.state.shadow_model
-
-    def _score_shadow(self) -> None:
-        """``promotion.shadow``: the newest challenger scores the same rows into ``<scores>_shadow``."""
-        challenger = self._shadow_challenger()
-        if challenger is None:
-            return
-        missing = [name for name in challenger.spec.features if name not in run_file_schema(self.state.kept_rows).names]
-        if missing:  # a challenger from before a change of the feature list
-            self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
-            return
-        self.state.shadow_path = self.scratch / "shadow.parquet"
-        self._score_with(challenger, run_file_batches(self.state.kept_rows), self.valid_rows, self.state.shadow_path, ScoreSummary())
 
     def _commit(self) -> None:
         job, run = self.config.job, self.run
