@@ -36,16 +36,17 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 
 from batchml.cluster.connect import open_client, scheduler_address
 from batchml.config import JobConfig
 from batchml.data.features import FeatureSpec, fit_spec, to_matrix
 from batchml.errors import ClusterError
+from batchml.models.lgbm import with_estimators
 from batchml.models.train import Split, TrainedModel, labels, lightgbm_params, trainable_labels, trained_model
 
 log = logging.getLogger("batchml")
+lgb = with_estimators()  # lightgbm.dask is built on its scikit-learn estimators (see models.lgbm)
 
 POLL_SECONDS = 0.5  # how often the watchdog asks the scheduler which workers are alive
 REJOIN_SECONDS = 30  # how long a retry waits for the lost worker to be back (a nanny restarts it)

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import pyarrow.parquet as pq
 
+from batchml.models.lgbm import lgb
 from batchml.errors import ModelError
 from batchml.data.features import FeatureSpec, to_matrix
 

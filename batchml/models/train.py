@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import lightgbm as lgb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchml.models.lgbm import lgb
 from batchml.config import JobConfig, thread_count
 from batchml.errors import DataError
 from batchml.data.extract import ENTITY, EVENT_TIME, LABEL

@@ -77,7 +77,7 @@ def domain_classifier_auc(reference: np.ndarray, current: np.ndarray, seed: int 
     Both sides are subsampled to the same size (at most ``max_rows``); 30 % is held out for the AUROC.
     NaN is allowed (LightGBM treats it as missing).
     """
-    import lightgbm  # lazily: only the optional multivariate check needs it
+    from batchml.models.lgbm import lgb as lightgbm  # lazily: only the optional multivariate check needs it
 
     ref, cur = _matrix(reference, "reference"), _matrix(current, "current")
     if ref.shape[1] != cur.shape[1]:
