@@ -85,7 +85,7 @@ def _figure(size: tuple[float, float] = SIZE) -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
-def _frame(fig: Figure, ax, *, left: float = 0.6, bottom: float = 0.4, top: float = 0.3, right: float = 0.1) -> None:
+def _frame(fig: Figure, *, left: float = 0.6, bottom: float = 0.4, top: float = 0.3, right: float = 0.1) -> None:
     """Fixed margins in inches: room for the y ticks and label, the x ticks, and the title and legend above."""
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height)
@@ -166,9 +166,9 @@ def distribution_chart(title: str, labels: Sequence[object], reference: Sequence
     _legend_above(ax)
     if crowded:  # labels hang below, right-aligned under their bar: the first ones reach left of the axes
         tall, wide = _rotated_extent(fig, ax)
-        _frame(fig, ax, bottom=0.16 + tall, left=max(0.6, 0.12 + wide - _first_tick_inset(fig, len(names))))
+        _frame(fig, bottom=0.16 + tall, left=max(0.6, 0.12 + wide - _first_tick_inset(fig, len(names))))
     else:
-        _frame(fig, ax, bottom=0.3)
+        _frame(fig, bottom=0.3)
     return _png(fig)
 
 
@@ -205,7 +205,7 @@ def trend_chart(title: str, series: dict[str, Sequence[tuple[datetime, float]]])
     elif series:
         ax.set_ylabel(str(next(iter(series))))
     # room for 5-digit ticks (and the y label when one series), and for a "1e6" offset above
-    _frame(fig, ax, left=0.72 if len(series) == 1 else 0.45, top=0.36)
+    _frame(fig, left=0.72 if len(series) == 1 else 0.45, top=0.36)
     return _png(fig)
 
 
