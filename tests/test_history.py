@@ -16,6 +16,7 @@ from email.policy import default as default_policy
 from html.parser import HTMLParser
 from pathlib import Path
 
+import duckdb
 import pytest
 from test_notify import smtp_server  # noqa: F401 - the real SMTP server fixture
 from test_run_report import smtp_env
@@ -310,3 +311,75 @@ def test_weekly_mails_the_history_page_on_the_first_night_of_the_week(demo_proje
     assert len(handler.envelopes) == 2 and message["Subject"].startswith("[batchml] vuln_risk history: 2 nights")
     result = demo_project.cli("report", "vuln_risk", "--history", "--send", env={"BATCHML_SMTP_HOST": ""})
     assert result.returncode == 2 and "history page written to" in result.stderr and "BATCHML_SMTP_HOST" in result.stderr
+
+
+# -- the per-night score summaries (batchml.score_summaries) ---------------------------------------
+
+
+def _history_scores(warehouse: Path, root: Path) -> tuple[dict, dict]:
+    """(run id -> quantiles, run id -> {band: rows}) as the history page reads them."""
+    from batchml.config import load_job
+    from batchml.reports.deliver import load_history_data
+
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        data = load_history_data(con, load_job(root, "vuln_risk"))
+    finally:
+        con.close()
+    bands: dict = {}
+    for row in data.bands:
+        bands.setdefault(row["run_id"], {})[row["risk_band"]] = row["n"]
+    return {s["run_id"]: [s[q] for q in ("p10", "p25", "p50", "p75", "p90")] for s in data.scores}, bands
+
+
+def _scores_table_figures(replayed) -> tuple[dict, dict]:
+    """The same figures computed by DuckDB from the scores table itself."""
+    quantiles = dict(replayed.query(
+        "SELECT run_id, quantile_cont(score, [0.1, 0.25, 0.5, 0.75, 0.9]) FROM scores.vuln_risk "
+        f"WHERE run_id IN (SELECT run_id FROM batchml.runs WHERE {NIGHTS}) GROUP BY 1"))
+    bands: dict = {}
+    for run_id, band, n in replayed.query(f"SELECT run_id, risk_band, count(*) FROM scores.vuln_risk "
+                                          f"WHERE run_id IN (SELECT run_id FROM batchml.runs WHERE {NIGHTS}) GROUP BY ALL"):
+        bands.setdefault(run_id, {})[band] = n
+    return quantiles, bands
+
+
+def test_each_night_stores_a_score_summary_equal_to_its_scores(replayed) -> None:
+    nights = {run_id for (run_id,) in replayed.query(f"SELECT run_id FROM batchml.runs WHERE {NIGHTS}")}
+    stored = replayed.query("SELECT run_id, n FROM batchml.score_summaries WHERE job = 'vuln_risk'")
+    assert {run_id for run_id, _ in stored} == nights and len(stored) == len(nights) == LAST - FIRST + 1
+    assert dict(stored) == dict(replayed.query("SELECT run_id, count(*) FROM scores.vuln_risk GROUP BY 1"))
+    quantiles, bands = _history_scores(replayed.warehouse, replayed.root)
+    expected_quantiles, expected_bands = _scores_table_figures(replayed)
+    assert set(quantiles) == nights
+    assert all(quantiles[r] == pytest.approx(expected_quantiles[r], abs=1e-12) for r in nights)
+    assert bands == expected_bands and len({b for counts in bands.values() for b in counts}) > 1
+
+
+def test_nights_committed_before_the_summaries_are_summarised_from_the_scores(replayed, tmp_path) -> None:
+    """An upgraded warehouse: the page summarises the nights without a summary from the scores table,
+    and the next nightly commit stores their summaries once."""
+    import shutil
+
+    from batchml.storage import score_summaries
+
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(replayed.warehouse, copy)
+    con = duckdb.connect(str(copy))
+    stored_before = con.execute("SELECT * EXCLUDE (computed_at) FROM batchml.score_summaries ORDER BY run_id").fetchall()
+    con.execute("DELETE FROM batchml.score_summaries")
+    con.close()
+    quantiles, bands = _history_scores(copy, replayed.root)
+    expected_quantiles, expected_bands = _scores_table_figures(replayed)
+    assert set(quantiles) == set(expected_quantiles) and bands == expected_bands
+    assert all(quantiles[r] == pytest.approx(expected_quantiles[r], abs=1e-12) for r in quantiles)
+    con = duckdb.connect(str(copy))
+    try:
+        assert score_summaries.fill_missing(con, "vuln_risk", "scores.vuln_risk") == LAST - FIRST + 1
+        assert score_summaries.fill_missing(con, "vuln_risk", "scores.vuln_risk") == 0  # once
+        refilled = con.execute("SELECT * EXCLUDE (computed_at) FROM batchml.score_summaries ORDER BY run_id").fetchall()
+    finally:
+        con.close()
+    assert [row[:3] for row in refilled] == [row[:3] for row in stored_before]
+    for old, new in zip(stored_before, refilled):
+        assert new[3:8] == pytest.approx(old[3:8], abs=1e-12) and json.loads(new[8]) == json.loads(old[8])

@@ -302,3 +302,34 @@ def test_typical_report_is_small(tmp_path) -> None:
     report = build_report(drift_run())
     size = write_report(report, tmp_path).stat().st_size
     assert len(report.images) == 7 and size < 500_000
+
+
+@pytest.mark.parametrize("draw", [
+    lambda: distribution_chart("severity", ["low", "medium", "high"], [0.5, 0.3, 0.2], [0.4, 0.4, 0.2]),
+    lambda: distribution_chart("epss", [f"[{i / 1000:.5f}, {(i + 1) / 1000:.5f})" for i in range(12)], [1 / 12] * 12, [1 / 12] * 12),
+    lambda: distribution_chart("vendor", [f"WWWW-Long-Vendor-Name-{i}" for i in range(40)], [1 / 40] * 40, [1 / 40] * 40),
+    lambda: trend_chart("roc_auc", {"roc_auc": [(datetime(2026, 1, d), 0.81234 + d / 1000) for d in range(1, 11)]}),
+    lambda: trend_chart("rmse", {"rmse": [(datetime(2026, 1, d), 1_234_567.0 * d) for d in range(1, 11)],
+                                  "mae": [(datetime(2026, 1, d), 1_000.0 * d) for d in range(1, 11)]}),
+], ids=["levels", "rotated bins", "long labels", "trend", "two big trends"])
+def test_fixed_margins_clip_no_text(draw, monkeypatch) -> None:
+    """Margins are fixed, not found by a layout engine: everything drawn (ticks, labels, title,
+    legend) must still lie inside the image."""
+    from batchml.reports import charts
+
+    drawn = []
+    real_png = charts._png
+
+    def keep_figure(fig):  # the real encoder; the figure kept to measure its texts after the one drawing
+        drawn.append(fig)
+        return real_png(fig)
+
+    monkeypatch.setattr(charts, "_png", keep_figure)
+    png = draw()
+    fig = drawn[0]
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.canvas.get_width_height()
+    for ax in fig.axes:  # the box of everything drawn for the axes: ticks in view, labels, title, legend
+        box = ax.get_tightbbox(renderer)
+        assert box.x0 >= -0.5 and box.y0 >= -0.5 and box.x1 <= width + 0.5 and box.y1 <= height + 0.5, box.bounds
+    assert mpimg.imread(io.BytesIO(png)).shape[:2] == (height, width)

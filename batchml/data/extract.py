@@ -385,8 +385,16 @@ def write_parquet_file(batches: Iterable[pa.RecordBatch], path: Path) -> int:
     For a run's scores: the commit reads them, then the same file is published for analysts."""
     import pyarrow.parquet as pq
 
-    # dictionaries cost 2 of 2.9 s at 2M score rows, and saved 10 % of the size
-    return _stream_into(batches, path, lambda schema: pq.ParquetWriter(str(path), schema, use_dictionary=False))
+    # dictionaries on every column cost 2 of 2.9 s at 2M score rows (the ids, the scores); on the few
+    # low-cardinality string columns alone they cost nothing to write and save DuckDB ~0.4 s of the
+    # commit's insert at 2M rows (and 10 % of the file)
+    def writer(schema: pa.Schema):
+        return pq.ParquetWriter(str(path), schema, use_dictionary=[name for name in DICTIONARY_COLUMNS if name in schema.names])
+
+    return _stream_into(batches, path, writer)
+
+
+DICTIONARY_COLUMNS = ("risk_band", "run_id", "predicted_class")  # a scores file's few distinct strings
 
 
 def _stream_into(batches: Iterable[pa.RecordBatch], path: Path, open_writer) -> int:

@@ -47,7 +47,7 @@ from batchml.pipeline.shared import checkpoint, feature_arrays, load_profile, re
 from batchml.pipeline.state import RunState
 from batchml.pipeline.train_step import TrainSteps
 from batchml.project import Project
-from batchml.storage import labels, model_rows, runlog
+from batchml.storage import labels, model_rows, runlog, score_summaries
 from batchml.storage.runlog import Run
 from batchml.storage.source import describe_source, pull, restrict, set_cutoff
 from batchml.storage.warehouse import migrate, transaction
@@ -387,6 +387,9 @@ class NightlyRun(TrainSteps, ScoreStep):
     def _write_scores(self, con) -> None:
         if self.run.rows_scored:
             write_scores(con, self.config, self.scores_path)
+            if self.run.kind in score_summaries.NIGHT_KINDS:  # what the history page charts: no scan of every night's scores
+                score_summaries.fill_missing(con, self.config.job, self.config.scores_table)  # nights before the table, once
+                score_summaries.insert(con, self.config.job, [score_summaries.summarise_file(con, self.run.run_id, self.scores_path)])
         elif self.run.kind in ("nightly", "replay") and self.state.batch is not None and self.state.batch.path.exists():
             # the first runs without a champion: analysts can query the (empty) table already
             ensure_scores_table(con, self.config, scores_schema(run_file_schema(self.state.batch.path), self.config))

@@ -9,6 +9,10 @@ matplotlib's rcParams are process-global and not thread-safe.
 
 Labels come from data (feature names, category levels), so mathtext is switched off: a level
 such as ``$5-$10`` is drawn as written instead of being parsed as a formula (or failing to parse).
+
+Each chart is drawn once: margins are fixed (the rotated tick labels of a bar chart measured first)
+rather than found by constrained layout, titles are placed at ``y=1.0`` rather than moved clear of
+the axes' decorations (a tight bounding box per draw), and the canvas' pixels go to PIL directly.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from datetime import datetime
 
 import matplotlib
 import matplotlib.dates as mdates
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
@@ -73,16 +78,32 @@ def _drawing(func: Callable[..., bytes]) -> Callable[..., bytes]:
 
 
 def _figure(size: tuple[float, float] = SIZE) -> tuple[Figure, object]:
-    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    """A run report chart; its margins are set by :func:`_frame` once its texts are known (constrained
+    layout found them by drawing the figure over again: a third of the chart's time)."""
+    fig = Figure(figsize=size, dpi=DPI)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
 
+def _frame(fig: Figure, *, left: float = 0.6, bottom: float = 0.4, top: float = 0.3, right: float = 0.1) -> None:
+    """Fixed margins in inches: room for the y ticks and label, the x ticks, and the title and legend above."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height)
+
+
+def _rotated_extent(fig: Figure, ax) -> tuple[float, float]:
+    """(height, width) in inches of the tallest and widest rotated x tick label: their sizes do not
+    depend on where they land, so they are measured before the one drawing."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in ax.get_xticklabels()]
+    return (max((b.height for b in boxes), default=0.0) / DPI, max((b.width for b in boxes), default=0.0) / DPI)
+
+
 def _png(fig: Figure) -> bytes:
-    """The figure as a 64-colour palette PNG: a third of the RGBA size and indistinguishable here."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").quantize(PALETTE_COLORS)
+    """The figure as a 64-colour palette PNG: a third of the RGBA size and indistinguishable here.
+    Drawn once; the canvas' pixels go straight to PIL (no PNG encoded by matplotlib and decoded again)."""
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB").quantize(PALETTE_COLORS)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()
@@ -141,9 +162,20 @@ def distribution_chart(title: str, labels: Sequence[object], reference: Sequence
     ax.set_xticks(list(positions), [_short(n) for n in names], rotation=35 if crowded else 0, ha="right" if crowded else "center")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_ylabel("share of rows")
-    ax.set_title(_short_title(title), loc="left")
+    ax.set_title(_short_title(title), loc="left", y=1.0)
     _legend_above(ax)
+    if crowded:  # labels hang below, right-aligned under their bar: the first ones reach left of the axes
+        tall, wide = _rotated_extent(fig, ax)
+        _frame(fig, bottom=0.16 + tall, left=max(0.6, 0.12 + wide - _first_tick_inset(fig, len(names))))
+    else:
+        _frame(fig, bottom=0.3)
     return _png(fig)
+
+
+def _first_tick_inset(fig: Figure, bars: int) -> float:
+    """Inches from the axes' left edge to the first bar's tick (bars at 0..n-1, 0.4 either side, 5 % margins)."""
+    span = bars - 1 + 0.8
+    return (0.4 + 0.05 * span) / (1.1 * span) * (fig.get_size_inches()[0] - 0.72)
 
 
 def _legend_above(ax) -> None:
@@ -167,11 +199,13 @@ def trend_chart(title: str, series: dict[str, Sequence[tuple[datetime, float]]])
     locator = mdates.AutoDateLocator(minticks=1, maxticks=8)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax.set_title(_short_title(title), loc="left")
+    ax.set_title(_short_title(title), loc="left", y=1.0)
     if len(series) > 1:
         _legend_above(ax)
     elif series:
         ax.set_ylabel(str(next(iter(series))))
+    # room for 5-digit ticks (and the y label when one series), and for a "1e6" offset above
+    _frame(fig, left=0.72 if len(series) == 1 else 0.45, top=0.36)
     return _png(fig)
 
 
@@ -217,7 +251,7 @@ def rows_chart(nights: Sequence[datetime], scored: Sequence[int], quarantined: S
         top.set_yscale("log")
         top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))  # mathtext is off: no 10^4
     top.set_ylabel("rows scored")
-    top.set_title("Rows scored and quarantined per night", loc="left")
+    top.set_title("Rows scored and quarantined per night", loc="left", y=1.0)
     _night_bars(bottom, nights, quarantined, color=BAD_COLOR, label="quarantined")
     if rejected:
         bottom.plot(list(rejected), [0] * len(rejected), "x", color="#000000", markersize=7, label="batch rejected")
@@ -254,7 +288,7 @@ def drift_heatmap(features: Sequence[str], nights: Sequence[datetime], severity:
     _dates(ax)
     bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03, ticks=[-2, -1, 0, 1])
     bar.ax.set_yticklabels(["1/100", "1/10", "threshold", "10x"])
-    ax.set_title("Drift by feature and night: statistic / threshold (dot: drifted)", loc="left")
+    ax.set_title("Drift by feature and night: statistic / threshold (dot: drifted)", loc="left", y=1.0)
     return _png(fig)
 
 
@@ -276,7 +310,7 @@ def performance_chart(metric: str, realised: Sequence[tuple[datetime, float]], e
         ax.annotate(_short(label), (mdates.date2num(when), 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
                     ha="right", fontsize=7, color=colors.get(kind, "#475467"))
     ax.set_ylabel(metric)
-    ax.set_title("Champion's performance by event day (dotted: champion changes)", loc="left")
+    ax.set_title("Champion's performance by event day (dotted: champion changes)", loc="left", y=1.0)
     _dates(ax)
     _legend_above(ax)
     return _png(fig)
@@ -291,7 +325,7 @@ def score_chart(nights: Sequence[datetime], quantiles: Sequence[Sequence[float]]
     ax.fill_between(nights, p25, p75, color=CURRENT_COLOR, alpha=0.3, linewidth=0, label="25-75 %")
     ax.plot(nights, p50, color=CURRENT_COLOR, linewidth=1.4, marker="o", markersize=2.5, label="median")
     ax.set_ylabel("score")
-    ax.set_title("Scores of each night's rows", loc="left")
+    ax.set_title("Scores of each night's rows", loc="left", y=1.0)
     _dates(ax)
     _legend_above(ax)
     return _png(fig)
@@ -309,7 +343,7 @@ def bands_chart(nights: Sequence[datetime], shares: dict[str, Sequence[float]]) 
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of rows scored")
-    ax.set_title("Risk bands per night", loc="left")
+    ax.set_title("Risk bands per night", loc="left", y=1.0)
     _dates(ax)
     _legend_above(ax)
     return _png(fig)
@@ -327,7 +361,7 @@ def durations_chart(nights: Sequence[datetime], steps: dict[str, Sequence[float]
         _night_bars(ax, nights, seconds, bottom, label=step, color=STEP_COLORS[i % len(STEP_COLORS)])
         bottom = [b + s for b, s in zip(bottom, seconds)]
     ax.set_ylabel("seconds")
-    ax.set_title("Run time by step", loc="left")
+    ax.set_title("Run time by step", loc="left", y=1.0)
     _dates(ax)
     _legend_above(ax)
     return _png(fig)

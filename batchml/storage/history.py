@@ -11,6 +11,7 @@ import json
 from datetime import datetime
 
 from batchml.config import JobConfig
+from batchml.storage import score_summaries
 from batchml.storage.model_rows import GATE_EVENTS
 from batchml.storage.warehouse import fetch_dicts, fetch_one, quote_table, table_exists
 
@@ -151,12 +152,15 @@ def _performance_by_day(con, config: JobConfig, since: datetime | None, estimate
 
 
 def _score_summaries(con, config: JobConfig, nights: str, after: list) -> tuple[list[dict], list[dict]]:
-    """Per night: score quantiles and rows per risk band, aggregated in the warehouse (one pass each)."""
-    table = quote_table(config.scores_table)
-    scores = fetch_dicts(con, f"SELECT run_id, count(*) AS n, approx_quantile(score, [0.1, 0.25, 0.5, 0.75, 0.9]) AS q "
-                              f"FROM {table} WHERE run_id IN ({nights}) GROUP BY run_id", [config.job, *after])
-    for row in scores:
-        row.update(zip(("p10", "p25", "p50", "p75", "p90"), row.pop("q")))
-    bands = fetch_dicts(con, f"SELECT run_id, risk_band, count(*) AS n FROM {table} WHERE run_id IN ({nights}) GROUP BY ALL",
-                        [config.job, *after])
+    """Per night: score quantiles and rows per risk band, from the summaries the runs stored at their
+    commit; nights committed before ``batchml.score_summaries`` existed are summarised from the scores table."""
+    summaries = score_summaries.stored(con, config.job, nights, [config.job, *after])
+    missing = score_summaries.unsummarised_nights(con, config.job, _since_clause(after[0] if after else None, "as_of"), after)
+    summaries.update({s["run_id"]: s for s in score_summaries.summarise(con, config.scores_table, missing)})
+    scores, bands = [], []
+    for s in summaries.values():
+        if not s["n"]:  # a night whose scores were gone when it was summarised
+            continue
+        scores.append({key: s[key] for key in ("run_id", "n", *score_summaries.COLUMNS)})
+        bands += [{"run_id": s["run_id"], "risk_band": band, "n": n} for band, n in s["bands"]]
     return scores, bands

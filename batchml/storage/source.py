@@ -228,7 +228,9 @@ def count_rows(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path,
     batch = f"(SELECT * FROM ({source or source_sql(con, config, project)}) WHERE {where})"
     try:  # fetch to the end: an unfinished result blocks the connection
         rows = con.execute(f"SELECT count(*) FROM {batch}").fetchall()[0][0]
-        repeated = con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY {entity}, {event} "
+        # grouped by the key's 64-bit hash, not the key (string ids: 0.29 s vs 0.50 s at 2M rows); a
+        # collision (~1e-7 at 2M keys) only sends the batch through the ranking query, which is exact
+        repeated = con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY hash({entity}, {event}) "
                                f"HAVING count(*) > 1 LIMIT 1").fetchall()
     except duckdb.Error as exc:
         raise DataError(_source_error(config, exc)) from exc

@@ -323,6 +323,18 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    4,
+    """
+    -- per nightly/replay run: rows, exact score quantiles and rows per risk band (JSON [[band, rows], ...]),
+    -- stored at the commit so the history page reads one row per night instead of every night's scores
+    CREATE TABLE batchml.score_summaries (
+        run_id VARCHAR NOT NULL, job VARCHAR NOT NULL, n BIGINT NOT NULL,
+        p10 DOUBLE, p25 DOUBLE, p50 DOUBLE, p75 DOUBLE, p90 DOUBLE, bands VARCHAR, computed_at TIMESTAMP
+    );
+    """,
+))
+
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
