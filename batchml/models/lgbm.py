@@ -26,7 +26,6 @@ _ALREADY_THERE = (*_INTEGRATIONS, "dask")
 def _import_core() -> ModuleType:
     if "lightgbm" in sys.modules or any(name in sys.modules for name in _ALREADY_THERE):
         return importlib.import_module("lightgbm")
-    hidden = {name: sys.modules.get(name) for name in _INTEGRATIONS}
     try:
         for name in _INTEGRATIONS:
             sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError meanwhile
