@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -121,6 +122,95 @@ def demo_project(tmp_path: Path, findings: pa.Table) -> DemoProject:
 def day(n: int) -> datetime:
     """Midnight UTC of day ``n`` of the test data."""
     return datetime(START.year, START.month, START.day) + timedelta(days=n)
+
+
+# --- projects after a first champion: built once per xdist worker, copied for each test ----------------
+#
+# Many tests start from the same state: the demo findings, then a nightly run that trains, judges and
+# publishes v1. Training it, drawing its report and history page cost ~3 s a time; a copy costs ~0.2 s.
+
+
+def copy_project(template: DemoProject, root: Path) -> DemoProject:
+    """A copy of ``template``'s project directory at ``root`` that refers to nothing of the template.
+
+    Two things hold absolute paths: ``batchml.models.artifact_path`` (stored absolute, for tools and
+    analysts) and the catalog's views over ``published/``. Both are rewritten to the copy, as if the
+    copy had been built where it lies; the test then fails if any path of the template is left."""
+    from batchml.storage.publish import ensure_catalog, publish_snapshots
+    from batchml.storage.warehouse import open_connection
+
+    shutil.copytree(template.root, root)
+    copy = DemoProject(root, template.findings)
+    con = open_connection(copy.warehouse)
+    try:
+        con.execute("UPDATE batchml.models SET artifact_path = ? || substr(artifact_path, ?) WHERE starts_with(artifact_path, ?)",
+                    [str(root), len(str(template.root)) + 1, f"{template.root}{os.sep}"])
+        publish_snapshots(con, copy.project, ("models",))  # the published copy of batchml.models
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    project = copy.project
+    ensure_catalog(project, [project.job(path.stem) for path in sorted((root / "configs").glob("*.yaml"))])
+    left = _paths_into(copy, str(template.root))
+    assert not left, f"the copy of {template.root} still refers to it: {left}"
+    return copy
+
+
+def _paths_into(p: DemoProject, prefix: str) -> list[str]:
+    """What in ``p``'s warehouse and catalog names a path under ``prefix``."""
+    found = [f"batchml.models v{version}: {path}" for version, path in p.query(
+        "SELECT version, artifact_path FROM batchml.models WHERE contains(artifact_path, ?)", [prefix])]
+    catalog = duckdb.connect(str(p.warehouse.parent / "catalog.duckdb"), read_only=True)
+    try:
+        found += [f"catalog view {name}" for (name,) in catalog.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND contains(sql, ?)", [prefix]).fetchall()]
+        found += [f"catalog batchml.models v{version}" for (version,) in catalog.execute(
+            "SELECT version FROM batchml.models WHERE contains(artifact_path, ?)", [prefix]).fetchall()]
+    finally:
+        catalog.close()
+    return found
+
+
+@pytest.fixture(scope="session")
+def champion_templates(tmp_path_factory, findings):
+    """``template(as_of, config)``: a project after one nightly run at ``as_of`` with ``config``
+    (default: ``job_config()``), built on first use and kept for the session (of this xdist worker)."""
+    from batchml.pipeline.nightly import run_job
+
+    built: dict[tuple, DemoProject] = {}
+
+    def template(as_of: datetime, config: dict | None = None) -> DemoProject:
+        config = job_config() if config is None else config
+        key = (as_of, yaml.safe_dump(config, sort_keys=True))
+        if key not in built:
+            project = DemoProject(tmp_path_factory.mktemp("champion") / "project", findings)
+            project.write_config(config)
+            load_source(project.warehouse, findings)
+            run_job(project.project, config["job"], as_of=as_of, notify=False)
+            built[key] = project
+        return built[key]
+
+    return template
+
+
+@pytest.fixture
+def champion_copy(champion_templates, tmp_path):
+    """``copy(as_of=day(60), config=None)``: a project of the test's own, as a nightly run at
+    ``as_of`` with ``config`` (default ``job_config()``) left it on the demo findings: champion v1,
+    its scores, report, history page, published files and catalog."""
+    copies = iter(range(1000))
+
+    def copy(as_of: datetime = day(60), config: dict | None = None) -> DemoProject:
+        n = next(copies)
+        return copy_project(champion_templates(as_of, config), tmp_path / ("project" if n == 0 else f"project{n}"))
+
+    return copy
+
+
+@pytest.fixture
+def champion_project(champion_copy) -> DemoProject:
+    """``demo_project`` after ``run_job(..., as_of=day(60), notify=False)`` with the default config."""
+    return champion_copy()
 
 
 # --- a recurring-entity job: churn, one row per customer per weekly snapshot -----------------------

@@ -25,8 +25,8 @@ def cli_query(database: Path, sql: str) -> str:
     return result.stdout
 
 
-def test_the_pypi_duckdb_cli_opens_the_catalog_and_the_warehouse(demo_project):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_the_pypi_duckdb_cli_opens_the_catalog_and_the_warehouse(champion_project):
+    demo_project = champion_project  # after the nightly run at day 60
     run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
     home = demo_project.root / "warehouse"
 
@@ -73,8 +73,8 @@ def test_a_run_that_died_before_publishing_is_published_by_the_next(demo_project
     assert published == {first_id: first_rows, second.run_id: second.rows_scored}
 
 
-def test_a_copied_project_s_catalog_reads_its_own_files(demo_project, tmp_path):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_a_copied_project_s_catalog_reads_its_own_files(champion_project, tmp_path):
+    demo_project = champion_project  # after the nightly run at day 60
     copy = tmp_path / "copy"
     shutil.copytree(demo_project.root, copy)
     from batchml.project import Project
@@ -99,11 +99,10 @@ def catalog_rows(p, sql: str) -> list[tuple]:
         catalog.close()
 
 
-def test_a_promotion_or_rollback_by_hand_reaches_the_catalog_at_once(demo_project):
+def test_a_promotion_or_rollback_by_hand_reaches_the_catalog_at_once(champion_copy):
     from batchml.models import manage
 
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+    p = champion_copy(day(59))  # after the nightly run at day 59
     run_job(p.project, "vuln_risk", as_of=day(66), force_retrain=True, notify=False)  # v2: promoted or not
     champion = p.scalar("SELECT version FROM batchml.models WHERE status = 'champion'")
     other = 3 - champion
@@ -132,11 +131,10 @@ def test_a_run_s_notification_and_a_report_sent_by_hand_reach_the_catalog(demo_p
     assert catalog_rows(p, notifications) == [(run.run_id, "skipped")] * 2
 
 
-def test_a_catalog_build_that_fails_midway_leaves_the_old_catalog_as_it_was(demo_project, monkeypatch):
+def test_a_catalog_build_that_fails_midway_leaves_the_old_catalog_as_it_was(champion_project, monkeypatch):
     from batchml.storage import publish
 
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(60), notify=False)
+    p = champion_project  # after the nightly run at day 60
     home = p.root / "warehouse"
     before = (home / "catalog.duckdb").read_bytes()
     views = publish.catalog_views

@@ -31,9 +31,9 @@ def test_a_run_takes_naive_aware_date_and_text_cut_offs_alike(demo_project, as_o
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(60)
 
 
-def test_the_api_runs_the_registry_and_backfills_like_the_cli(demo_project):
+def test_the_api_runs_the_registry_and_backfills_like_the_cli(champion_project):
+    demo_project = champion_project  # after the nightly run at day 60 (batchml.run at day 60: the test above)
     p = demo_project.root
-    batchml.run("vuln_risk", project=p, as_of=day(60), notify=False)
     batchml.run("vuln_risk", project=p, as_of=day(61), force_retrain=True, notify=False)
     versions = {m["version"]: m["status"] for m in batchml.list_models("vuln_risk", project=p)}
     assert versions[1] in ("champion", "archived") and 2 in versions

@@ -417,13 +417,14 @@ def test_an_error_ends_in_one_line_however_long(monkeypatch, capsys, error, code
 
 
 def test_report_before_any_run_says_to_run_the_job_first_and_creates_no_file(demo_project, tmp_path, findings):
+    import batchml
     from conftest import DemoProject
 
     fresh = DemoProject(tmp_path / "fresh", findings)
     fresh.write_config(job_config())
     no_warehouse = fresh.cli("report", "vuln_risk")
     no_schema = demo_project.cli("report", "vuln_risk")  # a warehouse holding only the source
-    demo_project.cli("models", "list", "vuln_risk", check=True)  # creates the batchml schema
+    batchml.list_models("vuln_risk", project=demo_project.root)  # creates the batchml schema (what `models list` calls)
     no_run = demo_project.cli("report", "vuln_risk")
 
     for result in (no_warehouse, no_schema, no_run):
@@ -439,11 +440,10 @@ def test_version_prints_the_package_version():
     assert result.stdout.strip() == f"batchml {version('batchml')}"
 
 
-def test_a_champion_the_source_can_no_longer_feed_is_replaced_by_hand(demo_project):
-    from batchml.pipeline.nightly import run_job
+def test_a_champion_the_source_can_no_longer_feed_is_replaced_by_hand(champion_project):
     from conftest import day
 
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project = champion_project  # after the nightly run at day 60
     con = duckdb.connect(str(demo_project.warehouse))
     con.execute("ALTER TABLE raw.vuln_findings DROP COLUMN n_references")
     con.close()
@@ -474,8 +474,10 @@ def test_a_champion_the_source_can_no_longer_feed_is_replaced_by_hand(demo_proje
     assert demo_project.scalar("SELECT value FROM batchml.watermarks") == day(61)
 
 
-def test_check_names_a_changed_feature_list(demo_project):
-    demo_project.cli("run", "vuln_risk", "--as-of", "2026-03-01", "--no-notify", check=True)
+def test_check_names_a_changed_feature_list(champion_copy):
+    from conftest import day
+
+    demo_project = champion_copy(day(59))  # after the nightly run of 2026-03-01 (the run command has tests of its own)
     config = job_config()
     config["features"]["categorical"].remove("severity")
     demo_project.write_config(config)

@@ -5,11 +5,10 @@ a report picks, the gate's word in `models list`, `runs list/show`, exit codes, 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from conftest import DemoProject, job_config, load_source
+from conftest import DemoProject, copy_project, day, job_config
 from test_cli import assert_one_line_error
 from test_notify import _serve
 
@@ -17,12 +16,9 @@ FIRST, SECOND = "2026-03-01", "2026-03-03"  # two nights of the test data: a cha
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory, findings) -> DemoProject:
+def ran(tmp_path_factory, champion_templates) -> DemoProject:
     """A project after two nights: v1 crowned on the first, a forced challenger judged on the second."""
-    project = DemoProject(tmp_path_factory.mktemp("ran") / "project", findings)
-    project.write_config(job_config())
-    load_source(project.warehouse, findings)
-    project.cli("run", "vuln_risk", "--as-of", FIRST, "--no-notify", check=True)
+    project = copy_project(champion_templates(day(59)), tmp_path_factory.mktemp("ran") / "project")  # the night of FIRST
     project.cli("run", "vuln_risk", "--as-of", SECOND, "--force-retrain", "--no-notify", check=True)
     return project
 
@@ -30,9 +26,7 @@ def ran(tmp_path_factory, findings) -> DemoProject:
 @pytest.fixture
 def p(ran: DemoProject, tmp_path) -> DemoProject:
     """A copy of ``ran`` of the test's own, to change at will."""
-    root = tmp_path / "project"
-    shutil.copytree(ran.root, root)
-    return DemoProject(root, ran.findings)
+    return copy_project(ran, tmp_path / "project")
 
 
 def log_lines(result) -> list[str]:

@@ -20,7 +20,7 @@ from batchml.models import retrain
 from batchml.pipeline.backfill import measure_drift
 from batchml.data.features import FeatureSpec
 from batchml.pipeline.nightly import run_job
-from conftest import day, job_config
+from conftest import copy_project, day, job_config
 
 # the champion of day 60 has few trees, a day-135 challenger many: the speed test is exercised in
 # tests/test_evaluate.py; here it would only hide what the gate decides on quality
@@ -35,13 +35,20 @@ def events(p) -> list[tuple]:
     return p.query("SELECT version, event, reason, actor FROM batchml.model_events ORDER BY recorded_at, version")
 
 
+@pytest.fixture(scope="module")
+def promoted_template(champion_templates, tmp_path_factory):
+    """Champion v1 from day 60 (old concept), challenger v2 at day 135 trained on the new concept:
+    built once for this module, each test gets a copy (``promoted``)."""
+    first = champion_templates(day(60), job_config(promotion=RELAXED_LATENCY))
+    p = copy_project(first, tmp_path_factory.mktemp("promoted") / "project")
+    run = run_job(p.project, "vuln_risk", as_of=day(135), force_retrain=True, notify=False)
+    return p, run
+
+
 @pytest.fixture
-def promoted(demo_project):
-    """Champion v1 from day 60 (old concept), challenger v2 at day 135 trained on the new concept."""
-    demo_project.write_config(job_config(promotion=RELAXED_LATENCY))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
-    run = run_job(demo_project.project, "vuln_risk", as_of=day(135), force_retrain=True, notify=False)
-    return demo_project, run
+def promoted(promoted_template, tmp_path):
+    template, run = promoted_template
+    return copy_project(template, tmp_path / "project"), run
 
 
 def test_a_concept_change_leads_to_a_promotion(promoted):
@@ -124,8 +131,8 @@ def test_rollback_and_manual_promotion_are_recorded_with_who_and_why(promoted):
     assert run.champion_version == 2
 
 
-def test_the_golden_set_check_catches_scores_that_moved(demo_project):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_the_golden_set_check_catches_scores_that_moved(champion_project):
+    demo_project = champion_project  # after the nightly run at day 60
     assert demo_project.cli("check", "vuln_risk").returncode == 0
     folder = Path(demo_project.scalar("SELECT artifact_path FROM batchml.models"))
     # a "silent" change: leaf values edited and every hash recomputed, as a broken upgrade might
@@ -167,9 +174,11 @@ def test_triggers_fire_for_each_reason():
     assert retrain.due_triggers(config, **quiet, champion_spec=switched) == ["features_changed"]
 
 
-def test_triggers_and_realised_performance_are_recorded(demo_project):
-    demo_project.write_config(job_config(training={"retrain": {"every_days": 30, "on_drift": False, "min_new_labels": 100}}))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+MONTHLY = {"retrain": {"every_days": 30, "on_drift": False, "min_new_labels": 100}}
+
+
+def test_triggers_and_realised_performance_are_recorded(champion_copy):
+    demo_project = champion_copy(day(60), job_config(training=MONTHLY))
     run = run_job(demo_project.project, "vuln_risk", as_of=day(95), notify=False)
 
     assert json.loads(demo_project.scalar("SELECT triggers FROM batchml.runs WHERE run_id = ?", [run.run_id])) == ["age", "new_labels"]
@@ -181,9 +190,8 @@ def test_triggers_and_realised_performance_are_recorded(demo_project):
     assert overall[0][1] == sum(r[2] for r in by_day) and 0.6 < overall[0][0] <= 1.0
 
 
-def test_a_rerun_of_a_cutoff_does_not_train_the_same_challenger_again(demo_project):
-    demo_project.write_config(job_config(training={"retrain": {"every_days": 30, "on_drift": False, "min_new_labels": 100}}))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_a_rerun_of_a_cutoff_does_not_train_the_same_challenger_again(champion_copy):
+    demo_project = champion_copy(day(60), job_config(training=MONTHLY))
     first = run_job(demo_project.project, "vuln_risk", as_of=day(95), notify=False)
     again = run_job(demo_project.project, "vuln_risk", as_of=day(95), notify=False)
     forced = run_job(demo_project.project, "vuln_risk", as_of=day(95), force_retrain=True, notify=False)
@@ -216,9 +224,8 @@ def test_a_young_job_whose_labels_all_fall_in_the_holdout_waits_for_more(demo_pr
     assert "only 0 labeled rows to train vuln_risk on" in run.note and "held out (the last 365 days)" in run.note
 
 
-def test_shadow_mode_scores_the_same_rows_with_the_latest_challenger(demo_project):
-    demo_project.write_config(job_config(promotion={**RELAXED_LATENCY, "min_improvement": 0.5, "shadow": True}))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_shadow_mode_scores_the_same_rows_with_the_latest_challenger(champion_copy):
+    demo_project = champion_copy(day(60), job_config(promotion={**UNPASSABLE, "shadow": True}))
     rejected = run_job(demo_project.project, "vuln_risk", as_of=day(61), force_retrain=True, notify=False)
     assert rejected.challenger_version == 2 and not rejected.promoted
 
@@ -248,8 +255,8 @@ def model_features(demo_project, version: int) -> list[str]:
     return json.loads((Path(path) / "model.json").read_text())["features"]
 
 
-def test_an_added_feature_trains_a_challenger_while_the_champion_keeps_scoring(demo_project, caplog):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_an_added_feature_trains_a_challenger_while_the_champion_keeps_scoring(champion_project, caplog):
+    demo_project = champion_project  # after the nightly run at day 60
     demo_project.write_config(with_exploit_pressure(demo_project, promotion=UNPASSABLE))  # the champion must stay
     with caplog.at_level("INFO", logger="batchml"):
         run = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
@@ -268,9 +275,8 @@ def test_an_added_feature_trains_a_challenger_while_the_champion_keeps_scoring(d
     assert measure_drift(demo_project.project, "vuln_risk", as_of=day(62)).status == "succeeded"
 
 
-def test_a_dropped_feature_is_still_pulled_for_the_champion(demo_project):
-    demo_project.write_config(job_config(promotion=UNPASSABLE))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_a_dropped_feature_is_still_pulled_for_the_champion(champion_copy):
+    demo_project = champion_copy(day(60), job_config(promotion=UNPASSABLE))
     config = job_config(promotion=UNPASSABLE)
     config["features"]["numeric"].remove("n_references")
     demo_project.write_config(config)
@@ -282,9 +288,8 @@ def test_a_dropped_feature_is_still_pulled_for_the_champion(demo_project):
     assert demo_project.scalar("SELECT event FROM batchml.model_events WHERE version = 2") == "rejected"
 
 
-def test_a_rerun_after_a_feature_change_trains_only_when_the_feature_list_differs(demo_project):
-    demo_project.write_config(job_config(promotion=UNPASSABLE))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_a_rerun_after_a_feature_change_trains_only_when_the_feature_list_differs(champion_copy):
+    demo_project = champion_copy(day(60), job_config(promotion=UNPASSABLE))
     demo_project.write_config(with_exploit_pressure(demo_project, promotion=UNPASSABLE))
     first = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
     again = run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False)
@@ -298,9 +303,8 @@ def test_a_rerun_after_a_feature_change_trains_only_when_the_feature_list_differ
     assert changed.challenger_version == 3  # v2 was trained on another feature list: not the same challenger
 
 
-def test_shadow_scores_skip_a_challenger_that_needs_a_column_no_longer_pulled(demo_project):
-    demo_project.write_config(job_config(promotion={**UNPASSABLE, "shadow": True}))
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_shadow_scores_skip_a_challenger_that_needs_a_column_no_longer_pulled(champion_copy):
+    demo_project = champion_copy(day(60), job_config(promotion={**UNPASSABLE, "shadow": True}))
     demo_project.write_config(with_exploit_pressure(demo_project, promotion={**UNPASSABLE, "shadow": True}))
     assert run_job(demo_project.project, "vuln_risk", as_of=day(61), notify=False).challenger_version == 2
     demo_project.write_config(job_config(promotion={**UNPASSABLE, "shadow": True}))  # back to v1's features

@@ -236,9 +236,8 @@ def test_an_interrupt_after_the_commit_leaves_the_run_succeeded(demo_project, ch
 # -- 3. analysts ------------------------------------------------------------------------------------
 
 
-def test_analysts_on_the_catalog_never_block_a_run_and_see_its_scores(demo_project, children):
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+def test_analysts_on_the_catalog_never_block_a_run_and_see_its_scores(champion_copy, children):
+    p = champion_copy(day(59))  # after the nightly run at day 59
     before = valid_landed(p, day(-1), day(59))
     analyst, stop = reader(p, children, p.warehouse.parent / "catalog.duckdb", "scores.vuln_risk")
 
@@ -292,9 +291,8 @@ def test_a_session_holding_the_warehouse_file_delays_a_run_then_fails_it_naming_
 # -- 4. backfill ------------------------------------------------------------------------------------
 
 
-def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(demo_project):
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(champion_copy):
+    p = champion_copy(day(59))  # after the nightly run at day 59
     run_job(p.project, "vuln_risk", as_of=day(66), force_retrain=True, notify=False)
     if p.scalar("SELECT version FROM batchml.models WHERE status = 'champion'") != 2:
         manage.promote(p.project, "vuln_risk", 2, "backfill test: score with v2")
@@ -331,15 +329,14 @@ def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(demo
     assert watermark(p) == mark
 
 
-def test_a_backfill_scores_or_quarantines_every_row_it_pulls_in_one_pass(demo_project):
+def test_a_backfill_scores_or_quarantines_every_row_it_pulls_in_one_pass(champion_copy):
     """A backfill streams the pulled rows straight into scoring; the rejected ones still reach the
     quarantine, and a batch over the quarantine limit commits nothing."""
     from batchml.pipeline.backfill import backfill
     from batchml.errors import RejectedError
     from batchml.storage.warehouse import open_connection
 
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+    p = champion_copy(day(59))  # after the nightly run at day 59
     window = [day(40), day(43)]
     in_range = {r[0] for r in p.query("SELECT finding_id FROM raw.vuln_findings WHERE found_at >= ? AND found_at < ?", window)}
     con = open_connection(p.warehouse)
@@ -406,9 +403,8 @@ def test_replay_runs_each_night_point_in_time_and_resumes_after_a_crash(demo_pro
 # -- 6. drift only ----------------------------------------------------------------------------------
 
 
-def test_drift_only_writes_the_drift_rows_of_a_drift_run_and_nothing_else(demo_project):
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+def test_drift_only_writes_the_drift_rows_of_a_drift_run_and_nothing_else(champion_copy):
+    p = champion_copy(day(59))  # after the nightly run at day 59
     untouched = ("SELECT count(*) FROM scores.vuln_risk", "SELECT * FROM batchml.watermarks", "SELECT * FROM batchml.models",
                  "SELECT count(*) FROM batchml.model_events", "SELECT count(*) FROM batchml.quarantine",
                  "SELECT count(*) FROM batchml.performance", "SELECT count(*) FROM batchml.drift")
@@ -427,11 +423,10 @@ def test_drift_only_writes_the_drift_rows_of_a_drift_run_and_nothing_else(demo_p
     assert not list((p.root / "warehouse" / "reports").rglob(f"{measured['run_id']}*"))  # no report written for it
 
 
-def test_a_new_job_s_views_reach_the_catalog_while_an_analyst_holds_it_open(demo_project, children):
+def test_a_new_job_s_views_reach_the_catalog_while_an_analyst_holds_it_open(champion_copy, children):
     from test_analysts import cli_query
 
-    p = demo_project
-    run_job(p.project, "vuln_risk", as_of=day(59), notify=False)
+    p = champion_copy(day(59))  # after the nightly run at day 59
     catalog = p.warehouse.parent / "catalog.duckdb"
     analyst, stop = reader(p, children, catalog, "scores.vuln_risk")
     p.write_config(job_config(job="vuln_second", scoring={"table": "scores.vuln_second"}), job="vuln_second")

@@ -16,7 +16,7 @@ import yaml
 from batchml.demo import data as demo_data
 from batchml.config import load_job_config
 from batchml.pipeline.nightly import run_job
-from conftest import REPO, START, DemoProject, day, job_config, load_source
+from conftest import REPO, START, DemoProject, copy_project, day, job_config, load_source
 
 # Small test models score a row in a few µs: the speed test by ratio would judge timer noise, so it is
 # floored here (as README advises for small models); the ratio itself is still reported.
@@ -68,8 +68,14 @@ def with_champion(root: Path, findings: pa.Table, config: dict | None = None) ->
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, busy) -> DemoProject:
-    p = with_champion(tmp_path_factory.mktemp("trial") / "project", busy)
+def champion(tmp_path_factory, busy) -> DemoProject:
+    """``with_champion`` with the default champion config, built once for this module: tests copy it."""
+    return with_champion(tmp_path_factory.mktemp("champion") / "project", busy)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, champion) -> DemoProject:
+    p = copy_project(champion, tmp_path_factory.mktemp("trial") / "project")
     better = job_config(promotion=FAST)  # epss added back
     write_yaml(p.root / "candidates" / "vuln_risk.better.yaml", better)
     worse = without(champion_config(), "internet_exposed")
@@ -181,9 +187,9 @@ def test_bad_proposals_exit_2(project):
     assert result.returncode == 2 and "--format 'html'" in result.stderr
 
 
-def test_try_is_the_nightly_gate_a_run_at_that_cut_off_applies(tmp_path, busy):
+def test_try_is_the_nightly_gate_a_run_at_that_cut_off_applies(tmp_path, champion):
     """Same config, same cut-off: the try's decision is the one the nightly run then records."""
-    p = with_champion(tmp_path / "twin", busy)
+    p = copy_project(champion, tmp_path / "twin")
     tried = json.loads(p.cli("try", "vuln_risk", "--as-of", day(CHAMPION_DAY + 10).isoformat(), "--format", "json").stdout)
     run_job(p.project, "vuln_risk", as_of=day(CHAMPION_DAY + 10), force_retrain=True, notify=False)
     event, metrics = p.query("SELECT event, metrics FROM batchml.model_events WHERE version = 2")[0]
@@ -258,8 +264,8 @@ def test_the_workflow_runs_the_tested_script():
     assert workflow[True]["pull_request"]["paths"] == ["configs/**", "jobs/**"]  # YAML 1.1 reads `on` as True
 
 
-def test_the_ci_script_checks_and_tries_each_changed_job_and_writes_the_comment(tmp_path, busy):
-    p = with_champion(tmp_path / "repo", busy)
+def test_the_ci_script_checks_and_tries_each_changed_job_and_writes_the_comment(tmp_path, champion):
+    p = copy_project(champion, tmp_path / "repo")
     (p.root / ".gitignore").write_text("warehouse/\ntry-comment.md\n")
     git(p.root, "init", "-q", "-b", "main")
     git(p.root, "add", "-A")
