@@ -96,7 +96,7 @@ def open_connection(
             delay = min(delay * 2, 2.0)
     if waited:
         log.info("%s: opened after waiting %.1f s", path.name, time.monotonic() - started)
-    con.execute("SET TimeZone = 'UTC'")
+    _session_settings(con)
     return con
 
 
@@ -192,6 +192,17 @@ def size_bytes(size: str) -> int | None:
 NO_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 
+def _session_settings(con: duckdb.DuckDBPyConnection) -> None:
+    """What every batchml session sets once open (the Parquet setting exists once parquet is loaded)."""
+    con.execute("SET TimeZone = 'UTC'")
+    # DuckDB 2.0's Parquet prefetching reads a row group's column chunks into one buffer before
+    # decoding: a 1M-row row group (pyarrow's default) of 35 doubles asks for 293 MiB at once and
+    # fails under the default 256MB limit, and under the 64 MiB the one-pass scan runs with. Without
+    # it that file streams at 64 MiB, faster here too (0.35-0.41 s vs 0.60-0.69 s, one thread).
+    con.execute("LOAD parquet")  # built in: loading it downloads nothing
+    con.execute("SET disable_parquet_prefetching = true")
+
+
 def restrict_external_access(con: duckdb.DuckDBPyConnection, directories: list[Path]) -> None:
     """From now on this database reads and writes no file outside ``directories`` (and the database
     itself): for connections that run a job's SQL. DuckDB cannot turn external access back on while
@@ -215,7 +226,7 @@ def memory_connection(memory_limit: str = "256MB", threads: int | None = None) -
     if threads:
         config["threads"] = threads
     con = duckdb.connect(":memory:", config=config)
-    con.execute("SET TimeZone = 'UTC'")
+    _session_settings(con)
     return con
 
 
