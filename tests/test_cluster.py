@@ -14,6 +14,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -180,6 +181,17 @@ def test_workers_load_the_champions_registered_compiled_trees_instead_of_buildin
     assert registered and len(libraries) == len(registered)
     assert {path: path.stat().st_mtime_ns for path in libraries} == built  # a worker refusing them would build them again
     assert project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE version = 1 ORDER BY ALL") == registered
+
+
+def test_analysts_read_the_committed_lake_files_linked_into_published_not_written_again(tmp_path, source, cluster):
+    project = parquet_project(tmp_path / "project", source, 7, engine="dask", scheduler=cluster.scheduler_address)
+    run_nights(project)
+    published = {path.stat().st_ino for path in (project.root / "warehouse" / "published" / "scores" / "vuln_risk").glob("*.parquet")}
+    scored = project.query("SELECT path FROM batchml.manifests WHERE kind = 'scores' AND rows > 0")
+    assert len(scored) == 4 and {Path(path).stat().st_ino for path, in scored} == published  # two nights, two partitions each
+    with duckdb.connect(str(project.root / "warehouse" / "catalog.duckdb"), read_only=True) as catalog:
+        seen = catalog.execute("SELECT finding_id, score, run_id FROM scores.vuln_risk ORDER BY ALL").fetchall()
+    assert seen and seen == project.query("SELECT finding_id, score, run_id FROM scores.vuln_risk ORDER BY ALL")
 
 
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):

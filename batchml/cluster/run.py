@@ -196,6 +196,10 @@ class DaskNightlyRun(NightlyRun):
             lake.record_manifest(con, self.run.run_id, self.config.job, self.shadow_parts, now)
         lake.refresh_scores_views(con, self.config)
 
+    def _own_scores(self) -> tuple[Path, ...] | None:
+        """The run's committed lake files: linked for analysts, not written a second time."""
+        return tuple(Path(p.scores.path) for p in self.scored_parts) or None
+
     def _empty_scores(self) -> lake.PartFile:
         schema = scores_schema(run_file_schema(Path(self.checked[0].staging)), self.config)
         path = lake.part_path(self.lake, self.config.job, lake.SCORES, self.run.run_id, 0)
