@@ -165,7 +165,7 @@ def scored_once(root: Path, rows: int) -> tuple[int, int, bool]:
 def measure(quick: bool) -> dict:
     import numpy as np
 
-XX
+    os.environ.setdefault("BATCHML_MEMORY_LIMIT", "1GB")  # per process, as in the earlier runs of this section (named in the table)
 
     sizes = Sizes.of(quick)
     rows, rss_rows = sizes_of(quick)
