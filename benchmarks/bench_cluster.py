@@ -5,8 +5,10 @@ Setup (outside every timing): ``rows`` new rows x 35 features as Parquet chunks 
 with ``source.parquet``. Each run is one nightly run (``run_job``; retraining off, no mail): pull
 with the data contract, drift of every feature, score (compiled trees where available), commit. The
 Dask runs use a fresh ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)`` started
-by this process (its start is outside the timing), so each worker's peak RSS (``VmHWM``) is read
-from the worker itself afterwards. Scores are compared with the local engine's, bitwise.
+by this process (its start is outside the timing), so each worker's peak RSS (``VmHWM``) and CPU
+seconds are read from the worker itself afterwards. Scores are compared with the local engine's,
+bitwise. A last run on 2 workers SIGKILLs one worker process once scoring tasks are assigned, and
+checks every row is scored once (score rows and distinct ids equal the batch).
 
     python benchmarks/bench_cluster.py [--quick]     # prints the Markdown section
 
