@@ -125,16 +125,17 @@ def make_rows(n: int, seed: int, start: dt.datetime, first_id: int = 1) -> pa.Ta
     return table.set_column(table.schema.get_field_index("finding_id"), "finding_id", ids)
 
 
-def row_chunks(total: int, chunk: int, seed: int = 7) -> list[Path]:
-    """Parquet chunks holding ``total`` new rows (found in [T0, T0 + 30 d)), generated on first use."""
-    folder = DATA / f"rows-v{DATA_VERSION}-s{seed}-c{chunk}"
+def row_chunks(total: int, chunk: int, seed: int = 7, row_group: int | None = None) -> list[Path]:
+    """Parquet chunks holding ``total`` new rows (found in [T0, T0 + 30 d)), generated on first use
+    (``row_group``: rows per row group; None: pyarrow's default, one row group per 1M-row chunk)."""
+    folder = DATA / f"rows-v{DATA_VERSION}-s{seed}-c{chunk}{f'-g{row_group}' if row_group else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(-(-total // chunk)):
         path = folder / f"{i:03d}.parquet"
         if not path.exists():
             temp = path.with_suffix(".tmp")
-            pq.write_table(make_rows(chunk, seed + i, T0, first_id=i * chunk + 1), str(temp))
+            pq.write_table(make_rows(chunk, seed + i, T0, first_id=i * chunk + 1), str(temp), row_group_size=row_group)
             os.replace(temp, path)
         paths.append(path)
     return paths

@@ -14,6 +14,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ import pytest
 
 from batchml.demo import data as demo_data
 from batchml.pipeline.backfill import backfill
+from batchml.cluster import tasks
 from batchml.cluster.connect import scheduler_address
 from batchml.config import parse_job_config
 from batchml.errors import ConfigError
@@ -106,11 +108,16 @@ def assert_same(found: dict, expected: dict) -> None:
             assert (a is None and b is None) or abs(a - b) <= 1e-9
 
 
-@pytest.mark.parametrize("workers, files, row_group_size", [(1, 3, None), (2, 7, None), (2, 1, 700)])
+@pytest.mark.parametrize("workers, files, row_group_size, keys_per_bucket",
+                         [(1, 3, None, None), (2, 7, None, None), (2, 1, 700, None), (2, 7, None, 500)])
 def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp_path, source, local_results, cluster, one_worker,
-                                                                               workers, files, row_group_size, caplog):
+                                                                               workers, files, row_group_size, keys_per_bucket,
+                                                                               caplog, monkeypatch):
     """Shares cut by file (7 files) or by row group (one file): the duplicates' first copies lie in
-    the first share, their later copies in the last, and the later copies still win."""
+    the first share, their later copies in the last, and the later copies still win; also when the
+    keys are hashed into more buckets than shares (a big night's: ``KEYS_PER_BUCKET``)."""
+    if keys_per_bucket:
+        monkeypatch.setattr(tasks, "KEYS_PER_BUCKET", keys_per_bucket)  # read on the client, which plans the buckets
     address = (one_worker if workers == 1 else cluster).scheduler_address
     project = parquet_project(tmp_path / "project", source, files, row_group_size, engine="dask", scheduler=address)
     with caplog.at_level("INFO", logger="batchml"):
@@ -125,6 +132,23 @@ def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp
     assert max(shares for _, shares in per_run) == workers
     shared = [r.getMessage() for r in caplog.records if "occur in more than one partition" in r.getMessage()]
     assert bool(shared) == (workers > 1)  # the split duplicates were ranked across shares
+
+
+def test_shared_keys_finds_keys_of_several_shares_and_shares_holding_a_key_twice(tmp_path):
+    """One bucket's key files of three shares: key 1 in shares 0 and 2, key 2 twice in share 1,
+    key 3 once, key 7 (no event time: a key like any other) in shares 0 and 2."""
+    at = pa.array([1, 1, 2, 2, 3, None, None], pa.timestamp("us"))
+    rows = pa.table({"__id": [1, 1, 2, 2, 3, 7, 7], "__at": at, "__part": [0, 2, 1, 1, 1, 0, 2]})
+    folders = []
+    for share in range(3):
+        folder = tmp_path / f"keys-{share}" / "__bucket=0"
+        folder.mkdir(parents=True)
+        pq.write_table(rows.filter(pa.compute.equal(rows["__part"], share)), folder / "data_0.parquet")
+        folders.append(str(folder.parent))
+    shared, twice = tasks.shared_keys(folders, 0)
+    assert sorted(zip(shared["__id"].to_pylist(), shared["parts"].to_pylist())) == [(1, [0, 2]), (7, [0, 2])]
+    assert twice == {1}
+    assert tasks.shared_keys(folders, 1) == (pa.table({}), set())  # an empty bucket
 
 
 UNPASSABLE_SHADOW = {"promotion.min_improvement": 0.5, "promotion.shadow": True}  # every challenger rejected, and scoring in the shadow
@@ -157,6 +181,17 @@ def test_workers_load_the_champions_registered_compiled_trees_instead_of_buildin
     assert registered and len(libraries) == len(registered)
     assert {path: path.stat().st_mtime_ns for path in libraries} == built  # a worker refusing them would build them again
     assert project.query("SELECT file, sha256 FROM batchml.compiled_libraries WHERE version = 1 ORDER BY ALL") == registered
+
+
+def test_analysts_read_the_committed_lake_files_linked_into_published_not_written_again(tmp_path, source, cluster):
+    project = parquet_project(tmp_path / "project", source, 7, engine="dask", scheduler=cluster.scheduler_address)
+    run_nights(project)
+    published = {path.stat().st_ino for path in (project.root / "warehouse" / "published" / "scores" / "vuln_risk").glob("*.parquet")}
+    scored = project.query("SELECT path FROM batchml.manifests WHERE kind = 'scores' AND rows > 0")
+    assert len(scored) == 4 and {Path(path).stat().st_ino for path, in scored} == published  # two nights, two partitions each
+    with duckdb.connect(str(project.root / "warehouse" / "catalog.duckdb"), read_only=True) as catalog:
+        seen = catalog.execute("SELECT finding_id, score, run_id FROM scores.vuln_risk ORDER BY ALL").fetchall()
+    assert seen and seen == project.query("SELECT finding_id, score, run_id FROM scores.vuln_risk ORDER BY ALL")
 
 
 def test_files_no_manifest_lists_are_invisible_and_swept_by_the_next_run(tmp_path, source, cluster):

@@ -4,6 +4,7 @@ concurrently but written in order. Real DuckDB, real LightGBM."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -176,14 +177,17 @@ class Jittery:
     def __init__(self, model: LoadedModel) -> None:
         self.inner = LightGBMPredictor(model)
         self.threads_seen: set[int | None] = set()
+        self.callers: set[str] = set()  # the threads predicting
 
     def predict(self, matrix: np.ndarray, threads: int | None = None) -> np.ndarray:
         self.threads_seen.add(threads)
+        self.callers.add(threading.current_thread().name)
         time.sleep(random.Random(len(matrix) + int(matrix[0, 0] * 1e6)).uniform(0, 0.05))
         return self.inner.predict(matrix, threads=threads)
 
 
-def test_batches_predicted_concurrently_come_out_in_order_with_lightgbm_scores():
+def seven_hundred_row_batches() -> tuple[list[pa.RecordBatch], LoadedModel, np.ndarray]:
+    """6,000 rows in batches of 700, a real 20-tree booster, and its predictions."""
     rng = np.random.default_rng(11)
     X = rng.normal(size=(6_000, 3))
     y = (rng.random(6_000) < 1 / (1 + np.exp(-X[:, 0]))).astype(float)
@@ -194,16 +198,37 @@ def test_batches_predicted_concurrently_come_out_in_order_with_lightgbm_scores()
     batches = [pa.RecordBatch.from_pydict({ENTITY: ids[i:i + 700], EVENT_TIME: pa.array([datetime(2026, 1, 1)] * len(ids[i:i + 700])),
                                            "a": X[i:i + 700, 0], "b": X[i:i + 700, 1], "c": X[i:i + 700, 2]})
                for i in range(0, 6_000, 700)]
+    return batches, model, booster.predict(X)
+
+
+def test_batches_predicted_concurrently_come_out_in_order_with_lightgbm_scores(monkeypatch):
+    monkeypatch.setenv("BATCHML_THREADS", "2")
+    batches, model, expected = seven_hundred_row_batches()
     predictor, summary = Jittery(model), ScoreSummary()
     cfg = config(**{"scoring.reasons": 0})
 
     out = list(score_batches(batches, model, predictor, cfg, run_id="r", scored_at=datetime(2026, 1, 2), summary=summary))
 
     table = pa.Table.from_batches(out)
-    assert table.column("finding_id").to_pylist() == ids.tolist()
-    np.testing.assert_allclose(table.column("score").to_numpy(), booster.predict(X), rtol=0, atol=1e-12)
+    assert table.column("finding_id").to_pylist() == list(range(6_000))
+    np.testing.assert_allclose(table.column("score").to_numpy(), expected, rtol=0, atol=1e-12)
     assert predictor.threads_seen == {1}  # each batch on one thread, several at once
+    assert all(name.startswith("batchml-predict") for name in predictor.callers)
     assert summary.rows == 6_000 and sum(summary.bands.values()) == 6_000
+
+
+def test_a_budget_of_one_thread_predicts_in_the_scoring_thread_itself(monkeypatch):
+    """``BATCHML_THREADS=1`` (a one-thread Dask worker's): no predict beside the reading and
+    encoding of the next batch, so the scoring keeps one core busy, not two."""
+    monkeypatch.setenv("BATCHML_THREADS", "1")
+    batches, model, expected = seven_hundred_row_batches()
+    predictor = Jittery(model)
+
+    out = list(score_batches(batches, model, predictor, config(**{"scoring.reasons": 0}), run_id="r",
+                             scored_at=datetime(2026, 1, 2), summary=ScoreSummary()))
+
+    assert predictor.callers == {threading.current_thread().name}
+    np.testing.assert_allclose(pa.Table.from_batches(out).column("score").to_numpy(), expected, rtol=0, atol=1e-12)
 
 
 def test_a_failing_predict_fails_the_scoring():

@@ -28,8 +28,8 @@ from batchml.models import registry
 from batchml.pipeline.backfill import BackfillRun
 from batchml.cluster.connect import open_client, scheduler_address, worker_count
 from batchml.cluster import plan
-from batchml.cluster.tasks import (CheckedPart, ModelRef, Partition, Rivals, ScoredPart, check_partition, partition_keys,
-                                   score_partition, shared_keys)
+from batchml.cluster.tasks import (CheckedPart, ModelRef, Partition, Rivals, ScoredPart, check_partition, key_buckets,
+                                   partition_keys, score_partition, shared_keys)
 from batchml.config import JobConfig, distributed_source_problem
 from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
@@ -196,6 +196,10 @@ class DaskNightlyRun(NightlyRun):
             lake.record_manifest(con, self.run.run_id, self.config.job, self.shadow_parts, now)
         lake.refresh_scores_views(con, self.config)
 
+    def _own_scores(self) -> tuple[Path, ...] | None:
+        """The run's committed lake files: linked for analysts, not written a second time."""
+        return tuple(Path(p.scores.path) for p in self.scored_parts) or None
+
     def _empty_scores(self) -> lake.PartFile:
         schema = scores_schema(run_file_schema(Path(self.checked[0].staging)), self.config)
         path = lake.part_path(self.lake, self.config.job, lake.SCORES, self.run.run_id, 0)
@@ -232,20 +236,22 @@ class DaskBackfillRun(DaskNightlyRun, BackfillRun):
 
 def share_rivals(client, parts: list[Partition], gather, job: str) -> list[Rivals | None]:
     """For each share, the keys that other shares hold too (the duplicate rule must see every
-    row of a key): the shares' keys written bucketed by hash, one task per bucket finds those
-    held twice (``gather``: the caller's, mapping task failures). One share has no rivals."""
+    row of a key) and whether it holds a key twice itself: the shares' keys written bucketed by
+    hash, one task per bucket finds those held twice (``gather``: the caller's, mapping task
+    failures). One share has no rivals (its pull finds its own repeats)."""
     if len(parts) < 2:
         return [None] * len(parts)
-    run_id = parts[0].run_id
-    folders = gather([client.submit(partition_keys, part, key=f"keys-{run_id}-{part.index}", pure=False)
+    run_id, buckets = parts[0].run_id, key_buckets(parts)
+    folders = gather([client.submit(partition_keys, part, buckets, key=f"keys-{run_id}-{part.index}", pure=False)
                       for part in parts], "reading the batch's keys")
     limit = parts[0].memory_limit
     found = gather([client.submit(shared_keys, folders, bucket, limit, key=f"shared-{run_id}-{bucket}", pure=False)
-                    for bucket in range(len(parts))], "finding keys held by several partitions")
-    found = [table for table in found if table.num_rows]
-    if not found:
-        return [None] * len(parts)
-    shared = pa.concat_tables(found, promote_options="permissive")
+                    for bucket in range(buckets)], "finding keys held by several partitions")
+    twice = set().union(*(held for _, held in found))
+    tables = [table for table, _ in found if table.num_rows]
+    if not tables:
+        return [Rivals(NO_KEYS, (), part.index in twice) for part in parts]
+    shared = pa.concat_tables(tables, promote_options="permissive")
     log.info("%s: %d key(s) occur in more than one partition; their rows are ranked together", job, shared.num_rows)
     rivals: list[Rivals | None] = []
     holders = pc.list_flatten(shared["parts"]).to_numpy()
@@ -254,8 +260,11 @@ def share_rivals(client, parts: list[Partition], gather, job: str) -> list[Rival
         mine = shared.take(np.unique(key_of[holders == part.index]))
         others = set(pc.list_flatten(mine["parts"]).to_pylist()) - {part.index}
         units = tuple(u for other in sorted(others) for u in parts[other].units)
-        rivals.append(Rivals(mine.select(["__id", "__at"]), units) if mine.num_rows else None)
+        rivals.append(Rivals(mine.select(["__id", "__at"]), units, part.index in twice))
     return rivals
+
+
+NO_KEYS = pa.table({"__id": pa.array([], pa.null()), "__at": pa.array([], pa.null())})
 
 
 def task_pause() -> tuple[str, float] | None:

@@ -28,7 +28,7 @@ import pyarrow as pa
 from batchml.monitoring import drift
 from batchml.models import registry
 from batchml.cluster.plan import Unit, units_sql
-from batchml.config import JobConfig
+from batchml.config import JobConfig, thread_count
 from batchml.data.extract import PullResult, run_file_batches, run_file_schema
 from batchml.storage.source import pull, register_object_store, set_cutoff
 from batchml.models.scoring import ScoreSummary, make_predictor, score_batches
@@ -66,10 +66,12 @@ class Partition:
 
 @dataclass(frozen=True)
 class Rivals:
-    """Keys of this share that other shares hold too, and those shares' units (read for these keys only)."""
+    """Keys of this share that other shares hold too, and those shares' units (read for these keys
+    only); whether the share holds a key twice itself (None: not known, the pull finds out)."""
 
     keys: pa.Table  # __id, __at: the entity id and event time, as the source stores them
     units: tuple[Unit, ...]
+    repeated: bool | None = None
 
 
 @dataclass
@@ -116,32 +118,57 @@ class ScoredPart:
     sample: np.ndarray  # a share of the scores, for the estimated performance
 
 
-def partition_keys(part: Partition) -> str:
+# Keys per hash bucket, at most (about): finding the keys held twice groups a whole bucket in one
+# task's DuckDB, so bounded buckets keep a worker's memory flat however big the night (a bucket per
+# share grouped 4M keys in 860 MB at 8M rows, and reached the memory limit at 40M)
+KEYS_PER_BUCKET = 2_000_000
+
+
+def key_buckets(parts: list[Partition]) -> int:
+    """How many hash buckets the shares' keys go to: one per share, more for a big night (planned
+    rows, from the footers, over :data:`KEYS_PER_BUCKET`)."""
+    planned = sum(unit.rows for part in parts for unit in part.units or ())
+    return max(len(parts), -(-planned // KEYS_PER_BUCKET))
+
+
+def partition_keys(part: Partition, buckets: int) -> str:
     """Write the share's (entity id, event time) keys to a folder of its own attempt, one
-    ``__bucket=<n>`` folder per hash bucket (``count`` buckets); return the folder."""
+    ``__bucket=<n>`` folder per hash bucket (``buckets`` of them); return the folder."""
     src = part.config.source
     entity, event = quote_ident(src.entity_id), quote_ident(src.event_time)
     folder = part.path(STAGING, "-keys")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with share_connection(part) as con:
         con.execute(f"""COPY (SELECT {entity} AS __id, {event} AS __at, {part.index} AS __part,
-                                     hash({entity}, {event}) % {part.count} AS __bucket
+                                     hash({entity}, {event}) % {buckets} AS __bucket
                               FROM ({part.source()}) WHERE ({part.where}) AND {entity} IS NOT NULL)
                         TO {quote_literal(str(folder))} (FORMAT parquet, PARTITION_BY (__bucket))""")
     return str(folder)
 
 
-def shared_keys(folders: list[str], bucket: int, memory_limit: str = "256MB") -> pa.Table:
-    """The keys of hash bucket ``bucket`` that more than one share holds, with the shares holding them."""
+def shared_keys(folders: list[str], bucket: int, memory_limit: str = "256MB") -> tuple[pa.Table, set[int]]:
+    """The keys of hash bucket ``bucket`` that more than one share holds, with the shares holding
+    them; and the shares that hold one of its keys twice themselves (their pulls rank duplicates).
+
+    The repeated keys first (their lowest and highest share per group: 0.5 s for 4M keys, where
+    list(DISTINCT) and count(DISTINCT) over every group took 3.2 s), then the shares of those few."""
     files = sorted(f for folder in folders for f in glob.glob(os.path.join(folder, f"__bucket={bucket}", "*.parquet")))
     if not files:
-        return pa.table({})
+        return pa.table({}), set()
     con = memory_connection(memory_limit, threads=1)
     try:
         listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
-        return con.sql(f"""SELECT __id, __at, list(DISTINCT __part ORDER BY __part)::INTEGER[] AS parts
-                               FROM read_parquet({listed}, hive_partitioning = false, union_by_name = true) GROUP BY __id, __at
-                               HAVING count(DISTINCT __part) > 1""").to_arrow_table()
+        keys = f"read_parquet({listed}, hive_partitioning = false, union_by_name = true)"
+        repeated = con.sql(f"""SELECT __id, __at, min(__part) AS low, max(__part) AS high
+                               FROM {keys} GROUP BY __id, __at HAVING count(*) > 1""").to_arrow_table()
+        con.register("__repeated", repeated)
+        shared = con.sql(f"""SELECT k.__id, k.__at, list(DISTINCT k.__part ORDER BY k.__part)::INTEGER[] AS parts
+                             FROM {keys} k SEMI JOIN (SELECT * FROM __repeated WHERE low <> high) r
+                                  ON k.__id = r.__id AND k.__at IS NOT DISTINCT FROM r.__at
+                             GROUP BY k.__id, k.__at""").to_arrow_table()
+        # a key held twice by one share only; the holders of a shared key rank their copies anyway
+        twice = con.sql("SELECT DISTINCT low FROM __repeated WHERE low = high").fetchall()
+        return shared, {int(row[0]) for row in twice}
     finally:
         con.close()
 
@@ -159,7 +186,10 @@ def _others_sql(con, part: Partition, rivals: Rivals | None) -> str | None:
 
 @contextmanager
 def share_connection(part: Partition) -> Iterator:
-    """A worker's own in-memory DuckDB connection for one share: the source's object store, the cut-off."""
+    """A worker's own in-memory DuckDB connection for one share: the source's object store, the
+    cut-off. One DuckDB thread whatever the worker's budget: rows come out in one order in every
+    attempt of a task (a retried task writes the same files, draws the same drift sample)."""
+    _threads_of_this_worker()
     con = memory_connection(part.memory_limit, threads=1)
     try:
         register_object_store(con, part.config.source.parquet)
@@ -173,7 +203,8 @@ def pull_share(con, part: Partition, rivals: Rivals | None, path: Path) -> PullR
     """The share's rows of ``part.where`` through the data contract (the local engine's own SQL, the
     duplicate rule ranking against ``rivals``) into run file ``path``."""
     return pull(con, part.config, part.project_root, part.where, path, columns=part.columns,
-                source=part.source(), others=_others_sql(con, part, rivals))
+                source=part.source(), others=_others_sql(con, part, rivals),
+                repeated=None if rivals is None else rivals.repeated)
 
 
 def check_partition(part: Partition, profile: drift.ReferenceProfile | None, rivals: Rivals | None = None) -> CheckedPart:
@@ -208,16 +239,19 @@ def _tally(profile: drift.ReferenceProfile | None, staging: Path, index: int, va
 
 
 def _threads_of_this_worker() -> None:
-    """Predict with the worker's own threads (one per core it was given), not every core of the
-    machine: two one-thread workers on two cores would otherwise run four predict threads."""
-    if "BATCHML_THREADS" in os.environ:
-        return
+    """Every engine of a task works with the worker's own threads (one per core it was given), not
+    every core of the machine: two one-thread workers on two cores would otherwise run four
+    threads. ``BATCHML_THREADS`` (set here unless the worker's environment sets it) is what
+    LightGBM, the compiled trees and the scoring loop (:func:`~batchml.models.scoring.score_batches`)
+    read; Arrow's pool is sized to it too (a task's DuckDB has one thread: :func:`share_connection`)."""
     try:
         from distributed import get_worker
 
-        os.environ["BATCHML_THREADS"] = str(max(1, get_worker().state.nthreads))
+        given = get_worker().state.nthreads
     except (ImportError, ValueError, AttributeError):  # not on a Dask worker
-        pass
+        return
+    os.environ.setdefault("BATCHML_THREADS", str(max(1, given)))
+    pa.set_cpu_count(thread_count())
 
 
 _MODELS: dict[ModelRef, registry.LoadedModel] = {}  # per worker process: loaded (and compiled) once

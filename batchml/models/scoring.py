@@ -174,12 +174,15 @@ def score_batches(
     and encodes the next batch and finishes earlier ones (bands, reasons, output rows), so reading
     and writing overlap the predict instead of adding to it. A compiled predictor scores
     ``concurrent_batches`` batches at once, one thread each: no thread waits for another's half
-    of a batch, and one-thread lleaves does more per core than two threads on one batch.
+    of a batch, and one-thread lleaves does more per core than two threads on one batch. With a
+    budget of one thread (``BATCHML_THREADS=1``, as a Dask worker with one thread sets it) the
+    predict runs in this thread: overlapping would keep two cores busy (a second worker then
+    only competes for them).
     """
     summary.predictor = predictor.name
     wanted_bands = None if config.scoring.reason_bands is None else set(config.scoring.reason_bands)
 
-    workers = max(1, predictor.concurrent_batches)
+    workers = max(1, predictor.concurrent_batches) if thread_count() > 1 else 0  # 0: predict in this thread
     timing = threading.Lock()  # workers add to one figure
 
     def predict(matrix: np.ndarray) -> np.ndarray:
@@ -216,18 +219,26 @@ def score_batches(
                           classes=model.manifest.get("classes"), outputs=outputs)
 
     in_flight: deque[tuple[pa.RecordBatch, np.ndarray, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchml-predict") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="batchml-predict") as pool:
+        submit = pool.submit if workers else _done_now
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             matrix = to_matrix(batch, model.spec)
-            in_flight.append((batch, matrix, pool.submit(predict, matrix)))
+            in_flight.append((batch, matrix, submit(predict, matrix)))
             if len(in_flight) > workers:  # every worker has a batch: finish the oldest meanwhile
                 batch, matrix, scores = in_flight.popleft()
                 yield finish(batch, matrix, scores.result())
         while in_flight:
             batch, matrix, scores = in_flight.popleft()
             yield finish(batch, matrix, scores.result())
+
+
+def _done_now(fn: Callable, *args) -> Future:
+    """``fn(*args)`` run here, as an executor's finished future."""
+    done: Future = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 PROBABILITIES_TYPE = pa.map_(pa.string(), pa.float64())  # class -> probability: probabilities['fraud'] in SQL

@@ -479,12 +479,17 @@ class NightlyRun(TrainSteps, ScoreStep):
 
         try:
             # this run and any an earlier process committed but died before publishing
-            own = {self.run.run_id: self.scores_path} if self.run.status == "succeeded" and self.scores_path.exists() else {}
+            scores = self._own_scores()
+            own = {self.run.run_id: scores} if self.run.status == "succeeded" and scores else {}
             publish.publish_pending(self.project, self.config, own)
         except (BatchMLError, OSError) as exc:  # e.g. a full disk under published/
             message = file_error(exc) if isinstance(exc, OSError) else exc
             recorded = "the run itself is committed" if self.run.status == "succeeded" else f"the run is recorded as {self.run.status}"
             log.warning("%s: publishing for analysts failed (%s): %s", self.config.job, recorded, message)
+
+    def _own_scores(self) -> Path | tuple[Path, ...] | None:
+        """The committed scores file publishing moves into place (None: written from the table)."""
+        return self.scores_path if self.scores_path.exists() else None
 
     def _report_and_notify(self) -> None:
         from batchml.reports import deliver as reporting  # matplotlib is imported only when a report is written

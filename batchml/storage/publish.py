@@ -18,6 +18,7 @@ ones see the new views.
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -53,11 +54,12 @@ def _of_run(table: str, run_id: str) -> str:
     return f"SELECT * FROM {table} WHERE run_id = {quote_literal(run_id)}"
 
 
-def publish_pending(project: Project, config: JobConfig, own: dict[str, Path] | None = None) -> int:
+def publish_pending(project: Project, config: JobConfig, own: dict[str, Path | tuple[Path, ...]] | None = None) -> int:
     """Publish every finished run of ``config.job`` that has no published file yet — the run just
     committed, and any whose process died between its commit and publishing — then refresh the
     small snapshots and the catalog. Idempotent. ``own``: run id -> the Parquet scores file that
-    run committed, moved into place instead of written a second time from the table."""
+    run committed, moved into place instead of written a second time from the table; or the
+    Dask engine's lake files the run committed, linked into place (they stay in the lake)."""
     with project.connect() as con:
         run_ids = [r[0] for r in con.execute(
             "SELECT run_id FROM batchml.runs WHERE job = ? AND status NOT IN ('running') ORDER BY started_at", [config.job]
@@ -93,16 +95,42 @@ def _marker(project: Project, config: JobConfig, run_id: str) -> Path:
 
 
 def _publish_run_files(con: duckdb.DuckDBPyConnection, project: Project, config: JobConfig, run_id: str,
-                       scores_file: Path | None = None) -> None:
+                       scores_file: Path | tuple[Path, ...] | None = None) -> None:
     if table_exists(con, config.scores_table):
         target = project.published / "scores" / config.job / f"{run_id}.parquet"
-        if not target.exists() and not _moved(scores_file, target):
-            _copy(con, _of_run(quote_table(config.scores_table), run_id), target)
+        if not target.exists():
+            for leftover in target.parent.glob(f"{glob.escape(target.stem)}~*.parquet"):  # links of a publish cut short
+                leftover.unlink()
+            placed = _linked(scores_file, target) if isinstance(scores_file, tuple) else _moved(scores_file, target)
+            if not placed:
+                _copy(con, _of_run(quote_table(config.scores_table), run_id), target)
     # performance last: its file marks the run as fully published
     for table in PER_RUN:
         target = project.published / "batchml" / table / f"{config.job}__{run_id}.parquet"
         if not target.exists():
             _copy(con, _of_run(f"batchml.{table}", run_id), target)
+
+
+def _linked(parts: tuple[Path, ...], target: Path) -> bool:
+    """Hard-link a run's lake files as ``<run>.parquet`` (the first, linked last: its name marks the
+    run's scores as published) and ``<run>~<n>.parquet``, instead of writing every score again
+    (1.4 s of the client's time per 2M rows); False when one is missing or links cannot be made
+    (another file system): then written from the table instead."""
+    if not parts:
+        return False
+    names = [target.with_name(f"{target.stem}~{n}.parquet") for n in range(1, len(parts))] + [target]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for part, name in zip((*parts[1:], parts[0]), names):
+            temp = name.with_name(f".{name.name}.{os.getpid()}.tmp")
+            temp.unlink(missing_ok=True)
+            os.link(part, temp)
+            os.replace(temp, name)
+    except OSError:
+        for name in names:
+            name.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _moved(scores_file: Path | None, target: Path) -> bool:

@@ -217,24 +217,26 @@ def odd_labels(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path,
 
 
 def count_rows(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str,
-               source: str | None = None) -> tuple[int, bool]:
+               source: str | None = None, repeated: bool | None = None) -> tuple[int, bool]:
     """(rows matching ``where``, whether an (entity id, event time) key occurs twice among them).
 
     An aggregate over the ids alone (0.15 s for 2M rows; a GROUP BY, which DuckDB can spill to
     disk, where count(DISTINCT) runs out of memory under a small ``memory_limit``) spares the
     common, duplicate-free batch the ranking query, which costs more than the rest of the pull
-    (1.5 s vs 0.6 s at 2M rows). ``source``: a SELECT to read instead of the job's whole source."""
+    (1.5 s vs 0.6 s at 2M rows). ``source``: a SELECT to read instead of the job's whole source.
+    ``repeated``: the answer, when the caller knows it already (then only the rows are counted)."""
     entity, event = quote_ident(config.source.entity_id), quote_ident(config.source.event_time)
     batch = f"(SELECT * FROM ({source or source_sql(con, config, project)}) WHERE {where})"
     try:  # fetch to the end: an unfinished result blocks the connection
         rows = con.execute(f"SELECT count(*) FROM {batch}").fetchall()[0][0]
-        # grouped by the key's 64-bit hash, not the key (string ids: 0.29 s vs 0.50 s at 2M rows); a
-        # collision (~1e-7 at 2M keys) only sends the batch through the ranking query, which is exact
-        repeated = con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY hash({entity}, {event}) "
-                               f"HAVING count(*) > 1 LIMIT 1").fetchall()
+        if repeated is None:
+            # grouped by the key's 64-bit hash, not the key (string ids: 0.29 s vs 0.50 s at 2M rows); a
+            # collision (~1e-7 at 2M keys) only sends the batch through the ranking query, which is exact
+            repeated = bool(con.execute(f"SELECT 1 FROM {batch} WHERE {entity} IS NOT NULL GROUP BY hash({entity}, {event}) "
+                                        f"HAVING count(*) > 1 LIMIT 1").fetchall())
     except duckdb.Error as exc:
         raise DataError(_source_error(config, exc)) from exc
-    return rows, bool(repeated)
+    return rows, repeated
 
 
 
@@ -243,7 +245,7 @@ ValidRows = Callable[[Iterator[pa.RecordBatch], int], None]  # (valid batches, r
 
 def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where: str, path: Path,
          valid_rows: ValidRows | None = None, columns: dict[str, str] | None = None,
-         source: str | None = None, others: str | None = None) -> PullResult:
+         source: str | None = None, others: str | None = None, repeated: bool | None = None) -> PullResult:
     """Write the checked rows matching ``where`` to the run file ``path`` and summarise them.
 
     With ``valid_rows``, the run file keeps only the rejected rows (for the quarantine) and the
@@ -255,10 +257,12 @@ def pull(con: duckdb.DuckDBPyConnection, config: JobConfig, project: Path, where
     stored as they are held in memory (writing lz4 Parquet took 2 s more at 2M rows, reading it
     back 0.6 s more per pass). ``columns``: the source's, when the caller has just described it.
     ``source`` / ``others``: a Dask task's share of the files, and the rows of other shares that
-    rank against its own (``extract.normalised_sql``)."""
+    rank against its own (``extract.normalised_sql``); ``repeated``: whether the share holds a key
+    twice itself, when the Dask engine's keys step found it (spares grouping every key here: memory
+    that grows with the share's rows)."""
     columns = columns or describe_source(con, config, project)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows, repeated = count_rows(con, config, project, where, source)
+    rows, repeated = count_rows(con, config, project, where, source, repeated)
     sql = normalised_sql(config, source or source_sql(con, config, project), where, columns,
                          dedupe=repeated or others is not None, others=others)
     summary = PullSummary(config)
