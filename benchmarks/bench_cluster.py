@@ -37,8 +37,9 @@ import common
 from common import AS_OF, DATA, JOB, Sizes, fmt_s, ratio
 
 LAKE = DATA / "cluster"
-# Rows per row group of the source's chunks (DuckDB writes 122,880): a 1M-row row group (pyarrow's
-# default) takes DuckDB ~500 MB to decode, and the local engine's 64 MiB scan cache cannot decode one
+# Rows per row group of the source's chunks (DuckDB writes 122,880). A 1M-row row group (pyarrow's
+# default) failed under DuckDB 2.0's Parquet prefetching (one 293 MiB buffer per row group), which
+# batchml now turns off (storage.warehouse); smaller row groups still keep each task's buffer small
 ROW_GROUP = 131_072
 
 
