@@ -134,3 +134,31 @@ def test_a_night_reads_only_the_watermark_folders_it_needs_and_gets_the_same_row
                        f"WHERE {batch_filter(job, day(60), day(61))}").fetchall()[0][1]
     assert "Total Files Read: 2" in plan  # the folders of days 60 and 61 of the 110
     assert "ingested_at < '2026-03-03 00:00:00'::TIMESTAMP" in plan  # the watermark test reaches the scan (row groups)
+
+
+@pytest.mark.parametrize("session", ["warehouse", "scratch"])
+def test_a_row_group_bigger_than_the_memory_limit_streams(tmp_path, session):
+    """pyarrow writes row groups of up to 1M rows; DuckDB 2.0's Parquet prefetching asked for a whole
+    row group in one buffer and failed under the pass's 64 MiB (and the default 256MB at 35 doubles)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchml.storage.warehouse import memory_connection, open_connection
+
+    rows = 300_000  # 30 doubles: 72 MB in its one row group
+    rng = np.random.default_rng(5)
+    table = pa.table({f"f{i}": rng.normal(size=rows) for i in range(30)})
+    path = tmp_path / "one_row_group.parquet"
+    pq.write_table(table, path, row_group_size=rows)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+
+    con = open_connection(tmp_path / "w.duckdb", memory_limit="64MB") if session == "warehouse" else memory_connection("64MB", threads=1)
+    try:
+        con.execute("SET threads = 1")
+        reader = con.sql(f"SELECT * FROM read_parquet('{path}')").to_arrow_reader(65_536)
+        got = pa.Table.from_batches(list(reader))
+    finally:
+        con.close()
+    assert got.num_rows == rows
+    assert np.array_equal(got.column("f29").to_numpy(), table.column("f29").to_numpy())
