@@ -38,9 +38,10 @@ SITECUSTOMIZE = """
 import json, os, sys, time
 if len(sys.orig_argv) > 2 and sys.orig_argv[-2] == "run" and os.environ.get("TEST_CHILD_MARKER"):
     marker = os.environ["TEST_CHILD_MARKER"]
-    with open(marker + ".tmp", "w") as f:
+    temporary = f"{marker}.{os.getpid()}.tmp"  # two children at once must not write one file together
+    with open(temporary, "w") as f:
         json.dump({"pid": os.getpid(), "argv": sys.orig_argv, "smtp_host": os.environ.get("BATCHML_SMTP_HOST")}, f)
-    os.replace(marker + ".tmp", marker)
+    os.replace(temporary, marker)
     release = os.environ.get("TEST_CHILD_UNTIL")  # a file the test creates when the run may end
     deadline = time.monotonic() + float(os.environ.get("TEST_CHILD_SLEEP", "0" if not release else "300"))
     while time.monotonic() < deadline and not (release and os.path.exists(release)):
