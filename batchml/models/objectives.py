@@ -17,6 +17,7 @@ Pure numpy: no IO. Imported by ``config`` for the metric names, so nothing heavy
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,42 +111,6 @@ class Objective:
             raise ValueError(f"y has {len(y)} rows but the predictions have {len(p_champion)} and {len(p_challenger)}")
         return y, p_champion, p_challenger
 
-    def compute_metrics(self, y, p) -> dict[str, float]:
-        y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-        counts = np.ones((1, len(y)), dtype=np.int64)
-        return {name: float(self._weighted(name, y, p, counts)[0]) for name in self.metrics}
-
-    def paired_bootstrap(self, y, p_champion, p_challenger, metric: str, resamples: int = 1000, seed: int = 42,
-                         confidence: float = 0.95):
-        """As ``evaluate.paired_bootstrap``: the same resamples (counts) for both models."""
-        from batchml.models.evaluate import _CHUNK_CELLS, BootstrapResult, _resample_counts
-
-        y, p_champion, p_challenger = self.paired(y, p_champion, p_challenger)
-        problem = self.problem(y)
-        if problem:
-            raise ValueError(f"cannot bootstrap {metric}: {problem}")
-        rng = np.random.default_rng(seed)
-        chunk = max(1, _CHUNK_CELLS // len(y))
-        diffs = []
-        for start in range(0, resamples, chunk):
-            counts = _resample_counts(rng, len(y), min(chunk, resamples - start))
-            diff = self.improvement(metric, self._weighted(metric, y, p_champion, counts),
-                                    self._weighted(metric, y, p_challenger, counts))
-            diffs.append(diff[np.isfinite(diff)])  # e.g. R² of a resample whose labels are all one value
-        diffs = np.concatenate(diffs)
-        if diffs.size == 0:
-            raise ValueError(f"cannot bootstrap {metric}: no resample gave a defined value")
-        tail = (1 - confidence) / 2
-        low, high = np.quantile(diffs, [tail, 1 - tail])
-        full = self.compute_metrics(y, p_champion)[metric], self.compute_metrics(y, p_challenger)[metric]
-        return BootstrapResult(float(self.improvement(metric, *full)), float(low), float(high), int(diffs.size))
-
-    def _weighted(self, metric: str, y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """``metric`` once per row of ``counts`` (rows: resamples, columns: how often each row was drawn).
-        Regression and multiclass define it; binary overrides the methods that call it and uses
-        ``evaluate``'s metrics and bootstrap, so the binary gate is exactly today's."""
-        raise NotImplementedError(f"{type(self).__name__} computes its metrics without _weighted")
-
     # --- realised performance: arrived labels and what the scores table stored for their rows ----
 
     stored_prediction = "score"  # the scores table's column the metrics read
@@ -208,7 +173,46 @@ class Binary(Objective):
         return paired_bootstrap(y, p_champion, p_challenger, metric, resamples, seed, confidence)
 
 
-class Regression(Objective):
+class Resampled(Objective, ABC):
+    """Metrics and the gate's paired bootstrap from one function, ``_weighted``, evaluated on resample
+    counts: regression and multiclass. Binary keeps ``evaluate``'s own (the binary gate as before)."""
+
+    def compute_metrics(self, y, p) -> dict[str, float]:
+        y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+        counts = np.ones((1, len(y)), dtype=np.int64)
+        return {name: float(self._weighted(name, y, p, counts)[0]) for name in self.metrics}
+
+    def paired_bootstrap(self, y, p_champion, p_challenger, metric: str, resamples: int = 1000, seed: int = 42,
+                         confidence: float = 0.95):
+        """As ``evaluate.paired_bootstrap``: the same resamples (counts) for both models."""
+        from batchml.models.evaluate import _CHUNK_CELLS, BootstrapResult, _resample_counts
+
+        y, p_champion, p_challenger = self.paired(y, p_champion, p_challenger)
+        problem = self.problem(y)
+        if problem:
+            raise ValueError(f"cannot bootstrap {metric}: {problem}")
+        rng = np.random.default_rng(seed)
+        chunk = max(1, _CHUNK_CELLS // len(y))
+        diffs = []
+        for start in range(0, resamples, chunk):
+            counts = _resample_counts(rng, len(y), min(chunk, resamples - start))
+            diff = self.improvement(metric, self._weighted(metric, y, p_champion, counts),
+                                    self._weighted(metric, y, p_challenger, counts))
+            diffs.append(diff[np.isfinite(diff)])  # e.g. R² of a resample whose labels are all one value
+        diffs = np.concatenate(diffs)
+        if diffs.size == 0:
+            raise ValueError(f"cannot bootstrap {metric}: no resample gave a defined value")
+        tail = (1 - confidence) / 2
+        low, high = np.quantile(diffs, [tail, 1 - tail])
+        full = self.compute_metrics(y, p_champion)[metric], self.compute_metrics(y, p_challenger)[metric]
+        return BootstrapResult(float(self.improvement(metric, *full)), float(low), float(high), int(diffs.size))
+
+    @abstractmethod
+    def _weighted(self, metric: str, y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """``metric`` once per row of ``counts`` (rows: resamples, columns: how often each row was drawn)."""
+
+
+class Regression(Resampled):
     """A numeric, finite label; ``score`` is the predicted value (LightGBM ``regression``: L2)."""
 
     name, lightgbm, metrics = "regression", "regression", REGRESSION_METRICS
@@ -231,7 +235,7 @@ class Regression(Objective):
             return np.where(spread > 0, 1 - (counts @ error**2) / spread, np.nan)
 
 
-class Multiclass(Objective):
+class Multiclass(Resampled):
     """One of a set of classes (``label.classes``, default: those of the first training window,
     sorted); LightGBM ``multiclass`` (softmax). ``score`` is the probability of the predicted
     class; the model's class ``i`` is ``classes[i]`` (``model.json``)."""
