@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import job_config
 
-from batchml.models import compiled
+from batchml.models import compiled, verification
 from batchml.demo import data as demo_data
 from batchml.models import scoring as score
 from batchml.config import JobConfig
@@ -211,7 +211,7 @@ def test_a_small_model_compiles_matches_lightgbm_and_reuses_its_cache(model, lle
     assert np.max(np.abs(predictor.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
     paths = compiled.CachePaths.of(model)
     record = compiled._read_record(paths.record)
-    assert record["status"] == "verified" and record["rows"] == compiled.VERIFY_ROWS and record["max_difference"] <= 1e-9
+    assert record["status"] == "verified" and record["rows"] == verification.VERIFY_ROWS and record["max_difference"] <= 1e-9
     mtime = paths.library.stat().st_mtime_ns
 
     def no_compile(*args, **kwargs):
@@ -269,14 +269,14 @@ def test_a_registered_library_that_does_not_reproduce_the_golden_rows_is_refused
 def test_the_verification_rows_cover_thresholds_categories_and_missing_values(model):
     matrix = compiled.verification_matrix(model)
 
-    assert matrix.shape == (compiled.VERIFY_ROWS, len(model.spec.features)) and matrix.flags.c_contiguous
+    assert matrix.shape == (verification.VERIFY_ROWS, len(model.spec.features)) and matrix.flags.c_contiguous
     golden = to_matrix(pq.read_table(str(model.path / "golden.parquet")), model.spec)
     assert np.array_equal(matrix[: len(golden)], golden, equal_nan=True)
     for j in model.spec.categorical_indices:
         levels = len(model.spec.categories[model.spec.features[j]])
         assert set(np.unique(matrix[:, j][~np.isnan(matrix[:, j])])) == set(range(levels))
         assert np.isnan(matrix[:, j]).any()
-    thresholds = compiled._numeric_thresholds(model)
+    thresholds = verification._numeric_thresholds(model)
     cvss = model.spec.features.index("cvss_base")
     assert len(thresholds[cvss]) and np.isin(thresholds[cvss], matrix[:, cvss]).any()
 
