@@ -368,7 +368,7 @@ def models_rollback(job: str, reason: Annotated[str, typer.Option("--reason", he
 
 @models_app.command("compile")
 def models_compile(job: str) -> None:
-    """Compile and verify JOB's champion now, as a promotion does (after upgrading batchml, lleaves or the CPU)."""
+    """Compile and verify JOB's champion now, whatever its size (after upgrading batchml, lleaves or the CPU, or before its first big night)."""
     from batchml.models.manage import compile_champion
 
     model, ready, warnings = compile_champion(open_project(), job)
@@ -377,7 +377,7 @@ def models_compile(job: str) -> None:
     for warning in warnings:
         console.print(f"{job} v{model.version}: {warning}")
     if not ready and not warnings:
-        console.print(f"{job} v{model.version}: scores with LightGBM (scoring.engine and model size: nothing to compile)")
+        console.print(f"{job} v{model.version}: scores with LightGBM (scoring.engine: lightgbm, or lleaves is not installed: nothing to compile)")
 
 
 def _minutes(row: dict) -> str:

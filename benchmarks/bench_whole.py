@@ -11,7 +11,8 @@ included), on the same new rows:
 Two jobs: (a) the 35-feature / 300-tree model of section 1 (source: a DuckDB table; engine
 compiled); (b) a small job as a new user writes it: 9 features, string ids, daily Parquet files,
 the config's defaults (retrain triggers included), a champion trained by ``batchml run`` itself
-with early stopping (LightGBM engine: too small to compile under ``engine: auto``).
+with early stopping, compiled before the timed nights as its first 2M-row night compiles it under
+``engine: auto`` (that first night is timed too).
 
     .venv/bin/python benchmarks/bench_whole.py [--quick]
 """
@@ -141,6 +142,20 @@ def small_template(new_rows: int) -> Path:
     return root
 
 
+def compiled_template(template: Path) -> Path:
+    """``template`` after its champion's compiled libraries were built and registered, as by the
+    job's first big night under ``scoring.engine: auto`` (a 2M-row night of this model compiles it:
+    ``compiled.compile_pays``), here by ``batchml models compile``: the state of every later night."""
+    root = template.with_name(f"{template.name}-compiled")
+    if (root / "ready").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(template, root, symlinks=True, ignore=shutil.ignore_patterns("ready"))
+    timed([BATCHML, "--project", str(root), "models", "compile", SMALL])
+    (root / "ready").write_text("")
+    return root
+
+
 def fresh_copy(template: Path, name: str) -> Path:
     root = WHOLE / name
     shutil.rmtree(root, ignore_errors=True)
@@ -162,11 +177,12 @@ def batchml_command(before: Path | None) -> list[str]:
 
 
 def contenders(template: Path, job: str, as_of: dt.datetime, start: dt.date, end: dt.date, minimal_args, repeats: int,
-               before: Path | None = None) -> dict:
+               before: Path | None = None, names: list[str] | None = None) -> dict:
     """Each contender ``repeats`` times, interleaved, each in a fresh copy of ``template``; the fastest
-    kept. With ``before``: also ``run@before`` and ``backfill@before``, the same commands of earlier code."""
+    kept. With ``before``: also ``run@before`` and ``backfill@before``, the same commands of earlier code.
+    ``names``: only these contenders."""
     results: dict[str, dict] = {}
-    names = ["minimal", "run", "backfill", *(["run@before", "backfill@before"] if before else [])]
+    names = names or ["minimal", "run", "backfill", *(["run@before", "backfill@before"] if before else [])]
     for _ in range(repeats):
         for name in names:
             root = fresh_copy(template, f"{job}-{name}")
@@ -243,7 +259,11 @@ def measure(quick: bool = False, before: Path | None = None) -> dict:
                 str(root / "warehouse" / "models" / SMALL / "v1"), str(out)]
 
     end = (D0 + dt.timedelta(days=NEW_DAYS - 1)).date()
-    figures["small"] = contenders(small, SMALL, D0 + dt.timedelta(days=NEW_DAYS), D0.date(), end, small_minimal, 2, before)
+    later = compiled_template(small)
+    figures["small"] = contenders(later, SMALL, D0 + dt.timedelta(days=NEW_DAYS), D0.date(), end, small_minimal, 2, before)
+    _progress("(b) the first big night: the champion not compiled yet")
+    figures["small_first"] = contenders(small, SMALL, D0 + dt.timedelta(days=NEW_DAYS), D0.date(), end, small_minimal, 1,
+                                        names=["run", "backfill"])
 
     _progress(f"(a) 35 features x {sizes.trees} trees: template with {sizes.rows:,} rows")
     row = common.scoring_model(sizes)
@@ -305,13 +325,19 @@ def markdown(f: dict) -> str:
         base = r["minimal"]["wall"]
         lines += [f"### {title}", "", "| contender | wall | vs minimal | steps | after the steps | target |", "|---|---:|---:|---:|---:|---|"]
         lines.append(f"| minimal script | {base:.2f} s | 1.00× | | | |")
-        for name in [n for n in ("run", "backfill", "run@before", "backfill@before") if n in r]:
-            c = r[name]
-            target = targets.get((key, name))
+        rows = [(n, r[n], "") for n in ("run", "backfill", "run@before", "backfill@before") if n in r]
+        if key == "small" and "small_first" in f:
+            rows += [(n, f["small_first"][n], ", the first big night (compiles the champion)") for n in ("run", "backfill")]
+        for name, c, note in rows:
+            target = targets.get((key, name)) if not note else None
             verdict = f"≤ {target}×: {'met' if c['wall'] <= target * base else 'not met'}" if target else ""
-            label = f"`batchml {name.split('@')[0]}`" + (f" before ({f.get('before')})" if "@" in name else "")
+            label = f"`batchml {name.split('@')[0]}`" + (f" before ({f.get('before')})" if "@" in name else "") + note
             lines.append(f"| {label} | {c['wall']:.2f} s | {c['wall'] / base:.2f}× | {c['steps']:.2f} s | "
                          f"{c['wall'] - c['steps']:.2f} s | {verdict} |")
+        if key == "small":
+            lines += ["", "The champion's compiled libraries were built once before the timed runs (`batchml models compile`), "
+                      "as the job's first night of this size builds them under `scoring.engine: auto` (a 2M-row night of "
+                      "this 42-tree model pays for the compile); the last two rows are that first night, which pays it."]
         steps = ", ".join(f"{k} {v:.2f}" for k, v in r["run"]["timings"].items())
         bsteps = ", ".join(f"{k} {v:.2f}" for k, v in r["backfill"]["timings"].items())
         lines += ["", f"- run steps (s): {steps}; backfill steps (s): {bsteps}.",

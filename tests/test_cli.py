@@ -208,6 +208,7 @@ def test_models_compile_rebuilds_what_a_promotion_builds(demo_project):
     built = sorted(p.name for p in folder.rglob("*.so"))
     assert len(built) == 2 and any(name.endswith("-leaves.so") for name in built)
     shutil.rmtree(folder / "compiled", ignore_errors=True)
+    demo_project.write_config(job_config())  # engine auto, which would not compile this small model itself: asked for, it does
 
     result = demo_project.cli("models", "compile", "vuln_risk", check=True)
 

@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_config
+from conftest import day, job_config
 
 from batchml.models import compiled, verification
 from batchml.demo import data as demo_data
 from batchml.models import scoring as score
 from batchml.config import JobConfig
-from batchml.data.features import fit_spec, to_matrix
+from batchml.data.features import FeatureSpec, fit_spec, to_matrix
 from batchml.models.registry import LoadedModel, write_artifact
 from batchml.models.scoring import LightGBMPredictor, make_predictor, reason_codes
 
@@ -192,10 +192,84 @@ def test_a_library_compiled_from_another_model_is_refused(model, models, any_siz
     assert np.max(np.abs(rebuilt.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
 
 
-def test_auto_never_compiles_and_ignores_small_models(model, monkeypatch):
+def test_auto_never_compiles_on_load_and_ignores_small_models(model, monkeypatch):
     assert make_predictor(model, "auto").name == "lightgbm"  # 20 x 15 leaves: far below AUTO_MIN_LEAVES
     monkeypatch.setattr(compiled, "AUTO_MIN_LEAVES", 0)
     assert make_predictor(reload(model), "auto").name == "lightgbm"  # large enough, but nothing cached
+    assert not (model.path / "compiled").exists()
+
+
+def test_a_compile_pays_when_the_batch_saves_more_than_it_costs(model):
+    trees, leaves = model.booster.num_trees(), verification.total_leaves(model)
+    # the smallest batch whose saving, NIGHTS_TO_PAY_BACK times over, covers one compile (two: with the leaves library)
+    one = compiled.compile_seconds(leaves) / (trees * compiled.SAVED_SECONDS_PER_TREE_ROW * compiled.NIGHTS_TO_PAY_BACK)
+    assert not compiled.compile_pays(model, int(one) - 1) and compiled.compile_pays(model, int(one) + 1)
+    assert not compiled.compile_pays(model, int(one) + 1, kinds=2) and compiled.compile_pays(model, int(2 * one) + 1, kinds=2)
+    # the compile grows faster than the leaves: as measured (1,302 leaves ~1 s; 18,900 leaves 44-77 s)
+    assert 0.5 < compiled.compile_seconds(1_302) < 2 and 40 < compiled.compile_seconds(18_900) < 90
+
+
+def test_auto_compiles_a_small_model_for_a_batch_big_enough_and_a_later_run_loads_it(model, lleaves):
+    config = JobConfig.model_validate(job_config())
+    assert config.scoring.engine == "auto" and config.scoring.reasons and config.scoring.reason_method == "path"
+    lightgbm = make_predictor(model, "auto")
+    assert score.for_batch(lightgbm, model, config, rows=10_000) is lightgbm  # a small batch: not worth a compile
+    assert not (model.path / "compiled").exists()
+
+    big = score.for_batch(lightgbm, model, config, rows=100_000_000)  # the rows are only counted, not scored
+
+    matrix = scoring_rows(model)
+    assert big.name == "compiled"
+    assert np.max(np.abs(big.predict(matrix) - model.booster.predict(matrix, num_threads=1))) <= 1e-9
+    # the leaves library too (reason codes), used by this run from now on
+    leaves = compiled.compiled_leaves(model, required=False)
+    assert leaves is not None and np.array_equal(leaves.predict(matrix), model.booster.predict(matrix, pred_leaf=True, num_threads=1))
+    built = {entry["kind"] for entry in model.unregistered}  # registered by the run's commit
+    assert built == {"scores", "leaves"}
+    # a later run of the model, with those libraries registered: loads them at once, whatever the batch
+    registered = {entry["file"]: entry["sha256"] for entry in model.take_unregistered()}
+    later = reload(LoadedModel(model.job, model.version, model.booster, model.spec, {}, model.path, model.sha256, libraries=registered))
+    assert make_predictor(later, "auto").name == "compiled"
+    # engine: lightgbm never compiles, whatever the batch
+    plain = JobConfig.model_validate(job_config(scoring={**job_config()["scoring"], "engine": "lightgbm"}))
+    assert score.for_batch(LightGBMPredictor(reload(model)), model, plain, rows=100_000_000).name == "lightgbm"
+
+
+def test_a_night_big_enough_compiles_the_champion_registers_it_and_the_next_night_loads_it(champion_project, lleaves, monkeypatch, caplog):
+    from batchml.pipeline.nightly import run_job
+
+    assert champion_project.scalar("SELECT count(*) FROM batchml.compiled_libraries") == 0  # the demo model: below AUTO_MIN_LEAVES
+    monkeypatch.setattr(compiled, "SAVED_SECONDS_PER_TREE_ROW", 1.0)  # as if every batch were millions of rows
+    with caplog.at_level("INFO", logger="batchml"):
+        night = run_job(champion_project.project, "vuln_risk", as_of=day(61), notify=False)
+
+    assert night.status == "succeeded" and night.rows_scored > 0
+    assert f"scored {night.rows_scored} rows with v1 (compiled)" in caplog.text
+    registered = dict(champion_project.query("SELECT kind, file FROM batchml.compiled_libraries WHERE job = 'vuln_risk' AND version = 1"))
+    assert set(registered) == {"scores", "leaves"}  # with the run's commit
+    # the stored scores are LightGBM's, within the tolerance every library is verified to
+    folder = Path(champion_project.scalar("SELECT artifact_path FROM batchml.models WHERE version = 1"))
+    booster = lgb.Booster(model_file=str(folder / "model.txt"))
+    features = json.loads((folder / "model.json").read_text())["features"]
+    stored = champion_project.query(f"SELECT s.score, {', '.join('f.' + c for c in features)} FROM scores.vuln_risk s "
+                                    f"JOIN raw.vuln_findings f USING (finding_id) WHERE s.run_id = ? ORDER BY s.finding_id", [night.run_id])
+    table = pa.Table.from_pylist([dict(zip(features, row[1:])) for row in stored])
+    matrix = to_matrix(table, FeatureSpec.from_dict(json.loads((folder / "model.json").read_text())))
+    assert np.max(np.abs(booster.predict(matrix) - np.array([row[0] for row in stored]))) <= 1e-9
+
+    # the next night, at the default estimate and with a small batch: loads what is registered, compiles nothing
+    monkeypatch.undo()
+    monkeypatch.setattr(compiled, "_build", lambda *args: pytest.fail("the next night compiled again"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="batchml"):
+        next_night = run_job(champion_project.project, "vuln_risk", as_of=day(62), notify=False)
+    assert next_night.status == "succeeded" and f"scored {next_night.rows_scored} rows with v1 (compiled)" in caplog.text
+
+
+def test_auto_without_lleaves_scores_a_big_batch_with_lightgbm(model, without_lleaves):
+    config = JobConfig.model_validate(job_config())
+    lightgbm = make_predictor(model, "auto")
+    assert score.for_batch(lightgbm, model, config, rows=100_000_000) is lightgbm
     assert not (model.path / "compiled").exists()
 
 

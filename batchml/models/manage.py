@@ -90,21 +90,23 @@ def _crown(project: Project, job: str, choose, event: str, reason: str) -> tuple
     return row, previous
 
 
-def compile_and_register(project: Project, model: registry.LoadedModel, engine: str, warn=None) -> None:
-    """What a promotion builds for ``model`` (its compiled libraries), with their sha256 registered in
-    the warehouse: a library is loaded later only if it is the one registered."""
-    prepare_engine(model, engine, warn=warn)
+def compile_and_register(project: Project, model: registry.LoadedModel, engine: str, warn=None, every_size: bool = False) -> None:
+    """What a promotion builds for ``model`` (its compiled libraries; ``every_size``: small models
+    too), with their sha256 registered in the warehouse: a library is loaded later only if it is the
+    one registered."""
+    prepare_engine(model, engine, warn=warn, every_size=every_size)
     if model.unregistered:
         with project.connect() as con:
             model_rows.register_libraries(con, model.job, model.version, model.take_unregistered())
 
 
 def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, dict[str, Path], list[str]]:
-    """Build what a promotion builds for the champion, now: its compiled libraries (per
-    ``scoring.engine``; reason-code tables are built from model.txt on load). For after an upgrade of batchml, lleaves or LLVM,
-    a move to another CPU or installing the ``compiled`` extra — each gives libraries a new key,
-    and nightly runs in ``auto`` never compile. Returns the model, the verified libraries by kind
-    and the warnings (why a library is missing)."""
+    """Build the champion's compiled libraries now, whatever its size (unless ``scoring.engine`` is
+    ``lightgbm``; reason-code tables are built from model.txt on load). For after an upgrade of
+    batchml, lleaves or LLVM, a move to another CPU or installing the ``compiled`` extra — each gives
+    libraries a new key, and nightly runs in ``auto`` compile only a small model scoring a big batch
+    — or before a model's first big night. Returns the model, the verified libraries by kind and
+    the warnings (why a library is missing)."""
     from batchml.models import compiled
 
     config = project.job(job)
@@ -115,6 +117,6 @@ def compile_champion(project: Project, job: str) -> tuple[registry.LoadedModel, 
         raise ModelError(f"job {job} has no champion yet; run it once first")
     model = registry.load(row)
     warnings: list[str] = []
-    compile_and_register(project, model, config.scoring.engine, warn=warnings.append)
+    compile_and_register(project, model, config.scoring.engine, warn=warnings.append, every_size=True)
     ready = {kind.name: path for kind in (compiled.SCORES, compiled.LEAVES) if (path := compiled.CachePaths.of(model, kind).library).exists()}
     return model, ready, warnings

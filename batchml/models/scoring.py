@@ -80,18 +80,35 @@ def load_for_scoring(model: LoadedModel, config: JobConfig, warn: Callable[[str]
     return predictor
 
 
-def prepare_engine(model: LoadedModel, engine: str, warn: Callable[[str], None] | None = None) -> None:
+def for_batch(predictor: Predictor, model: LoadedModel, config: JobConfig, rows: int,
+              warn: Callable[[str], None] | None = None) -> Predictor:
+    """``predictor``, or compiled trees built now: ``engine: auto`` about to score ``rows`` rows of a
+    model below ``compiled.AUTO_MIN_LEAVES`` (not compiled at its promotion) with LightGBM compiles
+    it when a batch this big pays for the compile (``compiled.compile_pays``)."""
+    if config.scoring.engine != "auto" or not isinstance(predictor, LightGBMPredictor):
+        return predictor
+    try:
+        from batchml.models.compiled import compiled_for_batch
+    except ImportError:
+        return predictor
+    leaves = bool(config.scoring.reasons) and config.scoring.reason_method == "path"
+    return compiled_for_batch(model, rows, leaves=leaves, warn=warn) or predictor
+
+
+def prepare_engine(model: LoadedModel, engine: str, warn: Callable[[str], None] | None = None, *, every_size: bool = False) -> None:
     """At promotion: compile the new champion's trees now, so nightly runs only load them.
 
-    ``auto`` compiles large models only (``compiled.AUTO_MIN_LEAVES``); ``compiled`` always;
-    without lleaves installed this does nothing and scoring stays on LightGBM."""
+    ``auto`` compiles large models only (``compiled.AUTO_MIN_LEAVES``; smaller ones when a run first
+    scores a batch big enough, see :func:`for_batch`) unless ``every_size`` (``batchml models
+    compile``: asked for); ``compiled`` always; without lleaves installed this does nothing and
+    scoring stays on LightGBM."""
     if engine == "lightgbm":
         return
     try:
         from batchml.models.compiled import precompile
     except ImportError:
         return
-    precompile(model, force=engine == "compiled", warn=warn)
+    precompile(model, force=every_size or engine == "compiled", warn=warn)
 
 
 def band_codes(scores: np.ndarray, config: JobConfig) -> tuple[np.ndarray, list[str]]:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from batchml.data.extract import run_file_batches, run_file_schema, write_parquet_file
 from batchml.errors import ModelError
 from batchml.models import registry, retrain
-from batchml.models.scoring import Predictor, ScoreSummary, make_predictor, score_batches
+from batchml.models.scoring import Predictor, ScoreSummary, for_batch, make_predictor, score_batches
 from batchml.monitoring import drift, performance
 from batchml.pipeline.progress import track
 from batchml.pipeline.shared import load_profile, prediction_drift
@@ -114,7 +114,8 @@ class ScoreStep:
     def _score_with(self, model: registry.LoadedModel, batches: Iterator[pa.RecordBatch], rows: int, path: Path,
                     summary: ScoreSummary, observe=None, predictor: Predictor | None = None) -> str:
         """Stream ``batches`` through ``model`` (with ``predictor``, else its own) into the run file ``path``."""
-        predictor = predictor or make_predictor(model, self.config.scoring.engine, warn=self._warn)
+        predictor = for_batch(predictor or make_predictor(model, self.config.scoring.engine, warn=self._warn),
+                              model, self.config, rows, warn=self._warn)
         batches = track(batches, total=rows, description=f"scoring with v{model.version}", weight=lambda b: b.num_rows)
         batches = score_batches(batches, model, predictor, self.config, run_id=self.run.run_id,
                                 scored_at=registry.utcnow(), summary=summary, on_scores=observe)
