@@ -324,22 +324,24 @@ def demo(
 
 @models_app.command("list")
 def models_list(job: str) -> None:
-    """Every version of JOB: status, trained window, rows, holdout metrics."""
+    """Every version of JOB: status, trained window, rows, its own holdout's figure of the job's promotion metric."""
     from batchml.models.manage import list_models
 
-    rows = list_models(open_project(), job)
-    table = Table(*(Column(name, no_wrap=True) for name in ("version", "status", "trained on", "rows", "own holdout auc", "gate",
+    project = open_project()
+    rows = list_models(project, job)
+    metric = project.job(job).promotion.metric  # the objective's (roc_auc, rmse, multi_logloss, ...)
+    table = Table(*(Column(name, no_wrap=True) for name in ("version", "status", "trained on", "rows", f"own holdout {metric}", "gate",
                                                             "vs champion [95% interval]")),
                   "reason", title=f"models of {job}", box=box.SIMPLE, pad_edge=False)
     for r in rows:
-        auc = (r["holdout"] or {}).get("roc_auc")
+        value = (r["holdout"] or {}).get(metric)
         gate = r["gate"] or {}
         table.add_row(f"v{r['version']}", r["status"], f"{r['train_start']:%Y-%m-%d} .. {r['train_end']:%Y-%m-%d}",
-                      str(r["train_rows"]), f"{auc:.4f}" if auc is not None else "-", gate.get("decision", "-"),
+                      str(r["train_rows"]), f"{value:.4f}" if value is not None else "-", gate.get("decision", "-"),
                       _versus(gate), gate.get("reason") or "-")
     console.print(table)
-    console.print("gate: the decision on the shared holdout, where champion and challenger score the same rows; "
-                  "own holdout auc: each model's own holdout, not comparable across versions", highlight=False)
+    console.print(f"gate: the decision on the shared holdout, where champion and challenger score the same rows; "
+                  f"own holdout {metric}: each model's own holdout, not comparable across versions", highlight=False)
 
 
 def _versus(gate: dict) -> str:

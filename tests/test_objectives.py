@@ -186,6 +186,11 @@ def test_a_regression_job_runs_the_loop_and_its_scores_are_lightgbms(regression)
     assert realised and {r[0] for r in realised} == {"rmse"} and all(r[2] is None and not r[3] for r in realised)
     model = json.loads((project.root / "warehouse/models/tickets_regression/v1/model.json").read_text())
     assert model["objective"] == "regression" and "classes" not in model and model["params"]["objective"] == "regression"
+    # models list gives each version's own holdout figure in the job's metric
+    own = json.loads(project.scalar("SELECT metrics FROM batchml.models WHERE job = 'tickets_regression' AND version = 1"))["holdout"]["rmse"]
+    listing = project.cli("models", "list", "tickets_regression", check=True).stdout
+    v1 = next(line for line in listing.splitlines() if line.strip().startswith("v1 "))
+    assert "own holdout rmse" in listing and f"{own:.4f}" in v1
 
 
 def test_a_multiclass_job_runs_the_loop_with_classes_queryable_in_sql(multiclass):
