@@ -290,3 +290,43 @@ def test_the_scheduler_comes_from_the_cli_then_the_environment_then_the_config(m
 def test_the_dask_engine_refuses_a_table_source_in_the_config(tmp_path):
     with pytest.raises(ConfigError, match="execution.engine dask reads source.parquet"):
         parse_job_config({**job_config(), "execution": {"engine": "dask"}}, Path("configs/vuln_risk.yaml"))
+
+
+@pytest.mark.parametrize("objective", ["regression", "multiclass"])
+def test_regression_and_multiclass_jobs_score_on_the_dask_engine_as_on_the_local_one(tmp_path, cluster, objective):
+    """The objective's own columns (a value; the predicted class and every class's probability)
+    and reasons come out of the workers bitwise as the local engine writes them."""
+    from test_objectives import at, ticket_config, tickets
+
+    job, table = f"tickets_{objective}", tickets(objective, per_day=30)
+    found = {}
+    for engine in ("local", "dask"):
+        root = tmp_path / engine
+        (root / "landing").mkdir(parents=True)
+        for i, cut in enumerate(np.array_split(np.arange(table.num_rows), 4)):  # 4 files: 2 shares a night on 2 workers
+            pq.write_table(table.take(cut), root / "landing" / f"part-{i}.parquet")
+        config = ticket_config(objective, source={"parquet": "landing/*.parquet", "entity_id": "ticket_id", "event_time": "opened_at",
+                                                   "watermark": "loaded_at"})
+        if engine == "dask":
+            config["execution"] = {"engine": "dask", "scheduler": cluster.scheduler_address}
+        project = DemoProject(root, table)
+        project.write_config(config, job=job)
+        for night in (30, 45):  # the first champion, then a night of new rows scored by it
+            run = run_job(project.project, job, as_of=at(night), notify=False)
+            assert run.status == "succeeded" and run.rows_scored > 0, run.error
+        found[f"{engine} columns"] = project.query(f"SELECT column_name, column_type FROM (DESCRIBE scores.{job})")
+        found[engine] = project.query(f"SELECT * EXCLUDE (run_id, scored_at) FROM scores.{job} ORDER BY ALL")
+    on_workers = project.scalar(f"SELECT count(*) FROM batchml.manifests WHERE kind = 'scores' AND job = '{job}'")
+    assert on_workers >= 2  # the dask nights' scores are lake files from the workers
+    assert found["dask"] == found["local"] and len(found["local"]) > 400
+    assert found["dask columns"] == found["local columns"]  # the same columns for analysts' SQL (no hive column from the lake's folders)
+
+
+def test_dask_training_refuses_regression_and_multiclass_in_one_line():
+    from test_objectives import ticket_config
+
+    parquet = {"parquet": "landing/*.parquet", "entity_id": "ticket_id", "event_time": "opened_at", "watermark": "loaded_at"}
+    config = ticket_config("regression", source=parquet, execution={"engine": "dask"})
+    assert parse_job_config(config, Path("configs/tickets_regression.yaml")).execution.engine == "dask"  # scoring on the cluster: fine
+    with pytest.raises(ConfigError, match="label.objective regression trains on the local engine only"):
+        parse_job_config({**config, "training": {**config["training"], "engine": "dask"}}, Path("configs/tickets_regression.yaml"))

@@ -440,9 +440,9 @@ class JobConfig(Strict):
         for metric in self.promotion.guard:
             if metric not in objective.metrics:
                 raise ValueError(f"promotion.guard: unknown guard metric {metric} (a {objective_for(metric)} metric) for {choose}")
-        if objective.name != "binary" and "dask" in (self.training.engine, self.execution.engine):
-            raise ValueError(f"label.objective {objective.name} runs on the local engines only (training.engine and "
-                             f"execution.engine local); the Dask engines train and score binary jobs")
+        if objective.name != "binary" and self.training.engine == "dask":
+            raise ValueError(f"label.objective {objective.name} trains on the local engine only (training.engine: local, "
+                             f"the default; execution.engine: dask still scores on the cluster); Dask training is binary only")
         if objective.name != "regression":  # binary and multiclass scores are probabilities
             outside = {name: edge for name, edge in self.scoring.bands.items() if not 0 < edge <= 1}
             if outside:

@@ -148,7 +148,9 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, config: JobConfig, kind: str,
     refuse_local_table(con, config, suffix)
     files = "[" + ", ".join(quote_literal(p) for p in paths) + "]"
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name.split('.')[0])}")
-    con.execute(f"CREATE OR REPLACE VIEW {quote_table(name)} AS SELECT * FROM read_parquet({files}, union_by_name = true)")
+    # hive_partitioning off: the files' folders (run=<run_id>) would add a column the local engine's table lacks
+    con.execute(f"CREATE OR REPLACE VIEW {quote_table(name)} AS SELECT * FROM read_parquet({files}, hive_partitioning = false, "
+                f"union_by_name = true)")
     con.execute(f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS {latest_sql(quote_table(name), config)}")
 
 
