@@ -5,7 +5,7 @@ Only the steps that touch every row move: the pull with the data contract and th
 (:mod:`~batchml.cluster.plan`): :func:`~batchml.cluster.tasks.check_partition`), and scoring
 (:func:`~batchml.cluster.tasks.score_partition`, after the client has trained and gated, so a
 challenger promoted tonight scores tonight's rows as it does locally). The client merges the
-counts, makes every decision exactly as :class:`~batchml.pipeline.nightly.NightlyRun` does (it *is* one),
+counts, makes every decision exactly as :class:`~batchml.pipeline.nightly.NightlyRun` does (``DaskNightlyRun`` is one),
 and commits the run row, watermark, drift, quarantine, registry changes and the manifest of the
 run's lake files in its one transaction. Training stays on the client.
 """
@@ -35,7 +35,7 @@ from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
 from batchml.data.sources import parquet_location
 from batchml.storage.source import describe_source, register_object_store
-from batchml.pipeline.nightly import NightlyRun
+from batchml.pipeline.nightly import JobRun, NightlyRun
 from batchml.pipeline.score_step import ESTIMATE_SAMPLE
 from batchml.pipeline.shared import load_profile, prediction_drift
 from batchml.project import Project
@@ -45,13 +45,9 @@ from batchml.storage.writeback import scores_schema
 log = logging.getLogger("batchml")
 
 
-class DaskNightlyRun(NightlyRun):
-    """A :class:`NightlyRun` whose pull, drift tally and scoring run as tasks on a Dask cluster."""
-
-    def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
-                 cluster: str | None = None):
-        NightlyRun.__init__(self, project, config, as_of, kind, force_retrain, notify)
-        self._on_cluster(cluster)
+class DaskRun(JobRun):
+    """What a run on a Dask cluster changes, for any kind of run: its pull, drift tally and scoring
+    run as tasks; its steps are the kind's own (``_steps`` wraps them in the client)."""
 
     def _on_cluster(self, cluster: str | None) -> None:
         config, project = self.config, self.project
@@ -145,7 +141,7 @@ class DaskNightlyRun(NightlyRun):
 
     def _shadow_on_cluster(self) -> None:
         """``promotion.shadow``: the newest challenger scores the same partitions into shadow lake
-        files (``scores.<job>_shadow`` reads the committed ones), as ``NightlyRun._score_shadow``."""
+        files (``scores.<job>_shadow`` reads the committed ones), as ``ScoreStep._score_shadow``."""
         challenger = self._shadow_challenger()
         if challenger is None:
             return
@@ -214,7 +210,16 @@ class DaskNightlyRun(NightlyRun):
         lake.insert_quarantine(con, self.run.run_id, self.config.job, parts, now)
 
 
-class DaskBackfillRun(DaskNightlyRun, BackfillRun):
+class DaskNightlyRun(DaskRun, NightlyRun):
+    """A :class:`NightlyRun` whose pull, drift tally and scoring run as tasks on a Dask cluster."""
+
+    def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
+                 cluster: str | None = None):
+        NightlyRun.__init__(self, project, config, as_of, kind, force_retrain, notify)
+        self._on_cluster(cluster)
+
+
+class DaskBackfillRun(DaskRun, BackfillRun):
     """A backfill on the cluster: the range's partitions pulled, checked and scored in parallel."""
 
     def __init__(self, project: Project, config: JobConfig, start: date, end: date, version: int | None, dry_run: bool,

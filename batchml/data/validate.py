@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from batchml.config import JobConfig
 from batchml.storage.warehouse import quote_ident
 
-# The run's cut-off inside SQL: every connection of a run sets it (``pipeline.NightlyRun._connect``);
+# The run's cut-off inside SQL: every connection of a run sets it (``pipeline.nightly.JobRun._connect``);
 # elsewhere (``batchml check``) it is unset and nothing is cut off. Feature SQL may read it too.
 CUTOFF = "coalesce(getvariable('batchml_as_of'), 'infinity'::TIMESTAMP)"
 

@@ -10,7 +10,7 @@ from batchml.storage import model_rows
 from batchml.errors import BatchMLError, ConfigError, ModelError
 from batchml.data.extract import event_range_filter
 from batchml.pipeline.locks import job_lock
-from batchml.pipeline.nightly import Duties, NightlyRun, run_job
+from batchml.pipeline.nightly import Duties, JobRun, run_job
 from batchml.pipeline.shared import refuse_future_cutoff
 from batchml.pipeline.progress import track
 from batchml.project import Project
@@ -26,7 +26,7 @@ def day_start(day: date) -> datetime:
     return datetime(day.year, day.month, day.day)
 
 
-class BackfillRun(NightlyRun):
+class BackfillRun(JobRun):
     """Re-score every row whose event time falls in [start, end] with the champion or version N.
 
     Appends new score rows under a new run id; never deletes, never moves the watermark.
@@ -90,7 +90,7 @@ class BackfillRun(NightlyRun):
         return told
 
     def _pull_and_score(self) -> None:
-        """The valid rows go from DuckDB straight to the model (``NightlyRun._pull_batch``): a backfill
+        """The valid rows go from DuckDB straight to the model (``JobRun._pull_batch``): a backfill
         of millions of rows never writes them to disk and reads them back (the run file keeps only
         rejected rows, for the quarantine). So the warehouse stays open while they are scored; another
         job's run waits for it, up to ``BATCHML_LOCK_TIMEOUT``. No shadow scores: those are for new rows."""
@@ -112,7 +112,7 @@ class BackfillRun(NightlyRun):
                 f"`batchml models list {self.config.job}`)")
 
 
-class DriftRun(NightlyRun):
+class DriftRun(JobRun):
     """Drift of the rows a nightly run would pull now; writes only the drift rows of a 'drift' run."""
 
     def __init__(self, project: Project, config, as_of: datetime):

@@ -12,7 +12,7 @@
 
 The warehouse is opened only for ``begin``, ``extract`` (and the training pull) and ``commit``; the
 steps between work on run files in ``<warehouse dir>/tmp/<run_id>/``: the rejected rows, the scores,
-and the valid rows only when a later step may read them again (``NightlyRun._keeps_rows``). A crash
+and the valid rows only when a later step may read them again (``JobRun._keeps_rows``). A crash
 anywhere before the commit leaves the warehouse as it was, so the next run simply does the work
 again. Backfills and drift runs (``backfill``) take the same pass; the run's state is one
 ``state.RunState``; the train and evaluate steps are in ``train_step``, the score step in
@@ -25,6 +25,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -101,8 +102,11 @@ class Duties:
     report: bool = True  # ... then the run's report (and mail) and the history page
 
 
-class NightlyRun(TrainSteps, ScoreStep):
-    """One run's steps (see the module docstring for the order); what they find goes to ``self.state``."""
+class JobRun(TrainSteps, ScoreStep, ABC):
+    """What every kind of run shares: begin, the one pass over the batch, checks, drift, the commit,
+    publishing and the report, and the failure handling around them. What it finds goes to
+    ``self.state``. Its kinds say which steps they take, in ``_steps``: :class:`NightlyRun` (and
+    replays), ``backfill.BackfillRun``, ``backfill.DriftRun``, and their Dask forms in ``cluster.run``."""
 
     def __init__(self, project: Project, config: JobConfig, as_of: datetime, kind: str, force_retrain: bool, notify: bool,
                  duties: Duties = Duties()):
@@ -150,26 +154,9 @@ class NightlyRun(TrainSteps, ScoreStep):
                     raise
                 raise exc from caught
 
+    @abstractmethod
     def _steps(self) -> None:
-        # with a champion the pull scores as it reads: one pass (the step is timed as scoring, as a backfill's)
-        with self.run.step("score" if self._scores_in_pass() else "extract"):
-            self._extract()
-        checkpoint("extract")
-        with self.run.step("validate"):
-            self._validate()
-        with self.run.step("drift"):
-            self._drift()
-        with self.run.step("train"):
-            candidate = self._retrain()
-        checkpoint("train")
-        if candidate is not None:
-            with self.run.step("evaluate"):
-                self._gate(candidate)
-        with self.run.step("score"):
-            self._score()
-        checkpoint("score")
-        with self.run.step("commit"):
-            self._commit()
+        """This kind of run's steps, each timed with ``self.run.step(name)``, the last one the commit."""
 
     @contextmanager
     def _connect(self) -> Iterator:
@@ -500,3 +487,28 @@ class NightlyRun(TrainSteps, ScoreStep):
             log.warning("%s: report not delivered: %s", self.config.job, exc)
         if self.run.kind == "nightly":  # a replay refreshes the page once, after its last night
             reporting.refresh_history(self.project, self.config, self.run.run_id, send=self.notify)
+
+
+class NightlyRun(JobRun):
+    """A nightly (or replay) run: the steps of the module docstring, in that order."""
+
+    def _steps(self) -> None:
+        # with a champion the pull scores as it reads: one pass (the step is timed as scoring, as a backfill's)
+        with self.run.step("score" if self._scores_in_pass() else "extract"):
+            self._extract()
+        checkpoint("extract")
+        with self.run.step("validate"):
+            self._validate()
+        with self.run.step("drift"):
+            self._drift()
+        with self.run.step("train"):
+            candidate = self._retrain()
+        checkpoint("train")
+        if candidate is not None:
+            with self.run.step("evaluate"):
+                self._gate(candidate)
+        with self.run.step("score"):
+            self._score()
+        checkpoint("score")
+        with self.run.step("commit"):
+            self._commit()

@@ -1,12 +1,12 @@
 """The score step of a run, and the scoring the pull does in its pass.
 
-The pull scores the batch with the night's champion as it reads it (``NightlyRun._pull_batch``);
+The pull scores the batch with the night's champion as it reads it (``JobRun._pull_batch``);
 ``_score`` scores the kept rows again only when a champion was crowned or promoted in the run, so
 the stored scores are always the champion's after the gate. With ``promotion.shadow`` the newest
 challenger scores the same rows into ``<scores>_shadow``. A champion that needs columns the source
 lost refuses to score, naming them and the way out.
 
-``ScoreStep`` is a part of ``nightly.NightlyRun`` (as ``train_step.TrainSteps``): it works on the
+``ScoreStep`` is a part of ``nightly.JobRun`` (as ``train_step.TrainSteps``): it works on the
 run's ``run``, ``state``, ``config`` and ``scratch``.
 """
 

@@ -18,7 +18,7 @@ class RunState:
     """The state of one run. Set by ``begin`` and ``extract`` (models, the batch, the history the
     triggers weigh), then ``drift``, ``train``/``evaluate`` and ``score``; read by ``commit``."""
 
-    pull_config: JobConfig  # the config's features plus the champion's (NightlyRun._pull_config)
+    pull_config: JobConfig  # the config's features plus the champion's (JobRun._pull_config)
     # the models
     champion_row: dict | None = None
     champion: registry.LoadedModel | None = None  # the champion after the gate, once it has run

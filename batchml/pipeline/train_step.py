@@ -2,7 +2,7 @@
 train (in this process, on the Dask cluster, or from a window the Dask workers read), and the gate
 that promotes it or not. The first model a job gets is crowned without a gate.
 
-``TrainSteps`` is a part of ``nightly.NightlyRun``, kept apart to keep each file about one step: it
+``TrainSteps`` is a part of ``nightly.JobRun``, kept apart to keep each file about one step: it
 works on the run's ``run``, ``state``, ``config``, ``project`` and ``scratch`` and its ``_connect``
 and ``_warn``. Registry writes are queued on ``state.pending`` for the commit's one transaction.
 """
