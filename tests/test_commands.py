@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from batchml import api
 from conftest import DemoProject, copy_project, day, job_config
 from test_cli import assert_one_line_error
 from test_notify import _serve
@@ -17,9 +18,10 @@ FIRST, SECOND = "2026-03-01", "2026-03-03"  # two nights of the test data: a cha
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory, champion_templates) -> DemoProject:
-    """A project after two nights: v1 crowned on the first, a forced challenger judged on the second."""
+    """A project after two nights: v1 crowned on the first, a forced challenger judged on the second
+    (in-process, as the state the commands then read: ``api.run`` is what `batchml run` calls)."""
     project = copy_project(champion_templates(day(59)), tmp_path_factory.mktemp("ran") / "project")  # the night of FIRST
-    project.cli("run", "vuln_risk", "--as-of", SECOND, "--force-retrain", "--no-notify", check=True)
+    api.run("vuln_risk", project=project.root, as_of=SECOND, force_retrain=True, notify=False)
     return project
 
 
@@ -74,7 +76,7 @@ def test_a_mailed_report_is_logged_once(p):
 
 def test_report_without_a_run_id_takes_the_latest_nightly_run_and_says_which(p):
     nightly = p.scalar("SELECT run_id FROM batchml.runs WHERE kind = 'nightly' ORDER BY started_at DESC LIMIT 1")
-    p.cli("drift", "vuln_risk", "--as-of", "2026-03-05", check=True)  # a later, ad-hoc run
+    api.drift("vuln_risk", project=p.root, as_of="2026-03-05")  # a later, ad-hoc run (what `batchml drift` calls)
     result = p.cli("report", "vuln_risk", check=True)
     assert f"run {nightly} (nightly as of {SECOND} 00:00 UTC, succeeded)" in result.stdout
     assert result.stdout.strip().endswith(f"{nightly}.html")
@@ -93,7 +95,7 @@ def test_runs_list_and_show_tell_counts_triggers_decision_and_report(p):
     assert listing.index(runs[1][0]) < listing.index(runs[0][0])  # newest first
     assert runs[0][0] not in p.cli("runs", "list", "vuln_risk", "--limit", "1", check=True).stdout
 
-    p.cli("report", "vuln_risk", runs[1][0], check=True)
+    api.report("vuln_risk", runs[1][0], project=p.root)  # (what `batchml report` calls)
     shown = p.cli("runs", "show", runs[1][0], check=True).stdout
     _, extracted, quarantined, scored, challenger = runs[1]
     assert f"{extracted} extracted, {quarantined} quarantined, {scored} scored" in shown
@@ -139,7 +141,7 @@ def test_a_second_backfill_of_a_range_says_it_appends_another_copy(p):
 
 
 def test_replay_prints_each_day_its_cut_off_and_the_days_already_done(p):
-    p.cli("backfill", "vuln_risk", "--start", "2026-03-03", "--end", "2026-03-03", "--replay", check=True)
+    api.replay("vuln_risk", "2026-03-03", "2026-03-03", project=p.root)  # (what `batchml backfill --replay` calls)
     result = p.cli("backfill", "vuln_risk", "--start", "2026-03-03", "--end", "2026-03-04", "--replay", check=True)
     lines = result.stdout.splitlines()
     assert "2026-03-03 (as of 2026-03-04 00:00 UTC): already replayed" in lines

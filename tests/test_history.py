@@ -21,6 +21,8 @@ import pytest
 from test_notify import smtp_server  # noqa: F401 - the real SMTP server fixture
 from test_run_report import smtp_env
 
+from batchml import api
+from batchml.errors import BatchMLError
 from batchml.reports.history import TOP_FEATURES, HistoryData, build_history
 from batchml.reports.deliver import week_start
 from conftest import DemoProject, day, job_config, load_source
@@ -88,14 +90,17 @@ def number(text: str) -> float:
 
 @pytest.fixture(scope="module")
 def replayed(tmp_path_factory, findings) -> DemoProject:
-    """Eight replayed nights after the upgrade, then a nightly run that fails on a missing column."""
+    """Eight replayed nights after the upgrade, then a nightly run that fails on a missing column
+    (in-process through ``batchml.api``, what `batchml backfill --replay` and `batchml run` call)."""
     project = DemoProject(tmp_path_factory.mktemp("history") / "project", findings)
     project.write_config(job_config())
     load_source(project.warehouse, findings)
-    project.cli("backfill", "vuln_risk", "--start", f"{day(FIRST):%Y-%m-%d}", "--end", f"{day(LAST):%Y-%m-%d}", "--replay", check=True)
+    api.replay("vuln_risk", day(FIRST).date(), day(LAST).date(), project=project.root)
     broken = job_config(features={"numeric": ["cvss_base", "gone_column"], "categorical": []}, validation={"ranges": {}})
     project.write_config(broken)
-    assert project.cli("run", "vuln_risk", "--as-of", f"{day(LAST + 1):%Y-%m-%d}T06:00:00").returncode == 1
+    with pytest.raises(BatchMLError) as failed:
+        api.run("vuln_risk", project=project.root, as_of=day(LAST + 1) + timedelta(hours=6))
+    assert failed.value.exit_code == 1  # a failed run, recorded as such
     project.write_config(job_config())
     return project
 

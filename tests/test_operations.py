@@ -21,6 +21,7 @@ import pytest
 from conftest import DemoProject, day, job_config
 from test_pipeline import valid_landed
 
+from batchml import api
 from batchml.models import manage
 from batchml.models import registry
 from batchml.pipeline.nightly import run_job
@@ -301,8 +302,9 @@ def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(cham
         "SELECT finding_id FROM raw.vuln_findings WHERE found_at >= ? AND found_at < ?", [day(40), day(43)])}
     assert len(in_range) > 100
 
-    def backfill(*extra: str) -> dict:
-        p.cli("backfill", "vuln_risk", "--start", "2026-02-10", "--end", "2026-02-12", *extra, check=True)
+    def backfill(**options) -> dict:
+        """A backfill of event days 2026-02-10 .. 2026-02-12 in-process (what `batchml backfill` calls), read back."""
+        api.backfill("vuln_risk", "2026-02-10", "2026-02-12", project=p.root, **options)
         run = runs(p, "backfill")[-1]
         assert run["status"] == "succeeded"
         return run
@@ -321,9 +323,9 @@ def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(cham
     assert len(latest) == p.scalar("SELECT count(DISTINCT finding_id) FROM scores.vuln_risk")
     assert {latest[f] for f in in_range} == {second["run_id"]}
 
-    with_v1 = backfill("--model-version", "1")
+    with_v1 = backfill(model_version=1)
     assert scored_by(with_v1) == (in_range, {1})
-    dry = backfill("--dry-run")
+    dry = backfill(dry_run=True)
     assert scored_by(dry) == (set(), set()) and dry["rows_scored"] == 0 and "dry run" in dry["note"]
     assert p.scalar("SELECT count(*) FROM scores.vuln_risk") == nightly + 3 * len(in_range)
     assert watermark(p) == mark

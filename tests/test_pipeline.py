@@ -69,10 +69,10 @@ def test_incremental_runs_score_each_landed_row_exactly_once(demo_project):
 
 
 @pytest.mark.parametrize("on_drift", [False, True])
-def test_a_night_without_a_possible_retrain_reads_its_batch_once(demo_project, monkeypatch, on_drift):
+def test_a_night_without_a_possible_retrain_reads_its_batch_once(champion_project, monkeypatch, on_drift):
     """With a champion and no trigger that can fire, the pull scores as it reads: the run's folder
     holds the rejected rows and the scores, not the batch (kept only when a retrain may need it)."""
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     retrain = {"every_days": None, "on_drift": on_drift, "min_new_labels": None, "max_decay": None}
     demo_project.write_config(job_config(**{"training.retrain": retrain}))
     seen: dict[str, list[str]] = {}
@@ -105,8 +105,8 @@ def test_without_enough_labels_nothing_is_scored_and_rows_wait(demo_project):
     assert later.rows_scored == valid_landed(demo_project, day(-1), day(60))
 
 
-def test_scores_are_reproducible_from_model_txt_and_model_json_alone(demo_project):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_scores_are_reproducible_from_model_txt_and_model_json_alone(champion_project):
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     folder = Path(demo_project.scalar("SELECT artifact_path FROM batchml.models WHERE version = 1"))
     manifest = json.loads((folder / "model.json").read_text())
     booster = lgb.Booster(model_file=str(folder / "model.txt"))
@@ -127,8 +127,8 @@ def test_scores_are_reproducible_from_model_txt_and_model_json_alone(demo_projec
     assert np.max(np.abs(booster.predict(matrix) - expected)) <= 1e-9
 
 
-def test_a_tampered_model_is_refused(demo_project):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_a_tampered_model_is_refused(champion_project):
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     model = Path(demo_project.scalar("SELECT artifact_path FROM batchml.models WHERE version = 1")) / "model.txt"
     model.write_text(model.read_text().replace("shrinkage=0.1", "shrinkage=0.2", 1))
 
@@ -161,8 +161,8 @@ def test_bad_rows_are_quarantined_with_a_reason_and_scored_rows_add_up(demo_proj
     assert records and all(any(v in ("inf", "-inf") for v in r.values()) for r in records)
 
 
-def test_a_batch_with_too_many_bad_rows_is_rejected_and_waits_for_the_fix(demo_project):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_a_batch_with_too_many_bad_rows_is_rejected_and_waits_for_the_fix(champion_project):
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     bad = demo_data.inject_bad_rows(demo_project.findings, 0.3, seed=5)
     load_source(demo_project.warehouse, bad)
 
@@ -281,12 +281,12 @@ def test_exact_duplicate_rows_are_scored_once(demo_project):
     assert demo_project.scalar("SELECT count(*) - count(DISTINCT finding_id) FROM scores.vuln_risk") == 0
 
 
-def test_a_moved_project_uses_its_own_model_artifacts(demo_project, tmp_path):
+def test_a_moved_project_uses_its_own_model_artifacts(champion_project, tmp_path):
     import shutil
 
     from batchml.project import Project
 
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     moved = tmp_path / "moved"
     shutil.move(str(demo_project.root), moved)  # the registry still holds the old absolute path
 
@@ -295,8 +295,8 @@ def test_a_moved_project_uses_its_own_model_artifacts(demo_project, tmp_path):
     assert run.status == "succeeded" and run.rows_scored > 0 and run.champion_version == 1
 
 
-def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(demo_project):
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+def test_an_entity_id_whose_type_changed_fails_with_the_alter_that_fixes_it(champion_project):
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     con = duckdb.connect(str(demo_project.warehouse))
     con.execute("ALTER TABLE raw.vuln_findings ALTER finding_id TYPE VARCHAR USING 'GHSA-' || finding_id")
     con.close()
@@ -350,10 +350,10 @@ def test_ctrl_c_ends_the_run_as_an_interrupt(demo_project):
     assert errors.interrupted(wrapped)
 
 
-def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(demo_project):
+def test_a_failed_commit_reports_its_own_error_and_records_nothing_as_done(champion_project):
     import duckdb
 
-    run_job(demo_project.project, "vuln_risk", as_of=day(60), notify=False)
+    demo_project = champion_project  # after run_job(..., as_of=day(60), notify=False): champion v1
     con = duckdb.connect(str(demo_project.warehouse))
     con.execute("ALTER TABLE scores.vuln_risk ALTER COLUMN risk_band TYPE INTEGER USING 0")  # the next insert cannot convert 'high'
     con.close()

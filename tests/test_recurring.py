@@ -1,9 +1,12 @@
-"""A recurring-entity job through the CLI: churn, the same customers in every weekly snapshot.
+"""A recurring-entity job: churn, the same customers in every weekly snapshot.
 
 A row is identified by (entity id, event time): every snapshot is scored and trained on, only the
 same customer at the same snapshot twice is a duplicate, ``_latest`` is each customer's newest
 snapshot, drift judges only batches of ``drift.min_rows`` rows or more, and retrain triggers do not
 repeat themselves night after night.
+
+Nights are run in-process through ``batchml.api`` (what the commands call: a CLI process costs
+~1.5 CPU-seconds to start on the test machine); the CLI runs where its output is what is checked.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchml import api
 from conftest import CHURN_START, churn_config, load_source
 
 WEEK = timedelta(days=7)
@@ -25,10 +29,10 @@ def _date(moment) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
-def _first_night(p, weeks: int = 20, *extra: str):
+def _first_night(p, weeks: int = 20):
     """The first nightly run, the day after the Monday snapshot of week ``weeks``: trains v1 and scores every snapshot so far."""
     as_of = CHURN_START + weeks * WEEK + timedelta(days=1)
-    p.cli("run", "churn", "--as-of", _date(as_of), "--no-notify", *extra, check=True)
+    api.run("churn", project=p.root, as_of=as_of, notify=False)
     return as_of
 
 
@@ -87,7 +91,7 @@ def test_nightly_replays_and_backfills_of_snapshots_run_without_a_rejection_and_
     p = churn_project
     as_of = _first_night(p)
     first_night = as_of.date()
-    p.cli("backfill", "churn", "--start", _date(first_night), "--end", _date(first_night + timedelta(days=8)), "--replay", check=True)
+    api.replay("churn", first_night, first_night + timedelta(days=8), project=p.root)
     # an old backfill: weeks 2-3 again, with the champion
     old = p.cli("backfill", "churn", "--start", _date(CHURN_START + 2 * WEEK), "--end", _date(CHURN_START + 3 * WEEK), check=True)
     assert "rejected" not in old.stdout + old.stderr
@@ -102,10 +106,10 @@ def test_nightly_replays_and_backfills_of_snapshots_run_without_a_rejection_and_
         (250, 250, newest, newest)]
 
     # a second model scores the newest snapshot again: for that event its score is now the latest
-    p.cli("run", "churn", "--as-of", _date(as_of + timedelta(days=9)), "--force-retrain", "--no-notify", check=True)
+    api.run("churn", project=p.root, as_of=as_of + timedelta(days=9), force_retrain=True, notify=False)
     forced = p.scalar("SELECT challenger_version FROM batchml.runs ORDER BY started_at DESC LIMIT 1")
-    p.cli("backfill", "churn", "--start", _date(newest), "--end", _date(newest), "--model-version", str(forced), check=True)
-    p.cli("backfill", "churn", "--start", _date(CHURN_START + 4 * WEEK), "--end", _date(CHURN_START + 4 * WEEK), check=True)
+    api.backfill("churn", newest.date(), newest.date(), project=p.root, model_version=forced)
+    api.backfill("churn", (CHURN_START + 4 * WEEK).date(), (CHURN_START + 4 * WEEK).date(), project=p.root)
 
     expected = [(250, newest, forced)]
     assert p.query("SELECT count(*), max(event_time), min(model_version) FROM scores.churn_latest") == expected
@@ -124,7 +128,7 @@ def test_drift_below_min_rows_is_stored_but_flags_nothing(churn_project):
                                    "notify": {"email": ["ops@example.com"], "on": ["drift"]}}), job="churn")
     as_of = _first_night(p)
     monday = (as_of + WEEK - timedelta(days=1)).date()
-    p.cli("backfill", "churn", "--start", _date(monday), "--end", _date(monday), "--replay", check=True)
+    api.replay("churn", monday, monday, project=p.root)
 
     run_id, drift_flag, triggers, note, pulled = p.query(
         "SELECT run_id, dataset_drift, triggers, note, rows_extracted FROM batchml.runs WHERE kind = 'replay'")[0]
@@ -140,7 +144,7 @@ def test_drift_below_min_rows_is_stored_but_flags_nothing(churn_project):
     p.write_config(churn_config(**{"drift": {"psi_threshold": 1e-9, "min_rows": 250},
                                    "training.retrain": {"every_days": None, "on_drift": True, "min_new_labels": None, "max_decay": None}}),
                    job="churn")
-    p.cli("run", "churn", "--as-of", _date(monday + WEEK + timedelta(days=1)), "--no-notify", check=True)
+    api.run("churn", project=p.root, as_of=monday + WEEK + timedelta(days=1), notify=False)
     assert p.query("SELECT rows_extracted, dataset_drift, triggers FROM batchml.runs ORDER BY started_at DESC LIMIT 1") == [
         (250, True, '["drift"]')]
 
@@ -153,7 +157,7 @@ def test_age_counts_from_the_last_training_and_a_rejected_drift_challenger_is_no
                    job="churn")
     as_of = _first_night(p)
     start = as_of.date()
-    p.cli("backfill", "churn", "--start", _date(start), "--end", _date(start + timedelta(days=20)), "--replay", check=True)
+    api.replay("churn", start, start + timedelta(days=20), project=p.root)
 
     trained = p.query("SELECT CAST(as_of AS DATE) FROM batchml.runs WHERE challenger_version IS NOT NULL ORDER BY as_of")
     # v1 on the first night, then one challenger every 7 days (not every night once v1 is 7 days old)
@@ -169,7 +173,7 @@ def test_a_drift_challenger_that_lost_is_not_trained_again_for_the_same_drift(ch
                    job="churn")
     as_of = _first_night(p)
     start = as_of.date()
-    p.cli("backfill", "churn", "--start", _date(start), "--end", _date(start + timedelta(days=13)), "--replay", check=True)
+    api.replay("churn", start, start + timedelta(days=13), project=p.root)
 
     mondays = p.query("SELECT dataset_drift, triggers, challenger_version, note FROM batchml.runs "
                       "WHERE kind = 'replay' AND rows_extracted > 0 ORDER BY as_of")
