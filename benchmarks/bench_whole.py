@@ -278,7 +278,6 @@ def measure(quick: bool = False, before: Path | None = None) -> dict:
     (big / "warehouse").mkdir(parents=True)
     shutil.copyfile(table_db, big / "warehouse" / "warehouse.duckdb")
 
-    register_compiled(big)
 
     def big_minimal(root: Path, out: Path) -> list[str]:
         return ["raw.findings", "finding_id", "ingested_at", "1970-01-01", f"{common.AS_OF}", str(Path(row["artifact_path"])),
@@ -287,23 +286,6 @@ def measure(quick: bool = False, before: Path | None = None) -> dict:
     figures["big"] = contenders(big, common.JOB, common.AS_OF, common.T0.date(), common.AS_OF.date(), big_minimal, 2, before)
     figures["machine_load_end"] = os.getloadavg()
     return figures
-
-
-def register_compiled(template: Path) -> None:
-    """The model's compiled libraries registered in ``template``'s warehouse, as a promotion in a run
-    leaves them: a library is loaded only when registered, and otherwise every timed run would
-    compile it (minutes). One untimed run on a copy compiles (first time only) and registers them."""
-    import duckdb
-
-    warm = fresh_copy(template, "bench-warmup")
-    timed([BATCHML, "--project", str(warm), "run", common.JOB, "--as-of", f"{common.AS_OF:%Y-%m-%d %H:%M}"])
-    con = duckdb.connect(str(warm / "warehouse" / "warehouse.duckdb"), read_only=True)
-    rows = con.execute("SELECT * FROM batchml.compiled_libraries").fetchall()
-    con.close()
-    con = duckdb.connect(str(template / "warehouse" / "warehouse.duckdb"))
-    con.executemany("INSERT INTO batchml.compiled_libraries VALUES (?, ?, ?, ?, ?, ?)", rows)
-    con.close()
-    shutil.rmtree(warm, ignore_errors=True)
 
 
 def _trees(model_dir: Path) -> int:
