@@ -179,7 +179,7 @@ def measure(quick: bool) -> dict:
 
     model = common.loaded_model(row)
     compiled.precompile(model, force=True)  # once, outside the timings (as at promotion), and registered in each warehouse
-    row = {**row, "built": model.take_unregistered()}
+    row = {**row, "built": common.verified_libraries(row)}
     figures: dict = {"rows": rows, "runs": {}, "load_before": common.load_average(), "memory_limit": os.environ["BATCHML_MEMORY_LIMIT"]}
     for name, workers, kill in (("local", None, False), ("dask, 1 worker", 1, False), ("dask, 2 workers", 2, False),
                                 ("dask, 2 workers, one killed", 2, True)):

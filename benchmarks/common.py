@@ -228,9 +228,11 @@ def _read_row(path: Path) -> dict:
 
 
 def loaded_model(row: dict):
+    """The champion as a run loads it: with its verified compiled libraries registered (else a cached
+    library is refused and compiled again)."""
     from batchml.models import registry
 
-    return registry.load(row)
+    return registry.load({**row, registry.LIBRARIES: {b["file"]: b["sha256"] for b in verified_libraries(row)}})
 
 
 def verified_libraries(row: dict) -> list[dict]:
