@@ -542,7 +542,8 @@ def compiled_for_batch(model: LoadedModel, rows: int, leaves: bool, warn: Callab
 
     2M rows of a 42-tree model (1,302 leaves): the compile adds ~2 s to the night that builds it
     and saves ~3 s of CPU in each night of that size after it."""
-    if not available() or not compile_pays(model, rows, kinds=2 if leaves else 1):
+    # the arithmetic first: most batches (every one of the demo's) never import lleaves
+    if not compile_pays(model, rows, kinds=2 if leaves else 1) or not available():
         return None
     built = {}
     for kind in (SCORES, LEAVES) if leaves else (SCORES,):
