@@ -169,6 +169,28 @@ def test_shadow_scores_on_the_dask_engine_are_the_local_engines(tmp_path, source
     assert on_dask.scalar("SELECT count(*) FROM batchml.manifests WHERE kind = 'shadow'") > 0
 
 
+def test_a_night_with_a_promotion_on_dask_stores_the_new_champions_scores_as_the_local_engine(tmp_path, findings, cluster):
+    """The tasks score with the night's first champion (v1) as they read; v2, promoted after the
+    gate, scores the rows they kept: the stored scores are v2's, equal to the local engine's, and
+    the pass's v1 files are not left in the lake."""
+    promotion = {"metric": "roc_auc", "min_improvement": 0.002, "guard": {"log_loss": 0.01}, "max_latency_ratio": 50,
+                 "bootstrap_resamples": 500}
+    stored = {}
+    for engine in ("local", "dask"):
+        execution = {"engine": "dask", "scheduler": cluster.scheduler_address} if engine == "dask" else {}
+        project = parquet_project(tmp_path / engine, findings, 2, overrides={"promotion": promotion}, **execution)
+        run_nights(project, nights=(60,))
+        run = run_job(project.project, "vuln_risk", as_of=day(135), force_retrain=True, notify=False)
+        assert run.status == "succeeded" and run.promoted and run.champion_version == 2, run.error
+        stored[engine] = project.query("SELECT finding_id, score, model_version FROM scores.vuln_risk WHERE run_id = ? "
+                                       "ORDER BY finding_id", [run.run_id])
+    assert len(stored["dask"]) == run.rows_scored > 0 and {version for *_, version in stored["dask"]} == {2}
+    assert stored["dask"] == stored["local"]
+    lake = project.root / "warehouse" / "lake" / "vuln_risk" / "scores"
+    assert sorted(str(p) for p in lake.rglob("*.parquet")) == sorted(
+        path for (path,) in project.query("SELECT path FROM batchml.manifests WHERE kind = 'scores'"))
+
+
 def test_workers_load_the_champions_registered_compiled_trees_instead_of_building_them_again(tmp_path, source, cluster):
     pytest.importorskip("lleaves", reason="the compiled extra is installed by `make test`")
     project = parquet_project(tmp_path / "project", source, 3, overrides={"scoring.engine": "compiled"}, engine="dask",

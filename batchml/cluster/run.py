@@ -1,10 +1,11 @@
 """The nightly run on the Dask engine: the same steps and decisions, the rows on the workers.
 
-Only the steps that touch every row move: the pull with the data contract and the drift tally
-(one task per partition, each reading its own share of the files and row groups
-(:mod:`~batchml.cluster.plan`): :func:`~batchml.cluster.tasks.check_partition`), and scoring
-(:func:`~batchml.cluster.tasks.score_partition`, after the client has trained and gated, so a
-challenger promoted tonight scores tonight's rows as it does locally). The client merges the
+Only the steps that touch every row move, in one pass as on the local engine: one task per
+partition reads its own share of the files and row groups (:mod:`~batchml.cluster.plan`), checks
+it against the data contract, tallies drift and scores it with the champion of the night's start
+(:func:`~batchml.cluster.tasks.check_partition`). A champion crowned or promoted later in the run
+scores the rows the tasks kept for it (:func:`~batchml.cluster.tasks.score_partition`), so the
+stored scores are the champion's after the gate, as locally. The client merges the
 counts, makes every decision exactly as :class:`~batchml.pipeline.nightly.NightlyRun` does (``DaskNightlyRun`` is one),
 and commits the run row, watermark, drift, quarantine, registry changes and the manifest of the
 run's lake files in its one transaction. Training stays on the client.
@@ -25,11 +26,12 @@ import pyarrow.compute as pc
 from batchml.monitoring import drift
 from batchml.monitoring import performance
 from batchml.models import registry
+from batchml.models.scoring import ScoreSummary
 from batchml.pipeline.backfill import BackfillRun
 from batchml.cluster.connect import open_client, scheduler_address, worker_count
 from batchml.cluster import plan
-from batchml.cluster.tasks import (CheckedPart, ModelRef, Partition, Rivals, ScoredPart, check_partition, key_buckets,
-                                   partition_keys, score_partition, shared_keys)
+from batchml.cluster.tasks import (CheckedPart, ModelRef, Partition, Rivals, ScoredPart, ScoreOrder, check_partition,
+                                   key_buckets, partition_keys, score_partition, shared_keys)
 from batchml.config import JobConfig, distributed_source_problem
 from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
@@ -107,13 +109,22 @@ class DaskRun(JobRun):
                            len(shares), share, self.project.settings.memory_limit, task_pause())
                  for index, share in enumerate(shares)]
         rivals = self._rivals(parts)
-        futures = [self.client.submit(check_partition, part, profile, rivals[part.index],
-                                      key=f"check-{self.run.run_id}-{part.index}", pure=False)
+        # as the local engine's pull: with a champion, each task scores its rows as it reads them (one
+        # pass); the valid rows are kept only when a later step may read them again
+        planned = sum(unit.rows for share in shares if share for unit in share)  # from the footers: at least the night's rows
+        keep_share = min(1.0, ESTIMATE_SAMPLE / planned) if planned else None
+        order = self._score_order(keep_share) if self._scores_in_pass() and not self.state.champion_missing else None
+        keep = self._keeps_rows()
+        task = "score" if order is not None else "check"
+        futures = [self.client.submit(check_partition, part, profile, rivals[part.index], order, keep,
+                                      key=f"{task}-{self.run.run_id}-{part.index}", pure=False)
                    for part in parts]
         self.partitions = parts
         self.checked = sorted(self._gather(futures, "pulling the batch"), key=lambda c: c.index)
         tallies = [c.drift for c in self.checked if c.drift is not None]
         self.state.drift_tally = merged(tallies)
+        if order is not None:
+            self._scored([c.scored for c in self.checked])
         return merged_pull(self.checked, lake.job_root(self.lake, self.config.job))
 
     def _watermark_bounds(self) -> plan.Bounds:
@@ -122,22 +133,30 @@ class DaskRun(JobRun):
     def _rivals(self, parts: list[Partition]) -> list[Rivals | None]:
         return share_rivals(self.client, parts, self._gather, self.config.job)
 
-    def _scores_in_pass(self) -> bool:  # the partitions are scored after training (see _score)
-        return False
-
     def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:
         return self.state.drift_tally if self.state.drift_tally is not None else drift.CurrentAccumulator(profile)
 
     # -- scoring: one task per partition, with the (possibly new) champion ---------------------------
 
     def _score(self) -> None:
+        """The pass scored the partitions with the champion of the night's start; one crowned or
+        promoted since scores the kept rows again (``ScoreStep._score``)."""
         if self.state.champion is None:
             self._wait_for_model()
             return
         self._require_fed()
-        self._score_on_cluster()
+        if self.state.scored_by is not self.state.champion:
+            if any(checked.staging is None for checked in self.checked):  # _keeps_rows keeps them whenever a challenger can be trained
+                raise RuntimeError(f"v{self.state.champion.version} was promoted but the run kept no rows to score")
+            self._score_on_cluster()
         if self.config.promotion.shadow:
             self._shadow_on_cluster()
+
+    def _score_order(self, keep_share: float | None, model: registry.LoadedModel | None = None, kind: str = lake.SCORES) -> ScoreOrder:
+        """What the tasks need to score with ``model`` (the champion): one ``scored_at`` for the run."""
+        model = model or self.state.champion
+        profile = drift.ReferenceProfile({}, {}, load_profile(model).score)  # prediction drift: the scores' distribution only
+        return ScoreOrder(ModelRef.of(model), registry.utcnow(), keep_share, profile, kind)
 
     def _shadow_on_cluster(self) -> None:
         """``promotion.shadow``: the newest challenger scores the same partitions into shadow lake
@@ -150,28 +169,33 @@ class DaskRun(JobRun):
         if missing:  # a challenger from before a change of the feature list
             self._warn(f"no shadow scores: challenger v{challenger.version} needs {', '.join(missing)}, which this run did not pull")
             return
-        profile = drift.ReferenceProfile({}, {}, load_profile(challenger).score)
-        ref, scored_at = ModelRef.of(challenger), registry.utcnow()
-        futures = [self.client.submit(score_partition, part, checked.staging, ref, scored_at, 0.0, profile, lake.SHADOW,
-                                      key=f"shadow-{self.run.run_id}-{part.index}", pure=False)
+        order = self._score_order(0.0, challenger, lake.SHADOW)
+        futures = [self.client.submit(score_partition, part, checked.staging, order, key=f"shadow-{self.run.run_id}-{part.index}", pure=False)
                    for part, checked in zip(self.partitions, self.checked)]
         self.shadow_parts = [p.scores for p in self._gather(futures, "shadow scoring")]
 
     def _score_on_cluster(self) -> None:
-        self.run.champion_version = self.state.champion.version
-        profile = drift.ReferenceProfile({}, {}, load_profile(self.state.champion).score)
-        keep_share = min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1))
-        ref, scored_at = ModelRef.of(self.state.champion), registry.utcnow()
-        futures = [self.client.submit(score_partition, part, checked.staging, ref, scored_at, keep_share, profile,
-                                      key=f"score-{self.run.run_id}-{part.index}", pure=False)
+        """Score the kept rows of every partition with the champion (crowned or promoted in this run)."""
+        order = self._score_order(min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1)))
+        futures = [self.client.submit(score_partition, part, checked.staging, order, key=f"score-{self.run.run_id}-{part.index}", pure=False)
                    for part, checked in zip(self.partitions, self.checked)]
-        self.scored_parts = sorted(self._gather(futures, "scoring"), key=lambda s: s.index)
+        self._scored(self._gather(futures, "scoring"))
+
+    def _scored(self, parts: list[ScoredPart]) -> None:
+        """Take the partitions' scores as the run's: rows, bands, prediction drift, estimated performance."""
+        self.run.champion_version = self.state.champion.version
+        for superseded in self.scored_parts:  # the pass's scores by the champion the gate replaced: no manifest will list them
+            Path(superseded.scores.path).unlink(missing_ok=True)
+        self.scored_parts = sorted(parts, key=lambda s: s.index)
+        self.state.scored = ScoreSummary()
         self.run.rows_scored = self.state.scored.rows = sum(p.summary.rows for p in self.scored_parts)
         for part in self.scored_parts:
             self.state.scored.bands.update(part.summary.bands)
             self.state.scored.predict_seconds += part.summary.predict_seconds
             self.state.scored.reason_seconds += part.summary.reason_seconds
             self.state.scored.predictor = part.summary.predictor
+        self.state.scored_by = self.state.champion
+        profile = drift.ReferenceProfile({}, {}, load_profile(self.state.champion).score)
         tally = merged([p.prediction for p in self.scored_parts]) or drift.CurrentAccumulator(profile)
         self.state.prediction_drift = prediction_drift(profile, tally, self.config)
         sample = np.concatenate([p.sample for p in self.scored_parts]) if self.scored_parts else np.empty(0)
@@ -235,8 +259,7 @@ class DaskBackfillRun(DaskRun, BackfillRun):
             self._pull_config(con)
             self._require_fed()
             self.state.batch = self._pull_batch(con, self._batch_filter())
-        self._pulled()
-        self._score_on_cluster()
+        self._pulled()  # the pass scored the rows (``_pull_batch``)
 
 
 def share_rivals(client, parts: list[Partition], gather, job: str) -> list[Rivals | None]:

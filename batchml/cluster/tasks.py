@@ -14,6 +14,7 @@ same winner as one pass over the night would.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -24,17 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from batchml.monitoring import drift
 from batchml.models import registry
 from batchml.cluster.plan import Unit, units_sql
 from batchml.config import JobConfig, thread_count
 from batchml.data.extract import PullResult, run_file_batches, run_file_schema
-from batchml.storage.source import pull, register_object_store, set_cutoff
+from batchml.storage.source import ValidRows, pull, register_object_store, set_cutoff
 from batchml.models.scoring import ScoreSummary, make_predictor, score_batches
 from batchml.storage.lake import QUARANTINE, QUARANTINE_SCHEMA, SCORES, STAGING, PartFile, part_path, quarantine_rows, write_part
 from batchml.storage.warehouse import memory_connection, quote_ident, quote_literal
 from batchml.storage.writeback import scores_schema
+from batchml.pipeline.score_step import ESTIMATE_SAMPLE
 
 
 
@@ -74,20 +77,6 @@ class Rivals:
     repeated: bool | None = None
 
 
-@dataclass
-class CheckedPart:
-    """A partition pulled and checked: counts for the batch rules, its drift tally, its files."""
-
-    index: int
-    staging: str  # the pulled rows (Arrow IPC run file), read again by the scoring task
-    pulled: PullResult
-    null_counts: dict[str, int]
-    quarantine: PartFile
-    drift: drift.CurrentAccumulator | None
-
-    @property
-    def valid(self) -> int:
-        return self.pulled.rows - sum(self.pulled.by_rule.values())
 
 
 @dataclass(frozen=True)
@@ -116,6 +105,37 @@ class ScoredPart:
     summary: ScoreSummary
     prediction: drift.CurrentAccumulator
     sample: np.ndarray  # a share of the scores, for the estimated performance
+
+
+@dataclass(frozen=True)
+class ScoreOrder:
+    """What a task needs to score its rows: the model, the run's one ``scored_at``, the share of
+    scores kept for the estimated performance (None: the task's own share of ``ESTIMATE_SAMPLE``
+    rows) and the reference of the prediction drift (a profile of scores only)."""
+
+    ref: ModelRef
+    scored_at: datetime
+    keep_share: float | None
+    profile: drift.ReferenceProfile
+    kind: str = SCORES
+
+
+@dataclass
+class CheckedPart:
+    """A partition pulled and checked: counts for the batch rules, its drift tally, its files; and,
+    when the pass scored it, its scores."""
+
+    index: int
+    staging: str | None  # the valid rows (Arrow IPC run file), kept only when a later step reads them again
+    pulled: PullResult
+    null_counts: dict[str, int]
+    quarantine: PartFile
+    drift: drift.CurrentAccumulator | None
+    scored: ScoredPart | None = None
+
+    @property
+    def valid(self) -> int:
+        return self.pulled.rows - sum(self.pulled.by_rule.values())
 
 
 # Keys per hash bucket, at most (about): finding the keys held twice groups a whole bucket in one
@@ -199,43 +219,75 @@ def share_connection(part: Partition) -> Iterator:
         con.close()
 
 
-def pull_share(con, part: Partition, rivals: Rivals | None, path: Path) -> PullResult:
+def pull_share(con, part: Partition, rivals: Rivals | None, path: Path, valid_rows: ValidRows | None = None) -> PullResult:
     """The share's rows of ``part.where`` through the data contract (the local engine's own SQL, the
-    duplicate rule ranking against ``rivals``) into run file ``path``."""
-    return pull(con, part.config, part.project_root, part.where, path, columns=part.columns,
+    duplicate rule ranking against ``rivals``) into run file ``path`` (with ``valid_rows``: only the
+    rejected ones, the valid ones handed to it as they are read: ``source.pull``)."""
+    return pull(con, part.config, part.project_root, part.where, path, valid_rows, columns=part.columns,
                 source=part.source(), others=_others_sql(con, part, rivals),
                 repeated=None if rivals is None else rivals.repeated)
 
 
-def check_partition(part: Partition, profile: drift.ReferenceProfile | None, rivals: Rivals | None = None) -> CheckedPart:
-    """Pull the partition's rows through the data contract (the local engine's own SQL, the
-    duplicate rule ranking against ``rivals``) into a staging run file, write its quarantined rows
-    to the lake and tally its valid rows for drift."""
-    staging = part.path(STAGING, ".arrow")
+def check_partition(part: Partition, profile: drift.ReferenceProfile | None, rivals: Rivals | None = None,
+                    order: ScoreOrder | None = None, keep: bool = True) -> CheckedPart:
+    """One pass over the partition's rows, as the local engine's pull: each row through the data
+    contract (the local engine's own SQL, the duplicate rule ranking against ``rivals``; rejected
+    rows to the lake's quarantine file), each valid row tallied for drift, scored with ``order``'s
+    model into the lake when given, and kept in a staging run file only when ``keep`` (a later
+    step reads it again: a champion crowned or promoted in the run rescores, shadow scores). Reading
+    the share once, not writing it to staging and reading it back twice, is what keeps the engine's
+    cost near the local engine's."""
+    rejected = part.path(STAGING, "-rejected.arrow")
+    kept = part.path(STAGING, ".arrow") if keep else None
+    tally = drift.CurrentAccumulator(profile, seed=part.index + 1) if profile is not None else None  # distinct seeds: the merged sample stays uniform
+    scored: list[ScoredPart] = []
+
+    def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
+        batches = _tallied(batches, tally, profile, kept)
+        if order is None:
+            for _ in batches:
+                pass
+        else:
+            scored.extend(_score_stream(part, batches, rows, order))
+
     with share_connection(part) as con:
-        pulled = pull_share(con, part, rivals, staging)
-        quarantine = _write_quarantine(con, part, staging)
+        pulled = pull_share(con, part, rivals, rejected, valid_rows)
+        quarantine = _write_quarantine(con, part, rejected)
+        if kept is not None and not kept.exists():  # no valid row: an empty run file still has the pulled columns
+            ipc.new_file(str(kept), run_file_schema(rejected)).close()
     valid = pulled.rows - sum(pulled.by_rule.values())
+    if order is not None and not scored:  # no valid row: an empty scores file, so every share has one
+        scored.append(_score_stream(part, iter(()), 0, order, run_file_schema(rejected))[0])
     null_counts = {name: round(share * valid) for name, share in pulled.null_fractions.items()}  # the shares of exact counts
-    return CheckedPart(part.index, str(staging), pulled, null_counts, quarantine, _tally(profile, staging, part.index, valid))
+    return CheckedPart(part.index, str(kept) if kept else None, pulled, null_counts, quarantine,
+                       tally if valid else None, scored[0] if scored else None)
 
 
-def _write_quarantine(con, part: Partition, staging: Path) -> PartFile:
-    """The rejected rows as ``batchml.quarantine`` stores them (the id cast by DuckDB, as the local engine does)."""
-    rejected = pa.Table.from_batches(list(run_file_batches(staging, valid=False)), schema=run_file_schema(staging))
-    table = quarantine_rows(con, rejected)
-    return write_part(table.to_batches(), QUARANTINE_SCHEMA, part.path(QUARANTINE), QUARANTINE, part.index)
-
-
-def _tally(profile: drift.ReferenceProfile | None, staging: Path, index: int, valid: int) -> drift.CurrentAccumulator | None:
-    if profile is None or valid == 0:
-        return None
+def _tallied(batches: Iterator[pa.RecordBatch], tally: drift.CurrentAccumulator | None, profile: drift.ReferenceProfile | None,
+             kept: Path | None) -> Iterator[pa.RecordBatch]:
+    """``batches`` passed on, each tallied for drift and written to the kept rows on the way
+    (``JobRun._observed`` of the local engine)."""
     from batchml.pipeline.shared import feature_arrays
 
-    accumulator = drift.CurrentAccumulator(profile, seed=index + 1)  # distinct seeds: the merged sample stays uniform
-    for batch in run_file_batches(staging):
-        accumulator.update(**feature_arrays(batch, profile))
-    return accumulator
+    writer = None
+    try:
+        for batch in batches:
+            if tally is not None:
+                tally.update(**feature_arrays(batch, profile))
+            if kept is not None:
+                writer = writer or ipc.new_file(str(kept), batch.schema)
+                writer.write_batch(batch)
+            yield batch
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _write_quarantine(con, part: Partition, rejected_rows: Path) -> PartFile:
+    """The rejected rows as ``batchml.quarantine`` stores them (the id cast by DuckDB, as the local engine does)."""
+    rejected = pa.Table.from_batches(list(run_file_batches(rejected_rows, valid=False)), schema=run_file_schema(rejected_rows))
+    table = quarantine_rows(con, rejected)
+    return write_part(table.to_batches(), QUARANTINE_SCHEMA, part.path(QUARANTINE), QUARANTINE, part.index)
 
 
 def _threads_of_this_worker() -> None:
@@ -265,28 +317,40 @@ def _load(ref: ModelRef) -> registry.LoadedModel:
     return _MODELS[ref]
 
 
-def score_partition(part: Partition, staging: str, ref: ModelRef, scored_at: datetime, keep_share: float,
-                    score_profile: drift.ReferenceProfile, kind: str = SCORES) -> ScoredPart:
-    """Score the partition's valid rows with the model (its predictor chosen, compiled and verified
-    on this worker as the local engine does) into a scores file in the lake (``kind`` SHADOW: the
-    challenger's shadow scores)."""
+def score_partition(part: Partition, staging: str, order: ScoreOrder) -> ScoredPart:
+    """Score the partition's kept valid rows (its staging run file) with ``order``'s model: a
+    champion crowned or promoted after the pass, or the challenger's shadow scores (the client
+    knows the batch's valid rows: ``order.keep_share`` is given)."""
+    return _score_stream(part, run_file_batches(Path(staging)), 0, order, run_file_schema(Path(staging)))[0]
+
+
+def _score_stream(part: Partition, batches: Iterator[pa.RecordBatch], rows: int, order: ScoreOrder,
+                  schema: pa.Schema | None = None) -> list[ScoredPart]:
+    """Score ``batches`` (at most ``rows`` rows; ``schema``: theirs, else the first batch's) with
+    ``order``'s model (its predictor chosen, compiled and verified on this worker as the local
+    engine does) into a scores file in the lake. Empty when there is no batch and no ``schema``."""
     config = part.config
     _threads_of_this_worker()
     if part.pause and part.pause[0] == "score_partition":
         time.sleep(part.pause[1])
-    model = _load(ref)
+    if schema is None:
+        first = next(batches, None)
+        if first is None:
+            return []
+        schema, batches = first.schema, itertools.chain([first], batches)
+    model = _load(order.ref)
     predictor = make_predictor(model, config.scoring.engine)
     summary = ScoreSummary()
-    prediction = drift.CurrentAccumulator(score_profile, seed=part.index + 1)
+    prediction = drift.CurrentAccumulator(order.profile, seed=part.index + 1)
     rng = np.random.default_rng([config.training.seed, part.index])
+    keep_share = order.keep_share if order.keep_share is not None else min(1.0, ESTIMATE_SAMPLE / max(rows, 1))
     kept: list[np.ndarray] = []
 
     def observe(batch: pa.RecordBatch, scores: np.ndarray) -> None:
         prediction.update({}, {}, scores=scores)
         kept.append(scores if keep_share >= 1.0 else scores[rng.random(len(scores)) < keep_share])
 
-    batches = score_batches(run_file_batches(Path(staging)), model, predictor, config, run_id=part.run_id,
-                            scored_at=scored_at, summary=summary, on_scores=observe)
-    schema = scores_schema(run_file_schema(Path(staging)), config)
-    scores = write_part(batches, schema, part.path(kind), kind, part.index)
-    return ScoredPart(part.index, scores, summary, prediction, np.concatenate(kept) if kept else np.empty(0))
+    scored = score_batches(batches, model, predictor, config, run_id=part.run_id, scored_at=order.scored_at,
+                           summary=summary, on_scores=observe)
+    scores = write_part(scored, scores_schema(schema, config), part.path(order.kind), order.kind, part.index)
+    return [ScoredPart(part.index, scores, summary, prediction, np.concatenate(kept) if kept else np.empty(0))]
