@@ -134,6 +134,25 @@ def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp
     assert bool(shared) == (workers > 1)  # the split duplicates were ranked across shares
 
 
+def test_shares_whose_ids_cannot_meet_skip_the_keys_step_and_still_give_the_local_engines_results(tmp_path, source, cluster,
+                                                                                                    caplog):
+    """Sorted by id, each file's ids span a range of their own (the later copies of a duplicate
+    sit beside their first copies): the footers say no id lies in two shares, so no keys step runs,
+    and each share's own ranking still picks the local engine's winners."""
+    ordered = source.sort_by([("finding_id", "ascending"), ("ingested_at", "ascending")])
+    local = parquet_project(tmp_path / "local", ordered, 4)
+    nights_and_backfill(local)
+    dask = parquet_project(tmp_path / "dask", ordered, 4, engine="dask", scheduler=cluster.scheduler_address)
+    with caplog.at_level("INFO", logger="batchml"):
+        nights_and_backfill(dask)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no finding_id lies in two partitions" in m for m in messages)
+    assert not any("occur in more than one partition" in m for m in messages)
+    found = results(dask)
+    assert "duplicate" in {rule for _, rule, _, _ in found["quarantine"]}
+    assert_same(found, results(local))
+
+
 def test_shared_keys_finds_keys_of_several_shares_and_shares_holding_a_key_twice(tmp_path):
     """One bucket's key files of three shares: key 1 in shares 0 and 2, key 2 twice in share 1,
     key 3 once, key 7 (no event time: a key like any other) in shares 0 and 2."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchml.cluster.plan import Bounds, Unit, balance, plan, units_sql
+from batchml.cluster.plan import Bounds, Unit, balance, disjoint_keys, plan, units_sql
 from batchml.config import parse_job_config
+from batchml.storage.source import row_group_ranges
 from batchml.storage.warehouse import memory_connection
 from conftest import job_config
 
@@ -77,3 +78,27 @@ def test_a_share_lacking_a_column_reads_it_as_null(tmp_path):
     columns = {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{tmp_path}/*.parquet', union_by_name = true)").fetchall()}
     share = (Unit(str(tmp_path / "b.parquet"), 0, 5, True),)
     assert con.execute(f"SELECT count(*), count(severity) FROM ({units_sql(share, columns)})").fetchone() == (5, 0)
+
+
+def test_shares_are_disjoint_only_when_every_row_group_has_statistics_and_no_ranges_meet():
+    a, b = Unit("a.parquet", 0, 200, True), Unit("b.parquet", 0, 100, False)
+    groups = {"a.parquet": [(100, 1, 50), (100, 51, 90)], "b.parquet": [(100, 91, 120), (100, 10, 20)]}
+    assert disjoint_keys([(a,), (b,)], groups)  # 1..90 and 91..120 (b's second row group is not b's unit)
+    assert not disjoint_keys([(a,), (Unit("b.parquet", 0, 200, True),)], groups)  # 10..20 meets 1..90
+    assert not disjoint_keys([(a,), (b,)], {**groups, "b.parquet": [(100, 90, 120)]})  # 90 is in both
+    assert not disjoint_keys([(a,), (b,)], {**groups, "b.parquet": [(100, None, None)]})  # no statistics
+    assert not disjoint_keys([(a,), (b,)], {**groups, "b.parquet": [(100, "x", "y")]})  # ids of two types
+    strings = {"a.parquet": [(100, "a-001", "a-100"), (100, "a-101", "a-200")], "b.parquet": [(100, "b-001", "b-100")]}
+    assert disjoint_keys([(a,), (b,)], strings)
+
+
+def test_row_group_ranges_reads_each_row_groups_id_range_from_the_footers(tmp_path):
+    pq.write_table(pa.table({"id": [5, 3, 9, 7], "name": ["d", "b", "a", "c"]}), tmp_path / "a.parquet", row_group_size=2)
+    pq.write_table(pa.table({"other": [1, 2]}), tmp_path / "b.parquet")  # no id column: nothing known
+    files = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    con = memory_connection("256MB")
+    try:
+        assert row_group_ranges(con, files, "id") == {files[0]: [(2, 3, 5), (2, 7, 9)], files[1]: [(2, None, None)]}
+        assert row_group_ranges(con, files[:1], "name") == {files[0]: [(2, "b", "d"), (2, "a", "c")]}
+    finally:
+        con.close()

@@ -128,3 +128,32 @@ def units_sql(units: tuple[Unit, ...], columns: dict[str, str]) -> str:
     typed += ["CAST(NULL AS VARCHAR) AS __file", "CAST(NULL AS BIGINT) AS __row"]
     selects.append(f"SELECT {', '.join(typed)} WHERE false")
     return "\nUNION ALL BY NAME\n".join(selects)
+
+
+def disjoint_keys(shares: list[tuple[Unit, ...]], groups: dict[str, list[tuple]]) -> bool:
+    """Whether no entity id can lie in two shares: each share's ids span a range (from its row
+    groups' statistics: ``groups``, per file one ``(rows, min, max)`` per row group in order, as
+    ``source.row_group_ranges`` reads them) that no other share's range meets. Then the duplicate
+    rule needs no keys step: each share ranks its own copies, as one pass would (the common
+    append-only source: ids that grow with time). A row group without statistics, ids of two
+    types: no."""
+    spans = []
+    for share in shares:
+        bounds = [bound for unit in share for bound in _bounds(unit, groups.get(unit.file, []))]
+        if not bounds or any(low is None for low, _ in bounds) or len({type(low) for low, _ in bounds}) > 1:
+            return False
+        spans.append((min(low for low, _ in bounds), max(high for _, high in bounds)))
+    if len({type(low) for low, _ in spans}) > 1:
+        return False
+    spans.sort()
+    return all(earlier[1] < later[0] for earlier, later in zip(spans, spans[1:]))
+
+
+def _bounds(unit: Unit, row_groups: list[tuple]) -> list[tuple]:
+    """(min, max) of each row group the unit covers (units are whole row groups of one file)."""
+    found, start = [], 0
+    for rows, low, high in row_groups:
+        if unit.first <= start < unit.end:
+            found.append((low, high))
+        start += rows
+    return found

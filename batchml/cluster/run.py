@@ -36,7 +36,7 @@ from batchml.config import JobConfig, distributed_source_problem
 from batchml.errors import BatchMLError, ClusterError, ConfigError
 from batchml.data.extract import PullResult, run_file_schema
 from batchml.data.sources import parquet_location
-from batchml.storage.source import describe_source, register_object_store
+from batchml.storage.source import describe_source, register_object_store, row_group_ranges
 from batchml.pipeline.nightly import JobRun, NightlyRun
 from batchml.pipeline.score_step import ESTIMATE_SAMPLE
 from batchml.pipeline.shared import load_profile, prediction_drift
@@ -108,7 +108,7 @@ class DaskRun(JobRun):
         parts = [Partition(config, self.project.root, self.lake, self.run.run_id, self.run.as_of, where, columns, index,
                            len(shares), share, self.project.settings.memory_limit, task_pause())
                  for index, share in enumerate(shares)]
-        rivals = self._rivals(parts)
+        rivals = self._rivals(con, config, parts)
         # as the local engine's pull: with a champion, each task scores its rows as it reads them (one
         # pass); the valid rows are kept only when a later step may read them again
         planned = sum(unit.rows for share in shares if share for unit in share)  # from the footers: at least the night's rows
@@ -130,7 +130,16 @@ class DaskRun(JobRun):
     def _watermark_bounds(self) -> plan.Bounds:
         return plan.Bounds(self.run.watermark_from, self.run.as_of, hive_days=True)  # extract.batch_filter's
 
-    def _rivals(self, parts: list[Partition]) -> list[Rivals | None]:
+    def _rivals(self, con, config: JobConfig, parts: list[Partition]) -> list[Rivals | None]:
+        """What each share's duplicate rule ranks against; nothing when no entity id can lie in two
+        shares (their ids' ranges, from the footers, do not meet): the keys step is skipped."""
+        shares = [part.units for part in parts]
+        if len(parts) > 1 and all(shares):
+            files = sorted({unit.file for share in shares for unit in share})
+            if plan.disjoint_keys(shares, row_group_ranges(con, files, config.source.entity_id)):
+                log.info("%s: no %s lies in two partitions (footer statistics): each ranks its own duplicates",
+                         self.config.job, config.source.entity_id)
+                return [None] * len(parts)
         return share_rivals(self.client, parts, self._gather, self.config.job)
 
     def _current_drift(self, profile: drift.ReferenceProfile) -> drift.CurrentAccumulator:

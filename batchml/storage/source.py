@@ -354,3 +354,29 @@ def row_group_watermarks(con: duckdb.DuckDBPyConnection, files: list[str], water
         FROM parquet_metadata({listed}) m LEFT JOIN typed t ON t.file_name = m.file_name AND t.name = m.path_in_schema
         GROUP BY ALL ORDER BY m.file_name, m.row_group_id""").fetchall()
     return [(file, count, low, high) for file, _, count, low, high in rows]
+
+
+INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
+
+
+def row_group_ranges(con: duckdb.DuckDBPyConnection, files: list[str], column: str) -> dict[str, list[tuple | None]]:
+    """Per file, one ``(rows, min, max)`` of ``column`` per row group in order, from the footers only:
+    integers as ints, strings as str (ordered as Parquet orders them, by UTF-8 bytes); min and max
+    None where the file stores no exact statistics of it (the row group may hold anything)."""
+    listed = "[" + ", ".join(quote_literal(f) for f in files) + "]"
+    name = quote_literal(column)
+    integers = "(" + ", ".join(quote_literal(t) for t in INTEGER_TYPES) + ")"
+    rows = con.execute(f"""
+        WITH typed AS (SELECT file_name, name, duckdb_type IN {integers} AS whole FROM parquet_schema({listed})
+                       WHERE name = {name} AND (duckdb_type IN {integers} OR duckdb_type = 'VARCHAR')),
+             exact AS (SELECT m.file_name, m.row_group_id, t.whole, m.stats_min_value AS low, m.stats_max_value AS high
+                       FROM parquet_metadata({listed}) m JOIN typed t ON t.file_name = m.file_name AND t.name = m.path_in_schema
+                       WHERE m.min_is_exact AND m.max_is_exact)
+        SELECT g.file_name, g.row_group_id, g.rows, e.whole, e.low, e.high
+        FROM (SELECT DISTINCT file_name, row_group_id, row_group_num_rows AS rows FROM parquet_metadata({listed})) g
+        LEFT JOIN exact e USING (file_name, row_group_id) ORDER BY g.file_name, g.row_group_id""").fetchall()
+    groups: dict[str, list[tuple]] = {}
+    for file, _, count, whole, low, high in rows:
+        known = low is not None and high is not None
+        groups.setdefault(file, []).append((count, *((int(low), int(high)) if known and whole else (low, high) if known else (None, None))))
+    return groups
