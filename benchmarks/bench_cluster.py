@@ -104,8 +104,10 @@ def one_run(rows: int, sizes: Sizes, row: dict, workers: int | None, kill: bool 
     from distributed import Client, LocalCluster
 
     said: list[str] = []
-    listener = _Listener(said)
-    logging.getLogger("batchml").addHandler(listener)
+    listener, logger = _Listener(said), logging.getLogger("batchml")
+    level = logger.level
+    logger.addHandler(listener)
+    logger.setLevel(logging.INFO)
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         cpu_before = client.run(process_cpu_seconds)
@@ -120,7 +122,8 @@ def one_run(rows: int, sizes: Sizes, row: dict, workers: int | None, kill: bool 
             client.wait_for_workers(workers, timeout=60)
         cpu_after = client.run(process_cpu_seconds)
         rss = sorted(client.run(common.peak_rss_mb).values())
-    logging.getLogger("batchml").removeHandler(listener)
+    logger.removeHandler(listener)
+    logger.setLevel(level)
     # a killed worker's CPU is lost with it; its successor's counts from its start
     cpu = [cpu_after[w] - cpu_before.get(w, 0.0) for w in cpu_after]
     return {"wall": wall, "score": run.timings.get("score"), "run": run, "root": root, "rss": rss, "cpu": sorted(cpu),
