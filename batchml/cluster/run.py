@@ -186,7 +186,9 @@ class DaskRun(JobRun):
     def _score_on_cluster(self) -> None:
         """Score the kept rows of every partition with the champion (crowned or promoted in this run)."""
         order = self._score_order(min(1.0, ESTIMATE_SAMPLE / max(self.valid_rows, 1)))
-        futures = [self.client.submit(score_partition, part, checked.staging, order, key=f"score-{self.run.run_id}-{part.index}", pure=False)
+        # keys of their own: the pass's tasks were "score-<run>-<partition>", which the scheduler may still hold
+        futures = [self.client.submit(score_partition, part, checked.staging, order, key=f"rescore-{self.run.run_id}-{part.index}",
+                                      pure=False)
                    for part, checked in zip(self.partitions, self.checked)]
         self._scored(self._gather(futures, "scoring"))
 
