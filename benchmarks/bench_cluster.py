@@ -7,8 +7,9 @@ with the data contract, drift of every feature, score (compiled trees where avai
 Dask runs use a fresh ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)`` started
 by this process (its start is outside the timing), so each worker's peak RSS (``VmHWM``) and CPU
 seconds are read from the worker itself afterwards. Scores are compared with the local engine's,
-bitwise. A last run on 2 workers SIGKILLs one worker process once scoring tasks are assigned, and
-checks every row is scored once (score rows and distinct ids equal the batch).
+bitwise. A last run on 2 workers SIGKILLs one worker process halfway through (half the time of the
+run without a kill after its scoring task started: half its share is done again), and checks every
+row is scored once (score rows and distinct ids equal the batch).
 
     python benchmarks/bench_cluster.py [--quick]     # prints the Markdown section
 
@@ -87,9 +88,9 @@ def process_cpu_seconds() -> float:
     return used.ru_utime + used.ru_stime
 
 
-def one_run(rows: int, sizes: Sizes, row: dict, workers: int | None, kill: bool = False) -> dict:
+def one_run(rows: int, sizes: Sizes, row: dict, workers: int | None, kill: float | None = None) -> dict:
     """A nightly run on the local engine (``workers`` None) or on a fresh LocalCluster of ``workers``
-    (``kill``: one worker process SIGKILLed once scoring has started)."""
+    (``kill``: one worker process SIGKILLed that many seconds after scoring has started)."""
     from batchml.pipeline.nightly import run_job
     from batchml.project import Project
 
@@ -112,13 +113,13 @@ def one_run(rows: int, sizes: Sizes, row: dict, workers: int | None, kill: bool 
             Client(cluster) as client:
         cpu_before = client.run(process_cpu_seconds)
         started, client_cpu = time.perf_counter(), time.process_time()
-        if kill:
-            run, killed_at = run_with_a_kill(client, lambda: run_job(proj, JOB, as_of=AS_OF, notify=False,
+        if kill is not None:
+            run, killed_at = run_with_a_kill(client, kill, lambda: run_job(proj, JOB, as_of=AS_OF, notify=False,
                                                                       cluster=cluster.scheduler_address))
         else:
             run, killed_at = run_job(proj, JOB, as_of=AS_OF, notify=False, cluster=cluster.scheduler_address), None
         wall, client_cpu = time.perf_counter() - started, time.process_time() - client_cpu
-        if kill:
+        if kill is not None:
             client.wait_for_workers(workers, timeout=60)
         cpu_after = client.run(process_cpu_seconds)
         rss = sorted(client.run(common.peak_rss_mb).values())
@@ -142,9 +143,10 @@ class _Listener(logging.Handler):
         self.said.append(record.getMessage())
 
 
-def run_with_a_kill(client, night) -> tuple:
-    """Run ``night`` in a thread and SIGKILL the process of the first worker seen scoring; returns
-    (the run, seconds into it when the worker was killed)."""
+def run_with_a_kill(client, delay: float, night) -> tuple:
+    """Run ``night`` in a thread and SIGKILL the process of the first worker seen scoring, ``delay``
+    seconds after it started (the work it did by then is lost with it); returns (the run, seconds
+    into it when the worker was killed)."""
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(run=night()))
     started = time.perf_counter()
@@ -155,7 +157,7 @@ def run_with_a_kill(client, night) -> tuple:
         time.sleep(0.05)
     killed_at = None
     if victim is not None:
-        time.sleep(1.0)  # mid-scoring: a second of its work is lost with it
+        time.sleep(delay)
         os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
         killed_at = time.perf_counter() - started
     thread.join()
@@ -202,7 +204,9 @@ def measure(quick: bool) -> dict:
     figures: dict = {"rows": rows, "runs": {}, "load_before": common.load_average(), "memory_limit": os.environ["BATCHML_MEMORY_LIMIT"]}
     for name, workers, kill in (("local", None, False), ("dask, 1 worker", 1, False), ("dask, 2 workers", 2, False),
                                 ("dask, 2 workers, one killed", 2, True)):
-        result = one_run(rows, sizes, row, workers, kill)
+        # killed halfway through the run without a kill: half of that worker's share is done again
+        delay = figures["runs"]["dask, 2 workers"]["wall"] / 2 if kill else None
+        result = one_run(rows, sizes, row, workers, delay)
         run = result["run"]
         figures["runs"][name] = {"wall": result["wall"], "score": result["score"], "status": run.status,
                                  "rows_scored": run.rows_scored, "rss": result["rss"], "cpu": result.get("cpu", []),
