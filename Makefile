@@ -21,9 +21,8 @@ demo: $(STAMP)
 # --dist loadscope: a module's tests stay on one xdist worker, so a module-scoped Dask cluster starts once
 # (no more than two clusters at a time on 2 cores); its effect on the suite's time is within the noise
 # (486 tests: 413 s and 448 s with it, 426 s and 447 s without)
-# --no-loadscope-reorder: modules are handed out slowest first (tests/conftest.py says why), not by test count
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder -q
+	$(BIN)/python -m pytest -n 2 --dist loadscope -q
 
 $(VENV)/.installed-bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,compiled,dask,bench]'

@@ -24,36 +24,6 @@ SHIFT_DAY = 90
 
 os.environ.setdefault("BATCHML_THREADS", "1")  # two pytest workers share two cores
 
-# `make test` hands whole modules to the two xdist workers (--dist loadscope) in collection order
-# (--no-loadscope-reorder: xdist's own order, most tests first, handed the two Dask modules out
-# near the end, where one ran alone while the other worker idled). So the slowest modules go
-# first, longest-processing-time first, and the small ones fill in at the end. Seconds per module
-# measured on 2026-12-07 (`--durations=0`, summed); a module not listed keeps its place after them.
-# The first Dask module goes first and the second third, so that one worker takes both, one after
-# the other, when the other worker is still on test_cli.py: two LocalClusters at once on 2 cores
-# slow everything else.
-SLOWEST_MODULES_FIRST = [
-    "test_cluster.py",  # 67 s
-    "test_cli.py",  # 75 s
-    "test_cluster_training.py",  # 54 s
-    "test_operations.py",  # 45 s
-    "test_commands.py",  # 43 s
-    "test_continuous.py",  # 32 s
-    "test_security.py",  # 29 s
-    "test_history.py",  # 28 s
-    "test_recurring.py",  # 28 s
-    "test_pipeline.py",  # 27 s
-    "test_objectives.py",  # 24 s
-    "test_trial.py",  # 21 s
-    "test_sources.py",  # 15 s
-    "test_run_report.py",  # 14 s
-]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: n for n, name in enumerate(SLOWEST_MODULES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's tests keep their order
-
 
 def with_overrides(config: dict, overrides: dict) -> dict:
     """``config`` with ``overrides`` merged in: ``"section.field"`` keys set one field of a section."""
