@@ -275,13 +275,13 @@ def test_a_session_holding_the_warehouse_file_delays_a_run_then_fails_it_naming_
     analyst, stop = reader(p, children, p.warehouse, "raw.vuln_findings")
 
     started = time.monotonic()
-    blocked = p.cli("run", "vuln_risk", "--as-of", AS_OF, "--no-notify", env={"BATCHML_LOCK_TIMEOUT": "3"}, timeout=120)
+    blocked = p.cli("run", "vuln_risk", "--as-of", AS_OF, "--no-notify", env={"BATCHML_LOCK_TIMEOUT": "1"}, timeout=120)
     elapsed = time.monotonic() - started
 
     assert blocked.returncode == 1, blocked.stderr
-    assert 3 <= elapsed < 60, f"gave up after {elapsed:.1f} s with a 3 s lock timeout"
+    assert 1 <= elapsed < 60, f"gave up after {elapsed:.1f} s with a 1 s lock timeout"
     waiting, error = blocked.stderr.strip().splitlines()  # said once while it waits, then the one-line error
-    assert f"warehouse.duckdb is held by process {analyst.pid}" in waiting and "waiting up to 3 s" in waiting, blocked.stderr
+    assert f"warehouse.duckdb is held by process {analyst.pid}" in waiting and "waiting up to 1 s" in waiting, blocked.stderr
     assert error.startswith("error: ") and str(p.warehouse) in error and f"process {analyst.pid}" in error, blocked.stderr
 
     stop.touch()
