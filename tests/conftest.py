@@ -25,13 +25,18 @@ SHIFT_DAY = 90
 
 os.environ.setdefault("BATCHML_THREADS", "1")  # two pytest workers share two cores
 
+def _roomy_tmpfs(path: str = "/dev/shm", needed: int = 4 * 2**30) -> bool:
+    """A writable tmpfs with room for the suite's files (a container's /dev/shm may be 64 MB)."""
+    return os.path.isdir(path) and os.access(path, os.W_OK) and shutil.disk_usage(path).free >= needed
+
+
 # tmp_path on tmpfs: DuckDB syncs every commit and checkpoint to disk, and on tmpfs a sync costs
 # nothing (tests/test_continuous.py alone: 45.3 s wall on disk, 33.7 s on /dev/shm, the same CPU).
 # The files, locks and kill -9s stay real: a killed process leaves its written pages to the kernel
 # on either; only a crash of the machine, which no test makes, tells the two apart. A passing
 # session's folders are removed at its end (pyproject.toml: tmp_path_retention_policy). A TMPDIR of
 # your own is used as given.
-if "TMPDIR" not in os.environ and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+if "TMPDIR" not in os.environ and _roomy_tmpfs():
     os.environ["TMPDIR"] = tempfile.tempdir = "/dev/shm"  # tempfile caches its folder: pytest asked it already
 
 
