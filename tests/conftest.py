@@ -25,6 +25,7 @@ SHIFT_DAY = 90
 
 os.environ.setdefault("BATCHML_THREADS", "1")  # two pytest workers share two cores
 
+
 def _roomy_tmpfs(path: str = "/dev/shm", needed: int = 4 * 2**30) -> bool:
     """A writable tmpfs with room for the suite's files (a container's /dev/shm may be 64 MB)."""
     return os.path.isdir(path) and os.access(path, os.W_OK) and shutil.disk_usage(path).free >= needed
