@@ -45,6 +45,7 @@ from batchml.storage import lake
 from batchml.storage.writeback import scores_schema
 
 log = logging.getLogger("batchml")
+SHARES_PER_WORKER = 2
 
 
 class DaskRun(JobRun):
@@ -88,8 +89,18 @@ class DaskRun(JobRun):
             log.info("%s: swept %d lake file(s) no committed run lists", self.config.job, removed)
 
     def _gather(self, futures: list, what: str) -> list:
+        """The tasks' results, in the order of ``futures``, each fetched as soon as its task ends and
+        its future released: a worker lost later takes no finished result with it (the scheduler
+        would compute a result still held only in its memory again)."""
+        from distributed import as_completed
+
+        order = {future.key: i for i, future in enumerate(futures)}
+        results: list = [None] * len(futures)
         try:
-            return self.client.gather(futures)
+            for future, result in as_completed(futures, with_results=True):
+                results[order[future.key]] = result
+                future.release()
+            return results
         except BatchMLError:
             raise
         except Exception as exc:  # a task failed for good (after the scheduler's retries)
@@ -104,7 +115,8 @@ class DaskRun(JobRun):
         profile = self._drift_reference() if self.state.champion is not None and self.run.kind in ("nightly", "replay") else None
         register_object_store(con, config.source.parquet)
         units = plan.plan(con, config, parquet_location(config.source.parquet, self.project.root), self._watermark_bounds())
-        shares = plan.balance(units, worker_count(self.client)) or [None]  # no row group can hold the night: one task, to say so
+        # a few shares per worker: a worker lost mid-run costs the share it was on, not half the night
+        shares = plan.balance(units, SHARES_PER_WORKER * worker_count(self.client)) or [None]  # none can hold the night: one task, to say so
         parts = [Partition(config, self.project.root, self.lake, self.run.run_id, self.run.as_of, where, columns, index,
                            len(shares), share, self.project.settings.memory_limit, task_pause())
                  for index, share in enumerate(shares)]
