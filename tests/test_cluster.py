@@ -23,6 +23,7 @@ import pytest
 from batchml.demo import data as demo_data
 from batchml.pipeline.backfill import backfill
 from batchml.cluster import tasks
+from batchml.cluster.run import SHARES_PER_WORKER
 from batchml.cluster.connect import scheduler_address
 from batchml.config import parse_job_config
 from batchml.errors import ConfigError
@@ -128,10 +129,10 @@ def test_the_dask_engine_gives_the_local_engines_scores_quarantine_and_drift(tmp
     assert_same(found, local_results)
     per_run = project.query("SELECT count(*), count(DISTINCT partition) FROM batchml.manifests WHERE kind = 'scores' GROUP BY run_id")
     assert len(per_run) == len(NIGHTS) + 1
-    assert all(files == shares <= workers for files, shares in per_run)  # one file per partition and run, no stray attempt
-    assert max(shares for _, shares in per_run) == workers
+    assert all(files == shares <= SHARES_PER_WORKER * workers for files, shares in per_run)  # one file per partition and run, no stray attempt
+    assert max(shares for _, shares in per_run) == SHARES_PER_WORKER * workers  # row groups enough for every share
     shared = [r.getMessage() for r in caplog.records if "occur in more than one partition" in r.getMessage()]
-    assert bool(shared) == (workers > 1)  # the split duplicates were ranked across shares
+    assert shared  # the split duplicates were ranked across shares (one worker's night has two too)
 
 
 def test_shares_whose_ids_cannot_meet_skip_the_keys_step_and_still_give_the_local_engines_results(tmp_path, source, cluster,
@@ -229,7 +230,7 @@ def test_analysts_read_the_committed_lake_files_linked_into_published_not_writte
     run_nights(project)
     published = {path.stat().st_ino for path in (project.root / "warehouse" / "published" / "scores" / "vuln_risk").glob("*.parquet")}
     scored = project.query("SELECT path FROM batchml.manifests WHERE kind = 'scores' AND rows > 0")
-    assert len(scored) == 4 and {Path(path).stat().st_ino for path, in scored} == published  # two nights, two partitions each
+    assert len(scored) > 2 and {Path(path).stat().st_ino for path, in scored} == published  # two nights, several partitions each
     with duckdb.connect(str(project.root / "warehouse" / "catalog.duckdb"), read_only=True) as catalog:
         seen = catalog.execute("SELECT finding_id, score, run_id FROM scores.vuln_risk ORDER BY ALL").fetchall()
     assert seen and seen == project.query("SELECT finding_id, score, run_id FROM scores.vuln_risk ORDER BY ALL")

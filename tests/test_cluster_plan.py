@@ -71,6 +71,21 @@ def test_shares_are_contiguous_cover_every_unit_once_and_are_balanced_by_rows():
     assert balance([], 2) == []
 
 
+def test_shares_cut_files_at_row_groups_so_they_stay_balanced():
+    """Ten files of 8 row groups into 4 shares: cut whole they would be 3, 2, 3 and 2 files."""
+    groups = (100,) * 7 + (60,)
+    units = [Unit(f"f{i}", 0, 760, True, groups) for i in range(10)]
+    shares = balance(units, 4)
+    sizes = [sum(u.rows for u in share) for share in shares]
+    assert len(shares) == 4 and sum(sizes) == 7600 and max(sizes) - min(sizes) <= 100
+    covered = sorted((u.file, u.first, u.end) for share in shares for u in share)
+    for file in (f"f{i}" for i in range(10)):  # every file's rows once, in contiguous ranges
+        ranges = [(first, end) for f, first, end in covered if f == file]
+        assert ranges[0][0] == 0 and ranges[-1][1] == 760 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(u.whole == (u.first == 0 and u.end == 760) for share in shares for u in share)
+    assert sum(u.whole for share in shares for u in share) >= 6  # files inside a share are read whole
+
+
 def test_a_share_lacking_a_column_reads_it_as_null(tmp_path):
     pq.write_table(rows(0, 1, 5).append_column("severity", pa.array(["high"] * 5)), tmp_path / "a.parquet")
     pq.write_table(rows(1, 1, 5), tmp_path / "b.parquet")

@@ -15,7 +15,7 @@ watermark that is not a plain TIMESTAMP in that file) keep the row group.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from batchml.config import JobConfig
@@ -34,6 +34,7 @@ class Unit:
     first: int
     end: int
     whole: bool  # every row of the file: no row-number filter needed
+    groups: tuple[int, ...] = field(default=(), compare=False)  # its row groups' rows, in order: where a share may cut it
 
     @property
     def rows(self) -> int:
@@ -62,8 +63,8 @@ def plan(con, config: JobConfig, location: str, bounds: Bounds) -> list[Unit]:
         start = totals.get(file, 0)
         totals[file] = start + rows
         if _may_hold(low, high, bounds):
-            units.append(Unit(file, start, start + rows, False))
-    return [Unit(u.file, u.first, u.end, u.first == 0 and u.end == totals[u.file]) for u in _joined(units)]
+            units.append(Unit(file, start, start + rows, False, (rows,)))
+    return [Unit(u.file, u.first, u.end, u.first == 0 and u.end == totals[u.file], u.groups) for u in _joined(units)]
 
 
 def _may_hold(low: datetime | None, high: datetime | None, bounds: Bounds) -> bool:
@@ -89,26 +90,52 @@ def _joined(units: list[Unit]) -> list[Unit]:
     joined: list[Unit] = []
     for unit in units:
         if joined and joined[-1].file == unit.file and joined[-1].end == unit.first:
-            joined[-1] = Unit(unit.file, joined[-1].first, unit.end, False)
+            joined[-1] = Unit(unit.file, joined[-1].first, unit.end, False, joined[-1].groups + unit.groups)
         else:
             joined.append(unit)
     return joined
 
 
 def balance(units: list[Unit], count: int) -> list[tuple[Unit, ...]]:
-    """At most ``count`` shares of about equal rows, each a contiguous run of the units in order
-    (cut at row-group boundaries, so a share is within one row group of its fair size)."""
-    total = sum(u.rows for u in units)
-    if not units:
+    """At most ``count`` shares of about equal rows, each a contiguous run of the units in order,
+    cut at row-group boundaries (a unit that knows its row groups may be cut inside; a share is
+    within one row group of its fair size: 10 files cut whole into 4 shares would give 3, 2, 3 and
+    2 of them, and a worker with two of those shares a third more work than the other)."""
+    pieces = [piece for unit in units for piece in _pieces(unit)]
+    total = sum(piece.rows for piece, _ in pieces)
+    if not pieces:
         return []
     count = max(1, min(count, total))
-    shares: list[list[Unit]] = [[] for _ in range(count)]
+    shares: list[list[tuple[Unit, Unit]]] = [[] for _ in range(count)]
     done = 0
-    for unit in units:
+    for piece, unit in pieces:
         share = min(count - 1, done * count // max(total, 1))
-        shares[share].append(unit)
-        done += unit.rows
-    return [tuple(share) for share in shares if share]
+        shares[share].append((piece, unit))
+        done += piece.rows
+    return [_rejoined(share) for share in shares if share]
+
+
+def _pieces(unit: Unit) -> list[tuple[Unit, Unit]]:
+    """The unit's row groups as (piece, the unit), or the unit itself when it has one or knows none."""
+    if len(unit.groups) <= 1:
+        return [(unit, unit)]
+    pieces, start = [], unit.first
+    for rows in unit.groups:
+        pieces.append((Unit(unit.file, start, start + rows, False, (rows,)), unit))
+        start += rows
+    return pieces
+
+
+def _rejoined(share: list[tuple[Unit, Unit]]) -> tuple[Unit, ...]:
+    """A share's adjacent pieces of one unit as one unit again; whole when it is all of a whole unit."""
+    joined: list[tuple[Unit, Unit]] = []
+    for piece, unit in share:
+        if joined and joined[-1][1] is unit:
+            last = joined[-1][0]
+            joined[-1] = (Unit(unit.file, last.first, piece.end, False, last.groups + piece.groups), unit)
+        else:
+            joined.append((piece, unit))
+    return tuple(Unit(p.file, p.first, p.end, u.whole and (p.first, p.end) == (u.first, u.end), p.groups) for p, u in joined)
 
 
 def units_sql(units: tuple[Unit, ...], columns: dict[str, str]) -> str:
