@@ -315,6 +315,7 @@ def test_an_unreachable_scheduler_fails_the_run_in_one_line_naming_it(tmp_path, 
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if " INFO " not in line and line.strip()]
     assert len(errors) == 1 and address in errors[0] and "dask scheduler" in errors[0], result.stderr
+    assert "connection refused" in errors[0]  # nothing listens on the port: said at once, not after Dask's retries
     assert project.scalar("SELECT count(*) FROM batchml.watermarks") == 0
     assert project.query("SELECT status FROM batchml.runs") == [("failed",)]
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from batchml.config import JobConfig
 from batchml.errors import ClusterError, ConfigError
@@ -36,12 +38,13 @@ def open_client(config: JobConfig, address: str | None) -> Iterator:
                 Client(cluster) as client:
             yield client
         return
+    refused = _refused(address)
+    if refused is not None:  # nothing listens there: known at once, not after Dask's retries
+        raise ClusterError(_unreachable(config, address, refused))
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ClusterError(f"cannot reach the Dask scheduler at {address} ({first}); start it (`dask scheduler`) or fix "
-                           f"--cluster / {SCHEDULER_ENV} / execution.scheduler in configs/{config.job}.yaml") from exc
+        raise ClusterError(_unreachable(config, address, (str(exc).strip().splitlines() or [type(exc).__name__])[0])) from exc
     try:
         yield client
     finally:
@@ -50,3 +53,28 @@ def open_client(config: JobConfig, address: str | None) -> Iterator:
 
 def worker_count(client) -> int:
     return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+
+
+def _unreachable(config: JobConfig, address: str, why: str) -> str:
+    return (f"cannot reach the Dask scheduler at {address} ({why}); start it (`dask scheduler`) or fix "
+            f"--cluster / {SCHEDULER_ENV} / execution.scheduler in configs/{config.job}.yaml")
+
+
+def _refused(address: str) -> str | None:
+    """Why nothing listens at a ``tcp://host:port`` address when the host says so at once (connection
+    refused); None when something answers, or when only Dask's own retries can tell (an unreachable
+    host, a name that does not resolve, another protocol): those take ``CONNECT_TIMEOUT``."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number: Dask says what is wrong with the address
+        return None
+    if parts.scheme != "tcp" or host is None or port is None:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=float(CONNECT_TIMEOUT.rstrip("s"))):
+            return None
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError:
+        return None
