@@ -38,6 +38,7 @@ from batchml.storage.lake import QUARANTINE, QUARANTINE_SCHEMA, SCORES, STAGING,
 from batchml.storage.warehouse import memory_connection, quote_ident, quote_literal
 from batchml.storage.writeback import scores_schema
 from batchml.pipeline.score_step import ESTIMATE_SAMPLE
+from batchml.pipeline.shared import tallied_and_kept
 
 
 
@@ -243,7 +244,7 @@ def check_partition(part: Partition, profile: drift.ReferenceProfile | None, riv
     scored: list[ScoredPart] = []
 
     def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
-        batches = _tallied(batches, tally, profile, kept)
+        batches = tallied_and_kept(batches, tally, profile, kept)
         if order is None:
             for _ in batches:
                 pass
@@ -261,26 +262,6 @@ def check_partition(part: Partition, profile: drift.ReferenceProfile | None, riv
     null_counts = {name: round(share * valid) for name, share in pulled.null_fractions.items()}  # the shares of exact counts
     return CheckedPart(part.index, str(kept) if kept else None, pulled, null_counts, quarantine,
                        tally if valid else None, scored[0] if scored else None)
-
-
-def _tallied(batches: Iterator[pa.RecordBatch], tally: drift.CurrentAccumulator | None, profile: drift.ReferenceProfile | None,
-             kept: Path | None) -> Iterator[pa.RecordBatch]:
-    """``batches`` passed on, each tallied for drift and written to the kept rows on the way
-    (``JobRun._observed`` of the local engine)."""
-    from batchml.pipeline.shared import feature_arrays
-
-    writer = None
-    try:
-        for batch in batches:
-            if tally is not None:
-                tally.update(**feature_arrays(batch, profile))
-            if kept is not None:
-                writer = writer or ipc.new_file(str(kept), batch.schema)
-                writer.write_batch(batch)
-            yield batch
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 def _write_quarantine(con, part: Partition, rejected_rows: Path) -> PartFile:

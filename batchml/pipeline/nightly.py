@@ -32,7 +32,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
-from pyarrow import ipc
 
 from batchml import logcontext
 from batchml.config import JobConfig, with_model_classes
@@ -44,7 +43,7 @@ from batchml.models.scoring import load_for_scoring, prepare_engine
 from batchml.monitoring import drift, performance
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.score_step import ScoreStep
-from batchml.pipeline.shared import checkpoint, feature_arrays, load_profile, refuse_future_cutoff, with_model_features
+from batchml.pipeline.shared import checkpoint, load_profile, refuse_future_cutoff, tallied_and_kept, with_model_features
 from batchml.pipeline.state import RunState
 from batchml.pipeline.train_step import TrainSteps
 from batchml.project import Project
@@ -261,7 +260,7 @@ class JobRun(TrainSteps, ScoreStep, ABC):
             loading = pool.submit(load) if scoring else None
 
             def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
-                batches = self._observed(batches, profile)
+                batches = tallied_and_kept(batches, self.state.drift_tally, profile, self.state.kept_rows)
                 if scoring:
                     self._score_champion(batches, rows, loading.result())
                 else:
@@ -270,21 +269,6 @@ class JobRun(TrainSteps, ScoreStep, ABC):
 
             return pull(con, config, self.project.root, where, self.scratch / "rejected.arrow",
                         valid_rows=valid_rows, columns=self.state.source_columns)
-
-    def _observed(self, batches: Iterator[pa.RecordBatch], profile: drift.ReferenceProfile | None) -> Iterator[pa.RecordBatch]:
-        """``batches`` passed on, each tallied for drift and written to the kept rows on the way."""
-        writer = None
-        try:
-            for batch in batches:
-                if profile is not None:
-                    self.state.drift_tally.update(**feature_arrays(batch, profile))
-                if self.state.kept_rows is not None:
-                    writer = writer or ipc.new_file(str(self.state.kept_rows), batch.schema)
-                    writer.write_batch(batch)
-                yield batch
-        finally:
-            if writer is not None:
-                writer.close()
 
     def _keeps_rows(self) -> bool:
         """Whether a later step may read the valid rows again: a champion crowned or promoted in this

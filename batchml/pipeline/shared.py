@@ -9,10 +9,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+from pyarrow import ipc
 
 from batchml.config import JobConfig
 from batchml.data.extract import PullResult, training_filter
@@ -74,6 +76,24 @@ def feature_arrays(batch: pa.RecordBatch, profile: drift.ReferenceProfile) -> di
         "numeric": {n: numeric_values(batch, n) for n in profile.numeric},
         "categorical": {n: categorical_values(batch, n) for n in profile.categorical},
     }
+
+
+def tallied_and_kept(batches: Iterator[pa.RecordBatch], tally: drift.CurrentAccumulator | None,
+                     profile: drift.ReferenceProfile | None, kept: Path | None) -> Iterator[pa.RecordBatch]:
+    """``batches`` passed on, each tallied for drift (when ``tally``) and written to the run file
+    ``kept`` (when given) on the way: the pull's one pass, on either engine."""
+    writer = None
+    try:
+        for batch in batches:
+            if tally is not None:
+                tally.update(**feature_arrays(batch, profile))
+            if kept is not None:
+                writer = writer or ipc.new_file(str(kept), batch.schema)
+                writer.write_batch(batch)
+            yield batch
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def with_model_features(config: JobConfig, spec: FeatureSpec, leave_out: tuple[str, ...] | list[str] = ()) -> JobConfig:
