@@ -41,7 +41,6 @@ from batchml.pipeline.score_step import ESTIMATE_SAMPLE
 from batchml.pipeline.shared import tallied_and_kept
 
 
-
 @dataclass(frozen=True)
 class Partition:
     """One task's share of the run: rows matching ``where`` in its ``units`` (None: the whole source)."""
@@ -76,8 +75,6 @@ class Rivals:
     keys: pa.Table  # __id, __at: the entity id and event time, as the source stores them
     units: tuple[Unit, ...]
     repeated: bool | None = None
-
-
 
 
 @dataclass(frozen=True)
