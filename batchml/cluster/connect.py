@@ -13,7 +13,7 @@ from batchml.config import JobConfig
 from batchml.errors import ClusterError, ConfigError
 
 SCHEDULER_ENV = "BATCHML_DASK_SCHEDULER"
-CONNECT_TIMEOUT = "5s"  # an unreachable scheduler fails the run this fast, naming the address
+CONNECT_SECONDS = 5  # an unreachable scheduler fails the run this fast, naming the address
 
 
 def scheduler_address(config: JobConfig, cluster: str | None = None) -> str | None:
@@ -42,7 +42,7 @@ def open_client(config: JobConfig, address: str | None) -> Iterator:
     if refused is not None:  # nothing listens there: known at once, not after Dask's retries
         raise ClusterError(_unreachable(config, address, refused))
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT)
+        client = Client(address, timeout=f"{CONNECT_SECONDS}s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise ClusterError(_unreachable(config, address, (str(exc).strip().splitlines() or [type(exc).__name__])[0])) from exc
     try:
@@ -63,7 +63,7 @@ def _unreachable(config: JobConfig, address: str, why: str) -> str:
 def _refused(address: str) -> str | None:
     """Why nothing listens at a ``tcp://host:port`` address when the host says so at once (connection
     refused); None when something answers, or when only Dask's own retries can tell (an unreachable
-    host, a name that does not resolve, another protocol): those take ``CONNECT_TIMEOUT``."""
+    host, a name that does not resolve, another protocol): those take ``CONNECT_SECONDS``."""
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parts.hostname, parts.port
@@ -72,7 +72,7 @@ def _refused(address: str) -> str | None:
     if parts.scheme != "tcp" or host is None or port is None:
         return None
     try:
-        with socket.create_connection((host, port), timeout=float(CONNECT_TIMEOUT.rstrip("s"))):
+        with socket.create_connection((host, port), timeout=CONNECT_SECONDS):
             return None
     except ConnectionRefusedError:
         return "connection refused"

@@ -238,15 +238,16 @@ def check_partition(part: Partition, profile: drift.ReferenceProfile | None, riv
     rejected = part.path(STAGING, "-rejected.arrow")
     kept = part.path(STAGING, ".arrow") if keep else None
     tally = drift.CurrentAccumulator(profile, seed=part.index + 1) if profile is not None else None  # distinct seeds: the merged sample stays uniform
-    scored: list[ScoredPart] = []
+    scored: ScoredPart | None = None
 
     def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
+        nonlocal scored
         batches = tallied_and_kept(batches, tally, profile, kept)
         if order is None:
             for _ in batches:
                 pass
         else:
-            scored.extend(_score_stream(part, batches, rows, order))
+            scored = _score_stream(part, batches, rows, order)
 
     with share_connection(part) as con:
         pulled = pull_share(con, part, rivals, rejected, valid_rows)
@@ -254,11 +255,11 @@ def check_partition(part: Partition, profile: drift.ReferenceProfile | None, riv
         if kept is not None and not kept.exists():  # no valid row: an empty run file still has the pulled columns
             ipc.new_file(str(kept), run_file_schema(rejected)).close()
     valid = pulled.rows - sum(pulled.by_rule.values())
-    if order is not None and not scored:  # no valid row: an empty scores file, so every share has one
-        scored.append(_score_stream(part, iter(()), 0, order, run_file_schema(rejected))[0])
+    if order is not None and scored is None:  # no valid row: an empty scores file, so every share has one
+        scored = _score_stream(part, iter(()), 0, order, run_file_schema(rejected))
     null_counts = {name: round(share * valid) for name, share in pulled.null_fractions.items()}  # the shares of exact counts
     return CheckedPart(part.index, str(kept) if kept else None, pulled, null_counts, quarantine,
-                       tally if valid else None, scored[0] if scored else None)
+                       tally if valid else None, scored)
 
 
 def _write_quarantine(con, part: Partition, rejected_rows: Path) -> PartFile:
@@ -299,14 +300,14 @@ def score_partition(part: Partition, staging: str, order: ScoreOrder) -> ScoredP
     """Score the partition's kept valid rows (its staging run file) with ``order``'s model: a
     champion crowned or promoted after the pass, or the challenger's shadow scores (the client
     knows the batch's valid rows: ``order.keep_share`` is given)."""
-    return _score_stream(part, run_file_batches(Path(staging)), 0, order, run_file_schema(Path(staging)))[0]
+    return _score_stream(part, run_file_batches(Path(staging)), 0, order, run_file_schema(Path(staging)))
 
 
 def _score_stream(part: Partition, batches: Iterator[pa.RecordBatch], rows: int, order: ScoreOrder,
-                  schema: pa.Schema | None = None) -> list[ScoredPart]:
+                  schema: pa.Schema | None = None) -> ScoredPart | None:
     """Score ``batches`` (at most ``rows`` rows; ``schema``: theirs, else the first batch's) with
     ``order``'s model (its predictor chosen, compiled and verified on this worker as the local
-    engine does) into a scores file in the lake. Empty when there is no batch and no ``schema``."""
+    engine does) into a scores file in the lake. None when there is no batch and no ``schema``."""
     config = part.config
     _threads_of_this_worker()
     if part.pause and part.pause[0] == "score_partition":
@@ -314,7 +315,7 @@ def _score_stream(part: Partition, batches: Iterator[pa.RecordBatch], rows: int,
     if schema is None:
         first = next(batches, None)
         if first is None:
-            return []
+            return None
         schema, batches = first.schema, itertools.chain([first], batches)
     model = _load(order.ref)
     predictor = make_predictor(model, config.scoring.engine)
@@ -331,4 +332,4 @@ def _score_stream(part: Partition, batches: Iterator[pa.RecordBatch], rows: int,
     scored = score_batches(batches, model, predictor, config, run_id=part.run_id, scored_at=order.scored_at,
                            summary=summary, on_scores=observe)
     scores = write_part(scored, scores_schema(schema, config), part.path(order.kind), order.kind, part.index)
-    return [ScoredPart(part.index, scores, summary, prediction, np.concatenate(kept) if kept else np.empty(0))]
+    return ScoredPart(part.index, scores, summary, prediction, np.concatenate(kept) if kept else np.empty(0))

@@ -359,7 +359,7 @@ def row_group_watermarks(con: duckdb.DuckDBPyConnection, files: list[str], water
 INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
 
 
-def row_group_ranges(con: duckdb.DuckDBPyConnection, files: list[str], column: str) -> dict[str, list[tuple | None]]:
+def row_group_ranges(con: duckdb.DuckDBPyConnection, files: list[str], column: str) -> dict[str, list[tuple]]:
     """Per file, one ``(rows, min, max)`` of ``column`` per row group in order, from the footers only:
     integers as ints, strings as str (ordered as Parquet orders them, by UTF-8 bytes); min and max
     None where the file stores no exact statistics of it (the row group may hold anything)."""
@@ -377,6 +377,9 @@ def row_group_ranges(con: duckdb.DuckDBPyConnection, files: list[str], column: s
         LEFT JOIN exact e USING (file_name, row_group_id) ORDER BY g.file_name, g.row_group_id""").fetchall()
     groups: dict[str, list[tuple]] = {}
     for file, _, count, whole, low, high in rows:
-        known = low is not None and high is not None
-        groups.setdefault(file, []).append((count, *((int(low), int(high)) if known and whole else (low, high) if known else (None, None))))
+        if low is None or high is None:
+            low = high = None
+        elif whole:
+            low, high = int(low), int(high)
+        groups.setdefault(file, []).append((count, low, high))
     return groups
