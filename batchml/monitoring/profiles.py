@@ -55,7 +55,9 @@ class _Reservoir:
         # room for twice the sample: cut back to the bottom-k only when full, not after every batch
         # (cutting per batch copied the whole sample each time: 0.7 s over 2M rows of 31 features)
         self._keys = np.empty(2 * capacity)
-        self._rows = np.empty((2 * capacity, width))
+        # one row per column, every copy a take along one contiguous column: into a row-major
+        # sample each value landed a row apart (0.20 vs 0.11 CPU-s over 2M rows of 31 features)
+        self._columns = np.empty((width, 2 * capacity))
         self.size = 0
         self.bound = np.inf  # rows with a key at or above this cannot be among the bottom-k
         self._ordered: np.ndarray | None = None
@@ -72,8 +74,8 @@ class _Reservoir:
             self._cut()
         end = self.size + take.size
         self._keys[self.size:end] = keys[take]
-        for j, column in enumerate(columns):
-            self._rows[self.size:end, j] = np.asarray(column, dtype=np.float64)[take]
+        for column, kept in zip(columns, self._columns):
+            _take(np.asarray(column, dtype=np.float64), take, kept[self.size:end])
         self.size = end
         self._ordered = None
 
@@ -81,33 +83,49 @@ class _Reservoir:
         """Keep the ``capacity`` smallest keys at the front; what is kept sets the bound."""
         if self.size > self.capacity:
             keep = np.argpartition(self._keys[: self.size], self.capacity - 1)[: self.capacity]
-            self._keys[: self.capacity], self._rows[: self.capacity] = self._keys[keep], self._rows[keep]
+            self._keys[: self.capacity] = self._keys[keep]
+            self._columns[:, : self.capacity] = self._rearranged(keep)
             self.size = self.capacity
         if self.size == self.capacity:
             self.bound = float(self._keys[: self.size].max())
 
+    def _rearranged(self, order: np.ndarray) -> np.ndarray:
+        """The kept columns' rows at positions ``order``, one column at a time (a fancy index along
+        the second axis of the 2-D array walks it value by value: several times slower)."""
+        out = np.empty((len(self._columns), order.size))
+        for column, row in zip(self._columns, out):
+            _take(column[: self.size], order, row)
+        return out
+
     def __getstate__(self) -> dict:
         # a partition's tally travels back from a Dask worker: only the filled rows, not the spare room
         state = dict(self.__dict__)
-        state["_keys"], state["_rows"], state["_ordered"] = self._keys[: self.size].copy(), self._rows[: self.size].copy(), None
+        state["_keys"], state["_columns"], state["_ordered"] = self._keys[: self.size].copy(), self._columns[:, : self.size].copy(), None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        keys, rows = self._keys, self._rows
-        self._keys, self._rows = np.empty(2 * self.capacity), np.empty((2 * self.capacity, rows.shape[1]))
-        self._keys[: self.size], self._rows[: self.size] = keys, rows
+        keys, columns = self._keys, self._columns
+        self._keys, self._columns = np.empty(2 * self.capacity), np.empty((len(columns), 2 * self.capacity))
+        self._keys[: self.size], self._columns[:, : self.size] = keys, columns
 
     def merge(self, other: _Reservoir) -> None:
         """Add another reservoir's rows: with independently seeded keys, the bottom-k of the union
         is a uniform sample of both streams (all rows while they hold fewer than ``capacity``)."""
-        self.offer(other._keys[: other.size], [other._rows[: other.size, j] for j in range(other._rows.shape[1])])
+        self.offer(other._keys[: other.size], list(other._columns[:, : other.size]))
 
     def sample(self) -> np.ndarray:
+        """The kept rows in key order, one column per offered column."""
         if self._ordered is None:  # cached: a report reads one column per feature
             self._cut()
-            self._ordered = self._rows[np.argsort(self._keys[: self.size], kind="stable")]
+            self._ordered = self._rearranged(np.argsort(self._keys[: self.size], kind="stable")).T
         return self._ordered
+
+
+def _take(values: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = values[positions]`` without a temporary (positions are in range: "clip" only
+    spares numpy the buffered copy its bounds check makes)."""
+    np.take(values, positions, out=out, mode="clip")
 
 
 # --- reference profile ----------------------------------------------------------------------------
