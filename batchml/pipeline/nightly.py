@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ from batchml.data.extract import PullResult, batch_filter, read_run_file, run_fi
 from batchml.data.validate import check_batch
 from batchml.errors import BatchMLError, RejectedError, file_error, interrupted
 from batchml.models import registry
-from batchml.models.scoring import load_for_scoring, prepare_engine
+from batchml.models.scoring import Predictor, load_for_scoring, prepare_engine
 from batchml.monitoring import drift, performance
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.score_step import ScoreStep
@@ -201,6 +201,25 @@ class JobRun(TrainSteps, ScoreStep, ABC):
             self.run.champion_version = self.state.champion_row["version"]
             self.state.champion = registry.load(self.state.champion_row)
             self.config = with_model_classes(self.config, self.state.champion.manifest.get("classes"))
+            if self._scores_in_pass():
+                self.state.scorer = self._loading_scorer()
+
+    def _loading_scorer(self) -> Future | None:
+        """The champion's predictor, with what its reasons read and its score profile, loading in a
+        thread from the moment the champion is known (0.4 s at 300 trees x 63 leaves: compiled
+        libraries, path tables), while this thread reads the run's history, describes the source and
+        DuckDB counts the batch; the pass takes it when its first rows arrive."""
+        champion, config = self.state.champion, self.config
+
+        def load() -> Predictor:
+            load_profile(champion)
+            return load_for_scoring(champion, config, self._warn)
+
+        loader = ThreadPoolExecutor(1, thread_name_prefix="batchml-load")
+        try:
+            return loader.submit(load)
+        finally:
+            loader.shutdown(wait=False)  # its thread ends with the load
 
     def _batch_filter(self) -> str:
         return batch_filter(self.config, self.run.watermark_from, self.run.as_of)
@@ -252,23 +271,16 @@ class JobRun(TrainSteps, ScoreStep, ABC):
             self.state.kept_rows = self.scratch / "batch.arrow"
         scoring = self._scores_in_pass() and not self.state.champion_missing
 
-        def load():  # the model's libraries and score profile, while DuckDB describes and counts the rows
-            load_profile(self.state.champion)
-            return load_for_scoring(self.state.champion, self.config, self._warn)
+        def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
+            batches = tallied_and_kept(batches, self.state.drift_tally, profile, self.state.kept_rows)
+            if scoring:
+                self._score_champion(batches, rows, self.state.scorer.result())
+            else:
+                for _ in batches:
+                    pass
 
-        with ThreadPoolExecutor(1, thread_name_prefix="batchml-load") as pool:
-            loading = pool.submit(load) if scoring else None
-
-            def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
-                batches = tallied_and_kept(batches, self.state.drift_tally, profile, self.state.kept_rows)
-                if scoring:
-                    self._score_champion(batches, rows, loading.result())
-                else:
-                    for _ in batches:
-                        pass
-
-            return pull(con, config, self.project.root, where, self.scratch / "rejected.arrow",
-                        valid_rows=valid_rows, columns=self.state.source_columns)
+        return pull(con, config, self.project.root, where, self.scratch / "rejected.arrow",
+                    valid_rows=valid_rows, columns=self.state.source_columns)
 
     def _keeps_rows(self) -> bool:
         """Whether a later step may read the valid rows again: a champion crowned or promoted in this

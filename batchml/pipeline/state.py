@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ class RunState:
     # the models
     champion_row: dict | None = None
     champion: registry.LoadedModel | None = None  # the champion after the gate, once it has run
+    scorer: Future | None = None  # the champion's predictor, loading since the champion was (JobRun._loading_scorer)
     shadow_model: registry.LoadedModel | None = None  # this run's rejected challenger, for shadow scores
     keep_challenger: bool = False  # commit this run's challenger even though the run fails
     # the batch
