@@ -325,6 +325,12 @@ def test_backfill_appends_scores_for_the_event_range_and_moves_no_watermark(cham
 
     with_v1 = backfill(model_version=1)
     assert scored_by(with_v1) == (in_range, {1})
+    # v1's own scores, not the champion's under v1's name: what v1 gave the same rows in its nightly runs
+    by_v1_nightly = dict(p.query("SELECT finding_id, score FROM scores.vuln_risk WHERE model_version = 1 AND run_id IN "
+                                 "(SELECT run_id FROM batchml.runs WHERE kind = 'nightly')"))
+    rescored = dict(p.query("SELECT finding_id, score FROM scores.vuln_risk WHERE run_id = ?", [with_v1["run_id"]]))
+    both = set(rescored) & set(by_v1_nightly)
+    assert len(both) > 100 and max(abs(rescored[f] - by_v1_nightly[f]) for f in both) <= 1e-12
     dry = backfill(dry_run=True)
     assert scored_by(dry) == (set(), set()) and dry["rows_scored"] == 0 and "dry run" in dry["note"]
     assert p.scalar("SELECT count(*) FROM scores.vuln_risk") == nightly + 3 * len(in_range)

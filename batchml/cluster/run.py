@@ -62,9 +62,8 @@ class DaskRun(JobRun):
         self.scored_parts: list[ScoredPart] = []
         self.shadow_parts: list[lake.PartFile] = []
 
-    def _loading_scorer(self) -> None:
+    def _preload(self, model: registry.LoadedModel) -> None:
         """Nothing to load here: each task loads the champion on its worker."""
-        return None
 
     def _own_folders(self) -> tuple[Path, ...]:
         """The job's lake: its scores views read the committed files (and nothing else of the lake)."""

@@ -49,6 +49,7 @@ class BackfillRun(JobRun):
             if row is None:
                 raise ConfigError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
             self.state.champion = registry.load(row)
+            self._preload(self.state.champion)
         if self.state.champion is None:
             raise ModelError(f"job {self.config.job} has no champion to backfill with; run it once first")
 
@@ -98,6 +99,10 @@ class BackfillRun(JobRun):
 
     def _scores_in_pass(self) -> bool:
         return not self.dry_run
+
+    def _preload(self, model: registry.LoadedModel) -> None:
+        if self.version is None or model.version == self.version:  # not the champion a --model-version replaces
+            super()._preload(model)
 
     def _pull_batch(self, con, where: str):
         if not self.dry_run:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,24 +202,31 @@ class JobRun(TrainSteps, ScoreStep, ABC):
             self.state.champion = registry.load(self.state.champion_row)
             self.config = with_model_classes(self.config, self.state.champion.manifest.get("classes"))
             if self._scores_in_pass():
-                self.state.scorer = self._loading_scorer()
+                self._preload(self.state.champion)
 
-    def _loading_scorer(self) -> Future | None:
-        """The champion's predictor, with what its reasons read and its score profile, loading in a
-        thread from the moment the champion is known (0.4 s at 300 trees x 63 leaves: compiled
-        libraries, path tables), while this thread reads the run's history, describes the source and
-        DuckDB counts the batch; the pass takes it when its first rows arrive."""
-        champion, config = self.state.champion, self.config
+    def _preload(self, model: registry.LoadedModel) -> None:
+        """Start loading ``model``'s predictor, with what its reasons read and its score profile, in a
+        thread: 0.4 s at 300 trees x 63 leaves (compiled libraries, path tables) that overlaps this
+        thread reading the run's history, describing the source and DuckDB counting the batch; the
+        pass takes it (:meth:`_scorer`) when its first rows arrive."""
+        config = self.config
 
         def load() -> Predictor:
-            load_profile(champion)
-            return load_for_scoring(champion, config, self._warn)
+            load_profile(model)
+            return load_for_scoring(model, config, self._warn)
 
         loader = ThreadPoolExecutor(1, thread_name_prefix="batchml-load")
         try:
-            return loader.submit(load)
+            self.state.scorer = (model, loader.submit(load))
         finally:
             loader.shutdown(wait=False)  # its thread ends with the load
+
+    def _scorer(self) -> Predictor:
+        """The predictor of the model the pass scores with: the one loading since it was known, or,
+        when the run has chosen another since, that one's (loaded now)."""
+        if self.state.scorer is None or self.state.scorer[0] is not self.state.champion:
+            self._preload(self.state.champion)
+        return self.state.scorer[1].result()
 
     def _batch_filter(self) -> str:
         return batch_filter(self.config, self.run.watermark_from, self.run.as_of)
@@ -274,7 +281,7 @@ class JobRun(TrainSteps, ScoreStep, ABC):
         def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
             batches = tallied_and_kept(batches, self.state.drift_tally, profile, self.state.kept_rows)
             if scoring:
-                self._score_champion(batches, rows, self.state.scorer.result())
+                self._score_champion(batches, rows, self._scorer())
             else:
                 for _ in batches:
                     pass

@@ -23,7 +23,7 @@ class RunState:
     # the models
     champion_row: dict | None = None
     champion: registry.LoadedModel | None = None  # the champion after the gate, once it has run
-    scorer: Future | None = None  # the champion's predictor, loading since the champion was (JobRun._loading_scorer)
+    scorer: tuple[registry.LoadedModel, Future] | None = None  # a model and its predictor, loading (JobRun._preload)
     shadow_model: registry.LoadedModel | None = None  # this run's rejected challenger, for shadow scores
     keep_challenger: bool = False  # commit this run's challenger even though the run fails
     # the batch
