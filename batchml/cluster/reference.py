@@ -80,8 +80,7 @@ def summarise(x: np.ndarray, numeric: int, offset: int, seed: int, sample_size: 
         mean.append(float(finite.mean()) if finite.size else 0.0)
         m2.append(float(np.sum((finite - finite.mean()) ** 2)) if finite.size else 0.0)
         pivots.append(np.unique(finite[rng.integers(0, finite.size, PIVOTS)]) if finite.size else np.empty(0))
-    return PartSummary(len(x), np.array(present, dtype=np.int64), np.array(mean), np.array(m2), pivots,
-                       reservoir._keys[: reservoir.size].copy(), reservoir._rows[: reservoir.size].copy())
+    return PartSummary(len(x), np.array(present, dtype=np.int64), np.array(mean), np.array(m2), pivots, *reservoir.kept())
 
 
 def below(x: np.ndarray, part: int, points: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

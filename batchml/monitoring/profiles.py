@@ -114,6 +114,10 @@ class _Reservoir:
         is a uniform sample of both streams (all rows while they hold fewer than ``capacity``)."""
         self.offer(other._keys[: other.size], list(other._columns[:, : other.size]))
 
+    def kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) kept so far, in no particular order: what another reservoir can be offered."""
+        return self._keys[: self.size].copy(), self._columns[:, : self.size].T.copy()
+
     def sample(self) -> np.ndarray:
         """The kept rows in key order, one column per offered column."""
         if self._ordered is None:  # cached: a report reads one column per feature
