@@ -12,7 +12,6 @@ from batchml.errors import ConfigError, ModelError
 from batchml.pipeline.locks import job_lock
 from batchml.project import Project
 from batchml.storage.publish import publish_change
-from batchml.models.scoring import prepare_engine
 from batchml.storage.warehouse import migrate, transaction
 
 # what a change of champion touches: the analysts' catalog reads champion_history from model_events
@@ -94,6 +93,8 @@ def compile_and_register(project: Project, model: registry.LoadedModel, engine: 
     """What a promotion builds for ``model`` (its compiled libraries; ``every_size``: small models
     too), with their sha256 registered in the warehouse: a library is loaded later only if it is the
     one registered."""
+    from batchml.models.scoring import prepare_engine  # LightGBM: only for a change of champion, not `models list`
+
     prepare_engine(model, engine, warn=warn, every_size=every_size)
     if model.unregistered:
         with project.connect() as con:

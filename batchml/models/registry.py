@@ -21,17 +21,22 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from batchml.models.lgbm import lgb
 from batchml.errors import ModelError
 from batchml.data.features import FeatureSpec, to_matrix
 
 MODEL_FILE, MANIFEST_FILE = "model.txt", "model.json"
 GOLDEN_FILE = "golden.parquet"  # golden-set inputs and their scores (retrain.write_golden)
 CHAMPION, CHALLENGER, ARCHIVED, REJECTED = "champion", "challenger", "archived", "rejected"
+
+if TYPE_CHECKING:
+    from batchml.models.lgbm import lgb
+# otherwise imported where a model is written or loaded: commands that only read the registry's
+# rows (`runs list`, `models list`, `report`, `prune`) start without LightGBM (~0.1 s a process)
 
 
 def utcnow() -> datetime:
@@ -91,6 +96,8 @@ def golden_matrix(model: LoadedModel) -> np.ndarray:
 
 def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[str, str]:
     """Write model.txt and model.json (after any side files already in ``folder``); returns both hashes."""
+    from batchml.models.lgbm import lgb
+
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / MODEL_FILE
     booster.save_model(str(model_path))
@@ -139,6 +146,8 @@ LIBRARIES = "compiled_libraries"  # the key under which a registry row carries i
 
 def load(row: dict) -> LoadedModel:
     """Load a registered model after verifying its hashes."""
+    from batchml.models.lgbm import lgb
+
     folder = verify(row)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     try:

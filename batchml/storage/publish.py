@@ -32,7 +32,6 @@ from batchml.config import JobConfig
 from batchml.errors import BatchMLError
 from batchml.project import Project
 from batchml.storage.warehouse import CHAMPION_HISTORY_SQL, open_connection, quote_ident, quote_literal, quote_table, table_exists
-from batchml.storage.writeback import LATEST_ORDER, latest_sql
 
 log = logging.getLogger("batchml")
 
@@ -152,6 +151,8 @@ def catalog_views(project: Project, configs: list[JobConfig]) -> dict[str, str]:
     views = {f"batchml.{t}": f"SELECT * FROM read_parquet({quote_literal(str(root / 'batchml' / t / '*.parquet'))}, union_by_name = true)" for t in PER_RUN}
     views |= {f"batchml.{t}": f"SELECT * FROM read_parquet({quote_literal(str(root / 'batchml' / f'{t}.parquet'))})" for t in SNAPSHOTS}
     views["batchml.champion_history"] = CHAMPION_HISTORY_SQL
+    from batchml.storage.writeback import latest_sql  # it imports scoring, and LightGBM: not for commands that only read
+
     for config in configs:
         files = root / "scores" / config.job
         if not any(files.glob("*.parquet")):
@@ -226,6 +227,8 @@ def _catalog_has(project: Project, views: dict[str, str]) -> bool:
     # a view over another directory's files (the project was copied or moved) counts as missing
     home = str(project.published)
     # a _latest view from before it ordered by event time (one row per entity's newest event) is stale
+    from batchml.storage.writeback import LATEST_ORDER
+
     stale = [name for name in present if name.endswith("_latest") and LATEST_ORDER not in present[name]]
     # names compared as DuckDB resolves them: case-insensitively (scoring.table Scores.Toy_Mixed)
     return not stale and all(name.lower() in present and (home not in sql or home in present[name.lower()])
