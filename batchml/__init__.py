@@ -16,23 +16,9 @@ The public API is what the ``batchml`` command calls, one function per command::
 Each raises a :class:`BatchMLError` subclass on failure; its ``exit_code`` is the command's.
 """
 
-from batchml.api import (
-    backfill,
-    check,
-    cutoff,
-    drift,
-    history,
-    list_models,
-    list_runs,
-    open_project,
-    promote,
-    prune,
-    replay,
-    report,
-    rollback,
-    run,
-    show_run,
-)
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from batchml.errors import (
     BatchMLError,
     ConfigError,
@@ -43,10 +29,26 @@ from batchml.errors import (
     RejectedError,
     WarehouseError,
 )
-from batchml.project import Project
 
 __all__ = [
     "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "history", "check", "list_runs", "show_run", "prune",
     "open_project", "cutoff", "Project",
     "BatchMLError", "ConfigError", "DataError", "RejectedError", "WarehouseError", "ModelError", "NotifyError", "LockError",
 ]
+
+# The API loads on first use: importing the package (as the command does before it parses its
+# arguments) imports no numpy, so ``batchml.cli`` can set how numpy's BLAS starts first.
+_LAZY = {name: "batchml.api" for name in __all__[:15]} | {"Project": "batchml.project"}
+
+if TYPE_CHECKING:
+    from batchml.api import (backfill, check, cutoff, drift, history, list_models, list_runs, open_project, promote, prune,
+                             replay, report, rollback, run, show_run)
+    from batchml.project import Project
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'batchml' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value  # looked up once
+    return value

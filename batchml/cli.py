@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from datetime import date, datetime, timedelta, timezone
@@ -19,6 +20,12 @@ from typer.core import TyperGroup
 from rich import box
 from rich.console import Console
 from rich.table import Column, Table
+
+# numpy's OpenBLAS starts a thread per core as it loads and keeps them spinning after each matrix
+# product; batchml's products are small (gate metrics, drift, estimates) and its cores belong to
+# LightGBM, the compiled trees and DuckDB. One BLAS thread unless the environment says otherwise:
+# set before numpy loads (with the API below; the package's __init__ and the imports above load none).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from batchml import api
 from batchml.errors import BatchMLError, ConfigError, file_error, interrupted
