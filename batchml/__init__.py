@@ -30,15 +30,16 @@ from batchml.errors import (
     WarehouseError,
 )
 
+_API = ["run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "history", "check", "list_runs",
+        "show_run", "prune", "open_project", "cutoff"]
 __all__ = [
-    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "history", "check", "list_runs", "show_run", "prune",
-    "open_project", "cutoff", "Project",
+    *_API, "Project",
     "BatchMLError", "ConfigError", "DataError", "RejectedError", "WarehouseError", "ModelError", "NotifyError", "LockError",
 ]
 
 # The API loads on first use: importing the package (as the command does before it parses its
 # arguments) imports no numpy, so ``batchml.cli`` can set how numpy's BLAS starts first.
-_LAZY = {name: "batchml.api" for name in __all__[:15]} | {"Project": "batchml.project"}
+_LAZY = {name: "batchml.api" for name in _API} | {"Project": "batchml.project"}
 
 if TYPE_CHECKING:
     from batchml.api import (backfill, check, cutoff, drift, history, list_models, list_runs, open_project, promote, prune,
@@ -52,3 +53,7 @@ def __getattr__(name: str):
     value = getattr(import_module(_LAZY[name]), name)
     globals()[name] = value  # looked up once
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
