@@ -30,16 +30,16 @@ from batchml.errors import (
     WarehouseError,
 )
 
-_API = ["run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "history", "check", "list_runs",
-        "show_run", "prune", "open_project", "cutoff"]
 __all__ = [
-    *_API, "Project",
+    "run", "backfill", "replay", "drift", "list_models", "promote", "rollback", "report", "history", "check", "list_runs", "show_run", "prune",
+    "open_project", "cutoff", "Project",
     "BatchMLError", "ConfigError", "DataError", "RejectedError", "WarehouseError", "ModelError", "NotifyError", "LockError",
 ]
 
 # The API loads on first use: importing the package (as the command does before it parses its
-# arguments) imports no numpy, so ``batchml.cli`` can set how numpy's BLAS starts first.
-_LAZY = {name: "batchml.api" for name in _API} | {"Project": "batchml.project"}
+# arguments) imports no numpy, so ``batchml.cli`` can set how numpy's BLAS starts first. The
+# functions (lower case) come from ``api``, ``Project`` from ``project``; the errors are here.
+_LAZY = {name: "batchml.api" for name in __all__ if name.islower()} | {"Project": "batchml.project"}
 
 if TYPE_CHECKING:
     from batchml.api import (backfill, check, cutoff, drift, history, list_models, list_runs, open_project, promote, prune,
