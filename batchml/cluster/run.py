@@ -62,8 +62,8 @@ class DaskRun(JobRun):
         self.scored_parts: list[ScoredPart] = []
         self.shadow_parts: list[lake.PartFile] = []
 
-    def _preload(self, model: registry.LoadedModel) -> None:
-        """Nothing to load here: each task loads the champion on its worker."""
+    def _preloads_champion(self) -> bool:
+        return False  # each task loads the champion on its worker
 
     def _own_folders(self) -> tuple[Path, ...]:
         """The job's lake: its scores views read the committed files (and nothing else of the lake)."""

@@ -48,8 +48,7 @@ class BackfillRun(JobRun):
                 row = model_rows.get(con, self.config.job, self.version)
             if row is None:
                 raise ConfigError(f"job {self.config.job} has no model v{self.version}; see `batchml models list {self.config.job}`")
-            self.state.champion = registry.load(row)
-            self._preload(self.state.champion)
+            self.state.champion = registry.load(row)  # the pass loads its predictor (JobRun._scorer)
         if self.state.champion is None:
             raise ModelError(f"job {self.config.job} has no champion to backfill with; run it once first")
 
@@ -100,9 +99,8 @@ class BackfillRun(JobRun):
     def _scores_in_pass(self) -> bool:
         return not self.dry_run
 
-    def _preload(self, model: registry.LoadedModel) -> None:
-        if self.version is None or model.version == self.version:  # not the champion a --model-version replaces
-            super()._preload(model)
+    def _preloads_champion(self) -> bool:
+        return super()._preloads_champion() and self.version is None  # --model-version: another model scores
 
     def _pull_batch(self, con, where: str):
         if not self.dry_run:

@@ -201,8 +201,12 @@ class JobRun(TrainSteps, ScoreStep, ABC):
             self.run.champion_version = self.state.champion_row["version"]
             self.state.champion = registry.load(self.state.champion_row)
             self.config = with_model_classes(self.config, self.state.champion.manifest.get("classes"))
-            if self._scores_in_pass():
+            if self._preloads_champion():
                 self._preload(self.state.champion)
+
+    def _preloads_champion(self) -> bool:
+        """Whether the champion is the model this run's pass scores with (its predictor then loads at once)."""
+        return self._scores_in_pass()
 
     def _preload(self, model: registry.LoadedModel) -> None:
         """Start loading ``model``'s predictor, with what its reasons read and its score profile, in a
