@@ -35,6 +35,7 @@ from batchml.monitoring.drift import (
     build_profile,
     chi2_two_sample,
     compute_drift,
+    current_sample_size,
     domain_classifier_auc,
     jensen_shannon,
     ks_2sample,
@@ -210,6 +211,28 @@ def test_partitions_tallied_apart_and_merged_equal_one_pass() -> None:
         for ours, theirs in zip(compute_drift(profile, merged, config).to_rows(), compute_drift(profile, whole, config).to_rows()):
             assert (ours["feature"], ours["drifted"], ours["n_current"]) == (theirs["feature"], theirs["drifted"], theirs["n_current"])
             assert ours["statistic"] == pytest.approx(theirs["statistic"], abs=1e-9)
+
+
+def test_a_suite_that_reads_no_sample_gives_the_same_report_without_one():
+    """The nightly run samples the current rows only when a method reads the sample (ks,
+    wasserstein, the domain classifier): for every other suite the report of an unsampled tally
+    equals the sampled one's, row for row, and a sampling suite gets a sample size."""
+    rng = np.random.default_rng(8)
+    profile = build_profile(*make_frame(rng, 10_000), scores=rng.random(2_000))
+    numeric, categorical = make_frame(rng, 6_000, shift=0.3, mix=SHIFTED_MIX)
+    scores = rng.random(6_000)
+    for numeric_method in ("psi", "jensen_shannon", "ks", "wasserstein"):
+        for categorical_method, multivariate in (("psi", False), ("chi2", False), ("jensen_shannon", True)):
+            config = DriftConfig(numeric_method=numeric_method, categorical_method=categorical_method, multivariate=multivariate)
+            sampled = CurrentAccumulator(profile)
+            unsampled = CurrentAccumulator(profile, sample_size=current_sample_size(config))
+            for tally in (sampled, unsampled):
+                tally.update(numeric, categorical, scores)
+            if numeric_method in ("ks", "wasserstein") or multivariate:
+                assert current_sample_size(config) > 0 and unsampled.sample().shape == (6_000, 2)
+                continue
+            assert current_sample_size(config) == 0 and unsampled.sample().shape == (0, 2)
+            assert compute_drift(profile, unsampled, config).to_rows() == compute_drift(profile, sampled, config).to_rows()
 
 
 # --- unseen levels, missing values, failures --------------------------------------------------------

@@ -67,6 +67,34 @@ def test_the_duplicate_check_and_the_run_file(tmp_path):
     assert sorted(read_run_file(again.path).column(ENTITY).to_pylist()) == sorted(valid.column(ENTITY).to_pylist())
 
 
+def test_a_repeated_key_is_found_alike_in_memory_and_by_duckdb(tmp_path, monkeypatch):
+    """Batches up to SORTED_KEYS rows sort their keys' hashes in memory, larger ones group them in
+    DuckDB: both give the same answers, and rows without an id never count as a repeated key."""
+    from batchml.storage import source as pulling
+
+    rows = demo_data.generate_rows(2_000, seed=5, start=datetime(2026, 1, 1))
+    cfg = config()
+    con = source(rows)
+    # two rows without an id at the same time: rejected by the contract, not a repeated key
+    con.execute("UPDATE raw.vuln_findings SET finding_id = NULL, found_at = TIMESTAMP '2026-01-02' "
+                "WHERE finding_id IN (SELECT finding_id FROM raw.vuln_findings ORDER BY finding_id LIMIT 2)")
+    answers = []
+    for limit in (pulling.SORTED_KEYS, 0):
+        monkeypatch.setattr(pulling, "SORTED_KEYS", limit)
+        answers.append(count_rows(con, cfg, tmp_path, ALL_ROWS))
+    # the same id at another time is another key; at the same time it repeats
+    con.execute("INSERT INTO raw.vuln_findings SELECT * REPLACE (found_at + INTERVAL 1 DAY AS found_at) "
+                "FROM raw.vuln_findings WHERE finding_id = (SELECT max(finding_id) FROM raw.vuln_findings)")
+    for limit in (pulling.SORTED_KEYS, 0):
+        monkeypatch.setattr(pulling, "SORTED_KEYS", limit)
+        answers.append(count_rows(con, cfg, tmp_path, ALL_ROWS))
+    con.execute("INSERT INTO raw.vuln_findings SELECT * FROM raw.vuln_findings WHERE finding_id = (SELECT min(finding_id) FROM raw.vuln_findings)")
+    for limit in (10**9, 0):
+        monkeypatch.setattr(pulling, "SORTED_KEYS", limit)
+        answers.append(count_rows(con, cfg, tmp_path, ALL_ROWS))
+    assert answers == [(2_000, False)] * 2 + [(2_001, False)] * 2 + [(2_002, True)] * 2
+
+
 def test_a_streamed_pull_hands_over_the_valid_rows_and_keeps_only_rejected_ones(tmp_path):
     rows = demo_data.inject_bad_rows(demo_data.generate_rows(3_000, seed=3, start=datetime(2026, 1, 1)), 0.05, seed=4)
     con = source(rows)

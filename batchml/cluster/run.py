@@ -131,7 +131,8 @@ class DaskRun(JobRun):
         order = self._score_order(keep_share) if self._scores_in_pass() and not self.state.champion_missing else None
         keep = self._keeps_rows()
         task = "score" if order is not None else "check"
-        futures = [self.client.submit(check_partition, part, profile, rivals[part.index], order, keep,
+        sample_size = drift.current_sample_size(config.drift)
+        futures = [self.client.submit(check_partition, part, profile, rivals[part.index], order, keep, sample_size,
                                       key=f"{task}-{self.run.run_id}-{part.index}", pure=False)
                    for part in parts]
         self.partitions = parts

@@ -227,7 +227,7 @@ def pull_share(con, part: Partition, rivals: Rivals | None, path: Path, valid_ro
 
 
 def check_partition(part: Partition, profile: drift.ReferenceProfile | None, rivals: Rivals | None = None,
-                    order: ScoreOrder | None = None, keep: bool = True) -> CheckedPart:
+                    order: ScoreOrder | None = None, keep: bool = True, sample_size: int = drift.CURRENT_SAMPLE_SIZE) -> CheckedPart:
     """One pass over the partition's rows, as the local engine's pull: each row through the data
     contract (the local engine's own SQL, the duplicate rule ranking against ``rivals``; rejected
     rows to the lake's quarantine file), each valid row tallied for drift, scored with ``order``'s
@@ -237,7 +237,8 @@ def check_partition(part: Partition, profile: drift.ReferenceProfile | None, riv
     cost near the local engine's."""
     rejected = part.path(STAGING, "-rejected.arrow")
     kept = part.path(STAGING, ".arrow") if keep else None
-    tally = drift.CurrentAccumulator(profile, seed=part.index + 1) if profile is not None else None  # distinct seeds: the merged sample stays uniform
+    # distinct seeds: the merged sample stays uniform
+    tally = drift.CurrentAccumulator(profile, sample_size=sample_size, seed=part.index + 1) if profile is not None else None
     scored: ScoredPart | None = None
 
     def valid_rows(batches: Iterator[pa.RecordBatch], rows: int) -> None:
@@ -320,7 +321,7 @@ def _score_stream(part: Partition, batches: Iterator[pa.RecordBatch], rows: int,
     model = _load(order.ref)
     predictor = make_predictor(model, config.scoring.engine)
     summary = ScoreSummary()
-    prediction = drift.CurrentAccumulator(order.profile, seed=part.index + 1)
+    prediction = drift.CurrentAccumulator(order.profile, sample_size=0, seed=part.index + 1)  # psi: bin counts, no sample
     rng = np.random.default_rng([config.training.seed, part.index])
     keep_share = order.keep_share if order.keep_share is not None else min(1.0, ESTIMATE_SAMPLE / max(rows, 1))
     kept: list[np.ndarray] = []

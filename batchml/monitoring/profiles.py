@@ -86,7 +86,7 @@ class _Reservoir:
             self._keys[: self.capacity] = self._keys[keep]
             self._columns[:, : self.capacity] = self._rearranged(keep)
             self.size = self.capacity
-        if self.size == self.capacity:
+        if self.size == self.capacity > 0:
             self.bound = float(self._keys[: self.size].max())
 
     def _rearranged(self, order: np.ndarray) -> np.ndarray:

@@ -277,7 +277,8 @@ class JobRun(TrainSteps, ScoreStep, ABC):
         read back for drift, then again for scoring."""
         config = self._pull_config(con)
         profile = self._drift_reference() if self.state.champion is not None and self.run.kind != "backfill" else None
-        self.state.drift_tally = drift.CurrentAccumulator(profile) if profile is not None else None
+        sample_size = drift.current_sample_size(self.config.drift)
+        self.state.drift_tally = drift.CurrentAccumulator(profile, sample_size=sample_size) if profile is not None else None
         if self._keeps_rows():
             self.state.kept_rows = self.scratch / "batch.arrow"
         scoring = self._scores_in_pass() and not self.state.champion_missing

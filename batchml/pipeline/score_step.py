@@ -91,7 +91,7 @@ class ScoreStep:
         self.run.champion_version = self.state.champion.version
         # prediction drift needs only the score distribution: a profile without features
         profile = drift.ReferenceProfile({}, {}, load_profile(self.state.champion).score)
-        scores_acc = drift.CurrentAccumulator(profile)
+        scores_acc = drift.CurrentAccumulator(profile, sample_size=0)  # prediction drift is psi: bin counts, no sample
         kept: list[np.ndarray] = []
 
         # the estimated metric needs a sample of scores, not all of them (memory stays flat)

@@ -18,14 +18,22 @@ from batchml.models.scoring import score_rows
 from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, registered, setting
 
 
+DRIFT_COLUMNS = pa.schema([
+    ("run_id", pa.string()), ("job", pa.string()), ("feature", pa.string()), ("method", pa.string()), ("kind", pa.string()),
+    ("statistic", pa.float64()), ("p_value", pa.float64()), ("threshold", pa.float64()), ("drifted", pa.bool_()),
+    ("n_reference", pa.int64()), ("n_current", pa.int64()), ("error", pa.string()), ("histogram", pa.string()),
+    ("model_version", pa.int32()), ("computed_at", pa.timestamp("us")),
+])
+
+
 def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list[dict]) -> None:
-    now = registry.utcnow()
-    for row in rows:
-        con.execute(
-            "INSERT INTO batchml.drift VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, job, row["feature"], row["method"], row["kind"], row["statistic"], row["p_value"], row["threshold"],
-             row["drifted"], row["n_reference"], row["n_current"], row["error"], row["histogram"], version, now],
-        )
+    """One INSERT of every row (a statement per row took 48 ms for a night of 37 features)."""
+    if not rows:
+        return
+    shared = {"run_id": run_id, "job": job, "model_version": version, "computed_at": registry.utcnow()}
+    table = pa.Table.from_pylist([{**row, **shared} for row in rows], schema=DRIFT_COLUMNS)
+    with registered(con, "__drift", table):
+        con.execute(f"INSERT INTO batchml.drift BY NAME SELECT {', '.join(DRIFT_COLUMNS.names)} FROM __drift")
 
 
 def write_quarantine(con, run_id: str, job: str, rejected: pa.Table) -> None:
