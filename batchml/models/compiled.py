@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from batchml.config import thread_count
+from batchml.models.imports import without_integrations
 from batchml.models.leaf_packing import LeafPacking, leaf_model_text
 from batchml.models.verification import total_leaves, verification_matrix
 from batchml.models.reasons import leaf_indices
@@ -109,9 +110,10 @@ class CompileError(Exception):
 
 
 def available() -> bool:
-    """True when lleaves (and so llvmlite) can be imported."""
+    """True when lleaves (and so llvmlite) can be imported. The first call imports it, without
+    pandas (:mod:`batchml.models.imports`) when made from the main thread."""
     try:
-        import lleaves  # noqa: F401
+        without_integrations("lleaves", ("pandas",))
     except ImportError:
         return False
     return True
