@@ -36,35 +36,3 @@ def test_lightgbm_core_trains_and_predicts_as_the_usual_import() -> None:
     assert alone["imported"] == [] and alone["flags"] == [False, False]
     assert usual["flags"] == [True, True]  # the usual import takes them when installed (the dev extras install them)
     assert max(abs(a - b) for a, b in zip(alone["scores"], usual["scores"])) <= 1e-12
-
-
-LLEAVES = """
-import json, sys, threading
-import numpy as np
-from batchml.models import compiled
-{call}
-imported = "pandas" in sys.modules
-import lleaves, lightgbm as lgb
-rng = np.random.default_rng(3)
-x = rng.normal(size=(500, 4))
-booster = lgb.train({{"objective": "binary", "verbose": -1, "num_threads": 1}}, lgb.Dataset(x, x[:, 0] > 0), 5)
-booster.save_model("model.txt")
-model = lleaves.Model(model_file="model.txt")
-model.compile()
-import pandas  # still importable by everything else
-print(json.dumps({{"available": ok[0], "pandas": imported, "diff": float(np.abs(model.predict(x, n_jobs=1) - booster.predict(x)).max())}}))
-"""
-
-
-def test_lleaves_is_imported_without_pandas_from_the_main_thread_only(tmp_path) -> None:
-    """The compiled engine's first import hides pandas (0.31 s of a start) in the main thread; from
-    another thread, where a concurrent `import pandas` could see it hidden, it imports as usual."""
-    results = {}
-    for where, call in (("main", "ok = [compiled.available()]"),
-                        ("thread", "ok = []\nt = threading.Thread(target=lambda: ok.append(compiled.available())); t.start(); t.join()")):
-        done = subprocess.run([sys.executable, "-c", LLEAVES.format(call=call)], capture_output=True, text=True, timeout=120,
-                              check=True, cwd=tmp_path)
-        results[where] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert results["main"]["available"] and results["main"]["pandas"] is False
-    assert results["thread"]["available"] and results["thread"]["pandas"] is True  # the dev extras install pandas
-    assert results["main"]["diff"] <= 1e-12 and results["thread"]["diff"] <= 1e-12

@@ -66,7 +66,6 @@ from pathlib import Path
 import numpy as np
 
 from batchml.config import thread_count
-from batchml.models.imports import without_integrations
 from batchml.models.leaf_packing import LeafPacking, leaf_model_text
 from batchml.models.verification import total_leaves, verification_matrix
 from batchml.models.reasons import leaf_indices
@@ -110,10 +109,9 @@ class CompileError(Exception):
 
 
 def available() -> bool:
-    """True when lleaves (and so llvmlite) can be imported. The first call imports it, without
-    pandas (:mod:`batchml.models.imports`) when made from the main thread."""
+    """True when lleaves (and so llvmlite) can be imported."""
     try:
-        without_integrations("lleaves", ("pandas",))
+        import lleaves  # noqa: F401
     except ImportError:
         return False
     return True

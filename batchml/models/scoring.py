@@ -69,18 +69,6 @@ def make_predictor(model: LoadedModel, engine: str = "auto", warn: Callable[[str
     return LightGBMPredictor(model)
 
 
-def import_engine(engine: str) -> None:
-    """Import what ``engine`` scores with, in this thread: called in the main thread before a
-    predictor loads in another, so that lleaves imports without pandas (0.31 s less, see
-    ``batchml.models.imports``; from another thread it would import pandas too)."""
-    if engine in ("auto", "compiled"):
-        try:
-            from batchml.models.compiled import available
-        except ImportError:
-            return
-        available()
-
-
 def load_for_scoring(model: LoadedModel, config: JobConfig, warn: Callable[[str], None] | None = None) -> Predictor:
     """``model``'s predictor, with what its reason codes read loaded too (the leaves library, the
     path tables): 0.2-0.3 s of loading and checking that can overlap other work, such as DuckDB

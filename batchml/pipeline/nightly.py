@@ -39,7 +39,7 @@ from batchml.data.extract import PullResult, batch_filter, read_run_file, run_fi
 from batchml.data.validate import check_batch
 from batchml.errors import BatchMLError, RejectedError, file_error, interrupted
 from batchml.models import registry
-from batchml.models.scoring import Predictor, import_engine, load_for_scoring, prepare_engine
+from batchml.models.scoring import Predictor, load_for_scoring, prepare_engine
 from batchml.monitoring import drift, performance
 from batchml.pipeline.locks import job_lock
 from batchml.pipeline.score_step import ScoreStep
@@ -214,7 +214,6 @@ class JobRun(TrainSteps, ScoreStep, ABC):
         thread reading the run's history, describing the source and DuckDB counting the batch; the
         pass takes it (:meth:`_scorer`) when its first rows arrive."""
         config = self.config
-        import_engine(config.scoring.engine)
 
         def load() -> Predictor:
             load_profile(model)
