@@ -13,6 +13,8 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightgbm as lgb
@@ -266,6 +268,37 @@ def test_a_night_big_enough_compiles_the_champion_registers_it_and_the_next_nigh
     with caplog.at_level("INFO", logger="batchml"):
         next_night = run_job(champion_project.project, "vuln_risk", as_of=day(62), notify=False)
     assert next_night.status == "succeeded" and f"scored {next_night.rows_scored} rows with v1 (compiled)" in caplog.text
+
+
+NIGHT_WITHOUT_PANDAS = """
+import logging, sys
+from datetime import datetime
+from batchml.models import compiled
+from batchml.pipeline.nightly import run_job
+from batchml.project import Project
+load = compiled._load
+compiled._load = lambda model, kind, library, code: (print("loaded", kind.name, "library"), load(model, kind, library, code))[1]
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+night = run_job(Project.open(sys.argv[1]), "vuln_risk", as_of=datetime.fromisoformat(sys.argv[2]), notify=False)
+print(night.status, "imported pandas:", "pandas" in sys.modules)
+"""
+
+
+def test_a_night_that_loads_compiled_libraries_never_imports_pandas(champion_project, lleaves, monkeypatch):
+    """pyarrow and lleaves import pandas (0.3-0.5 s) when asked to convert or to load; a night needs
+    neither (batchml.data.arrays, compiled._Library). In a fresh process, as cron starts one."""
+    from batchml.pipeline.nightly import run_job
+
+    monkeypatch.setattr(compiled, "SAVED_SECONDS_PER_TREE_ROW", 1.0)  # this night compiles both libraries
+    assert run_job(champion_project.project, "vuln_risk", as_of=day(61), notify=False).status == "succeeded"
+
+    night = subprocess.run([sys.executable, "-c", NIGHT_WITHOUT_PANDAS, str(champion_project.root), day(62).isoformat()],
+                           capture_output=True, text=True, timeout=300)
+
+    assert night.returncode == 0, night.stderr[-3000:]
+    assert "loaded scores library" in night.stdout and "loaded leaves library" in night.stdout
+    assert "with v1 (compiled)" in night.stdout
+    assert night.stdout.strip().endswith("succeeded imported pandas: False"), night.stdout[-2000:]
 
 
 def test_auto_without_lleaves_scores_a_big_batch_with_lightgbm(model, without_lleaves):

@@ -357,18 +357,23 @@ def test_a_planted_compiled_library_is_never_loaded(demo_project, monkeypatch, t
     assert check.returncode == 1 and f"compiled library {library} (sha256" in check.stdout
     assert "is not the one registered for v1 in batchml.compiled_libraries" in check.stdout
 
-    loaded: list[str] = []  # every library lleaves is asked to load, in this process or a child
-    real_compile, real_run = lleaves.Model.compile, subprocess.run
+    loaded: list[str] = []  # every library batchml or lleaves is asked to load, in this process or a child
+    real_compile, real_load, real_run = lleaves.Model.compile, compiled._load, subprocess.run
 
     def spy_compile(self, *args, cache=None, **kwargs):
         loaded.append(str(cache))
         return real_compile(self, *args, cache=cache, **kwargs)
+
+    def spy_load(model, kind, library, code):
+        loaded.append(str(library))
+        return real_load(model, kind, library, code)
 
     def spy_run(args, *rest, **kwargs):
         loaded.extend(str(arg) for arg in args if str(arg).endswith(".so"))
         return real_run(args, *rest, **kwargs)
 
     monkeypatch.setattr(lleaves.Model, "compile", spy_compile)
+    monkeypatch.setattr(compiled, "_load", spy_load)
     monkeypatch.setattr(subprocess, "run", spy_run)
     warnings: list[str] = []
     monkeypatch.setattr(compiled.log, "warning", lambda message, *args: warnings.append(message % args if args else message))
@@ -379,6 +384,7 @@ def test_a_planted_compiled_library_is_never_loaded(demo_project, monkeypatch, t
 
     assert second.status == "succeeded" and second.rows_scored > 0
     assert str(library) not in loaded and not any(path.endswith(library.name) for path in loaded)
+    assert [Path(path).name for path in loaded] == [name for name in registered if name.endswith("-leaves.so")]  # the spy sees loads
     assert not library.exists() and library.with_name(library.name + ".rejected").read_bytes() == planted.read_bytes()
     assert any("is not the library registered for this model" in w and "scoring with LightGBM" in w for w in warnings)
     assert demo_project.scalar("SELECT count(*) FROM batchml.compiled_libraries") == 2  # nothing new vouched for

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchml.data.arrays import floats, strings
+
 MAX_LEVELS = 1000  # beyond this a "categorical" is really an identifier; keep the most frequent
 TRANSPOSE_ROWS = 4096  # rows per block when building the matrix: 35 features x 4096 rows fit in L2
 
@@ -65,16 +67,14 @@ def spec_from_counts(numeric: list[str], categorical: list[str], counts: dict[st
 def _numeric_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if column.type != pa.float64():
         column = pc.cast(column, pa.float64())
-    # pyarrow turns nulls of a float column into NaN (LightGBM's missing value) in the same pass:
-    # 70x faster than fill_null first (0.12 ms vs 8 ms per 100k rows)
-    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return floats(column)  # nulls as NaN: LightGBM's missing value
 
 
 def _categorical_column(column: pa.ChunkedArray | pa.Array, levels: list[str]) -> np.ndarray:
     if not levels:
         return np.full(len(column), np.nan)
-    index = pc.index_in(pc.cast(column, pa.string()), value_set=pa.array(levels, pa.string()))
-    return np.asarray(pc.fill_null(pc.cast(index, pa.float64()), np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
+    index = pc.index_in(pc.cast(column, pa.string()), value_set=strings(levels))
+    return floats(pc.cast(index, pa.float64()))  # an unknown level (null) as NaN
 
 
 def to_matrix(data: pa.Table | pa.RecordBatch, spec: FeatureSpec) -> np.ndarray:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from ctypes import CFUNCTYPE, POINTER, c_double, c_int32
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -109,12 +112,8 @@ class CompileError(Exception):
 
 
 def available() -> bool:
-    """True when lleaves (and so llvmlite) can be imported."""
-    try:
-        import lleaves  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when lleaves (and so llvmlite) is installed; found, not imported (lleaves imports pandas)."""
+    return importlib.util.find_spec("lleaves") is not None and importlib.util.find_spec("llvmlite") is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +133,7 @@ class Kind:
     expected: Callable[[object, np.ndarray], np.ndarray]  # LightGBM's answer: (booster, matrix) -> array
     rewrite: Callable[[str], str] | None = None  # model.txt text -> the text lleaves compiles (None: as is)
     layout: str = ""  # of the output, when it is not the model's own: part of the cache key
+    outputs: Callable[[LoadedModel], int] = lambda model: model.booster.num_model_per_iteration()  # values per row
 
     @property
     def suffix(self) -> str:
@@ -144,6 +144,13 @@ def _booster_scores(booster, matrix: np.ndarray) -> np.ndarray:
     return booster.predict(matrix, num_threads=1)
 
 
+def leaf_packing(model: LoadedModel) -> LeafPacking:
+    """How ``model``'s leaves library packs leaf indices (read from model.txt once per loaded model)."""
+    if "leaf_packing" not in model.cache:
+        model.cache["leaf_packing"] = LeafPacking.of_text((model.path / MODEL_FILE).read_text())
+    return model.cache["leaf_packing"]
+
+
 def _booster_leaves(booster, matrix: np.ndarray) -> np.ndarray:
     """LightGBM's leaf indices packed as the leaves library returns them (compared exactly)."""
     return LeafPacking.of_text(booster.model_to_string()).pack(leaf_indices(booster, matrix))
@@ -151,7 +158,7 @@ def _booster_leaves(booster, matrix: np.ndarray) -> np.ndarray:
 
 SCORES = Kind("scores", "scores", "compiled trees not used, scoring with LightGBM", COMPILE_OPTIONS, TOLERANCE, _booster_scores)
 LEAVES = Kind("leaves", "leaf indices", "compiled leaf indices not used, reason codes use LightGBM's pred_leaf", LEAF_OPTIONS, 0.0,
-              _booster_leaves, rewrite=leaf_model_text, layout="packed")
+              _booster_leaves, rewrite=leaf_model_text, layout="packed", outputs=lambda model: leaf_packing(model).classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,10 +360,62 @@ def _spot_rows(model: LoadedModel) -> np.ndarray:
     return golden if len(golden) else verification_matrix(model, rows=200)
 
 
-def _load(model: LoadedModel, kind: Kind, library: Path):
+class _Library:
+    """A cached library, loaded with llvmlite and called as lleaves calls it: a drop-in for the
+    ``lleaves.Model`` that ``Model(model.txt).compile(cache=library)`` returns.
+
+    lleaves' way imports lleaves, which imports pandas (0.3-0.5 s of the night: batchml.data.arrays),
+    reads model.txt (the leaves kind: rewrites all of it first) and reads the library again after
+    batchml checked its sha256. This links the very bytes that were checked and needs no model text.
+    lleaves' entry point ``forest_root(rows, out, start, stop)`` releases the GIL while it runs.
+    """
+
+    ENTRY = CFUNCTYPE(None, POINTER(c_double), POINTER(c_double), c_int32, c_int32)
+
+    def __init__(self, code: bytes, features: int, outputs: int, options: dict) -> None:
+        import llvmlite.binding as llvm
+
+        llvm.initialize()  # as lleaves.llvm_binding does: idempotent, per process
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        try:
+            cpu_features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot detect them here: lleaves compiled without, too
+            cpu_features = ""
+        machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=cpu_features, reloc="pic", codemodel=options["fcodemodel"])
+        module = llvm.parse_assembly("")  # the code comes from the object cache, as lleaves loads it
+        self._engine = llvm.create_mcjit_compiler(module, machine)  # keeps the code mapped
+        module.data_layout = str(self._engine.target_data)
+        self._engine.set_object_cache(getbuffer_func=lambda _: code)
+        self._engine.finalize_object()
+        self._engine.run_static_constructors()
+        self._entry = self.ENTRY(self._engine.get_function_address("forest_root"))
+        self.features, self.outputs = features, outputs
+
+    def predict(self, data: np.ndarray, n_jobs: int | None = None) -> np.ndarray:
+        rows = np.ascontiguousarray(data, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != self.features:
+            raise ValueError(f"the library takes rows of {self.features} features, not an array of shape {rows.shape}")
+        if len(rows) >= 2**31 - 1:  # the entry point counts rows in int32
+            raise ValueError(f"{len(rows)} rows in one call: split them into batches below 2**31")
+        out = np.zeros(len(rows) if self.outputs == 1 else (len(rows), self.outputs))
+        source, target = rows.ctypes.data_as(POINTER(c_double)), out.ctypes.data_as(POINTER(c_double))
+        jobs = max(1, min(n_jobs or os.cpu_count() or 1, len(rows)))
+        if jobs == 1:
+            self._entry(source, target, 0, len(rows))
+            return out
+        step = -(-len(rows) // jobs)
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="batchml-compiled") as pool:
+            list(pool.map(lambda start: self._entry(source, target, start, min(start + step, len(rows))), range(0, len(rows), step)))
+        return out
+
+
+def _load(model: LoadedModel, kind: Kind, library: Path, code: bytes) -> _Library:
+    """``library``'s ``code`` (its bytes, as checked), ready to predict."""
     try:
-        return _lleaves_compile(model, kind, str(library))
-    except Exception as exc:  # whatever lleaves' parser or LLVM raises
+        return _Library(code, model.booster.num_feature(), kind.outputs(model), kind.options)
+    except Exception as exc:  # whatever llvmlite or LLVM raises
         raise CompileError(f"cannot load {library.name}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -373,14 +432,15 @@ def _reject(library: Path) -> str:
 def _use_cached(model: LoadedModel, kind: Kind, paths: CachePaths):
     """The cached library, loaded, if its sha256 is the one registered for the model in the
     warehouse; anything else is refused before it is loaded (native code runs as it loads)."""
-    digest = sha256_file(paths.library)
+    code = paths.library.read_bytes()  # hashed and loaded from this one read
+    digest = hashlib.sha256(code).hexdigest()
     registered = model.libraries.get(paths.library.name)
     if registered != digest:
         why = "none is registered for it" if registered is None else f"the registered one is {registered[:12]}"
         raise CompileError(f"cached library {paths.library.name} (sha256 {digest[:12]}) is not the library registered for this "
                            f"model in batchml.compiled_libraries ({why}); not loaded, {_reject(paths.library)}; "
                            f"`batchml models compile {model.job}` builds and registers a new one")
-    compiled = _load(model, kind, paths.library)
+    compiled = _load(model, kind, paths.library, code)
     # registered is not proof against every mistake: it must still reproduce this model on its golden rows
     worst, rows = _verify(model, kind, compiled, _spot_rows(model))
     if worst > kind.tolerance:
@@ -491,9 +551,7 @@ def compiled_leaves(model: LoadedModel, required: bool, warn: Callable[[str], No
     compiled = _decided(model, LEAVES, required, warn)
     if compiled is None:
         return None
-    if "leaf_packing" not in model.cache:  # asked for every batch: read model.txt once
-        model.cache["leaf_packing"] = LeafPacking.of_text((model.path / MODEL_FILE).read_text())
-    return LeafPredictor(compiled, model.cache["leaf_packing"])
+    return LeafPredictor(compiled, leaf_packing(model))
 
 
 def _decided(model: LoadedModel, kind: Kind, required: bool, warn: Callable[[str], None] | None):

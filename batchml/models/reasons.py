@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from batchml.data.arrays import from_numpy, strings
 from batchml.models.lgbm import lgb
 from batchml.config import thread_count
 
@@ -168,14 +169,14 @@ def top_reasons(contributions: np.ndarray, features: list[str], rows: np.ndarray
     k = min(k, contributions.shape[1])
     top = _largest(contributions, k)
     values = np.take_along_axis(contributions, top, axis=1)
-    names = pa.DictionaryArray.from_arrays(pa.array(top.ravel().astype(np.int32)), pa.array(features, pa.string())).dictionary_decode()
-    structs = pa.StructArray.from_arrays([names, pa.array(values.ravel())], ["feature", "contribution"])
+    names = pa.DictionaryArray.from_arrays(from_numpy(top.ravel().astype(np.int32)), strings(features)).dictionary_decode()
+    structs = pa.StructArray.from_arrays([names, from_numpy(values.ravel())], ["feature", "contribution"])
     counts = np.zeros(n, dtype=np.int32)
     counts[rows] = k
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     wanted = np.zeros(n, dtype=bool)
     wanted[rows] = True
-    return pa.ListArray.from_arrays(pa.array(offsets), structs, mask=pa.array(~wanted))
+    return pa.ListArray.from_arrays(from_numpy(offsets), structs, mask=from_numpy(~wanted))
 
 
 def _largest(contributions: np.ndarray, k: int) -> np.ndarray:

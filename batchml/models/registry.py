@@ -91,7 +91,8 @@ def golden_matrix(model: LoadedModel) -> np.ndarray:
     path = model.path / GOLDEN_FILE
     if not path.exists():
         return np.empty((0, len(model.spec.features)))
-    return to_matrix(pq.read_table(str(path)), model.spec)
+    with pq.ParquetFile(str(path)) as golden:  # not pq.read_table: pyarrow.dataset imports pandas (batchml.data.arrays)
+        return to_matrix(golden.read(), model.spec)
 
 
 def write_artifact(folder: Path, booster: lgb.Booster, manifest: dict) -> tuple[str, str]:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchml.config import JobConfig, thread_count
+from batchml.data.arrays import from_numpy, repeat, strings
 from batchml.data.extract import ENTITY, EVENT_TIME
 from batchml.data.features import to_matrix
 from batchml.models.objectives import Outputs, objective_of
@@ -229,7 +230,7 @@ def score_batches(
         if on_scores is not None:
             on_scores(batch, scores)
         if banded:
-            bands = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string())).dictionary_decode()
+            bands = pa.DictionaryArray.from_arrays(from_numpy(codes), strings(names)).dictionary_decode()
         else:
             bands = pa.nulls(len(scores), pa.string())
         return score_rows(batch, scores, bands, reasons, config, model.version, run_id, scored_at,
@@ -268,11 +269,11 @@ def score_rows(batch, scores, bands, reasons, config: JobConfig, version: int, r
     rows = pa.RecordBatch.from_arrays(
         [
             batch.column(ENTITY),
-            pa.array(scores, pa.float64()),
+            from_numpy(np.asarray(scores, dtype=np.float64)),
             bands,
-            pa.array(np.full(n, version, dtype=np.int32)),
-            pa.repeat(pa.scalar(run_id, pa.string()), n),
-            pa.repeat(pa.scalar(scored_at, pa.timestamp("us")), n),
+            from_numpy(np.full(n, version, dtype=np.int32)),
+            repeat(run_id, n, pa.string()),
+            repeat(scored_at, n, pa.timestamp("us")),
             batch.column(EVENT_TIME),
             reasons,
         ],
@@ -290,9 +291,9 @@ def class_columns(n: int, classes: list[str] | None, outputs: Outputs | None) ->
     the model's order) of a multiclass batch; nulls without predictions (an empty schema)."""
     if outputs is None or outputs.probabilities is None or not classes:
         return pa.nulls(n, pa.string()), pa.nulls(n, PROBABILITIES_TYPE)
-    names = np.asarray(classes, dtype=object)
-    k = len(classes)
-    keys = pa.array(np.tile(names, n), pa.string())
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    probabilities = pa.MapArray.from_arrays(offsets, keys, pa.array(outputs.probabilities.ravel(), pa.float64()))
-    return pa.array(names[outputs.predicted], pa.string()), probabilities
+    names, k = strings(classes), len(classes)
+    keys = pa.DictionaryArray.from_arrays(from_numpy(np.tile(np.arange(k, dtype=np.int32), n)), names).dictionary_decode()
+    offsets = from_numpy(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    probabilities = pa.MapArray.from_arrays(offsets, keys, from_numpy(np.asarray(outputs.probabilities, dtype=np.float64).ravel()))
+    predicted = pa.DictionaryArray.from_arrays(from_numpy(np.asarray(outputs.predicted, dtype=np.int32)), names).dictionary_decode()
+    return predicted, probabilities

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from batchml.models import registry
@@ -18,12 +19,12 @@ from batchml.models.scoring import score_rows
 from batchml.storage.warehouse import quote_ident, quote_literal, quote_table, registered, setting
 
 
-DRIFT_COLUMNS = pa.schema([
-    ("run_id", pa.string()), ("job", pa.string()), ("feature", pa.string()), ("method", pa.string()), ("kind", pa.string()),
-    ("statistic", pa.float64()), ("p_value", pa.float64()), ("threshold", pa.float64()), ("drifted", pa.bool_()),
-    ("n_reference", pa.int64()), ("n_current", pa.int64()), ("error", pa.string()), ("histogram", pa.string()),
-    ("model_version", pa.int32()), ("computed_at", pa.timestamp("us")),
-])
+DRIFT_COLUMNS = pl.Schema({
+    "run_id": pl.String, "job": pl.String, "feature": pl.String, "method": pl.String, "kind": pl.String,
+    "statistic": pl.Float64, "p_value": pl.Float64, "threshold": pl.Float64, "drifted": pl.Boolean,
+    "n_reference": pl.Int64, "n_current": pl.Int64, "error": pl.String, "histogram": pl.String,
+    "model_version": pl.Int32, "computed_at": pl.Datetime("us"),
+})
 
 
 def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list[dict]) -> None:
@@ -31,9 +32,10 @@ def write_drift_rows(con, run_id: str, job: str, version: int | None, rows: list
     if not rows:
         return
     shared = {"run_id": run_id, "job": job, "model_version": version, "computed_at": registry.utcnow()}
-    table = pa.Table.from_pylist([{**row, **shared} for row in rows], schema=DRIFT_COLUMNS)
+    # polars, not pa.Table.from_pylist: that imports pandas (batchml.data.arrays)
+    table = pl.DataFrame([{**row, **shared} for row in rows], schema=DRIFT_COLUMNS).to_arrow()
     with registered(con, "__drift", table):
-        con.execute(f"INSERT INTO batchml.drift BY NAME SELECT {', '.join(DRIFT_COLUMNS.names)} FROM __drift")
+        con.execute(f"INSERT INTO batchml.drift BY NAME SELECT {', '.join(DRIFT_COLUMNS.names())} FROM __drift")
 
 
 def write_quarantine(con, run_id: str, job: str, rejected: pa.Table) -> None:
@@ -71,7 +73,7 @@ def ensure_scores_table(con, config: JobConfig, schema: pa.Schema, suffix: str =
     name = config.scores_table + suffix
     table, entity = quote_table(name), quote_ident(config.source.entity_id)
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name.split('.')[0])}")
-    with registered(con, "__scores", schema.empty_table()):
+    with registered(con, "__scores", pa.Table.from_batches([], schema=schema)):  # not schema.empty_table(): it imports pandas
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM __scores")
         require_entity_type(con, config, name, con.execute(f"DESCRIBE SELECT {entity} FROM __scores").fetchall()[0][1])
     con.execute(f"CREATE OR REPLACE VIEW {quote_table(name + '_latest')} AS {latest_sql(table, config)}")
@@ -103,8 +105,8 @@ def require_entity_type(con, config: JobConfig, name: str, source_type: str) -> 
 
 def scores_schema(batch_schema: pa.Schema, config: JobConfig) -> pa.Schema:
     """What a scores run file holds for batches of ``batch_schema`` (a pull's normalised rows)."""
-    empty = pa.RecordBatch.from_pylist([], schema=batch_schema)
-    return score_rows(empty, np.empty(0), pa.array([], pa.string()), pa.nulls(0, REASON_TYPE), config, 0, "", datetime(1970, 1, 1)).schema
+    empty = pa.RecordBatch.from_arrays([pa.nulls(0, field.type) for field in batch_schema], schema=batch_schema)
+    return score_rows(empty, np.empty(0), pa.nulls(0, pa.string()), pa.nulls(0, REASON_TYPE), config, 0, "", datetime(1970, 1, 1)).schema
 
 
 def scored_between(con, config: JobConfig, start: datetime, end: datetime) -> list[dict]:
