@@ -34,6 +34,12 @@ compile, or compiles to a different output, is recorded as failed (``<key>.json`
 next run, not a proof of anything) and not retried by nightly runs (a new toolchain means a new
 key; :func:`precompile` retries).
 
+**Built by lleaves, loaded without it.** A registered library is linked by llvmlite straight from
+the bytes whose sha256 was checked (:class:`_Library`, called as lleaves calls it): importing
+lleaves imports pandas (0.3-0.5 s of a nightly run that needs neither, see
+:mod:`batchml.data.arrays`), and lleaves' loader reads model.txt (the leaves kind: rewrites it
+first) and the file again. lleaves is imported only to compile.
+
 **Read like LightGBM.** LightGBM reads every |x| <= 1e-35 as 0.0; lleaves compares the value as
 given, so :class:`CompiledPredictor` zeroes such tiny values first (:func:`as_lightgbm_reads`).
 Verification found the difference on a split at -1e-35 (4e-05 in one score of 2,000).
@@ -370,7 +376,7 @@ class _Library:
     lleaves' entry point ``forest_root(rows, out, start, stop)`` releases the GIL while it runs.
     """
 
-    ENTRY = CFUNCTYPE(None, POINTER(c_double), POINTER(c_double), c_int32, c_int32)
+    ENTRY = CFUNCTYPE(None, POINTER(c_double), POINTER(c_double), c_int32, c_int32)  # use_fp64: doubles in and out
 
     def __init__(self, code: bytes, features: int, outputs: int, options: dict) -> None:
         import llvmlite.binding as llvm
