@@ -286,7 +286,7 @@ print(night.status, "imported pandas:", "pandas" in sys.modules)
 
 def test_a_night_that_loads_compiled_libraries_never_imports_pandas(champion_project, lleaves, monkeypatch):
     """pyarrow and lleaves import pandas (0.3-0.5 s) when asked to convert or to load; a night needs
-    neither (batchml.data.arrays, compiled._Library). In a fresh process, as cron starts one."""
+    neither (batchml.data.arrays, models.library.Library). In a fresh process, as cron starts one."""
     from batchml.pipeline.nightly import run_job
 
     monkeypatch.setattr(compiled, "SAVED_SECONDS_PER_TREE_ROW", 1.0)  # this night compiles both libraries
