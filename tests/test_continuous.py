@@ -20,6 +20,7 @@ from batchml.models import retrain
 from batchml.pipeline.backfill import measure_drift
 from batchml.data.features import FeatureSpec
 from batchml.pipeline.nightly import run_job
+from batchml.storage import labels
 from conftest import copy_project, day, job_config
 
 # the champion of day 60 has few trees, a day-135 challenger many: the speed test is exercised in
@@ -188,6 +189,18 @@ def test_triggers_and_realised_performance_are_recorded(champion_copy):
     assert by_day and min(r[0] for r in by_day) >= day(29).date() and max(r[0] for r in by_day) < day(65).date()
     overall = demo_project.query("SELECT value, n FROM batchml.performance WHERE run_id = ? AND event_day IS NULL", [run.run_id])
     assert overall[0][1] == sum(r[2] for r in by_day) and 0.6 < overall[0][0] <= 1.0
+
+
+def test_new_labels_are_counted_only_as_far_as_the_trigger_needs(champion_copy):
+    # the trigger asks "at least min_new_labels?" (test_triggers_fire_for_each_reason): a count that stops there answers it
+    demo_project = champion_copy(day(60))
+    project = demo_project.project
+    config = project.job("vuln_risk")
+    with project.connect() as con:
+        every = labels.count_new_labels(con, config, project.root, day(95), enough=10**9)
+        assert every > 100  # a month of findings labeled since the champion was trained
+        assert labels.count_new_labels(con, config, project.root, day(95), enough=every - 1) == every - 1
+        assert labels.count_new_labels(con, config, project.root, day(95), enough=every + 1) == every
 
 
 def test_a_rerun_of_a_cutoff_does_not_train_the_same_challenger_again(champion_copy):

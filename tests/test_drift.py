@@ -157,6 +157,25 @@ def test_profile_round_trips_through_json() -> None:
         ReferenceProfile.from_dict({**profile.to_dict(), "numeric": {"cvss": {"edges": [1.0], "counts": [1]}}})
 
 
+@pytest.mark.parametrize("case", ["spread", "offset", "constant", "gaps"])
+def test_streamed_moments_match_numpy_where_the_shortcut_would_cancel(case: str) -> None:
+    rng = np.random.default_rng(11)
+    values = {"spread": rng.normal(5.0, 2.0, 20_000),
+              "offset": 1.7e9 + rng.normal(0.0, 3.0, 20_000),  # epoch seconds: sum(x²) - n·mean² would lose every digit
+              "constant": np.full(20_000, 0.1),
+              "gaps": np.where(rng.random(20_000) < 0.1, np.nan, rng.lognormal(0.0, 1.0, 20_000))}[case]
+    values[::1000] = np.inf if case == "gaps" else values[::1000]
+    profile = build_profile({"x": values[:5_000]}, {})
+    current = CurrentAccumulator(profile, sample_size=0)
+    for lo in range(0, values.size, 3_000):
+        current.update({"x": values[lo:lo + 3_000]}, {})
+    finite = values[np.isfinite(values)]
+    counts = current.numeric["x"]
+    assert counts.present == finite.size and counts.missing == values.size - finite.size
+    assert counts.mean == pytest.approx(finite.mean(), rel=1e-12)
+    assert counts.std == pytest.approx(finite.std(), rel=1e-9, abs=1e-12)
+
+
 def test_streaming_in_uneven_batches_equals_one_batch() -> None:
     rng = np.random.default_rng(5)
     profile = build_profile(*make_frame(rng, 10_000), scores=rng.random(2_000))

@@ -33,7 +33,7 @@ class RunState:
     drift_tally: drift.CurrentAccumulator | None = None  # the batch's valid rows, tallied as they passed
     kept_rows: Path | None = None  # the valid rows, kept only when a later step may read them again
     # the history the retrain triggers weigh
-    new_labels: int = 0
+    new_labels: int = 0  # since the last training, counted up to training.retrain.min_new_labels (unset: not counted)
     last_trained: dict | None = None  # the job's most recently trained model (any status)
     answered: frozenset[str] = frozenset()  # triggers its last, unpromoted challenger was trained for
     realised: float | None = None

@@ -25,13 +25,14 @@ def labels_between(config: JobConfig, start: datetime | None, as_of: datetime) -
     )
 
 
-def count_new_labels(con, config: JobConfig, project: Path, as_of: datetime) -> int:
-    """Valid labeled rows that arrived since the job last trained a model."""
+def count_new_labels(con, config: JobConfig, project: Path, as_of: datetime, enough: int) -> int:
+    """Valid labeled rows that arrived since the job last trained a model, counted up to ``enough``
+    (the retrain trigger asks only whether there are that many: DuckDB stops reading there)."""
     since = con.execute("SELECT max(created_at) FROM batchml.models WHERE job = ?", [config.job]).fetchone()[0]
     if since is None:
         return 0
     sql = normalised_sql(config, source_sql(con, config, project), labels_between(config, since, as_of))
-    return int(con.execute(f"SELECT count(*) FROM ({sql}) WHERE {RULE} IS NULL").fetchone()[0])
+    return int(con.execute(f"SELECT count(*) FROM (SELECT 1 FROM ({sql}) WHERE {RULE} IS NULL LIMIT {int(enough)})").fetchone()[0])
 
 
 def labeled_scores(con, config: JobConfig, project: Path, as_of: datetime) -> list[tuple]:
