@@ -345,6 +345,8 @@ def test_estimated_metrics_match_realised_ones_when_calibrated() -> None:
     estimated, realised = estimate_metrics(p), compute_metrics(y, p)
     assert set(estimated) == {"roc_auc", "average_precision", "ks", "log_loss", "brier", "positive_rate"}
     assert estimated["roc_auc"] == estimate_roc_auc(p)
+    assert {metric: evaluate.estimate_metric(metric, p) for metric in estimated} == estimated  # one at a time: the same figures
+    assert evaluate.estimate_metric("ece", p) is None  # calibration is the assumption: no estimate
     assert estimated["positive_rate"] == pytest.approx(y.mean(), abs=0.01)
     for metric in ("average_precision", "ks", "log_loss", "brier"):
         assert estimated[metric] == pytest.approx(realised[metric], abs=0.02), metric

@@ -86,7 +86,7 @@ def estimated(config: JobConfig, champion: LoadedModel, scores: np.ndarray, as_o
     if len(scores) < 100 or holdout.get("ece", 1.0) > CBPE_MAX_ECE:
         return []
     try:
-        value = evaluate.estimate_metrics(scores).get(metric)
+        value = evaluate.estimate_metric(metric, scores)
     except ValueError:  # e.g. every probability 0: nothing to rank
         return []
     return [{"model_version": champion.version, "event_day": as_of.date(), "metric": metric, "value": value,
