@@ -41,6 +41,10 @@ from common import AS_OF, DATA, JOB, Sizes, fmt_s, ratio
 E2E = DATA / "e2e"
 MEMORY_LIMITS = ("2GB", "1GB", "512MB", "256MB")
 DEFAULT_LIMIT = "256MB"  # Settings.memory_limit
+# Booster.predict, the nightly run and the backfill: the fastest of this many runs. Other tenants of
+# this host slow one run in several: the same code's nightly/backfill ratio read 1.02-1.19x over
+# five full runs of two each; a third run makes it likelier that each contender has one quiet run.
+RUNS = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +275,16 @@ def measure(quick: bool = False) -> dict:
                      "threads": threads, "compile": record.get("compile_seconds"), "library": bool(library)}
 
     _progress(f"baselines on {n:,} rows")
-    figures["booster"], reference = common.best_of(2, lambda: model.booster.predict(matrix, num_threads=threads))
+    booster_runs = []
+
+    def booster_predict() -> np.ndarray:
+        started = time.perf_counter()
+        scores = model.booster.predict(matrix, num_threads=threads)
+        booster_runs.append(time.perf_counter() - started)
+        return scores
+
+    _, reference = common.best_of(RUNS, booster_predict)
+    figures["booster"], figures["booster_runs"] = min(booster_runs), booster_runs
     predictor = make_predictor(model, "compiled")
     figures["predictor"] = predictor.name
     figures["compiled"], fast = common.best_of(3, lambda: predictor.predict(matrix))
@@ -291,14 +304,16 @@ def measure(quick: bool = False) -> dict:
             stored_ids, stored = stored_scores(root)
             result["ids_match"] = bool(np.array_equal(stored_ids, ids))
             result["max_diff"] = float(np.max(np.abs(stored - reference))) if result["ids_match"] else None
-            again, _ = run_e2e(main, common.job_config(sizes, **scoring))  # noisy machine: keep the faster of two
-            if again["wall"] < result["wall"]:
-                result = {**again, "ids_match": result["ids_match"], "max_diff": result["max_diff"]}
+            runs = [result] + [run_e2e(main, common.job_config(sizes, **scoring))[0] for _ in range(RUNS - 1)]
+            fastest = min(runs, key=lambda r: r["wall"])  # noisy machine: the fastest of RUNS
+            result = {**fastest, "ids_match": result["ids_match"], "max_diff": result["max_diff"],
+                      "runs_steps": [sum(r["timings"].values()) for r in runs]}
         figures["e2e"][name] = result
 
     _progress("backfill (read, validate, score, write)")
-    runs = [run_e2e(main, common.job_config(sizes), kind="backfill") for _ in range(2)]  # noisy machine: the faster of two
+    runs = [run_e2e(main, common.job_config(sizes), kind="backfill") for _ in range(RUNS)]  # noisy machine: the fastest of RUNS
     result, root = min(runs, key=lambda pair: pair[0]["wall"])
+    result["runs_steps"] = [sum(r["timings"].values()) for r, _ in runs]
     stored_ids, stored = stored_scores(root)
     result["ids_match"] = bool(np.array_equal(stored_ids, ids))
     result["max_diff"] = float(np.max(np.abs(stored - reference))) if result["ids_match"] else None
@@ -362,7 +377,8 @@ def markdown(f: dict) -> str:
         (f"Model: {f['trees']} trees, {f['leaves']:,} leaves in all, trained by batchml on {sizes.train_rows:,} rows. "
         f"Compiled library built and verified before the timings ({fmt_s(f['compile'])} compile when not cached). "
         f"Threads: {f['threads']} for every contender. batchml runs use its default DuckDB memory_limit ({e2e['memory_limit']}). "
-        "Booster.predict, the backfill and the default nightly run: faster of two runs (each run in a fresh process); compiled predict: best of three."),
+        f"Booster.predict, the backfill and the default nightly run: the fastest of {len(f.get('booster_runs', [])) or 2} runs (each batchml run "
+        "in a fresh process; every run's figure is listed below the table); compiled predict: best of three."),
         "",
         "| contender | seconds | vs Booster.predict | vs compiled predict |",
         "|---|---:|---:|---:|",
@@ -389,9 +405,19 @@ def markdown(f: dict) -> str:
         f"(ids match: {e2e.get('ids_match')}), backfill {_diff(bf.get('max_diff'))} (ids match: {bf.get('ids_match')}); "
         f"compiled predict vs Booster.predict max |Δ| = {_diff(f['compiled_diff'])}."),
         f"- Warnings during the runs: {(e2e['warnings'] + bf['warnings']) or 'none'}.",
+        *_every_run(f),
         "",
     ]
     return "\n".join(lines + _reason_lines(f, sizes) + _rss_lines(f) + [f"<!-- figures: {json.dumps(f, default=str)} -->", ""])
+
+
+def _every_run(f: dict) -> list[str]:
+    """Each run behind a fastest-of figure, in the order run: how far apart the same code lands here."""
+    if "booster_runs" not in f:
+        return []
+    listed = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
+    return [f"- Every run (s): Booster.predict {listed(f['booster_runs'])}; nightly steps {listed(f['e2e']['default']['runs_steps'])}; "
+            f"backfill steps {listed(f['backfill']['runs_steps'])}."]
 
 
 def _floor_lines(f: dict, scoring: float) -> list[str]:

@@ -54,9 +54,11 @@ class BackfillRun(JobRun):
 
     def _steps(self) -> None:
         self._choose_model()
-        earlier = self._earlier_scores()
+        # the first step times the look for earlier scores too, as a nightly run's steps time its
+        # queries before the pass: a run's steps cover all its work between begin and the commit
         if self.dry_run:
             with self.run.step("extract"):
+                earlier = self._earlier_scores()
                 self._extract()
             with self.run.step("validate"):
                 self._validate()
@@ -67,6 +69,7 @@ class BackfillRun(JobRun):
             log.info("%s: %s", self.config.job, self.run.note)
         else:
             with self.run.step("score"):  # pull and score in one pass (the step times both)
+                earlier = self._earlier_scores()
                 self._pull_and_score()
             with self.run.step("validate"):  # a rejected batch's scores are simply not committed
                 self._validate()
