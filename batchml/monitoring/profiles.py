@@ -299,7 +299,7 @@ class NumericCounts:
 
     def add(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64)
-        total = values.sum()  # finite only when every value is (or nearly all overflow): most columns need no mask
+        total = values.sum()  # NaN or inf when a value is (or when the sum overflows): most columns need no mask
         present = values if np.isfinite(total) else values[np.isfinite(values)]
         # One vectorised comparison per edge beats a binary search per value for the ~10 edges
         # used here (about 20× at 100k rows); bin i holds those >= edge i-1 but not >= edge i.
