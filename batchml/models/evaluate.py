@@ -47,6 +47,7 @@ __all__ = [
     "compute_metrics",
     "decide",
     "ece",
+    "estimate_metric",
     "estimate_metrics",
     "estimate_roc_auc",
     "improvement",
